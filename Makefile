@@ -1,0 +1,41 @@
+# chunksvc: every task ops and developers run. `make run` and `make test` set up everything.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install run test lint migrate api-key keys clean
+
+# The virtualenv is rebuilt when the dependency list changes.
+$(INSTALLED): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(INSTALLED)
+
+## Serve on the embedded defaults (PostgreSQL and disk storage under ./var) unless
+## DATABASE_URL / CHUNKSVC_STORAGE_URL are set.
+run: $(INSTALLED)
+	$(BIN)/python -m chunksvc serve
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+
+migrate: $(INSTALLED)
+	$(BIN)/python -m chunksvc migrate
+
+## make api-key NAME=client-name: prints a new key (last line) for that client.
+api-key: $(INSTALLED)
+	@test -n "$(NAME)" || { echo "usage: make api-key NAME=client-name" >&2; exit 2; }
+	$(BIN)/python -m chunksvc keys create $(NAME)
+
+keys: $(INSTALLED)
+	$(BIN)/python -m chunksvc keys list
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,161 @@
+"""Configuration from the environment, validated once at start-up.
+
+A leaf module: it imports nothing from chunksvc but ``errors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from chunksvc.errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    min_part_size: int = 5 * MiB
+    max_part_size: int = 5 * GiB
+    default_part_size: int = 8 * MiB
+    max_parts: int = 10_000
+    max_upload_size: int = 5 * TiB
+    session_ttl: int = 24 * 3600  # seconds
+
+    def validate(self) -> None:
+        problems = []
+        if self.min_part_size < 1:
+            problems.append("CHUNKSVC_MIN_PART_SIZE must be at least 1")
+        if not self.min_part_size <= self.default_part_size <= self.max_part_size:
+            problems.append(
+                "need CHUNKSVC_MIN_PART_SIZE <= CHUNKSVC_DEFAULT_PART_SIZE <= CHUNKSVC_MAX_PART_SIZE"
+                f" (got {self.min_part_size} <= {self.default_part_size} <= {self.max_part_size})"
+            )
+        if self.max_parts < 1:
+            problems.append("CHUNKSVC_MAX_PARTS must be at least 1")
+        if self.max_upload_size < 1:
+            problems.append("CHUNKSVC_MAX_UPLOAD_SIZE must be at least 1")
+        # Every admitted size must fit in max_parts parts of at most max_part_size.
+        if self.max_upload_size > self.max_parts * self.max_part_size:
+            problems.append(
+                f"CHUNKSVC_MAX_UPLOAD_SIZE ({self.max_upload_size}) is larger than "
+                f"CHUNKSVC_MAX_PARTS * CHUNKSVC_MAX_PART_SIZE ({self.max_parts * self.max_part_size}):"
+                " some admitted uploads could not be split into parts"
+            )
+        if self.session_ttl < 1:
+            problems.append("CHUNKSVC_SESSION_TTL must be at least 1 second")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageSpec:
+    """Where objects live: ``file`` (a directory) or ``s3`` (a bucket on MinIO/S3)."""
+
+    kind: str  # "file" | "s3"
+    root: Path | None = None
+    endpoint: str | None = None  # host:port
+    access_key: str | None = None
+    secret_key: str | None = dataclasses.field(default=None, repr=False)  # never in logs or tracebacks
+    bucket: str | None = None
+    secure: bool = True
+    region: str = "us-east-1"
+
+    @classmethod
+    def from_url(cls, url: str) -> StorageSpec:
+        parts = urlsplit(url)
+        if parts.scheme == "file":
+            if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+                raise ConfigError(f"CHUNKSVC_STORAGE_URL: file URL must be file:///absolute/path, got {url!r}")
+            return cls(kind="file", root=Path(unquote(parts.path)))
+        if parts.scheme in ("s3", "s3+http"):
+            bucket = parts.path.strip("/")
+            if not parts.hostname or not bucket or "/" in bucket:
+                raise ConfigError(
+                    "CHUNKSVC_STORAGE_URL: expected s3://ACCESS_KEY:SECRET_KEY@host:port/bucket"
+                )
+            if not parts.username or parts.password is None:
+                raise ConfigError("CHUNKSVC_STORAGE_URL: the S3 URL needs ACCESS_KEY:SECRET_KEY@")
+            host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+            endpoint = f"{host}:{parts.port}" if parts.port else host
+            return cls(
+                kind="s3",
+                endpoint=endpoint,
+                access_key=unquote(parts.username),
+                secret_key=unquote(parts.password),
+                bucket=bucket,
+                secure=parts.scheme == "s3",
+            )
+        raise ConfigError(
+            f"CHUNKSVC_STORAGE_URL: unsupported scheme {parts.scheme!r} (use file://, s3:// or s3+http://)"
+        )
+
+    def redacted(self) -> str:
+        """A description safe to log: never the secret key."""
+        if self.kind == "file":
+            return f"file://{self.root}"
+        scheme = "s3" if self.secure else "s3+http"
+        return f"{scheme}://{self.access_key}:***@{self.endpoint}/{self.bucket}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    database_url: str | None  # None: the embedded PostgreSQL under var_dir
+    storage: StorageSpec
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    var_dir: Path = Path("var")
+    bind: str = "127.0.0.1:8000"
+    pool_min_size: int = 1
+    pool_max_size: int = 8
+    # Request bodies are read and written in blocks of this size.
+    block_size: int = 1 * MiB
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if environ is None else environ
+        var_dir = Path(env.get("CHUNKSVC_VAR_DIR", "var")).resolve()
+        storage_url = env.get("CHUNKSVC_STORAGE_URL") or f"file://{var_dir / 'storage'}"
+        defaults = Limits()
+        limits = Limits(
+            min_part_size=_int(env, "CHUNKSVC_MIN_PART_SIZE", defaults.min_part_size),
+            max_part_size=_int(env, "CHUNKSVC_MAX_PART_SIZE", defaults.max_part_size),
+            default_part_size=_int(env, "CHUNKSVC_DEFAULT_PART_SIZE", defaults.default_part_size),
+            max_parts=_int(env, "CHUNKSVC_MAX_PARTS", defaults.max_parts),
+            max_upload_size=_int(env, "CHUNKSVC_MAX_UPLOAD_SIZE", defaults.max_upload_size),
+            session_ttl=_int(env, "CHUNKSVC_SESSION_TTL", defaults.session_ttl),
+        )
+        config = cls(
+            database_url=env.get("DATABASE_URL") or None,
+            storage=StorageSpec.from_url(storage_url),
+            limits=limits,
+            var_dir=var_dir,
+            bind=env.get("CHUNKSVC_BIND", "127.0.0.1:8000"),
+            pool_min_size=_int(env, "CHUNKSVC_DB_POOL_MIN", 1),
+            pool_max_size=_int(env, "CHUNKSVC_DB_POOL_MAX", 8),
+            block_size=_int(env, "CHUNKSVC_BLOCK_SIZE", 1 * MiB),
+        )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        self.limits.validate()
+        if not 1 <= self.pool_min_size <= self.pool_max_size:
+            raise ConfigError("need 1 <= CHUNKSVC_DB_POOL_MIN <= CHUNKSVC_DB_POOL_MAX")
+        if not 4 * KiB <= self.block_size <= 64 * MiB:
+            raise ConfigError("CHUNKSVC_BLOCK_SIZE must be between 4 KiB and 64 MiB")
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw.strip().replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None

@@ -1,0 +1,142 @@
+"""Domain errors: what went wrong, in the contract's vocabulary.
+
+Each error carries the contract's stable ``code``. The HTTP status for each one lives in a
+single table in ``chunksvc.resources.problems``; nothing below the HTTP layer knows statuses.
+"""
+
+from __future__ import annotations
+
+
+class ChunksvcError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    code = "internal_error"
+    title = "Internal error"
+
+    def __init__(self, detail: str | None = None, **extra: object) -> None:
+        self.detail = detail or self.title
+        # Extra members of the problem document (e.g. ``missing_parts``).
+        self.extra = extra
+        super().__init__(self.detail)
+
+
+class ConfigError(ChunksvcError):
+    """The configuration is unusable; raised at start-up, never per request."""
+
+    code = "config_error"
+    title = "Invalid configuration"
+
+
+# --- request errors -------------------------------------------------------------------------
+
+
+class InvalidRequest(ChunksvcError):
+    code = "invalid_request"
+    title = "Invalid request"
+
+
+class Unauthorized(ChunksvcError):
+    code = "unauthorized"
+    title = "Missing, unknown or revoked API key"
+
+
+class SessionNotFound(ChunksvcError):
+    code = "session_not_found"
+    title = "Upload session not found"
+
+
+class SessionNotActive(ChunksvcError):
+    code = "session_not_active"
+    title = "Upload session does not accept this operation in its current state"
+
+
+class SessionCompleted(ChunksvcError):
+    code = "session_completed"
+    title = "Upload session is already completed"
+
+
+class CompletionInProgress(ChunksvcError):
+    code = "completion_in_progress"
+    title = "Another request is assembling this upload"
+
+
+class TooManyParts(ChunksvcError):
+    code = "too_many_parts"
+    title = "Part size gives more parts than allowed"
+
+
+class UploadTooLarge(ChunksvcError):
+    code = "upload_too_large"
+    title = "Upload size above the configured maximum"
+
+
+class IdempotencyKeyReused(ChunksvcError):
+    code = "idempotency_key_reused"
+    title = "Idempotency-Key already used with a different request"
+
+
+class InvalidPartNumber(ChunksvcError):
+    code = "invalid_part_number"
+    title = "Part number out of range"
+
+
+class LengthRequired(ChunksvcError):
+    code = "length_required"
+    title = "Content-Length is required"
+
+
+class PartTooLarge(ChunksvcError):
+    code = "part_too_large"
+    title = "Part larger than the session's part size"
+
+
+class PartSizeMismatch(ChunksvcError):
+    code = "part_size_mismatch"
+    title = "Part length differs from this part's exact size"
+
+
+class DigestMismatch(ChunksvcError):
+    code = "digest_mismatch"
+    title = "Body does not match Content-Digest"
+
+
+class IncompleteBody(ChunksvcError):
+    """The request body ended before Content-Length bytes arrived (client gone)."""
+
+    code = "incomplete_body"
+    title = "Request body ended before Content-Length bytes"
+
+
+class PartConflict(ChunksvcError):
+    code = "part_conflict"
+    title = "A different part was already accepted under this number"
+
+
+class PartsMissing(ChunksvcError):
+    code = "parts_missing"
+    title = "Parts are missing"
+
+
+class ChecksumMismatch(ChunksvcError):
+    code = "checksum_mismatch"
+    title = "Assembled object does not match the expected size or SHA-256"
+
+
+# --- dependency errors ----------------------------------------------------------------------
+
+
+class DatabaseUnavailable(ChunksvcError):
+    code = "database_unavailable"
+    title = "Database unavailable"
+
+
+class StorageUnavailable(ChunksvcError):
+    code = "storage_unavailable"
+    title = "Storage unavailable"
+
+
+class StorageError(ChunksvcError):
+    """Storage answered, but not as expected (missing object, refused request)."""
+
+    code = "storage_error"
+    title = "Storage error"
