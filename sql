@@ -1,0 +1,1 @@
+chunksvc/sql
