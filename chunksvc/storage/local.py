@@ -1,0 +1,221 @@
+"""Storage in a local directory: ``<root>/<key>``, written crash-safely.
+
+Every object is written to ``<root>/.incoming/<uuid>``, fsynced, then renamed into place and
+its directory fsynced, so after a crash a key holds either nothing or all of its bytes.
+Leftovers of a crash stay in ``.incoming`` (never listed as keys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from chunksvc.config import Limits
+from chunksvc.errors import ConfigError, StorageError, StorageUnavailable
+from chunksvc.storage.base import (
+    ListedKey,
+    PartSource,
+    Readable,
+    Storage,
+    StoredObject,
+    check_key,
+    check_prefix,
+    read_exact_blocks,
+    valid_key,
+)
+
+INCOMING = ".incoming"
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def _fs_errors(action: str) -> Iterator[None]:
+    """Turn file-system failures into ``StorageError`` (messages name keys, not server paths)."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"{action}: {exc.strerror or exc}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStorage(Storage):
+    kind = "file"
+
+    def __init__(self, root: Path) -> None:
+        self._root = Path(root)
+        self._incoming = self._root / INCOMING
+        try:
+            self._incoming.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"storage root {self._root}: cannot create it or its {INCOMING} directory ({exc.strerror or exc})"
+            ) from exc
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self._root)!r})"
+
+    def validate_limits(self, limits: Limits) -> None:
+        """A directory has no part-count or object-size limit of its own."""
+
+    def write(self, key: str, reader: Readable, length: int, block_size: int) -> None:
+        def fill(f: BinaryIO) -> None:
+            # Only the file writes are translated: the reader's own exceptions propagate as-is.
+            for block in read_exact_blocks(reader, length, block_size):
+                with _fs_errors(f"write {key}"):
+                    f.write(block)
+
+        self._store(check_key(key), fill)
+
+    def assemble(self, sources: Sequence[PartSource], key: str, block_size: int) -> StoredObject:
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        paths = [(src, self._path(src.key)) for src in sources]
+
+        def fill(f: BinaryIO) -> tuple[int, str]:
+            digest = hashlib.sha256()
+            total = 0
+            for src, path in paths:
+                copied = 0
+                with _fs_errors(f"assemble {key} from {src.key}"), open(path, "rb") as part:
+                    while block := part.read(block_size):
+                        digest.update(block)
+                        f.write(block)
+                        copied += len(block)
+                if copied != src.size:
+                    raise StorageError(f"assemble {key}: part {src.key} has {copied} bytes, expected {src.size}")
+                total += copied
+            return total, digest.hexdigest()
+
+        size, sha256 = self._store(check_key(key), fill)
+        return StoredObject(key, size, sha256)
+
+    def open(self, key: str) -> BinaryIO:
+        path = self._path(key)
+        try:
+            return open(path, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise StorageError(f"no object under {key}") from None
+        except OSError as exc:
+            raise StorageError(f"open {key}: {exc.strerror or exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            path = self._path(key)
+            # Not an object (missing, or a directory): nothing to delete, as on S3.
+            with (
+                _fs_errors(f"delete {key}"),
+                contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError),
+            ):
+                path.unlink()
+
+    def delete_prefix(self, prefix: str) -> int:
+        if not prefix.endswith("/") or not check_prefix(prefix):
+            raise ValueError(f"delete_prefix needs a non-empty prefix ending with '/', got {prefix!r}")
+        top = self._root / prefix
+        count = 0
+        with _fs_errors(f"delete {prefix}"):
+            for dirpath, _dirnames, filenames in os.walk(top, topdown=False):
+                for name in filenames:
+                    with contextlib.suppress(FileNotFoundError):  # a concurrent delete won
+                        os.unlink(os.path.join(dirpath, name))
+                        count += 1
+                try:
+                    os.rmdir(dirpath)
+                except OSError as exc:
+                    # A concurrent write may have just put a file there; leave it.
+                    if exc.errno not in (errno.ENOTEMPTY, errno.ENOENT):
+                        raise
+        return count
+
+    def list_keys(self, prefix: str) -> Iterator[ListedKey]:
+        check_prefix(prefix)
+        # Walk only the directory the prefix names (or the one its last segment is in).
+        top = self._root / prefix if prefix.endswith("/") or not prefix else (self._root / prefix).parent
+        for dirpath, dirnames, filenames in os.walk(top):
+            if Path(dirpath) == self._root and INCOMING in dirnames:
+                dirnames.remove(INCOMING)
+            for name in filenames:
+                path = Path(dirpath, name)
+                key = path.relative_to(self._root).as_posix()
+                if not key.startswith(prefix) or not valid_key(key):
+                    continue  # outside the prefix, or a stray file this adapter never wrote
+                try:
+                    mtime = path.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # deleted while we walked
+                yield ListedKey(key, datetime.fromtimestamp(mtime, tz=UTC))
+
+    def describe(self, stored: StoredObject) -> dict:
+        return {"key": stored.key, "size": stored.size, "sha256": stored.sha256}
+
+    def check(self, timeout: float) -> None:
+        """Create and remove a probe file (``timeout`` is not enforced: local calls do not hang)."""
+        probe = self._incoming / f"check-{uuid.uuid4().hex}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageUnavailable(f"storage root is missing or not writable ({exc.strerror or exc})") from exc
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        return self._root / check_key(key)
+
+    def _store(self, key: str, fill: Callable[[BinaryIO], T]) -> T:
+        """Run ``fill`` on a fresh temporary file, then make it durable and move it to ``key``."""
+        dest = self._root / key
+        tmp = self._incoming / uuid.uuid4().hex
+        try:
+            with _fs_errors(f"write {key}"):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with open(fd, "wb") as f:
+                result = fill(f)
+                with _fs_errors(f"write {key}"):
+                    f.flush()
+                    os.fsync(f.fileno())
+            with _fs_errors(f"write {key}"):
+                self._make_dirs(dest.parent)
+                os.replace(tmp, dest)
+                try:
+                    _fsync_dir(dest.parent)
+                except OSError:
+                    # Not durable, so not stored: keep "nothing under key on failure" true.
+                    dest.unlink(missing_ok=True)
+                    raise
+        except BaseException:
+            with contextlib.suppress(OSError):  # do not hide the original failure
+                tmp.unlink(missing_ok=True)
+            raise
+        return result
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create missing directories below the root, fsyncing each parent so they survive a crash."""
+        missing = []
+        while directory != self._root and not directory.is_dir():
+            missing.append(directory)
+            directory = directory.parent
+        for new in reversed(missing):
+            try:
+                new.mkdir()
+            except FileExistsError:
+                continue  # a concurrent writer made it
+            _fsync_dir(new.parent)

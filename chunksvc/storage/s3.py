@@ -1,0 +1,382 @@
+"""Storage in an S3 bucket (MinIO or compatible), through the ``minio`` SDK.
+
+The only module that imports ``minio``: SDK and urllib3 exceptions are translated here into
+``StorageError`` (the storage answered "no") and ``StorageUnavailable`` (it did not answer).
+Messages name the endpoint and bucket, never the secret key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import BinaryIO, cast
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.commonconfig import ComposeSource
+from minio.deleteobjects import DeleteObject
+from minio.error import MinioException, S3Error, ServerError
+
+from chunksvc.config import GiB, Limits, MiB, StorageSpec, TiB
+from chunksvc.errors import ConfigError, StorageError, StorageUnavailable
+from chunksvc.storage.base import (
+    ListedKey,
+    PartSource,
+    Readable,
+    Storage,
+    StoredObject,
+    check_key,
+    check_prefix,
+    read_exact_blocks,
+)
+
+# S3 (and MinIO) multipart rules.
+MIN_PART_SIZE = 5 * MiB  # every part but the last
+MAX_PART_SIZE = 5 * GiB
+MAX_PARTS = 10_000
+MAX_OBJECT_SIZE = 5 * TiB
+
+# Server-side copies of parts up to 5 GiB answer only when done, hence the generous read timeout.
+_TIMEOUT = urllib3.Timeout(connect=5.0, read=120.0)
+# Connection failures and 5xx answers are retried a little. urllib3 does not retry a POST that
+# may have reached the server; the SDK sends bodies as in-memory bytes, so replaying a PUT is safe.
+_RETRIES = urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504))
+
+_MISSING = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
+
+
+def can_compose(sources: Sequence[PartSource]) -> bool:
+    """Whether server-side compose can build the object (else we stream it through).
+
+    Mirrors the copy parts ``Minio.compose_object`` issues: each source is one part, or
+    several of 5 GiB plus a remainder when larger; every part but the very last must be at
+    least 5 MiB, and there may be at most 10,000 parts.
+    """
+    if len(sources) == 1:
+        return sources[0].size <= MAX_OBJECT_SIZE  # a plain server-side copy
+    parts = 0
+    for i, src in enumerate(sources):
+        if src.size == 0:
+            return False  # S3 refuses empty copy ranges
+        parts += -(-src.size // MAX_PART_SIZE)
+        remainder = src.size % MAX_PART_SIZE or MAX_PART_SIZE
+        if i < len(sources) - 1 and remainder < MIN_PART_SIZE:
+            return False
+    return 0 < parts <= MAX_PARTS and sum(s.size for s in sources) <= MAX_OBJECT_SIZE
+
+
+def part_size_for(length: int) -> int:
+    """The multipart part size for ``length`` bytes: 5 MiB unless that needs over 10,000 parts.
+
+    The SDK holds a part in memory (two while it reads the next), so memory use is bounded by
+    this, not by ``length``: 5 MiB for anything up to ~48 GiB.
+    """
+    return max(MIN_PART_SIZE, -(-length // MAX_PARTS))
+
+
+def _http_client(timeout: urllib3.Timeout, retries: urllib3.Retry | bool) -> urllib3.PoolManager:
+    # The SDK's own default, with our timeouts and retries instead of 5 minutes and 5 retries.
+    return urllib3.PoolManager(
+        timeout=timeout,
+        retries=retries,
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+    )
+
+
+@contextlib.contextmanager
+def _boundary(action: str, where: str) -> Iterator[None]:
+    """Translate SDK and urllib3 exceptions; anything else (e.g. a reader's) passes through."""
+    try:
+        yield
+    except S3Error as exc:
+        status = getattr(exc.response, "status", 0) or 0
+        kind = StorageUnavailable if status >= 500 else StorageError
+        raise kind(f"{action}: {where} answered {exc.code}: {exc.message}") from exc
+    except ServerError as exc:
+        kind = StorageUnavailable if exc.status_code >= 500 else StorageError
+        raise kind(f"{action}: {where} answered HTTP {exc.status_code}") from exc
+    except MinioException as exc:  # not an S3 answer at all (a proxy's error page, say)
+        raise StorageError(f"{action}: unexpected answer from {where}") from exc
+    except urllib3.exceptions.HTTPError as exc:  # refused, reset, timed out, retries exhausted
+        raise StorageUnavailable(f"{action}: {where} is unreachable or failing ({type(exc).__name__})") from exc
+
+
+class _ChunkStream:
+    """A ``read(size)`` file over an iterator of blocks, for ``put_object``.
+
+    Records the exception the blocks raised, so ``write`` can tell the reader's failures from
+    the storage's.
+    """
+
+    def __init__(self, blocks: Iterator[bytes]) -> None:
+        self._blocks = blocks
+        self._pending = memoryview(b"")
+        self.error: BaseException | None = None
+
+    def read(self, size: int) -> bytes:
+        # The SDK builds each part with ``part += read()``, which copies; answering with the
+        # whole part at once (BytesIO.getvalue() does not copy) keeps one copy of it, not two.
+        buffer = io.BytesIO()
+        while buffer.tell() < size:
+            if not self._pending:
+                try:
+                    self._pending = memoryview(next(self._blocks))
+                except StopIteration:
+                    break
+                except BaseException as exc:
+                    self.error = exc
+                    raise
+            take = min(size - buffer.tell(), len(self._pending))
+            buffer.write(self._pending[:take])
+            self._pending = self._pending[take:]
+        return buffer.getvalue()
+
+    def close(self) -> None:
+        # Finishes the generator now, releasing any response it has open.
+        close = getattr(self._blocks, "close", None)
+        if close is not None:
+            close()
+
+
+class _ObjectReader(io.RawIOBase):
+    """A stored object being read: wraps the urllib3 response and releases it on close."""
+
+    def __init__(self, response: urllib3.BaseHTTPResponse, action: str, where: str) -> None:
+        super().__init__()
+        self._response = response
+        #: The object's size as the server announced it (urllib3 enforces it while reading).
+        self.length = int(response.headers.get("Content-Length", -1))
+        self._action = action
+        self._where = where
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        with _boundary(self._action, self._where):
+            return self._response.read(None if size is None or size < 0 else size)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        with _boundary(self._action, self._where):
+            return self._response.readinto(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            # close() drops a connection that may have unread body; release_conn() frees its slot.
+            self._response.close()
+            self._response.release_conn()
+        super().close()
+
+
+class S3Storage(Storage):
+    kind = "s3"
+
+    def __init__(self, spec: StorageSpec) -> None:
+        if spec.kind != "s3" or not (spec.endpoint and spec.bucket and spec.access_key and spec.secret_key):
+            raise ConfigError("S3 storage needs an endpoint, a bucket, an access key and a secret key")
+        self._spec = spec
+        self._bucket = spec.bucket
+        self._where = f"{spec.endpoint}/{spec.bucket}"
+        self._http = _http_client(_TIMEOUT, _RETRIES)
+        try:
+            self._client = self._make_client(self._http)
+        except ValueError as exc:  # a malformed endpoint; the message holds no credentials
+            raise ConfigError(f"S3 storage {spec.redacted()}: {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self._spec.redacted()!r})"
+
+    def validate_limits(self, limits: Limits) -> None:
+        problems = []
+        if limits.max_parts > MAX_PARTS:
+            problems.append(
+                f"CHUNKSVC_MAX_PARTS is {limits.max_parts}, but S3/MinIO multipart uploads and"
+                f" compose allow at most {MAX_PARTS} parts"
+            )
+        if limits.max_upload_size > MAX_OBJECT_SIZE:
+            problems.append(
+                f"CHUNKSVC_MAX_UPLOAD_SIZE is {limits.max_upload_size}, but an S3 object holds"
+                f" at most {MAX_OBJECT_SIZE} bytes (5 TiB)"
+            )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def write(self, key: str, reader: Readable, length: int, block_size: int) -> None:
+        check_key(key)
+        self._put(key, read_exact_blocks(reader, length, block_size), length, f"write {key}")
+
+    def assemble(self, sources: Sequence[PartSource], key: str, block_size: int) -> StoredObject:
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        check_key(key)
+        for src in sources:
+            check_key(src.key)
+        if can_compose(sources):
+            self._compose(sources, key)
+        else:
+            total = sum(src.size for src in sources)
+            self._put(key, self._source_blocks(sources, key, block_size), total, f"assemble {key}")
+        stored = self._digest(key, block_size)
+        expected = sum(src.size for src in sources)
+        if stored.size != expected:
+            self.delete([key])
+            raise StorageError(f"assemble {key}: stored {stored.size} bytes, expected {expected}")
+        return stored
+
+    def open(self, key: str) -> BinaryIO:
+        action = f"read {key}"
+        with _boundary(action, self._where):
+            response = self._client.get_object(self._bucket, check_key(key))
+        return cast(BinaryIO, _ObjectReader(response, action, self._where))
+
+    def exists(self, key: str) -> bool:
+        with _boundary(f"stat {key}", self._where):
+            try:
+                self._client.stat_object(self._bucket, check_key(key))
+            except S3Error as exc:
+                if exc.code in _MISSING:
+                    return False
+                raise
+        return True
+
+    def delete(self, keys: Iterable[str]) -> None:
+        self._remove([check_key(key) for key in keys])
+
+    def delete_prefix(self, prefix: str) -> int:
+        if not prefix.endswith("/") or not check_prefix(prefix):
+            raise ValueError(f"delete_prefix needs a non-empty prefix ending with '/', got {prefix!r}")
+        names = [listed.key for listed in self.list_keys(prefix)]
+        self._remove(names)
+        return len(names)
+
+    def list_keys(self, prefix: str) -> Iterator[ListedKey]:
+        check_prefix(prefix)
+        with _boundary(f"list {prefix}", self._where):
+            for obj in self._client.list_objects(self._bucket, prefix=prefix, recursive=True):
+                yield ListedKey(cast(str, obj.object_name), cast(datetime, obj.last_modified))
+
+    def describe(self, stored: StoredObject) -> dict:
+        return {"key": stored.key, "size": stored.size, "sha256": stored.sha256, "bucket": self._bucket}
+
+    def check(self, timeout: float) -> None:
+        # A separate client: one attempt, bounded by ``timeout`` overall.
+        http = _http_client(urllib3.Timeout(total=timeout), retries=False)
+        try:
+            found = self._make_client(http).bucket_exists(self._bucket)
+        except (MinioException, urllib3.exceptions.HTTPError) as exc:
+            raise StorageUnavailable(
+                f"S3 storage {self._where} did not answer within {timeout}s ({type(exc).__name__})"
+            ) from exc
+        finally:
+            http.clear()
+        if not found:
+            raise StorageUnavailable(f"bucket {self._bucket!r} does not exist at {self._spec.endpoint}")
+
+    def close(self) -> None:
+        self._http.clear()
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing (tests and ops tooling; the service never does)."""
+        with _boundary(f"create bucket {self._bucket}", self._where):
+            if self._client.bucket_exists(self._bucket):
+                return
+            try:
+                self._client.make_bucket(self._bucket)
+            except S3Error as exc:
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _make_client(self, http: urllib3.PoolManager) -> Minio:
+        spec = self._spec
+        return Minio(
+            cast(str, spec.endpoint),
+            access_key=spec.access_key,
+            secret_key=spec.secret_key,
+            secure=spec.secure,
+            region=spec.region,
+            http_client=http,
+        )
+
+    def _put(self, key: str, blocks: Iterator[bytes], length: int, action: str) -> None:
+        """Upload exactly ``length`` bytes from ``blocks``: one PUT, or multipart in bounded memory.
+
+        On failure the SDK aborts its multipart upload (minio 7.2 does so for any ``Exception``)
+        and re-raises, so nothing is left under ``key``.
+        """
+        body = _ChunkStream(blocks)
+        try:
+            with _boundary(action, self._where):
+                self._client.put_object(
+                    self._bucket,
+                    key,
+                    cast(BinaryIO, body),
+                    length,
+                    part_size=part_size_for(length),
+                    num_parallel_uploads=1,  # parallel uploads would hold several parts in memory
+                )
+        except (StorageError, StorageUnavailable) as exc:
+            if body.error is None or body.error is exc:
+                raise
+            if exc.__cause__ is not body.error:
+                # Reading failed, then aborting the multipart upload failed too: the read error
+                # is what happened (a bucket lifecycle rule has to reap the abandoned upload).
+                body.error.add_note(f"aborting the partial upload of {key} also failed: {exc}")
+            raise body.error from None
+        finally:
+            body.close()
+
+    def _compose(self, sources: Sequence[PartSource], key: str) -> None:
+        compose = [ComposeSource(self._bucket, src.key) for src in sources]
+        with _boundary(f"assemble {key}", self._where):
+            try:
+                self._client.compose_object(self._bucket, key, compose)
+            except ValueError as exc:  # the SDK found a part too small to compose after all
+                raise StorageError(f"assemble {key}: {exc}") from exc
+        # The SDK looked up each source's size; a part that is not the size we were told about
+        # would shift everything after it.
+        for src, used in zip(sources, compose, strict=True):
+            if used.object_size != src.size:
+                self.delete([key])
+                raise StorageError(f"assemble {key}: part {src.key} has {used.object_size} bytes, expected {src.size}")
+
+    def _source_blocks(self, sources: Sequence[PartSource], key: str, block_size: int) -> Iterator[bytes]:
+        """The parts' bytes in order, ``block_size`` at a time, one open response at a time."""
+        for src in sources:
+            with self.open(src.key) as part:
+                # Checked up front: once the last byte is read the SDK stops asking, so a part
+                # longer than declared would otherwise go unnoticed.
+                stored = cast(_ObjectReader, part).length
+                if stored != src.size:
+                    raise StorageError(f"assemble {key}: part {src.key} has {stored} bytes, expected {src.size}")
+                while block := part.read(block_size):
+                    yield block
+
+    def _digest(self, key: str, block_size: int) -> StoredObject:
+        """Size and SHA-256 of the object as stored, by reading it back."""
+        digest = hashlib.sha256()
+        size = 0
+        with self.open(key) as stored:
+            while block := stored.read(block_size):
+                digest.update(block)
+                size += len(block)
+        return StoredObject(key, size, digest.hexdigest())
+
+    def _remove(self, names: list[str]) -> None:
+        if not names:
+            return
+        with _boundary(f"delete {len(names)} objects", self._where):
+            # The SDK deletes lazily, batch by batch, as its error iterator is consumed.
+            errors = self._client.remove_objects(self._bucket, (DeleteObject(name) for name in names))
+            failures = [error for error in errors if error.code not in _MISSING]
+        if failures:
+            first = failures[0]
+            raise StorageError(f"delete: {len(failures)} objects not deleted, e.g. {first.name}: {first.code}")
