@@ -1,0 +1,86 @@
+"""API keys: minting, hashing, looking up the client behind a Bearer token.
+
+A key is ``csk_<8 hex>_<43 url-safe chars>``: the first part is its public prefix (shown in
+``keys list``, used to revoke), the whole key has 256 random bits and is stored only as SHA-256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import secrets
+
+from chunksvc import dao
+from chunksvc.db import Database
+from chunksvc.errors import InvalidRequest, Unauthorized
+
+_KEY = re.compile(r"^csk_[0-9a-f]{8}_[A-Za-z0-9_-]{43}$")
+_CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Client:
+    id: int
+    name: str
+
+
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def new_key() -> tuple[str, str]:
+    """A fresh ``(key, prefix)``."""
+    prefix = f"csk_{secrets.token_hex(4)}"
+    return f"{prefix}_{secrets.token_urlsafe(32)}", prefix
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+class Authenticator:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def authenticate(self, authorization: str | None) -> Client:
+        token = bearer_token(authorization)
+        # Malformed tokens are refused without a database round trip.
+        if token is None or not _KEY.match(token):
+            raise Unauthorized("send Authorization: Bearer <api-key>")
+        with self._db.connection() as conn:
+            row = dao.authenticate(conn, hash_key(token))
+        if row is None:
+            raise Unauthorized("unknown or revoked API key")
+        return Client(id=row["client_id"], name=row["client_name"])
+
+
+class KeyManager:
+    """What ``python -m chunksvc keys ...`` does."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def create(self, client_name: str) -> tuple[str, str]:
+        """Mint a key for ``client_name`` (creating the client); return ``(key, prefix)``."""
+        if not _CLIENT_NAME.match(client_name):
+            raise InvalidRequest("client name: 1-64 characters of A-Z a-z 0-9 . _ -, starting alphanumeric")
+        key, prefix = new_key()
+        with self._db.transaction() as conn:
+            client = dao.upsert_client(conn, client_name)
+            dao.insert_api_key(conn, client["id"], prefix, hash_key(key))
+        return key, prefix
+
+    def list(self) -> list[dict]:
+        with self._db.connection() as conn:
+            return dao.list_api_keys(conn)
+
+    def revoke(self, target: str) -> list[dict]:
+        """Revoke the key with this prefix, or every key of the client with this name."""
+        with self._db.transaction() as conn:
+            return dao.revoke_api_keys(conn, target)

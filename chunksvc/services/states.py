@@ -1,0 +1,42 @@
+"""The upload session state machine.
+
+    INIT --first part--> IN_PROGRESS --complete--> COMPLETING --> COMPLETED
+                                                             \\--> FAILED (size or digest mismatch)
+    INIT / IN_PROGRESS --ttl--> EXPIRED
+    any but COMPLETED (and COMPLETING while assembling) --abort--> ABORTED
+
+A COMPLETING session whose assembler died can be taken over (complete again) or aborted.
+"""
+
+from __future__ import annotations
+
+INIT = "INIT"
+IN_PROGRESS = "IN_PROGRESS"
+COMPLETING = "COMPLETING"
+COMPLETED = "COMPLETED"
+ABORTED = "ABORTED"
+EXPIRED = "EXPIRED"
+FAILED = "FAILED"
+
+ALL = (INIT, IN_PROGRESS, COMPLETING, COMPLETED, ABORTED, EXPIRED, FAILED)
+
+#: States that accept parts (and a completion request).
+OPEN = frozenset({INIT, IN_PROGRESS})
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    INIT: frozenset({IN_PROGRESS, ABORTED, EXPIRED}),
+    IN_PROGRESS: frozenset({IN_PROGRESS, COMPLETING, ABORTED, EXPIRED}),
+    COMPLETING: frozenset({COMPLETING, COMPLETED, FAILED, ABORTED}),
+    COMPLETED: frozenset(),
+    ABORTED: frozenset({ABORTED}),
+    EXPIRED: frozenset({ABORTED}),
+    FAILED: frozenset({ABORTED}),
+}
+
+
+def can_move(current: str, target: str) -> bool:
+    return target in TRANSITIONS[current]
+
+
+def accepts_parts(status: str) -> bool:
+    return status in OPEN

@@ -1,0 +1,388 @@
+"""Upload sessions: create, read, accept parts, complete, abort.
+
+Every request runs its checks in a fixed order before any write. Every change to a session
+happens in one transaction that holds the session's row lock (``lock_session``), so parts,
+completion and abort on the same session are serialised by PostgreSQL, across workers and hosts.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import logging
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from chunksvc import dao
+from chunksvc.config import Limits
+from chunksvc.db import Connection, Database
+from chunksvc.errors import (
+    ChecksumMismatch,
+    ChunksvcError,
+    CompletionInProgress,
+    DigestMismatch,
+    IdempotencyKeyReused,
+    InvalidRequest,
+    PartConflict,
+    PartsMissing,
+    SessionCompleted,
+    SessionNotActive,
+    SessionNotFound,
+)
+from chunksvc.services import rules, states
+from chunksvc.services.auth import Client
+from chunksvc.storage import PartSource, Storage, StoredObject
+
+log = logging.getLogger(__name__)
+
+MAX_MISSING_LISTED = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Session:
+    id: UUID
+    status: str  # as the client sees it (an overdue open session reads EXPIRED)
+    filename: str
+    content_type: str
+    size: int
+    part_size: int
+    total_parts: int
+    received_parts: int
+    received_bytes: int
+    sha256: str | None
+    metadata: dict[str, str]
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime
+    object: StoredObject | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Session:
+        stored = None
+        if row["object_key"] is not None:
+            stored = StoredObject(row["object_key"], row["object_size"], row["object_sha256"])
+        return cls(
+            id=row["id"],
+            status=row["effective_status"],
+            filename=row["filename"],
+            content_type=row["content_type"],
+            size=row["size"],
+            part_size=row["part_size"],
+            total_parts=row["total_parts"],
+            received_parts=row["received_parts"],
+            received_bytes=row["received_bytes"],
+            sha256=row["sha256"],
+            metadata=row["metadata"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            expires_at=row["expires_at"],
+            object=stored,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PartTarget:
+    """A part upload that passed every check that comes before reading the body."""
+
+    client: Client
+    session_id: UUID
+    part_number: int
+    length: int
+    expected_digest: bytes | None  # from Content-Digest
+
+
+@dataclasses.dataclass(frozen=True)
+class PartResult:
+    created: bool  # False: the same bytes were already accepted under this number
+    part_number: int
+    size: int
+    sha256: str
+    received_parts: int
+    received_bytes: int
+    status: str
+
+
+def part_key(session_id: UUID) -> str:
+    """A fresh key per incoming body: a retry or a conflicting upload never overwrites a part."""
+    return f"parts/{session_id}/{uuid.uuid4()}"
+
+
+def object_key(session_id: UUID) -> str:
+    return f"objects/{session_id}"
+
+
+def parse_session_id(raw: str) -> UUID:
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise SessionNotFound() from None
+
+
+def encode_cursor(created_at: datetime, session_id: UUID) -> str:
+    raw = json.dumps([created_at.isoformat(), str(session_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        created_at, session_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created_at), UUID(session_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidRequest("cursor is not one this service returned") from None
+
+
+class UploadService:
+    def __init__(self, db: Database, storage: Storage, limits: Limits, block_size: int) -> None:
+        self._db = db
+        self._storage = storage
+        self._limits = limits
+        self._block_size = block_size
+
+    # --- sessions ---------------------------------------------------------------------------
+
+    def create_session(self, client: Client, body: Any, idempotency_key: str | None) -> tuple[Session, bool]:
+        """Create a session; ``(session, False)`` when this is a replay of an earlier create."""
+        idempotency_key = rules.parse_idempotency_key(idempotency_key)
+        new = rules.validate_new_session(body, self._limits)
+        fingerprint = rules.request_fingerprint(body) if idempotency_key else None
+        with self._db.transaction() as conn:
+            row = dao.insert_session(
+                conn,
+                id=uuid.uuid4(),
+                client_id=client.id,
+                filename=new.filename,
+                content_type=new.content_type,
+                size=new.size,
+                part_size=new.part_size,
+                total_parts=new.total_parts,
+                sha256=new.sha256,
+                metadata=new.metadata,
+                idempotency_key=idempotency_key,
+                request_fingerprint=fingerprint,
+                ttl=self._limits.session_ttl,
+            )
+            if row is not None:
+                return Session.from_row(row), True
+            # The key was used before (possibly by a concurrent request that just committed).
+            row = dao.get_session_by_idempotency_key(conn, client.id, idempotency_key)
+        if bytes(row["request_fingerprint"]) != fingerprint:
+            raise IdempotencyKeyReused("this Idempotency-Key was used with a different request body")
+        return Session.from_row(row), False
+
+    def get_session(self, client: Client, raw_id: str) -> Session:
+        session_id = parse_session_id(raw_id)
+        with self._db.connection() as conn:
+            row = dao.get_session(conn, session_id, client.id)
+        if row is None:
+            raise SessionNotFound()
+        return Session.from_row(row)
+
+    def list_sessions(
+        self, client: Client, status: str | None, raw_limit: str | None, cursor: str | None
+    ) -> tuple[list[Session], str | None]:
+        if status is not None and status not in states.ALL:
+            raise InvalidRequest(f"status must be one of {', '.join(states.ALL)}")
+        limit = rules.parse_bounded_int(raw_limit, "limit", 100, 1, 1000)
+        after = decode_cursor(cursor) if cursor else None
+        with self._db.connection() as conn:
+            rows = dao.list_sessions(conn, client.id, status, after, limit + 1)
+        sessions = [Session.from_row(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        next_cursor = encode_cursor(sessions[-1].created_at, sessions[-1].id) if more else None
+        return sessions, next_cursor
+
+    def list_parts(
+        self, client: Client, raw_id: str, raw_after: str | None, raw_limit: str | None
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        session = self.get_session(client, raw_id)
+        after = rules.parse_bounded_int(raw_after, "after", 0, 0, session.total_parts)
+        limit = rules.parse_bounded_int(raw_limit, "limit", 1000, 1, 10_000)
+        with self._db.connection() as conn:
+            rows = dao.list_parts(conn, session.id, after, limit + 1)
+        parts = rows[:limit]
+        return parts, (parts[-1]["part_number"] if len(rows) > limit else None)
+
+    def describe_object(self, session: Session) -> dict[str, Any] | None:
+        return self._storage.describe(session.object) if session.object else None
+
+    # --- parts ------------------------------------------------------------------------------
+
+    def check_part(
+        self,
+        client: Client,
+        raw_id: str,
+        raw_part_number: str,
+        raw_length: str | None,
+        content_digest: str | None,
+    ) -> PartTarget:
+        """The contract's checks 2-6 (and the Content-Digest syntax), before any body byte is read."""
+        session = self.get_session(client, raw_id)
+        if not states.accepts_parts(session.status):
+            raise SessionNotActive(f"the session is {session.status}")
+        part_number = rules.parse_part_number(raw_part_number, session.total_parts)
+        length = rules.check_part_length(raw_length, session.size, session.part_size, part_number)
+        expected = rules.parse_content_digest(content_digest)
+        return PartTarget(client, session.id, part_number, length, expected)
+
+    def store_part(self, target: PartTarget, body: Any) -> PartResult:
+        """Stream the body to a fresh key while hashing it, then record it in one transaction."""
+        key = part_key(target.session_id)
+        reader = rules.HashingReader(body, target.length)
+        # The adapter leaves nothing behind when the body ends early or the write fails.
+        self._storage.write(key, reader, target.length, self._block_size)
+        keep = False
+        try:
+            if target.expected_digest is not None and reader.digest() != target.expected_digest:
+                raise DigestMismatch("the body's SHA-256 differs from Content-Digest")
+            result = self._record_part(target, key, reader.hexdigest())
+            keep = result.created
+            return result
+        finally:
+            if not keep:
+                # Rejected, conflicting or duplicate: these bytes are not (or no longer) needed.
+                self._discard([key])
+
+    def _record_part(self, target: PartTarget, key: str, sha256: str) -> PartResult:
+        with self._db.transaction() as conn:
+            row = dao.lock_session(conn, target.session_id, target.client.id)
+            if row is None:
+                raise SessionNotFound()
+            # Re-checked under the lock: it may have been aborted, completed or expired meanwhile.
+            if not states.accepts_parts(row["effective_status"]):
+                raise SessionNotActive(f"the session became {row['effective_status']} during the upload")
+            inserted = dao.insert_part(conn, target.session_id, target.part_number, target.length, sha256, key)
+            if inserted is not None:
+                counters = dao.count_part(conn, target.session_id, target.length)
+                return PartResult(True, target.part_number, target.length, sha256, **counters)
+            existing = dao.get_part(conn, target.session_id, target.part_number)
+        if existing["sha256"] != sha256:
+            raise PartConflict(
+                f"part {target.part_number} was already accepted with different bytes",
+                sha256=existing["sha256"],
+            )
+        return PartResult(
+            False,
+            target.part_number,
+            existing["size"],
+            sha256,
+            row["received_parts"],
+            row["received_bytes"],
+            row["effective_status"],
+        )
+
+    # --- complete and abort -----------------------------------------------------------------
+
+    def complete(self, client: Client, raw_id: str, body: Any) -> Session:
+        session_id = parse_session_id(raw_id)
+        sha256 = self._completion_digest(body)
+        with self._db.connection() as conn:
+            locked = False
+            try:
+                with conn.transaction():
+                    row = dao.lock_session(conn, session_id, client.id)
+                    if row is None:
+                        raise SessionNotFound()
+                    session = Session.from_row(row)
+                    if session.status == states.COMPLETED:
+                        return session
+                    if session.status == states.COMPLETING:
+                        # The assembler holds the advisory lock while it lives; if we get it,
+                        # the assembler died and this call drives the completion to the end.
+                        locked = dao.try_completion_lock(conn, session_id)
+                        if not locked:
+                            raise CompletionInProgress()
+                    else:
+                        self._check_completable(conn, session, sha256)
+                        locked = dao.try_completion_lock(conn, session_id)
+                        if not locked:  # a crashed-and-taken-over assembler still running
+                            raise CompletionInProgress()
+                        session = Session.from_row(dao.mark_completing(conn, session_id, sha256))
+                    sources = [PartSource(r["storage_key"], r["size"]) for r in dao.part_sources(conn, session_id)]
+                return self._assemble(conn, client, session, sources)
+            finally:
+                if locked:
+                    dao.release_completion_lock(conn, session_id)
+
+    @staticmethod
+    def _completion_digest(body: Any) -> str | None:
+        if body is None:
+            return None
+        if not isinstance(body, dict) or set(body) - {"sha256"}:
+            raise InvalidRequest('the body must be empty or {"sha256": "<hex>"}')
+        raw = body.get("sha256")
+        return None if raw is None else rules.parse_sha256(raw, "sha256")
+
+    @staticmethod
+    def _check_completable(conn: Connection, session: Session, sha256: str | None) -> None:
+        if not states.accepts_parts(session.status):
+            raise SessionNotActive(f"the session is {session.status}")
+        if sha256 and session.sha256 and sha256 != session.sha256:
+            raise InvalidRequest("sha256 differs from the digest given when the session was created")
+        if session.received_parts < session.total_parts:
+            raise PartsMissing(
+                f"{session.total_parts - session.received_parts} of {session.total_parts} parts are missing",
+                missing_parts=dao.missing_parts(conn, session.id, session.total_parts, MAX_MISSING_LISTED),
+                missing_count=session.total_parts - session.received_parts,
+            )
+
+    def _assemble(self, conn: Connection, client: Client, session: Session, sources: list[PartSource]) -> Session:
+        key = object_key(session.id)
+        stored = self._storage.assemble(sources, key, self._block_size)
+        if stored.size != session.size or (session.sha256 and stored.sha256 != session.sha256):
+            self._discard([key])
+            with conn.transaction():
+                dao.mark_failed(conn, session.id)
+            # A FAILED session cannot be resumed, so its parts are of no further use.
+            self._discard(source.key for source in sources)
+            raise ChecksumMismatch(
+                f"assembled {stored.size} bytes with SHA-256 {stored.sha256};"
+                f" expected {session.size} bytes" + (f" with SHA-256 {session.sha256}" if session.sha256 else ""),
+                expected_sha256=session.sha256,
+                actual_sha256=stored.sha256,
+            )
+        with conn.transaction():
+            row = dao.mark_completed(conn, session.id, key, stored.size, stored.sha256)
+            if row is None:  # another caller finished first; report its outcome
+                row = dao.get_session(conn, session.id, client.id)
+        self._discard(source.key for source in sources)
+        return Session.from_row(row)
+
+    def abort(self, client: Client, raw_id: str) -> None:
+        session_id = parse_session_id(raw_id)
+        with self._db.connection() as conn:
+            locked = False
+            try:
+                with conn.transaction():
+                    row = dao.lock_session(conn, session_id, client.id)
+                    if row is None:
+                        raise SessionNotFound()
+                    status = row["effective_status"]
+                    if status == states.COMPLETED:
+                        raise SessionCompleted("a completed upload cannot be aborted")
+                    if status == states.COMPLETING:
+                        locked = dao.try_completion_lock(conn, session_id)
+                        if not locked:
+                            raise CompletionInProgress()
+                    dao.mark_aborted(conn, session_id)
+            finally:
+                if locked:
+                    dao.release_completion_lock(conn, session_id)
+        # Remove by prefix: it also catches bytes no part row points to. Parts still streaming
+        # will find the session ABORTED under the lock and remove their own bytes.
+        try:
+            self._storage.delete_prefix(f"parts/{session_id}/")
+            self._storage.delete([object_key(session_id)])
+        except ChunksvcError:
+            log.warning("abort: stored bytes of session %s left for the reaper", session_id, exc_info=True)
+
+    def _discard(self, keys: Iterable[str]) -> None:
+        """Best-effort removal: what fails here is an orphan the reaper removes later."""
+        try:
+            self._storage.delete(list(keys))
+        except Exception:
+            log.warning("could not remove stored bytes; left for the reaper", exc_info=True)
