@@ -1,0 +1,5 @@
+import sys
+
+from chunksvc.cli import main
+
+sys.exit(main())

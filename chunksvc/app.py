@@ -1,0 +1,50 @@
+"""Wiring: ``create_app(config)`` builds every dependency and hands it to the resources.
+
+No module-level state: tests build as many independent apps as they like.
+"""
+
+from __future__ import annotations
+
+import falcon
+
+from chunksvc.config import Config
+from chunksvc.db import Database
+from chunksvc.errors import ConfigError
+from chunksvc.resources import health, problems, uploads
+from chunksvc.resources.middleware import BearerAuth, RequestId
+from chunksvc.services.auth import Authenticator
+from chunksvc.services.health import HealthService
+from chunksvc.services.uploads import UploadService
+from chunksvc.storage import Storage, open_storage
+
+
+def create_app(config: Config, *, db: Database | None = None, storage: Storage | None = None) -> falcon.App:
+    """The WSGI application. ``db``/``storage`` may be passed in to share them (tests, CLI)."""
+    if db is None:
+        if not config.database_url:
+            raise ConfigError(
+                "DATABASE_URL is not set; `make run` (python -m chunksvc serve) starts an embedded PostgreSQL"
+            )
+        db = Database(config.database_url, config.pool_min_size, config.pool_max_size)
+    if storage is None:
+        storage = open_storage(config.storage)
+    storage.validate_limits(config.limits)
+
+    upload_service = UploadService(db, storage, config.limits, config.block_size)
+    app = falcon.App(
+        middleware=[RequestId(), BearerAuth(Authenticator(db))],
+        # Bodies are read by the resources themselves (parts stream; JSON is parsed strictly).
+        request_type=falcon.Request,
+    )
+    app.req_options.auto_parse_form_urlencoded = False
+    app.resp_options.default_media_type = falcon.MEDIA_JSON
+    problems.install(app)
+
+    app.add_route("/healthz", health.Healthz())
+    app.add_route("/readyz", health.Readyz(HealthService(db, storage)))
+    app.add_route("/uploads/sessions", uploads.SessionsResource(upload_service))
+    app.add_route("/uploads/sessions/{session_id}", uploads.SessionResource(upload_service))
+    app.add_route("/uploads/sessions/{session_id}/parts", uploads.PartsResource(upload_service))
+    app.add_route("/uploads/sessions/{session_id}/parts/{part_number}", uploads.PartResource(upload_service))
+    app.add_route("/uploads/sessions/{session_id}/complete", uploads.CompleteResource(upload_service))
+    return app

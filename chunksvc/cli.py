@@ -1,0 +1,131 @@
+"""``python -m chunksvc``: the ops interface (migrate, keys, serve).
+
+With no ``DATABASE_URL`` every command uses the embedded PostgreSQL under ``CHUNKSVC_VAR_DIR``
+(``./var``), started on demand and stopped when the last process using it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from chunksvc import embedded, migrations
+from chunksvc.config import Config
+from chunksvc.db import Database
+from chunksvc.errors import ChunksvcError
+from chunksvc.services.auth import KeyManager
+
+
+@contextlib.contextmanager
+def database_url(config: Config) -> Iterator[str]:
+    """The configured database, or the embedded one (kept running while the block runs)."""
+    if config.database_url:
+        yield config.database_url
+        return
+    server = embedded.start(config.var_dir / "pgdata")
+    yield embedded.ensure_database(server.get_uri(), embedded.DATABASE)
+
+
+def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
+    with database_url(config) as url:
+        applied = migrations.migrate(url)
+    print("applied: " + ", ".join(applied) if applied else "database schema is up to date")
+    return 0
+
+
+def _keys(url: str) -> tuple[KeyManager, Database]:
+    db = Database(url, min_size=1, max_size=1)
+    return KeyManager(db), db
+
+
+def cmd_keys(config: Config, args: argparse.Namespace) -> int:
+    with database_url(config) as url:
+        migrations.migrate(url)
+        manager, db = _keys(url)
+        try:
+            if args.action == "create":
+                key, prefix = manager.create(args.name)
+                print(f"API key for client {args.name!r} (prefix {prefix}); it is shown only once:")
+                print(key)  # the last line is the key alone, for scripts
+            elif args.action == "list":
+                print(f"{'CLIENT':<24} {'PREFIX':<14} {'CREATED':<20} {'LAST USED':<20} REVOKED")
+                for row in manager.list():
+                    print(
+                        f"{row['client_name']:<24} {row['prefix']:<14} {_when(row['created_at']):<20}"
+                        f" {_when(row['last_used_at']):<20} {_when(row['revoked_at'])}"
+                    )
+            else:
+                revoked = manager.revoke(args.target)
+                if not revoked:
+                    print(f"no active key has prefix or client name {args.target!r}", file=sys.stderr)
+                    return 1
+                for row in revoked:
+                    print(f"revoked {row['prefix']} ({row['client_name']})")
+        finally:
+            db.close()
+    return 0
+
+
+def _when(moment) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    """Migrate, then run gunicorn exactly as ops do, on the embedded defaults where unset."""
+    with database_url(config) as url:
+        migrations.migrate(url)
+        env = dict(os.environ, DATABASE_URL=url, CHUNKSVC_STORAGE_URL=_storage_url(config))
+        if config.storage.kind == "file":
+            config.storage.root.mkdir(parents=True, exist_ok=True)
+        print(f"chunksvc: serving on http://{config.bind} (storage {config.storage.redacted()})")
+        print("chunksvc: get an API key with `make api-key NAME=me` (or python -m chunksvc keys create me)")
+        gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or "gunicorn"
+        command = [gunicorn, "-c", args.config, "chunksvc.wsgi:app"]
+        try:
+            return subprocess.call(command, env=env)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _storage_url(config: Config) -> str:
+    return os.environ.get("CHUNKSVC_STORAGE_URL") or f"file://{config.storage.root}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m chunksvc", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("migrate", help="apply pending SQL migrations").set_defaults(func=cmd_migrate)
+
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="mint a key for a client (shown once)")
+    create.add_argument("name", help="client name")
+    keys.add_parser("list", help="list keys: client, prefix, created, last used, revoked")
+    revoke = keys.add_parser("revoke", help="revoke a key by prefix, or all keys of a client by name")
+    revoke.add_argument("target", help="key prefix (csk_xxxxxxxx) or client name")
+    for sub in keys.choices.values():
+        sub.set_defaults(func=cmd_keys)
+
+    serve = commands.add_parser("serve", help="migrate and run gunicorn (embedded defaults when unset)")
+    serve.add_argument("--config", default="gunicorn.conf.py", help="gunicorn configuration file")
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = Config.from_env()
+        return args.func(config, args)
+    except ChunksvcError as exc:
+        print(f"chunksvc: {exc.detail}", file=sys.stderr)
+        return 2
+    except migrations.MigrationError as exc:
+        print(f"chunksvc: migration failed: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,100 @@
+"""Errors as RFC 9457 problem documents: one table maps each domain error to its HTTP status."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import falcon
+
+from chunksvc import errors
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+STATUS: dict[type[errors.ChunksvcError], int] = {
+    errors.InvalidRequest: 400,
+    errors.TooManyParts: 400,
+    errors.InvalidPartNumber: 400,
+    errors.PartSizeMismatch: 400,
+    errors.DigestMismatch: 400,
+    errors.IncompleteBody: 400,
+    errors.Unauthorized: 401,
+    errors.SessionNotFound: 404,
+    errors.SessionNotActive: 409,
+    errors.SessionCompleted: 409,
+    errors.CompletionInProgress: 409,
+    errors.IdempotencyKeyReused: 409,
+    errors.PartConflict: 409,
+    errors.PartsMissing: 409,
+    errors.LengthRequired: 411,
+    errors.UploadTooLarge: 413,
+    errors.PartTooLarge: 413,
+    errors.ChecksumMismatch: 422,
+    errors.StorageError: 502,
+    errors.DatabaseUnavailable: 503,
+    errors.StorageUnavailable: 503,
+}
+
+# Falcon's own errors (unknown route, wrong method, bad header) get stable codes too.
+_FALCON_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    411: "length_required",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def status_of(error: errors.ChunksvcError) -> int:
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def render(resp: falcon.Response, status: int, code: str, title: str, detail: str, **extra: Any) -> None:
+    resp.status = status
+    resp.content_type = PROBLEM_JSON
+    resp.text = json.dumps(
+        {
+            "type": f"urn:chunksvc:problem:{code}",
+            "title": title,
+            "status": status,
+            "detail": detail,
+            "code": code,
+            **extra,
+        }
+    )
+
+
+def handle_domain_error(req: falcon.Request, resp: falcon.Response, error: errors.ChunksvcError, params) -> None:
+    status = status_of(error)
+    if status >= 500:
+        log.error("%s: %s", error.code, error.detail, exc_info=error.__cause__ or error)
+    if isinstance(error, errors.Unauthorized):
+        resp.set_header("WWW-Authenticate", 'Bearer realm="chunksvc"')
+    render(resp, status, error.code, error.title, error.detail, **error.extra)
+
+
+def handle_http_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError, params) -> None:
+    status = error.status_code
+    code = _FALCON_CODES.get(status, "http_error")
+    render(resp, status, code, error.title or "HTTP error", error.description or error.title or "")
+    for name, value in (error.headers or {}).items():
+        resp.set_header(name, value)
+
+
+def handle_unexpected(req: falcon.Request, resp: falcon.Response, error: Exception, params) -> None:
+    # Log everything, answer nothing internal.
+    log.exception("unhandled error on %s %s", req.method, req.path)
+    render(resp, 500, "internal_error", "Internal error", "the request failed; see the server log")
+
+
+def install(app: falcon.App) -> None:
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(falcon.HTTPError, handle_http_error)
+    app.add_error_handler(errors.ChunksvcError, handle_domain_error)

@@ -1,0 +1,169 @@
+"""The /uploads routes. Thin: parse HTTP, call the upload service, render JSON."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import falcon
+
+from chunksvc.errors import InvalidRequest
+from chunksvc.services.uploads import PartResult, Session, UploadService
+
+MAX_JSON_BODY = 64 * 1024
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read_json(req: falcon.Request, *, required: bool) -> Any:
+    """The request's JSON body (None when empty and not required), strictly parsed."""
+    content_type = (req.content_type or "").split(";")[0].strip().lower()
+    raw = req.bounded_stream.read(MAX_JSON_BODY + 1)
+    if len(raw) > MAX_JSON_BODY:
+        raise InvalidRequest(f"the JSON body must be at most {MAX_JSON_BODY} bytes")
+    if not raw.strip():
+        if required:
+            raise InvalidRequest("a JSON body is required")
+        return None
+    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+        raise InvalidRequest("Content-Type must be application/json")
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the body is not valid JSON") from None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+class SessionRenderer:
+    def __init__(self, uploads: UploadService) -> None:
+        self._uploads = uploads
+
+    def __call__(self, session: Session) -> dict[str, Any]:
+        return {
+            "id": str(session.id),
+            "status": session.status,
+            "filename": session.filename,
+            "content_type": session.content_type,
+            "size": session.size,
+            "part_size": session.part_size,
+            "total_parts": session.total_parts,
+            "received_parts": session.received_parts,
+            "received_bytes": session.received_bytes,
+            "sha256": session.sha256,
+            "metadata": session.metadata,
+            "created_at": rfc3339(session.created_at),
+            "updated_at": rfc3339(session.updated_at),
+            "expires_at": rfc3339(session.expires_at),
+            "object": self._uploads.describe_object(session),
+        }
+
+
+class SessionsResource:
+    """/uploads/sessions"""
+
+    def __init__(self, uploads: UploadService) -> None:
+        self._uploads = uploads
+        self._render = SessionRenderer(uploads)
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = read_json(req, required=True)
+        session, created = self._uploads.create_session(
+            req.context.client, body, req.get_header("Idempotency-Key")
+        )
+        resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
+        resp.location = f"/uploads/sessions/{session.id}"
+        resp.media = self._render(session)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        sessions, next_cursor = self._uploads.list_sessions(
+            req.context.client,
+            req.get_param("status"),
+            req.get_param("limit"),
+            req.get_param("cursor"),
+        )
+        resp.media = {"sessions": [self._render(s) for s in sessions], "next_cursor": next_cursor}
+
+
+class SessionResource:
+    """/uploads/sessions/{session_id}"""
+
+    def __init__(self, uploads: UploadService) -> None:
+        self._uploads = uploads
+        self._render = SessionRenderer(uploads)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
+        resp.media = self._render(self._uploads.get_session(req.context.client, session_id))
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
+        self._uploads.abort(req.context.client, session_id)
+        resp.status = falcon.HTTP_204
+
+
+class PartsResource:
+    """/uploads/sessions/{session_id}/parts"""
+
+    def __init__(self, uploads: UploadService) -> None:
+        self._uploads = uploads
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
+        parts, next_after = self._uploads.list_parts(
+            req.context.client, session_id, req.get_param("after"), req.get_param("limit")
+        )
+        resp.media = {
+            "parts": [
+                {
+                    "part_number": p["part_number"],
+                    "size": p["size"],
+                    "sha256": p["sha256"],
+                    "created_at": rfc3339(p["created_at"]),
+                }
+                for p in parts
+            ],
+            "next_after": next_after,
+        }
+
+
+class PartResource:
+    """/uploads/sessions/{session_id}/parts/{part_number}"""
+
+    def __init__(self, uploads: UploadService) -> None:
+        self._uploads = uploads
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response, session_id: str, part_number: str) -> None:
+        # Every check runs before the first body byte is read.
+        target = self._uploads.check_part(
+            req.context.client,
+            session_id,
+            part_number,
+            req.get_header("Content-Length"),
+            req.get_header("Content-Digest"),
+        )
+        result: PartResult = self._uploads.store_part(target, req.bounded_stream)
+        resp.status = falcon.HTTP_201 if result.created else falcon.HTTP_200
+        resp.set_header("ETag", f'"{result.sha256}"')
+        resp.media = {
+            "part_number": result.part_number,
+            "size": result.size,
+            "sha256": result.sha256,
+            "received_parts": result.received_parts,
+            "received_bytes": result.received_bytes,
+            "status": result.status,
+        }
+
+
+class CompleteResource:
+    """/uploads/sessions/{session_id}/complete"""
+
+    def __init__(self, uploads: UploadService) -> None:
+        self._uploads = uploads
+        self._render = SessionRenderer(uploads)
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
+        body = read_json(req, required=False)
+        resp.media = self._render(self._uploads.complete(req.context.client, session_id, body))
