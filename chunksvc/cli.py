@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -86,11 +87,16 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         print(f"chunksvc: serving on http://{config.bind} (storage {config.storage.redacted()})")
         print("chunksvc: get an API key with `make api-key NAME=me` (or python -m chunksvc keys create me)")
         gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or "gunicorn"
-        command = [gunicorn, "-c", args.config, "chunksvc.wsgi:app"]
-        try:
-            return subprocess.call(command, env=env)
-        except KeyboardInterrupt:
-            return 0
+        child = subprocess.Popen([gunicorn, "-c", args.config, "chunksvc.wsgi:app"], env=env)
+
+        # Pass SIGTERM/SIGINT on to gunicorn and wait for it, so that this process exits
+        # normally afterwards and the embedded PostgreSQL is stopped with it.
+        def forward(signum: int, frame: object) -> None:
+            child.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        return child.wait()
 
 
 def _storage_url(config: Config) -> str:
