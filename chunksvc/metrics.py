@@ -1,0 +1,195 @@
+"""Prometheus metrics: one ``Metrics`` object per app counts what the HTTP layer and the services report.
+
+Under gunicorn each worker is a process of its own. With ``PROMETHEUS_MULTIPROC_DIR`` set (by
+gunicorn.conf.py, before any worker imports prometheus_client) every value lives in a file of that
+directory, and ``/metrics``, whichever worker answers it, merges the files of all workers.
+Without it (tests, one process) each ``Metrics`` has a private registry, so apps never share values.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from chunksvc.errors import ConfigError
+from chunksvc.services.events import UploadEvents
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# From a healthz ping to a multi-GiB part over a slow link.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+ASSEMBLY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600)
+
+PART_OUTCOMES = ("accepted", "duplicate", "conflicting", "rejected")
+SESSION_EVENTS = ("created", "completed", "aborted", "expired", "failed")
+# Methods outside this set share one label value: clients must not be able to mint series.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+class Metrics(UploadEvents):
+    def __init__(self, registry: CollectorRegistry, exposition: CollectorRegistry | None = None) -> None:
+        """Metrics registered in ``registry``; ``/metrics`` renders ``exposition`` (default: the same)."""
+        self._exposition = registry if exposition is None else exposition
+
+        self.http_requests = Counter(
+            "chunksvc_http_requests", "HTTP requests answered, by method, route template and status",
+            ["method", "route", "status"], registry=registry,
+        )
+        self.http_duration = Histogram(
+            "chunksvc_http_request_duration_seconds", "Time from the request's arrival to its response",
+            ["method", "route", "status"], buckets=REQUEST_BUCKETS, registry=registry,
+        )
+        # livesum: requests in flight on the whole host; a dead worker's share disappears with it.
+        self.http_in_progress = Gauge(
+            "chunksvc_http_requests_in_progress", "Requests being handled now",
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.parts = Counter(
+            "chunksvc_parts", "Part uploads by outcome: accepted (new), duplicate (same bytes again),"
+            " conflicting (different bytes, 409 part_conflict) or rejected (any other error)",
+            ["outcome"], registry=registry,
+        )
+        self.parts_rejected = Counter(
+            "chunksvc_parts_rejected", "Part uploads answered with an error other than part_conflict, by problem code",
+            ["code"], registry=registry,
+        )
+        self.part_bytes = Counter(
+            "chunksvc_part_bytes_received", "Bytes of part bodies received whole and recorded, by outcome",
+            ["outcome"], registry=registry,
+        )
+        self.sessions = Counter(
+            "chunksvc_sessions", "Upload session events: created, completed, aborted, expired (by the reaper), failed",
+            ["event"], registry=registry,
+        )
+        self.assembly_duration = Histogram(
+            "chunksvc_assembly_duration_seconds", "Time to assemble and verify an upload, by outcome",
+            ["outcome"], buckets=ASSEMBLY_BUCKETS, registry=registry,
+        )
+        self.reaper_runs = Counter(
+            "chunksvc_reaper_runs", "Reaper runs by outcome (failed: something could not be cleaned)",
+            ["outcome"], registry=registry,
+        )
+        self.reaper_work = Counter(
+            "chunksvc_reaper_work", "What reaper runs did, by kind of work", ["kind"], registry=registry,
+        )
+        self.reaper_duration = Histogram(
+            "chunksvc_reaper_run_duration_seconds", "Time a reaper run took", buckets=ASSEMBLY_BUCKETS,
+            registry=registry,
+        )
+        # livesum: each worker has its own pool; the sums are the host's connections.
+        self.pool_connections = Gauge(
+            "chunksvc_db_pool_connections", "Pooled PostgreSQL connections by state (in_use, idle)",
+            ["state"], registry=registry, multiprocess_mode="livesum",
+        )
+        self.pool_max = Gauge(
+            "chunksvc_db_pool_max_connections", "Most connections the pools may open",
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.pool_waiting = Gauge(
+            "chunksvc_db_pool_requests_waiting", "Requests waiting for a pooled connection now",
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.pool_queued = Counter(
+            "chunksvc_db_pool_queued_requests", "Connection requests that had to wait for a free connection",
+            registry=registry,
+        )
+        self.pool_errors = Counter(
+            "chunksvc_db_pool_request_errors", "Connection requests that failed (timed out waiting)",
+            registry=registry,
+        )
+        # The pool's own counters are cumulative; these are the values last turned into increments.
+        self._pool_seen = {"requests_queued": 0, "requests_errors": 0}
+        self._pool_lock = threading.Lock()
+
+        # Series that exist from the start read 0 rather than being absent.
+        for outcome in PART_OUTCOMES:
+            self.parts.labels(outcome)
+        for outcome in ("accepted", "duplicate"):
+            self.part_bytes.labels(outcome)
+        for event in SESSION_EVENTS:
+            self.sessions.labels(event)
+
+    @classmethod
+    def for_process(cls, environ: Mapping[str, str] = os.environ) -> Metrics:
+        """Multiprocess metrics when ``PROMETHEUS_MULTIPROC_DIR`` is set, else a private registry."""
+        directory = environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not directory:
+            return cls(CollectorRegistry())
+        if values.ValueClass is values.MutexValue:
+            # prometheus_client chooses where values live when it is first imported.
+            raise ConfigError("PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported")
+        exposition = CollectorRegistry()
+        MultiProcessCollector(exposition, path=directory)
+        # This process's values go to files only; registering them for exposition would count them twice.
+        return cls(CollectorRegistry(), exposition)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self._exposition)
+
+    # --- HTTP ---------------------------------------------------------------------------------
+
+    def request_started(self) -> None:
+        self.http_in_progress.inc()
+
+    def request_finished(self, method: str, route: str, status: int, seconds: float) -> None:
+        method = method if method in KNOWN_METHODS else "other"
+        self.http_in_progress.dec()
+        self.http_requests.labels(method, route, status).inc()
+        self.http_duration.labels(method, route, status).observe(seconds)
+
+    def part_rejected(self, code: str) -> None:
+        if code == "part_conflict":
+            self.parts.labels("conflicting").inc()
+        else:
+            self.parts.labels("rejected").inc()
+            self.parts_rejected.labels(code).inc()
+
+    def pool_sampled(self, stats: Mapping[str, int]) -> None:
+        """Record a ``psycopg_pool`` ``get_stats()`` snapshot (empty while the pool is closed)."""
+        size = stats.get("pool_size", 0)
+        available = stats.get("pool_available", 0)
+        with self._pool_lock:
+            self.pool_connections.labels("in_use").set(size - available)
+            self.pool_connections.labels("idle").set(available)
+            self.pool_max.set(stats.get("pool_max", 0))
+            self.pool_waiting.set(stats.get("requests_waiting", 0))
+            for name, counter in (("requests_queued", self.pool_queued), ("requests_errors", self.pool_errors)):
+                value = stats.get(name, 0)
+                if value > self._pool_seen[name]:
+                    counter.inc(value - self._pool_seen[name])
+                self._pool_seen[name] = value
+
+    # --- services (UploadEvents) ----------------------------------------------------------------
+
+    def session_created(self) -> None:
+        self.sessions.labels("created").inc()
+
+    def part_stored(self, *, created: bool, size: int) -> None:
+        outcome = "accepted" if created else "duplicate"
+        self.parts.labels(outcome).inc()
+        self.part_bytes.labels(outcome).inc(size)
+
+    def session_completed(self, assembly_seconds: float) -> None:
+        self.sessions.labels("completed").inc()
+        self.assembly_duration.labels("completed").observe(assembly_seconds)
+
+    def session_failed(self, assembly_seconds: float) -> None:
+        self.sessions.labels("failed").inc()
+        self.assembly_duration.labels("failed").observe(assembly_seconds)
+
+    def session_aborted(self) -> None:
+        self.sessions.labels("aborted").inc()
+
+    def sessions_expired(self, count: int) -> None:
+        self.sessions.labels("expired").inc(count)
+
+    def reaper_run(self, *, succeeded: bool, counts: Mapping[str, int], seconds: float) -> None:
+        self.reaper_runs.labels("succeeded" if succeeded else "failed").inc()
+        self.reaper_duration.observe(seconds)
+        for kind, count in counts.items():
+            self.reaper_work.labels(kind).inc(count)

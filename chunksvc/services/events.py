@@ -1,0 +1,35 @@
+"""What the services report as they work, for whoever counts it (``chunksvc.metrics.Metrics``).
+
+Services call these methods and never import a metrics library. This base class is the
+default and ignores every event, so a service built without an observer works unchanged.
+Each method is called after the change it reports has been committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class UploadEvents:
+    def session_created(self) -> None:
+        """A new session was created (an idempotent replay is not reported)."""
+
+    def part_stored(self, *, created: bool, size: int) -> None:
+        """A part body of ``size`` bytes was received whole and recorded: a new part, or a
+        duplicate (``created`` false) of one already accepted with the same bytes."""
+
+    def session_completed(self, assembly_seconds: float) -> None:
+        """A session was assembled and verified; ``assembly_seconds`` is the assembly's duration."""
+
+    def session_failed(self, assembly_seconds: float) -> None:
+        """An assembled object did not match the expected size or SHA-256; the session is FAILED."""
+
+    def session_aborted(self) -> None:
+        """A session moved to ABORTED (aborting an already aborted session is not reported)."""
+
+    def sessions_expired(self, count: int) -> None:
+        """The reaper marked ``count`` overdue sessions EXPIRED."""
+
+    def reaper_run(self, *, succeeded: bool, counts: Mapping[str, int], seconds: float) -> None:
+        """A reaper run ended; ``counts`` says how much of each kind of work it did
+        (e.g. ``{"orphans_removed": 3}``) and ``succeeded`` is false when something was left."""

@@ -1,0 +1,229 @@
+"""Which gunicorn worker class and counts serve large parts best: ``python -m chunksvc.tools.bench_workers``.
+
+Starts gunicorn exactly as ops do (``gunicorn.conf.py``, ``chunksvc.wsgi:app``) on an embedded
+PostgreSQL and disk storage, once per configuration, and has N concurrent clients each PUT 8 MiB
+parts over keep-alive while a prober times ``GET /healthz`` (what a load balancer or a small
+request sees while the big bodies stream), first at full speed, then as slow clients (paced
+bodies, as over a WAN without a buffering proxy). Prints medians over rounds with min-max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from chunksvc import embedded, migrations
+from chunksvc.db import Database
+from chunksvc.services.auth import KeyManager
+
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 1024 * 1024
+
+CONFIGS = [
+    ("sync", 3, 1),
+    ("sync", 5, 1),
+    ("gthread", 3, 4),
+    ("gthread", 2, 8),
+    ("gthread", 5, 2),
+    ("gthread", 3, 8),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_gunicorn(url: str, storage: Path, worker_class: str, workers: int, threads: int) -> tuple:
+    port = free_port()
+    env = dict(
+        os.environ,
+        DATABASE_URL=url,
+        CHUNKSVC_STORAGE_URL=f"file://{storage}",
+        CHUNKSVC_BIND=f"127.0.0.1:{port}",
+        CHUNKSVC_WORKER_CLASS=worker_class,
+        CHUNKSVC_WORKERS=str(workers),
+        CHUNKSVC_THREADS=str(threads),
+        CHUNKSVC_ACCESS_LOG="",
+        CHUNKSVC_LOG_LEVEL="warning",
+    )
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    process = subprocess.Popen(
+        [str(gunicorn), "-c", "gunicorn.conf.py", "chunksvc.wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/healthz")
+            conn.getresponse().read()
+            conn.close()
+            return process, port
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("gunicorn did not start") from None
+            time.sleep(0.1)
+
+
+def paced(data: bytes, rate: float, chunk: int = 256 * 1024):
+    """``data`` in chunks, at ``rate`` bytes per second."""
+    started = time.perf_counter()
+    view = memoryview(data)
+    for offset in range(0, len(data), chunk):
+        yield view[offset : offset + chunk]
+        ahead = (offset + chunk) / rate - (time.perf_counter() - started)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def upload(port: int, key: str, part: bytes, parts: int, latencies: list[float], rate: float | None) -> None:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    body = json.dumps({"filename": "bench.bin", "size": len(part) * parts, "part_size": len(part)})
+    conn.request("POST", "/uploads/sessions", body=body, headers=headers)
+    response = conn.getresponse()
+    session = json.loads(response.read())["id"]
+    assert response.status == 201, session
+    for number in range(1, parts + 1):
+        started = time.perf_counter()
+        conn.request(
+            "PUT",
+            f"/uploads/sessions/{session}/parts/{number}",
+            body=part if rate is None else paced(part, rate),
+            headers={"Authorization": f"Bearer {key}", "Content-Length": str(len(part))},
+        )
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 201, response.status
+        latencies.append(time.perf_counter() - started)
+    # Abort: removes the stored parts, so a long run does not fill the disk.
+    conn.request("DELETE", f"/uploads/sessions/{session}", headers={"Authorization": f"Bearer {key}"})
+    conn.getresponse().read()
+    conn.close()
+
+
+def probe(port: int, stop: threading.Event, latencies: list[float]) -> None:
+    while not stop.is_set():
+        started = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        conn.request("GET", "/healthz")
+        conn.getresponse().read()
+        conn.close()
+        latencies.append(time.perf_counter() - started)
+        stop.wait(0.02)
+
+
+def one_round(port: int, key: str, part: bytes, clients: int, parts: int, rate: float | None) -> dict[str, float]:
+    part_latencies: list[float] = []
+    probe_latencies: list[float] = []
+    stop = threading.Event()
+    prober = threading.Thread(target=probe, args=(port, stop, probe_latencies))
+    threads = [
+        threading.Thread(target=upload, args=(port, key, part, parts, part_latencies, rate)) for _ in range(clients)
+    ]
+    started = time.perf_counter()
+    prober.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    stop.set()
+    prober.join()
+    return {
+        "mb_s": clients * parts * len(part) / elapsed / 1e6,
+        "part_p50": statistics.median(part_latencies),
+        "part_max": max(part_latencies),
+        "healthz_p50": statistics.median(probe_latencies) * 1000,
+        "healthz_max": max(probe_latencies) * 1000,
+    }
+
+
+def spread(values: list[float], fmt: str) -> str:
+    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
+def worker_config(raw: str) -> tuple[str, int, int]:
+    worker_class, workers, threads = raw.split(":")
+    return worker_class, int(workers), int(threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--parts", type=int, default=4, help="8 MiB parts per client per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slow-clients", type=int, default=6, help="clients in the paced scenario (0: skip it)")
+    parser.add_argument("--slow-rate", type=float, default=8.0, help="MB/s per paced client")
+    parser.add_argument(
+        "--config",
+        dest="configs",
+        action="append",
+        type=worker_config,
+        metavar="CLASS:WORKERS:THREADS",
+        help="a gunicorn configuration to measure (repeatable; default: a set of sync and gthread ones)",
+    )
+    args = parser.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="chunksvc-bench-workers-"))
+    server = embedded.start(workdir / "pgdata", cleanup_mode="delete")
+    url = embedded.ensure_database(server.get_uri(), f"bench_{uuid.uuid4().hex[:8]}")
+    migrations.migrate(url)
+    db = Database(url, max_size=1)
+    key = KeyManager(db).create("bench")[0]
+    db.close()
+    part = os.urandom(8 * MiB)
+
+    print(f"{os.cpu_count()} CPUs; {args.rounds} rounds of {args.parts} x 8 MiB parts per client; median (min-max)")
+    scenarios = [(clients, None) for clients in args.clients]
+    if args.slow_clients:
+        scenarios.append((args.slow_clients, args.slow_rate * 1e6))
+    print(
+        f"{'worker':<8} {'w':>2} {'t':>2} {'clients':>9}  {'MB/s':<18} {'part p50 s':<18} "
+        f"{'part max s':<18} {'healthz p50 ms':<20} {'healthz max ms':<20}"
+    )
+    try:
+        for worker_class, workers, threads in args.configs or CONFIGS:
+            process, port = start_gunicorn(url, workdir / "storage", worker_class, workers, threads)
+            try:
+                for clients, rate in scenarios:
+                    one_round(port, key, part, clients, 1, None)  # warm-up: pools open, pages cached
+                    rounds = [one_round(port, key, part, clients, args.parts, rate) for _ in range(args.rounds)]
+                    column = {name: [r[name] for r in rounds] for name in rounds[0]}
+                    print(
+                        f"{worker_class:<8} {workers:>2} {threads:>2} {clients:>4}{' slow' if rate else '':<5}  "
+                        f"{spread(column['mb_s'], '.0f'):<18} {spread(column['part_p50'], '.2f'):<18} "
+                        f"{spread(column['part_max'], '.2f'):<18} {spread(column['healthz_p50'], '.1f'):<20} "
+                        f"{spread(column['healthz_max'], '.0f'):<20}",
+                        flush=True,
+                    )
+            finally:
+                process.terminate()
+                process.wait(timeout=60)
+    finally:
+        server.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""GET /metrics: what it counts after real requests, and that it adds up across gunicorn workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import webtest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from chunksvc import embedded
+from chunksvc.app import create_app
+from chunksvc.config import Config
+from chunksvc.db import Database
+from chunksvc.errors import ConfigError
+from chunksvc.metrics import Metrics
+from chunksvc.services.auth import KeyManager
+from tests import gunicorn_process
+from tests.conftest import TEST_LIMITS
+from tests.helpers import complete, create, payload, put_part, sha, split
+
+PART_ROUTE = "/uploads/sessions/{session_id}/parts/{part_number}"
+
+
+def parse(text: str) -> dict[tuple[str, frozenset], float]:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def scrape(app: webtest.TestApp) -> dict[tuple[str, frozenset], float]:
+    response = app.get("/metrics", status=200)
+    assert response.content_type == "text/plain"
+    return parse(response.text)
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def deltas(before: dict, after: dict, name: str, label: str) -> dict[str, float]:
+    """For one metric, how much each value of ``label`` grew (zeros left out)."""
+    grown = {}
+    for (sample, labels), amount in after.items():
+        if sample == name:
+            key = dict(labels)[label]
+            change = amount - before.get((sample, labels), 0.0)
+            if change:
+                grown[key] = change
+    return grown
+
+
+def test_an_upload_is_counted_exactly(app, auth):
+    before = scrape(app)
+    data = payload(3000)
+    session = create(app, auth, size=len(data), part_size=1024, sha256=sha(data)).json
+    parts = split(data, 1024)
+    for number, part in enumerate(parts, start=1):
+        put_part(app, auth, session["id"], number, part)
+    put_part(app, auth, session["id"], 1, parts[0], status=200)  # duplicate
+    put_part(app, auth, session["id"], 2, payload(1024, seed=9), status=409)  # conflicting
+    put_part(app, auth, session["id"], 9, parts[0], status=400)  # invalid_part_number
+    put_part(app, auth, session["id"], 3, parts[0], status=400)  # part_size_mismatch (part 3 is shorter)
+    put_part(app, {"Authorization": "Bearer nope"}, session["id"], 1, parts[0], status=401)
+    complete(app, auth, session["id"])
+    complete(app, auth, session["id"])  # idempotent: not a second completion
+    after = scrape(app)
+
+    assert deltas(before, after, "chunksvc_parts_total", "outcome") == {
+        "accepted": 3, "duplicate": 1, "conflicting": 1, "rejected": 3,
+    }
+    assert deltas(before, after, "chunksvc_parts_rejected_total", "code") == {
+        "invalid_part_number": 1, "part_size_mismatch": 1, "unauthorized": 1,
+    }
+    assert deltas(before, after, "chunksvc_part_bytes_received_total", "outcome") == {
+        "accepted": 3000, "duplicate": 1024,
+    }
+    assert deltas(before, after, "chunksvc_sessions_total", "event") == {"created": 1, "completed": 1}
+    assert value(after, "chunksvc_assembly_duration_seconds_count", outcome="completed") == 1
+
+    put_201 = {"method": "PUT", "route": PART_ROUTE, "status": "201"}
+    assert value(after, "chunksvc_http_requests_total", **put_201) == 3
+    assert value(after, "chunksvc_http_request_duration_seconds_count", **put_201) == 3
+    assert value(after, "chunksvc_http_request_duration_seconds_bucket", le="+Inf", **put_201) == 3
+    assert value(after, "chunksvc_http_requests_total", method="PUT", route=PART_ROUTE, status="401") == 1
+    assert value(after, "chunksvc_http_requests_total", method="POST", route="/uploads/sessions", status="201") == 1
+    # The scrape that produced ``before`` was answered before it was counted; ``after``'s is not yet.
+    assert value(after, "chunksvc_http_requests_total", method="GET", route="/metrics", status="200") == 1
+
+
+def test_session_events_abort_failure_and_replay(app, auth):
+    before = scrape(app)
+    first = create(app, auth, size=10, headers={"Idempotency-Key": "k1"}).json
+    create(app, auth, size=10, headers={"Idempotency-Key": "k1"}, status=200)  # replay: not a new session
+    app.delete(f"/uploads/sessions/{first['id']}", headers=auth, status=204)
+    app.delete(f"/uploads/sessions/{first['id']}", headers=auth, status=204)  # already aborted
+    data = payload(10)
+    failing = create(app, auth, size=10, sha256=sha(b"something else")).json
+    put_part(app, auth, failing["id"], 1, data)
+    complete(app, auth, failing["id"], status=422)
+    after = scrape(app)
+
+    assert deltas(before, after, "chunksvc_sessions_total", "event") == {"created": 2, "aborted": 1, "failed": 1}
+    assert value(after, "chunksvc_assembly_duration_seconds_count", outcome="failed") == 1
+
+
+def test_labels_stay_bounded(app, auth):
+    app.get("/no/such/path/" + uuid.uuid4().hex, status=404)
+    app.request("/healthz", method="BREW", status=400)
+    text = app.get("/metrics").text
+    samples = parse(text)
+    assert value(samples, "chunksvc_http_requests_total", method="GET", route="unmatched", status="404") == 1
+    assert value(samples, "chunksvc_http_requests_total", method="other", route="/healthz", status="400") == 1
+    assert "/no/such/path" not in text and "BREW" not in text
+
+
+def test_db_pool_saturation(database_url, file_spec, auth):
+    config = Config(database_url=database_url, storage=file_spec, limits=TEST_LIMITS, block_size=64 * 1024)
+    # One connection, and requests give up after 0.2 s waiting for it.
+    db = Database(database_url, min_size=1, max_size=1, timeout=0.2)
+    try:
+        app = webtest.TestApp(create_app(config, db=db))
+        db.open()
+        before = scrape(app)
+        assert value(before, "chunksvc_db_pool_max_connections") == 1
+        with db.connection(timeout=30):
+            held = scrape(app)
+            # The only connection is taken: a request needing one waits, then gives up.
+            problem = app.get("/uploads/sessions", headers=auth, status=503).json
+        assert problem["code"] == "database_unavailable"
+        after = scrape(app)
+    finally:
+        db.close()
+    assert value(held, "chunksvc_db_pool_connections", state="in_use") == 1
+    assert value(held, "chunksvc_db_pool_connections", state="idle") == 0
+    assert value(after, "chunksvc_db_pool_connections", state="in_use") == 0
+    for counter in ("chunksvc_db_pool_queued_requests_total", "chunksvc_db_pool_request_errors_total"):
+        assert value(after, counter) - value(held, counter) == 1, counter
+
+
+def test_each_app_counts_on_its_own():
+    first, second = Metrics.for_process({}), Metrics.for_process({})
+    first.session_created()
+    assert value(parse(first.exposition().decode()), "chunksvc_sessions_total", event="created") == 1
+    assert value(parse(second.exposition().decode()), "chunksvc_sessions_total", event="created") == 0
+
+
+def test_multiprocess_directory_set_too_late_is_refused(tmp_path):
+    # prometheus_client is already imported here, in single-process mode.
+    with pytest.raises(ConfigError, match="PROMETHEUS_MULTIPROC_DIR"):
+        Metrics.for_process({"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+
+
+def test_registry_given_is_the_one_rendered():
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.part_rejected("unauthorized")
+    assert registry.get_sample_value("chunksvc_parts_rejected_total", {"code": "unauthorized"}) == 1
+
+
+# --- across gunicorn workers ---------------------------------------------------------------------
+
+STALE_VALUES = """
+import os, sys
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+from chunksvc.metrics import Metrics
+Metrics.for_process().http_requests.labels("GET", "/healthz", "200").inc(1000)
+"""
+
+
+@pytest.fixture(scope="module")
+def server(pg_admin_url, template_db, tmp_path_factory):
+    """gunicorn with three workers, its metrics directory holding values left by an earlier run."""
+    name = f"chunksvc_metrics_{uuid.uuid4().hex[:12]}"
+    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
+    workdir = tmp_path_factory.mktemp("metrics-server")
+    metrics_dir = workdir / "prometheus"
+    metrics_dir.mkdir()
+    subprocess.run([sys.executable, "-c", STALE_VALUES, str(metrics_dir)], check=True)
+    stale = sorted(path.name for path in metrics_dir.iterdir())
+    assert stale, "the stale values were not written"
+    env = {
+        "DATABASE_URL": url,
+        "CHUNKSVC_STORAGE_URL": f"file://{workdir / 'storage'}",
+        "CHUNKSVC_WORKERS": "3",
+        "CHUNKSVC_MIN_PART_SIZE": "1",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "CHUNKSVC_ACCESS_LOG": str(workdir / "access.log"),
+    }
+    try:
+        with gunicorn_process.gunicorn(env, workdir / "stderr.log") as (process, port):
+            db = Database(url, max_size=1)
+            key = KeyManager(db).create("metrics")[0]
+            db.close()
+            yield {"process": process, "port": port, "dir": metrics_dir, "stale": stale, "key": key,
+                   "access_log": workdir / "access.log"}
+    finally:
+        embedded.drop_database(pg_admin_url, name)
+
+
+def gunicorn_scrape(server) -> dict:
+    status, _, body = gunicorn_process.http_request(server["port"], "GET", "/metrics")
+    assert status == 200
+    return parse(body.decode())
+
+
+def healthz_burst(server, count: int, concurrency: int = 6) -> None:
+    """``count`` GET /healthz, each on a new connection, from several threads at once."""
+    failures = []
+
+    def worker(share: int) -> None:
+        for _ in range(share):
+            status, _, _ = gunicorn_process.http_request(server["port"], "GET", "/healthz")
+            if status != 200:
+                failures.append(status)
+
+    shares = [count // concurrency + (1 if i < count % concurrency else 0) for i in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(share,)) for share in shares]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+def healthz_count(samples: dict) -> float:
+    return value(samples, "chunksvc_http_requests_total", method="GET", route="/healthz", status="200")
+
+
+def access_pids(server, route: str) -> set[int]:
+    lines = [json.loads(line) for line in server["access_log"].read_text().splitlines()]
+    return {line["pid"] for line in lines if line["route"] == route}
+
+
+def test_stale_values_are_wiped_at_start(server):
+    # Files of the processes that ran before the server started are gone, and their 1000 is not counted.
+    assert not set(server["stale"]) & {path.name for path in server["dir"].iterdir()}
+
+
+def test_counts_add_up_across_workers_and_survive_a_dead_worker(server):
+    """Whichever worker answers /healthz or /metrics, the total is the number of requests made,
+    also after a worker that served some of them was killed and replaced."""
+    start = healthz_count(gunicorn_scrape(server))
+    healthz_burst(server, 150)
+    assert healthz_count(gunicorn_scrape(server)) == start + 150
+
+    victim = next(iter(access_pids(server, "/healthz") & gunicorn_process.worker_pids(server["process"].pid)))
+    os.kill(victim, signal.SIGKILL)
+    # The master's child_exit hook drops the dead worker's live gauges; wait until it has run.
+    gauges = server["dir"] / f"gauge_livesum_{victim}.db"
+    wait_for(lambda: not gauges.exists() and len(gunicorn_process.worker_pids(server["process"].pid)) == 3)
+
+    healthz_burst(server, 150)
+    samples = gunicorn_scrape(server)
+    assert healthz_count(samples) == start + 300
+    assert (server["dir"] / f"counter_{victim}.db").exists()  # its counts remain part of the totals
+    # Three live workers, pool maximum 8 each, as far as the workers have reported a pool yet.
+    assert value(samples, "chunksvc_db_pool_max_connections") in (8, 16, 24)
+
+
+def test_uploads_through_several_workers(server):
+    key = server["key"]
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    before = gunicorn_scrape(server)
+    count = 12
+    for index in range(count):
+        data = payload(100, seed=index)
+        status, _, body = gunicorn_process.http_request(
+            server["port"], "POST", "/uploads/sessions", json.dumps({"filename": "f", "size": 100}).encode(), headers
+        )
+        assert status == 201
+        session = json.loads(body)["id"]
+        status, _, _ = gunicorn_process.http_request(
+            server["port"], "PUT", f"/uploads/sessions/{session}/parts/1", data, {"Authorization": f"Bearer {key}"}
+        )
+        assert status == 201
+    after = gunicorn_scrape(server)
+    assert deltas(before, after, "chunksvc_sessions_total", "event") == {"created": count}
+    assert deltas(before, after, "chunksvc_parts_total", "outcome") == {"accepted": count}
+    assert deltas(before, after, "chunksvc_part_bytes_received_total", "outcome") == {"accepted": 100 * count}
+
+
+def test_default_directory_is_per_server_and_removed_at_exit(pg_admin_url, template_db, tmp_path):
+    name = f"chunksvc_metrics_{uuid.uuid4().hex[:12]}"
+    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
+    env = {
+        "DATABASE_URL": url,
+        "CHUNKSVC_STORAGE_URL": f"file://{tmp_path / 'storage'}",
+        "CHUNKSVC_WORKERS": "1",
+        "CHUNKSVC_ACCESS_LOG": "",
+    }
+    try:
+        with gunicorn_process.gunicorn(env, tmp_path / "stderr.log", unset=["PROMETHEUS_MULTIPROC_DIR"]) as (
+            process,
+            port,
+        ):
+            directory = Path(tempfile.gettempdir()) / f"chunksvc-metrics-{process.pid}"
+            assert gunicorn_process.http_request(port, "GET", "/metrics")[0] == 200
+            assert any(directory.glob("counter_*.db"))
+    finally:
+        embedded.drop_database(pg_admin_url, name)
+    assert not directory.exists()
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
