@@ -1,0 +1,283 @@
+"""The reaper: cleanup that no request does, run from cron (``python -m chunksvc reap``).
+
+Phases, in this order (each one's output feeds the next):
+
+1. expire: overdue ``INIT``/``IN_PROGRESS`` sessions get ``EXPIRED`` stored.
+2. re-drive: ``COMPLETING`` sessions older than the lease whose assembler is dead (its
+   completion lock is free) are completed through the same code as ``POST .../complete``;
+   ``FAILED`` when a part's bytes are gone.
+3. purge: the stored bytes of ended sessions are removed once (``purged_at``): everything under
+   ``parts/<id>/``, and ``objects/<id>`` unless the session is ``COMPLETED``.
+4. orphans: stored keys under ``parts/`` and ``objects/`` older than the grace period whose
+   session is missing or already purged (left by a writer that outlived its session).
+5. incomplete: unfinished writes older than the grace period (a worker killed mid-write).
+
+Several reapers may run at once: expire and purge claim rows with ``FOR UPDATE SKIP LOCKED``,
+re-drive relies on the per-session completion lock, and the two storage sweeps are each held by
+one reaper at a time (a try-advisory-lock; the others skip them). Nobody waits, and no piece of
+work is done (or counted) twice. Everything is idempotent: a second run finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+from chunksvc import dao
+from chunksvc.db import Connection, Database
+from chunksvc.errors import ChecksumMismatch, ChunksvcError, CompletionInProgress, SessionNotActive
+from chunksvc.services import states
+from chunksvc.services.events import UploadEvents
+from chunksvc.services.uploads import UploadService
+from chunksvc.storage import Storage
+
+log = logging.getLogger(__name__)
+
+PARTS_PREFIX = "parts/"
+OBJECTS_PREFIX = "objects/"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaperSettings:
+    batch_size: int = 100
+    # Seconds an unreferenced key or an unfinished write must be old before it is swept. An
+    # unfinished write is timed from its start on S3 (a multipart upload's initiation), and a
+    # live one may be a 5 GiB part on a slow link or a streamed assembly: a day is beyond any
+    # of them, while orphans come only from crashes, so keeping them a day costs little.
+    orphan_grace: float = 24 * 3600
+    # Seconds a COMPLETING session must be untouched before the reaper re-drives it. The
+    # completion lock already tells a dead assembler from a live one; the lease leaves a client
+    # whose completion failed the time to retry it itself.
+    completing_lease: float = 600
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.orphan_grace < 0 or self.completing_lease < 0:
+            raise ValueError(f"need batch_size >= 1 and non-negative grace and lease, got {self}")
+
+
+@dataclasses.dataclass
+class ReapResult:
+    dry_run: bool = False
+    expired: int = 0
+    purged_sessions: int = 0
+    orphans_removed: int = 0
+    incomplete_swept: int = 0
+    completions_redriven: int = 0
+    completions_failed: int = 0
+    errors: int = 0  # things that could not be cleaned (details in the log)
+
+    def work(self) -> dict[str, int]:
+        """What was done, by kind (the counts but ``errors``)."""
+        return {name: count for name, count in dataclasses.asdict(self).items() if name not in ("dry_run", "errors")}
+
+    def summary(self) -> str:
+        """The one line for cron mail and logs."""
+        counts = (
+            f"{self.expired} expired, {self.purged_sessions} sessions purged, {self.orphans_removed} orphans removed,"
+            f" {self.incomplete_swept} incomplete writes swept, {self.completions_redriven} completions re-driven,"
+            f" {self.completions_failed} completions failed, {self.errors} errors"
+        )
+        return f"reap (dry run, nothing changed): would have {counts}" if self.dry_run else f"reap: {counts}"
+
+
+def session_of(key: str, prefix: str) -> UUID | None:
+    """The session a stored key belongs to (``parts/<id>/...``, ``objects/<id>``); None if not ours."""
+    first = key.removeprefix(prefix).split("/", 1)[0]
+    try:
+        return UUID(first)
+    except ValueError:
+        return None
+
+
+def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+class Reaper:
+    def __init__(
+        self,
+        db: Database,
+        storage: Storage,
+        uploads: UploadService,
+        settings: ReaperSettings,
+        events: UploadEvents | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._db = db
+        self._storage = storage
+        self._uploads = uploads
+        self._settings = settings
+        self._events = events or UploadEvents()
+        self._clock = clock
+
+    def run(self) -> ReapResult:
+        started = time.monotonic()
+        result = ReapResult(dry_run=self._settings.dry_run)
+        for phase in (self.expire, self.redrive_completions, self.purge, self.sweep_orphans, self.sweep_incomplete):
+            try:
+                phase(result)
+            except ChunksvcError as exc:
+                # One phase failing (storage down, say) must not keep the others from running.
+                log.warning("reap: %s stopped: %s", phase.__name__, exc.detail)
+                result.errors += 1
+        if not result.dry_run:
+            self._events.reaper_run(
+                succeeded=not result.errors, counts=result.work(), seconds=time.monotonic() - started
+            )
+        return result
+
+    # --- phases -----------------------------------------------------------------------------
+
+    def expire(self, result: ReapResult) -> None:
+        if self._settings.dry_run:
+            with self._db.connection() as conn:
+                result.expired += dao.count_overdue_sessions(conn)
+            return
+        while True:
+            with self._db.transaction() as conn:
+                expired = dao.expire_overdue_sessions(conn, self._settings.batch_size)
+            result.expired += len(expired)
+            if expired:
+                self._events.sessions_expired(len(expired))
+            if len(expired) < self._settings.batch_size:
+                return
+
+    def redrive_completions(self, result: ReapResult) -> None:
+        after = None
+        while True:
+            with self._db.connection() as conn:
+                stale = dao.stale_completions(conn, self._settings.completing_lease, after, self._settings.batch_size)
+                if self._settings.dry_run:
+                    result.completions_redriven += sum(self._assembler_is_dead(conn, row["id"]) for row in stale)
+            if not self._settings.dry_run:
+                for row in stale:
+                    self._redrive(row["id"], row["client_id"], result)
+            if len(stale) < self._settings.batch_size:
+                return
+            after = (stale[-1]["updated_at"], stale[-1]["id"])
+
+    def purge(self, result: ReapResult) -> None:
+        after = None
+        while True:
+            # The claimed rows stay locked while their bytes are removed, so another reaper
+            # skips them; only requests on these ended sessions (an abort) wait for the batch.
+            with self._db.transaction() as conn:
+                claimed = dao.claim_unpurged_sessions(conn, after, self._settings.batch_size)
+                if self._settings.dry_run:
+                    purged = [row["id"] for row in claimed]
+                else:
+                    purged = [row["id"] for row in claimed if self._purge_session(row["id"], row["status"], result)]
+                    dao.mark_purged(conn, purged)
+            result.purged_sessions += len(purged)
+            if len(claimed) < self._settings.batch_size:
+                return
+            # Past the sessions that failed too, so they are retried on the next run, not now.
+            after = (claimed[-1]["updated_at"], claimed[-1]["id"])
+
+    def sweep_orphans(self, result: ReapResult) -> None:
+        cutoff = self._clock() - timedelta(seconds=self._settings.orphan_grace)
+        with self._db.connection() as conn, self._phase_lock(conn, "orphans") as held:
+            if not held:
+                return  # another reaper is sweeping; listing the same keys again would gain nothing
+            for prefix in (PARTS_PREFIX, OBJECTS_PREFIX):
+                old_keys = (listed.key for listed in self._storage.list_keys(prefix) if listed.last_modified < cutoff)
+                for keys in batched(old_keys, self._settings.batch_size):
+                    self._sweep_batch(conn, prefix, keys, result)
+
+    def sweep_incomplete(self, result: ReapResult) -> None:
+        cutoff = self._clock() - timedelta(seconds=self._settings.orphan_grace)
+        with self._db.connection() as conn, self._phase_lock(conn, "incomplete") as held:
+            if held:
+                result.incomplete_swept += self._storage.sweep_incomplete(cutoff, self._settings.dry_run)
+
+    # --- internals --------------------------------------------------------------------------
+
+    @staticmethod
+    def _assembler_is_dead(conn: Connection, session_id: UUID) -> bool:
+        """Probe the completion lock: free means no live assembler (taken and given back at once)."""
+        if not dao.try_completion_lock(conn, session_id):
+            return False
+        dao.release_completion_lock(conn, session_id)
+        return True
+
+    def _redrive(self, session_id: UUID, client_id: int, result: ReapResult) -> None:
+        try:
+            session = self._uploads.resume_completion(session_id, client_id)
+        except (CompletionInProgress, SessionNotActive):
+            return  # a live assembler, the client or another reaper has it (or finished it)
+        except ChecksumMismatch:
+            result.completions_failed += 1  # assembled, but not what the client announced: FAILED
+            return
+        except ChunksvcError as exc:
+            log.warning("reap: could not re-drive the completion of session %s: %s", session_id, exc.detail)
+            result.errors += 1
+            return
+        if session.status == states.COMPLETED:
+            result.completions_redriven += 1
+        elif session.status == states.FAILED:
+            result.completions_failed += 1
+
+    def _purge_session(self, session_id: UUID, status: str, result: ReapResult) -> bool:
+        try:
+            self._storage.delete_prefix(f"{PARTS_PREFIX}{session_id}/")
+            if status != states.COMPLETED:
+                self._storage.delete([f"{OBJECTS_PREFIX}{session_id}"])
+        except ChunksvcError as exc:
+            log.warning("reap: could not remove the stored bytes of session %s: %s", session_id, exc.detail)
+            result.errors += 1
+            return False
+        return True
+
+    def _sweep_batch(self, conn: Connection, prefix: str, keys: list[str], result: ReapResult) -> None:
+        owners = {key: session_of(key, prefix) for key in keys}
+        ids = list({session_id for session_id in owners.values() if session_id is not None})
+        sessions = {row["id"]: row for row in dao.sessions_for_sweep(conn, ids)}
+        orphans = [
+            key
+            for key, session_id in owners.items()
+            if session_id is not None
+            and self._is_orphan(prefix, sessions.get(session_id))
+            # A purge records purged_at only after removing its keys, so a key listed before a
+            # concurrent purge may be gone by now: only one still there is an orphan.
+            and (session_id not in sessions or self._storage.exists(key))
+        ]
+        if orphans and not self._settings.dry_run:
+            try:
+                self._storage.delete(orphans)
+            except ChunksvcError as exc:
+                log.warning("reap: could not remove %d orphaned keys: %s", len(orphans), exc.detail)
+                result.errors += 1
+                return
+        result.orphans_removed += len(orphans)
+
+    @staticmethod
+    def _is_orphan(prefix: str, session: dict | None) -> bool:
+        """A key no session will ever need, and that no other phase will remove.
+
+        Until its session is purged a key is the session's business: its writer may be about to
+        record it, its completion may need it, or the purge will remove it. After the purge
+        nothing under ``parts/`` is needed, and an object only by a ``COMPLETED`` session.
+        """
+        if session is None:
+            return True  # sessions are never deleted, so these bytes belong to nobody
+        if not session["purged"]:
+            return False
+        return prefix == PARTS_PREFIX or session["status"] != states.COMPLETED
+
+    @contextlib.contextmanager
+    def _phase_lock(self, conn: Connection, phase: str) -> Iterator[bool]:
+        held = dao.try_reaper_lock(conn, phase)
+        try:
+            yield held
+        finally:
+            if held:
+                dao.release_reaper_lock(conn, phase)

@@ -1,0 +1,598 @@
+"""The reaper on a real PostgreSQL and both storages: expiry, purging, orphans, unfinished writes,
+re-driven completions, dry runs, two reapers at once, storage failures, the CLI, and a gunicorn
+worker killed in the middle of an upload.
+
+States a crash or a failed cleanup would leave are set up with plain SQL on the test database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+import pytest
+import webtest
+
+from chunksvc import dao
+from chunksvc.app import create_app
+from chunksvc.config import Config, StorageSpec
+from chunksvc.db import Database
+from chunksvc.services.auth import Authenticator, KeyManager
+from chunksvc.services.reaper import Reaper, ReaperSettings, ReapResult
+from chunksvc.services.uploads import UploadService
+from chunksvc.storage import Storage, open_storage
+from tests.conftest import TEST_LIMITS
+from tests.helpers import complete, create, payload, put_part, sha, split
+from tests.storage_fixtures import make_s3_spec, s3_admin
+
+ROOT = Path(__file__).resolve().parents[1]
+PART = 1024
+OLD = 2 * 3600  # seconds: older than the grace period the tests give (one hour)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def query(database_url: str, statement: str, params: tuple = ()) -> list[tuple]:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        cursor = conn.execute(statement, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def status(database_url: str, session_id) -> str:
+    return query(database_url, "SELECT status FROM upload_sessions WHERE id = %s", (session_id,))[0][0]
+
+
+def purged(database_url: str, session_id) -> bool:
+    return query(database_url, "SELECT purged_at IS NOT NULL FROM upload_sessions WHERE id = %s", (session_id,))[0][0]
+
+
+def part_keys(database_url: str, session_id) -> list[str]:
+    rows = query(
+        database_url, "SELECT storage_key FROM upload_parts WHERE session_id = %s ORDER BY part_number", (session_id,)
+    )
+    return [row[0] for row in rows]
+
+
+def make_overdue(database_url: str, session_id) -> None:
+    query(database_url, "UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s",
+          (session_id,))
+
+
+def force_status(database_url: str, session_id, new_status: str, age: str = "0 seconds") -> None:
+    """Set a status as a dead worker or a failed cleanup leaves it (``purged_at`` stays unset)."""
+    query(
+        database_url,
+        "UPDATE upload_sessions SET status = %s, updated_at = now() - %s::interval WHERE id = %s",
+        (new_status, age, session_id),
+    )
+
+
+def stall_completion(database_url: str, session_id) -> None:
+    """COMPLETING for an hour, with no assembler holding the completion lock: it died."""
+    force_status(database_url, session_id, "COMPLETING", "1 hour")
+
+
+def uploaded(app: webtest.TestApp, auth: dict, parts: int = 2, seed: int = 0) -> tuple[str, bytes]:
+    """A session with every part uploaded (and its SHA-256 announced); ``(id, data)``."""
+    data = payload(parts * PART - 100, seed)
+    session_id = create(app, auth, size=len(data), part_size=PART, sha256=sha(data)).json["id"]
+    for number, chunk in enumerate(split(data, PART), start=1):
+        put_part(app, auth, session_id, number, chunk)
+    return session_id, data
+
+
+def stored(storage: Storage, prefix: str = "") -> list[str]:
+    return sorted(listed.key for listed in storage.list_keys(prefix))
+
+
+def write(storage: Storage, key: str, data: bytes = b"stray bytes") -> None:
+    storage.write(key, io.BytesIO(data), len(data), 4096)
+
+
+def read(storage: Storage, key: str) -> bytes:
+    with storage.open(key) as stored_object:
+        return stored_object.read()
+
+
+def leave_unfinished_write(spec: StorageSpec, key: str) -> None:
+    """What a writer killed mid-write leaves: a temporary file, or an unfinished multipart upload."""
+    if spec.kind == "file":
+        (spec.root / ".incoming" / uuid.uuid4().hex).write_bytes(b"half a part")
+    else:
+        s3 = s3_admin(spec)
+        upload_id = s3.create_multipart_upload(Bucket=spec.bucket, Key=key)["UploadId"]
+        s3.upload_part(Bucket=spec.bucket, Key=key, UploadId=upload_id, PartNumber=1, Body=b"half a part")
+
+
+def unfinished_writes(spec: StorageSpec) -> list[str]:
+    if spec.kind == "file":
+        return sorted(path.name for path in (spec.root / ".incoming").iterdir())
+    uploads = s3_admin(spec).list_multipart_uploads(Bucket=spec.bucket).get("Uploads", [])
+    return sorted(upload["Key"] for upload in uploads)
+
+
+def backdate_files(spec: StorageSpec, keys: list[str], seconds: int = OLD) -> None:
+    """On disk, make stored keys and unfinished writes look ``seconds`` old (S3 dates cannot be set)."""
+    then = time.time() - seconds
+    for path in [spec.root / key for key in keys] + list((spec.root / ".incoming").iterdir()):
+        os.utime(path, (then, then))
+
+
+def done(result: ReapResult) -> dict[str, int]:
+    """The non-zero counts of a run, errors included."""
+    return {name: count for name, count in {**result.work(), "errors": result.errors}.items() if count}
+
+
+def new_reaper(db: Database, storage: Storage, **settings) -> Reaper:
+    uploads = UploadService(db, storage, TEST_LIMITS, 64 * 1024)
+    return Reaper(db, storage, uploads, ReaperSettings(**settings))
+
+
+@pytest.fixture
+def reap(db, storage):
+    """One reaper run on the test database and storage."""
+    return lambda **settings: new_reaper(db, storage, **settings).run()
+
+
+# --- expiry -----------------------------------------------------------------------------------
+
+
+def test_expire_stores_expired_on_overdue_open_sessions_only(app, auth, reap, database_url, storage):
+    fresh = create(app, auth, size=10).json["id"]
+    overdue_init = create(app, auth, size=10).json["id"]
+    overdue_started, _ = uploaded(app, auth)
+    overdue_aborted = create(app, auth, size=10).json["id"]
+    app.delete(f"/uploads/sessions/{overdue_aborted}", headers=auth, status=204)
+    for session_id in (overdue_init, overdue_started, overdue_aborted):
+        make_overdue(database_url, session_id)
+
+    result = reap()
+
+    # The two newly EXPIRED sessions are purged in the same run; the abort purged its own.
+    assert done(result) == {"expired": 2, "purged_sessions": 2}
+    assert [status(database_url, s) for s in (fresh, overdue_init, overdue_started, overdue_aborted)] == [
+        "INIT", "EXPIRED", "EXPIRED", "ABORTED"
+    ]
+    assert app.get(f"/uploads/sessions/{overdue_started}", headers=auth).json["status"] == "EXPIRED"
+    assert stored(storage) == []
+    assert done(reap()) == {}
+
+
+def test_a_session_locked_by_a_request_is_skipped_not_waited_for(app, auth, reap, database_url):
+    session_id = create(app, auth, size=10).json["id"]
+    make_overdue(database_url, session_id)
+    outcome: list[ReapResult] = []
+    # A part upload recording its part holds the session's row lock like this.
+    with psycopg.connect(database_url) as request:
+        request.execute("SELECT 1 FROM upload_sessions WHERE id = %s FOR UPDATE", (session_id,))
+        runner = threading.Thread(target=lambda: outcome.append(reap()))
+        runner.start()
+        runner.join(timeout=120)  # only to end a hang; skipping a locked row takes no time at all
+        assert not runner.is_alive(), "the reaper waited for a row lock held by a request"
+    assert done(outcome[0]) == {}
+    assert done(reap()) == {"expired": 1, "purged_sessions": 1}
+
+
+# --- purging ----------------------------------------------------------------------------------
+
+
+def test_purge_removes_what_each_ended_session_left(app, auth, reap, database_url, storage):
+    aborted, _ = uploaded(app, auth, seed=1)
+    force_status(database_url, aborted, "ABORTED")  # the abort's own removal failed
+    expired, _ = uploaded(app, auth, seed=2)
+    force_status(database_url, expired, "EXPIRED")
+    failed, _ = uploaded(app, auth, seed=3)
+    force_status(database_url, failed, "FAILED")
+    write(storage, f"objects/{failed}")  # the object of a failed assembly, not removed
+    completed, data = uploaded(app, auth, seed=4)
+    complete(app, auth, completed)
+    write(storage, part_keys(database_url, completed)[0])  # completion died before removing its parts
+
+    result = reap()
+
+    assert done(result) == {"purged_sessions": 4}
+    assert stored(storage) == [f"objects/{completed}"]
+    assert read(storage, f"objects/{completed}") == data
+    assert all(purged(database_url, s) for s in (aborted, expired, failed, completed))
+    assert done(reap()) == {}
+
+
+def test_an_abort_that_removed_its_bytes_is_not_purged_again(app, auth, reap, database_url, storage):
+    session_id, _ = uploaded(app, auth)
+    app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=204)
+    assert purged(database_url, session_id)
+    assert done(reap()) == {}
+
+
+# --- orphans and unfinished writes ------------------------------------------------------------
+
+
+def test_orphans_are_removed_once_older_than_the_grace_period(app, auth, reap, storage):
+    live, _ = uploaded(app, auth, seed=1)  # still open: its writers may yet record keys
+    aborted = create(app, auth, size=10).json["id"]
+    app.delete(f"/uploads/sessions/{aborted}", headers=auth, status=204)
+    completed, data = uploaded(app, auth, seed=2)
+    complete(app, auth, completed)
+    assert done(reap()) == {"purged_sessions": 1}  # the completed session: now nothing is pending
+    ghost = uuid.uuid4()  # no such session
+    orphans = [
+        f"parts/{ghost}/{uuid.uuid4()}",
+        f"objects/{ghost}",
+        f"parts/{aborted}/{uuid.uuid4()}",  # a writer that outlived the abort
+        f"objects/{aborted}",  # an assembler that outlived the abort
+        f"parts/{completed}/{uuid.uuid4()}",
+    ]
+    kept = [
+        f"parts/{live}/{uuid.uuid4()}",  # the purge takes it once the session ends
+        "parts/not-a-session/x",  # not a key chunksvc makes
+    ]
+    for key in orphans + kept:
+        write(storage, key)
+    before = stored(storage)
+
+    assert done(reap(orphan_grace=3600)) == {}
+    assert stored(storage) == before
+
+    assert done(reap(orphan_grace=0)) == {"orphans_removed": len(orphans)}
+    assert stored(storage) == sorted(set(before) - set(orphans))
+    assert read(storage, f"objects/{completed}") == data
+    assert done(reap(orphan_grace=0)) == {}
+
+
+def test_unfinished_writes_are_swept_once_older_than_the_grace_period(reap, storage_spec, storage):
+    leave_unfinished_write(storage_spec, f"parts/{uuid.uuid4()}/{uuid.uuid4()}")
+    foreign = []
+    if storage_spec.kind == "s3":
+        foreign = ["backups/not-ours"]  # a multipart upload outside chunksvc's prefixes
+        leave_unfinished_write(storage_spec, foreign[0])
+    assert len(unfinished_writes(storage_spec)) == 1 + len(foreign)
+
+    if storage_spec.kind == "file":  # moto dates every multipart upload 2010-11-10: none is young there
+        assert done(reap(orphan_grace=3600)) == {}
+        assert len(unfinished_writes(storage_spec)) == 1
+
+    assert done(reap(orphan_grace=0)) == {"incomplete_swept": 1}
+    assert unfinished_writes(storage_spec) == foreign
+
+
+# --- completions ------------------------------------------------------------------------------
+
+
+def test_a_completion_whose_assembler_died_is_driven_to_the_end(app, auth, reap, db, database_url, storage):
+    stuck, data = uploaded(app, auth, parts=3, seed=1)
+    stall_completion(database_url, stuck)
+    recent, _ = uploaded(app, auth, seed=2)
+    force_status(database_url, recent, "COMPLETING")  # within the lease: its client may retry itself
+    busy, _ = uploaded(app, auth, seed=3)
+    stall_completion(database_url, busy)
+
+    with db.connection() as assembler:  # a live assembler holds the completion lock
+        assert dao.try_completion_lock(assembler, busy)
+        try:
+            result = reap()
+        finally:
+            dao.release_completion_lock(assembler, busy)
+
+    assert done(result) == {"completions_redriven": 1, "purged_sessions": 1}
+    session = app.get(f"/uploads/sessions/{stuck}", headers=auth).json
+    assert session["status"] == "COMPLETED"
+    assert (session["object"]["size"], session["object"]["sha256"]) == (len(data), sha(data))
+    assert read(storage, session["object"]["key"]) == data
+    assert stored(storage, f"parts/{stuck}/") == []
+    assert (status(database_url, recent), status(database_url, busy)) == ("COMPLETING", "COMPLETING")
+
+
+def test_a_stuck_completion_whose_part_bytes_are_gone_fails(app, auth, reap, database_url, storage):
+    stuck, _ = uploaded(app, auth, parts=3)
+    stall_completion(database_url, stuck)
+    storage.delete([part_keys(database_url, stuck)[1]])
+
+    assert done(reap()) == {"completions_failed": 1, "purged_sessions": 1}
+    assert app.get(f"/uploads/sessions/{stuck}", headers=auth).json["status"] == "FAILED"
+    assert stored(storage) == []
+
+
+# --- dry run ----------------------------------------------------------------------------------
+
+
+def test_dry_run_reports_and_changes_nothing(app, auth, reap, database_url, storage_spec, storage):
+    overdue, _ = uploaded(app, auth, seed=1)
+    make_overdue(database_url, overdue)
+    aborted, _ = uploaded(app, auth, seed=2)
+    force_status(database_url, aborted, "ABORTED")
+    stuck, _ = uploaded(app, auth, seed=3)
+    stall_completion(database_url, stuck)
+    write(storage, f"parts/{uuid.uuid4()}/{uuid.uuid4()}")
+    leave_unfinished_write(storage_spec, f"parts/{uuid.uuid4()}/{uuid.uuid4()}")
+
+    def snapshot():
+        sessions = query(database_url, "SELECT id, status, updated_at, purged_at FROM upload_sessions ORDER BY id")
+        return sessions, stored(storage), unfinished_writes(storage_spec)
+
+    before = snapshot()
+    dry = reap(orphan_grace=0, dry_run=True)
+
+    # Each phase is counted against the present state: the sessions this run would expire or
+    # complete are not counted again as purged.
+    assert done(dry) == {
+        "expired": 1, "purged_sessions": 1, "orphans_removed": 1, "incomplete_swept": 1, "completions_redriven": 1
+    }
+    assert dry.summary().startswith("reap (dry run, nothing changed): would have 1 expired, 1 sessions purged")
+    assert snapshot() == before
+
+    assert done(reap(orphan_grace=0)) == {
+        "expired": 1, "purged_sessions": 3, "orphans_removed": 1, "incomplete_swept": 1, "completions_redriven": 1
+    }
+
+
+# --- several reapers --------------------------------------------------------------------------
+
+
+def test_two_reapers_at_once_do_each_piece_of_work_once(app, auth, db, database_url, storage_spec, storage):
+    expiring = [uploaded(app, auth, parts=1, seed=i)[0] for i in range(24)]
+    for session_id in expiring:
+        make_overdue(database_url, session_id)
+    aborted = [uploaded(app, auth, parts=1, seed=100 + i)[0] for i in range(8)]
+    for session_id in aborted:
+        force_status(database_url, session_id, "ABORTED")
+    stuck = [uploaded(app, auth, parts=2, seed=200 + i) for i in range(4)]
+    for session_id, _ in stuck:
+        stall_completion(database_url, session_id)
+    ghosts = [f"parts/{uuid.uuid4()}/{uuid.uuid4()}" for _ in range(10)]
+    for key in ghosts:
+        write(storage, key)
+    for _ in range(5):
+        leave_unfinished_write(storage_spec, f"parts/{uuid.uuid4()}/{uuid.uuid4()}")
+    if storage_spec.kind == "file":
+        # On disk the re-driven assemblies write through .incoming while the other reaper sweeps
+        # it: the leftovers are made old and the grace period keeps the live writes safe.
+        backdate_files(storage_spec, ghosts)
+        grace = 3600
+    else:
+        grace = 0  # small assemblies on S3 are single PUTs: no multipart upload to sweep by mistake
+
+    barrier = threading.Barrier(2)
+
+    def one_reaper(_: int) -> ReapResult:
+        db = Database(database_url, max_size=4)
+        own_storage = open_storage(storage_spec)
+        try:
+            reaper = new_reaper(db, own_storage, batch_size=3, orphan_grace=grace)
+            barrier.wait()
+            return reaper.run()
+        finally:
+            own_storage.close()
+            db.close()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(one_reaper, range(2)))
+
+    totals = {name: sum(done(result).get(name, 0) for result in results) for name in ("errors", *results[0].work())}
+    assert totals == {
+        "errors": 0,
+        "expired": 24,
+        "purged_sessions": 24 + 8 + 4,  # the re-driven sessions are purged after completing
+        "orphans_removed": 10,
+        "incomplete_swept": 5,
+        "completions_redriven": 4,
+        "completions_failed": 0,
+    }, [result.summary() for result in results]
+    assert stored(storage, "parts/") == []
+    assert stored(storage, "objects/") == sorted(f"objects/{session_id}" for session_id, _ in stuck)
+    assert all(read(storage, f"objects/{session_id}") == data for session_id, data in stuck)
+    assert unfinished_writes(storage_spec) == []
+    assert query(
+        database_url,
+        "SELECT count(*) FILTER (WHERE status IN ('INIT', 'IN_PROGRESS', 'COMPLETING')),"
+        " count(*) FILTER (WHERE purged_at IS NULL) FROM upload_sessions",
+    ) == [(0, 0)]
+    assert done(new_reaper(db, storage, orphan_grace=grace).run()) == {}
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+
+def test_storage_failures_are_counted_and_left_for_the_next_run(db, database_url, keys):
+    dead = make_s3_spec(f"127.0.0.1:{free_port()}", create=False)  # nothing listens there
+    storage = open_storage(dead)
+    uploads = UploadService(db, storage, TEST_LIMITS, 64 * 1024)
+    client = Authenticator(db).authenticate(f"Bearer {keys.create('alice')[0]}")
+    session, _ = uploads.create_session(client, {"filename": "f.bin", "size": 10}, None)
+    force_status(database_url, session.id, "ABORTED")
+
+    result = Reaper(db, storage, uploads, ReaperSettings(orphan_grace=0)).run()
+
+    # The session's purge, the orphan sweep and the unfinished-write sweep each failed.
+    assert done(result) == {"errors": 3}
+    assert result.summary().endswith(", 3 errors")
+    assert not purged(database_url, session.id)
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def run_reap(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chunksvc", "reap", *args],
+        cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.fixture
+def file_app(database_url, db, file_spec):
+    storage = open_storage(file_spec)
+    config = Config(database_url=database_url, storage=file_spec, limits=TEST_LIMITS, block_size=64 * 1024)
+    yield webtest.TestApp(create_app(config, db=db, storage=storage)), storage
+    storage.close()
+
+
+def test_cli_prints_one_line_and_exits_0_when_all_was_cleaned(file_app, auth, database_url, file_spec):
+    app, storage = file_app
+    session_id, _ = uploaded(app, auth)
+    make_overdue(database_url, session_id)
+    write(storage, f"parts/{uuid.uuid4()}/{uuid.uuid4()}")
+    env = {"DATABASE_URL": database_url, "CHUNKSVC_STORAGE_URL": f"file://{file_spec.root}"}
+
+    dry = run_reap(env, "--dry-run", "--orphan-grace", "0")
+    assert (dry.returncode, dry.stdout) == (0, (
+        "reap (dry run, nothing changed): would have 1 expired, 0 sessions purged, 1 orphans removed,"
+        " 0 incomplete writes swept, 0 completions re-driven, 0 completions failed, 0 errors\n"
+    )), dry.stderr
+    assert status(database_url, session_id) == "IN_PROGRESS"
+
+    real = run_reap(env, "--orphan-grace", "0", "--batch-size", "1", "--completing-lease", "60")
+    assert (real.returncode, real.stdout) == (0, (
+        "reap: 1 expired, 1 sessions purged, 1 orphans removed, 0 incomplete writes swept,"
+        " 0 completions re-driven, 0 completions failed, 0 errors\n"
+    )), real.stderr
+    assert stored(storage) == []
+    assert status(database_url, session_id) == "EXPIRED"
+
+    assert run_reap(env, "--batch-size", "0").returncode == 2  # refused by the argument parser
+
+
+def test_cli_exits_1_when_something_could_not_be_cleaned(database_url):
+    port = free_port()  # nothing listens there
+    env = {"DATABASE_URL": database_url, "CHUNKSVC_STORAGE_URL": f"s3+http://key:top-secret@127.0.0.1:{port}/chunks"}
+
+    result = run_reap(env)
+
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.startswith("reap: 0 expired") and result.stdout.endswith(", 2 errors\n")  # the sweeps
+    assert "unreachable" in result.stderr
+    assert "top-secret" not in result.stdout + result.stderr
+
+
+# --- a worker killed mid-upload ----------------------------------------------------------------
+
+
+def child_pids(parent: int) -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                # After the parenthesised command name come the state and the parent pid.
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                    pids.add(int(entry.name))
+    return pids
+
+
+def has_open(pid: int, path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    return False
+
+
+def wait_for(what, describe: str, timeout: float = 60):
+    """Poll until ``what()`` is truthy (an event in another process, not a speed requirement)."""
+    deadline = time.monotonic() + timeout
+    while not (value := what()):
+        assert time.monotonic() < deadline, f"gave up waiting for {describe}"
+        time.sleep(0.05)
+    return value
+
+
+@pytest.fixture
+def server(database_url, db, tmp_path):
+    """gunicorn as ops run it, one worker, file storage, writing in 4 KiB blocks."""
+    root = tmp_path / "storage"
+    port = free_port()
+    env = dict(
+        os.environ,
+        DATABASE_URL=database_url,
+        CHUNKSVC_STORAGE_URL=f"file://{root}",
+        CHUNKSVC_BIND=f"127.0.0.1:{port}",
+        CHUNKSVC_WORKERS="1",
+        CHUNKSVC_MIN_PART_SIZE="1",
+        CHUNKSVC_BLOCK_SIZE="4096",
+        CHUNKSVC_ACCESS_LOG="/dev/null",
+    )
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "wb") as log:  # a file, not a pipe: a pipe nobody reads would stall it
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "chunksvc.wsgi:app"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+    def serving() -> bool:
+        assert process.poll() is None, "gunicorn exited: " + log_path.read_text()[-3000:]
+        with contextlib.suppress(OSError):
+            return call({"port": port}, "GET", "/healthz")[0] == 200
+        return False
+
+    try:
+        wait_for(serving, "gunicorn to serve")
+        key = KeyManager(db).create("crash")[0]
+        yield {"process": process, "port": port, "key": key, "root": root, "serving": serving}
+    finally:
+        process.send_signal(signal.SIGQUIT)  # quick shutdown: the test is over
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def call(server, method: str, path: str, body: dict | None = None) -> tuple[int, dict | None]:
+    conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
+    headers = {"Authorization": f"Bearer {server['key']}"} if "key" in server else {}
+    try:
+        conn.request(method, path, body=None if body is None else json.dumps(body),
+                     headers={**headers, "Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+    finally:
+        conn.close()
+    is_json = response.getheader("Content-Type", "").startswith(("application/json", "application/problem+json"))
+    return response.status, (json.loads(data) if is_json else None)
+
+
+def test_a_worker_killed_mid_upload_leaves_bytes_the_reaper_removes(server, db):
+    status_code, session = call(server, "POST", "/uploads/sessions",
+                                {"filename": "c.bin", "size": 1_000_000, "part_size": 500_000})
+    assert status_code == 201
+    incoming = server["root"] / ".incoming"
+
+    with socket.create_connection(("127.0.0.1", server["port"])) as sock:
+        sock.sendall(
+            f"PUT /uploads/sessions/{session['id']}/parts/1 HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {server['key']}\r\nContent-Length: 500000\r\n\r\n".encode()
+        )
+        sock.sendall(payload(200_000))  # then nothing more: the worker waits for the rest
+        [temp] = wait_for(lambda: [p for p in incoming.iterdir() if p.stat().st_size > 0], "the part's first bytes")
+        [worker] = [pid for pid in child_pids(server["process"].pid) if has_open(pid, temp)]
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: worker not in child_pids(server["process"].pid), "the master to reap the killed worker")
+
+    assert temp.exists()  # the killed worker could not clean up after itself
+    wait_for(server["serving"], "the replacement worker to serve")
+
+    storage = open_storage(StorageSpec(kind="file", root=server["root"]))
+    result = new_reaper(db, storage, orphan_grace=0).run()
+
+    assert done(result) == {"incomplete_swept": 1}
+    assert [path for path in server["root"].rglob("*") if path.is_file()] == []
+    status_code, parts = call(server, "GET", f"/uploads/sessions/{session['id']}/parts")
+    assert (status_code, parts["parts"]) == (200, [])
+    status_code, state = call(server, "GET", f"/uploads/sessions/{session['id']}")
+    assert (status_code, state["status"], state["received_parts"], state["received_bytes"]) == (200, "INIT", 0, 0)
