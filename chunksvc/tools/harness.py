@@ -1,0 +1,192 @@
+"""Start chunksvc the way ops do, on throwaway dependencies, for the bench, the load test and tests.
+
+An embedded PostgreSQL (migrated, with an API key), an S3 server (moto, in a child process so its
+CPU and memory are not ours) and gunicorn with ``gunicorn.conf.py`` and ``chunksvc.wsgi:app``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO
+
+from chunksvc import embedded, migrations
+from chunksvc.config import StorageSpec
+from chunksvc.db import Database
+from chunksvc.services.auth import KeyManager
+
+S3_ACCESS_KEY = "bench-access-key"
+S3_SECRET_KEY = "bench-secret-key"
+
+# moto's server with werkzeug's per-request log lines silenced; it stops when stdin closes.
+_MOTO_CHILD = """
+import logging, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+server = ThreadedMotoServer("127.0.0.1", 0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def embedded_database(work_dir: Path) -> Iterator[str]:
+    """A migrated database on a PostgreSQL of its own under ``work_dir``; yields its URL."""
+    server = embedded.start(work_dir / "pgdata", cleanup_mode="delete")
+    try:
+        url = embedded.ensure_database(server.get_uri(), embedded.DATABASE)
+        migrations.migrate(url)
+        yield url
+    finally:
+        server.cleanup()
+
+
+def create_api_key(database_url: str, client_name: str) -> str:
+    db = Database(database_url, min_size=1, max_size=1)
+    try:
+        return KeyManager(db).create(client_name)[0]
+    finally:
+        db.close()
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[str]:
+    """An S3 server (moto) in a child process; yields its endpoint ``127.0.0.1:PORT``."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _MOTO_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        port = child.stdout.readline().strip()
+        if not port.isdigit():
+            raise RuntimeError(f"the moto S3 server did not start (exit code {child.poll()})")
+        yield f"127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(OSError):
+            child.stdin.close()  # type: ignore[union-attr]
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def s3_spec(endpoint: str, bucket: str | None = None) -> StorageSpec:
+    """A fresh bucket on ``endpoint`` (plain http), created now."""
+    from chunksvc.storage.s3 import S3Storage  # only S3 runs need minio
+
+    spec = StorageSpec(
+        kind="s3",
+        endpoint=endpoint,
+        access_key=S3_ACCESS_KEY,
+        secret_key=S3_SECRET_KEY,
+        bucket=bucket or f"bench-{uuid.uuid4().hex[:16]}",
+        secure=False,
+    )
+    storage = S3Storage(spec)
+    try:
+        storage.ensure_bucket()
+    finally:
+        storage.close()
+    return spec
+
+
+def storage_url(spec: StorageSpec) -> str:
+    if spec.kind == "file":
+        return f"file://{spec.root}"
+    return f"s3+http://{spec.access_key}:{spec.secret_key}@{spec.endpoint}/{spec.bucket}"
+
+
+@dataclasses.dataclass
+class Server:
+    """A running gunicorn master and how to reach it."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def worker_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in children.read_text().split()]
+
+
+@contextlib.contextmanager
+def gunicorn(
+    database_url: str,
+    storage: StorageSpec,
+    *,
+    config: Path = Path("gunicorn.conf.py"),
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Iterator[Server]:
+    """gunicorn ``-c config chunksvc.wsgi:app`` on a free port; ``env`` adds CHUNKSVC_* settings.
+
+    Its stderr goes to a temporary file (a pipe nobody reads would fill up and stall it), whose
+    end is shown if it fails to start.
+    """
+    port = free_port()
+    if storage.kind == "file" and storage.root is not None:
+        storage.root.mkdir(parents=True, exist_ok=True)
+    child_env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "CHUNKSVC_STORAGE_URL": storage_url(storage),
+        "CHUNKSVC_BIND": f"127.0.0.1:{port}",
+        **(env or {}),
+    }
+    executable = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or "gunicorn"
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(
+            [executable, "-c", str(config), "chunksvc.wsgi:app"],
+            env=child_env,
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            _wait_until_serving(process, port, stderr)
+            yield Server(process, port)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_until_serving(process: subprocess.Popen[bytes], port: int, stderr: IO[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                stderr.seek(0)
+                log = stderr.read().decode(errors="replace")
+                raise RuntimeError(f"gunicorn did not start:\n{log[-2000:]}") from None
+            time.sleep(0.1)

@@ -1,0 +1,283 @@
+"""Load test for a chunksvc deployment: ``make loadtest`` (``python -m chunksvc.tools.loadtest``).
+
+N virtual clients (locust users) each upload files of a given size in parts: create a session,
+PUT the parts (``--parallel`` at once per file, ``--retries`` on connection errors and 5xx,
+and with ``--conflict-rate`` a deliberate second PUT of an accepted part with other bytes,
+which must answer 409 ``part_conflict``), then complete it and check the object's SHA-256.
+Bounded by ``--run-time`` and ``--max-files``. Prints throughput, latency percentiles per
+endpoint and error counts by the contract's ``code``.
+
+Target and key come from ``CHUNKSVC_URL`` and ``CHUNKSVC_API_KEY`` (or ``--url``/``--api-key``).
+Without a URL it starts chunksvc locally (embedded PostgreSQL, disk storage, gunicorn with
+``gunicorn.conf.py``) and runs a short smoke load against it.
+
+For locust's own command line (web UI, distributed runs) see ``chunksvc/tools/locustfile.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+SESSIONS = "POST /uploads/sessions"
+PART = "PUT /uploads/sessions/[id]/parts/[n]"
+CONFLICT = "PUT /uploads/sessions/[id]/parts/[n] (deliberate conflict)"
+COMPLETE = "POST /uploads/sessions/[id]/complete"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    file_size: int = 12 * MiB
+    part_size: int = 5 * MiB
+    parallel: int = 2
+    retries: int = 2
+    conflict_rate: float = 0.0
+    max_files: int = 0  # 0: no limit but the run time
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        defaults = cls()
+        return cls(
+            file_size=int(env.get("CHUNKSVC_LOADTEST_FILE_SIZE", defaults.file_size)),
+            part_size=int(env.get("CHUNKSVC_LOADTEST_PART_SIZE", defaults.part_size)),
+            parallel=int(env.get("CHUNKSVC_LOADTEST_PARALLEL", defaults.parallel)),
+            retries=int(env.get("CHUNKSVC_LOADTEST_RETRIES", defaults.retries)),
+            conflict_rate=float(env.get("CHUNKSVC_LOADTEST_CONFLICT_RATE", defaults.conflict_rate)),
+            max_files=int(env.get("CHUNKSVC_LOADTEST_MAX_FILES", defaults.max_files)),
+        )
+
+
+def problem_code(status: int, body: bytes | None) -> str:
+    """The contract's ``code`` of an error answer, or what stands in for it."""
+    if not status:
+        return "connection_error"
+    try:
+        return str(json.loads(body or b"")["code"])
+    except (ValueError, KeyError, TypeError):
+        return f"http_{status}"
+
+
+def make_user(settings: Settings, api_key: str) -> type:
+    """A locust user class that uploads files as ``settings`` says.
+
+    Its ``totals`` (files started, part bytes accepted) are shared by all its users.
+    """
+    import gevent.pool
+    from locust import constant, task
+    from locust.contrib.fasthttp import FastHttpUser
+    from locust.exception import StopUser
+
+    total_parts = -(-settings.file_size // settings.part_size)
+
+    class UploadUser(FastHttpUser):
+        wait_time = constant(0)
+        concurrency = max(1, settings.parallel)
+        network_timeout = 300.0
+        connection_timeout = 30.0
+        totals = {"files": 0, "bytes": 0}  # users are greenlets of one thread: no lock needed
+
+        def on_start(self) -> None:
+            self.headers = {"Authorization": f"Bearer {api_key}"}
+            self.template = bytearray(os.urandom(settings.part_size))
+            self.user_tag = os.urandom(8)
+
+        def part_bytes(self, file_number: int, part: int) -> bytes:
+            """Part ``part`` of file ``file_number``: distinct bytes for every part of every file."""
+            length = min(settings.part_size, settings.file_size - (part - 1) * settings.part_size)
+            self.template[:24] = self.user_tag + file_number.to_bytes(8, "big") + part.to_bytes(8, "big")
+            return bytes(self.template[:length])
+
+        @task
+        def upload_file(self) -> None:
+            if settings.max_files and self.totals["files"] >= settings.max_files:
+                raise StopUser()
+            self.totals["files"] += 1
+            file_number = self.totals["files"]
+            digest = hashlib.sha256()
+            for part in range(1, total_parts + 1):
+                digest.update(self.part_bytes(file_number, part))
+
+            body = {"filename": f"load-{file_number}.bin", "size": settings.file_size, "part_size": settings.part_size}
+            _, session = self.call("POST", "/uploads/sessions", SESSIONS, {201}, json=body)
+            if session is None:
+                return
+            pool = gevent.pool.Pool(max(1, settings.parallel))
+            parts = range(1, total_parts + 1)
+            if not all(pool.map(lambda part: self.put_part(session["id"], file_number, part), parts)):
+                return
+            _, done = self.call("POST", f"/uploads/sessions/{session['id']}/complete", COMPLETE, {200}, json={})
+            if done is not None and done["object"]["sha256"] != digest.hexdigest():
+                self.environment.events.request.fire(
+                    request_type="CHECK",
+                    name="assembled object SHA-256",
+                    response_time=0,
+                    response_length=0,
+                    exception=AssertionError("the assembled object's SHA-256 differs from the file's"),
+                )
+
+        def put_part(self, session_id: str, file_number: int, part: int) -> bool:
+            data = self.part_bytes(file_number, part)
+            path = f"/uploads/sessions/{session_id}/parts/{part}"
+            for attempt in range(settings.retries + 1):
+                retry_left = attempt < settings.retries
+                status, answer = self.call("PUT", path, PART, {200, 201}, retry_left=retry_left, data=data)
+                if answer is not None:
+                    break
+                if not (retry_left and (status == 0 or status >= 500)):
+                    return False
+            self.totals["bytes"] += len(data)
+            if settings.conflict_rate and random.random() < settings.conflict_rate:
+                other = data[:-1] + bytes([data[-1] ^ 0xFF])
+                self.call("PUT", path, CONFLICT, {409}, expect_code="part_conflict", data=other)
+            return True
+
+        def call(
+            self,
+            method: str,
+            path: str,
+            name: str,
+            ok: set[int],
+            *,
+            expect_code: str | None = None,
+            retry_left: bool = False,
+            **kwargs: object,
+        ) -> tuple[int, dict | None]:
+            """One request, recorded under ``name``: its status, and its JSON answer if ``ok``."""
+            with self.client.request(
+                method, path, name=name, headers=self.headers, catch_response=True, **kwargs
+            ) as response:
+                status = response.status_code or 0
+                code = problem_code(status, response.content)
+                if status in ok and (expect_code is None or code == expect_code):
+                    response.success()
+                    return status, (json.loads(response.content) if response.content else {})
+                retried = retry_left and (status == 0 or status >= 500)
+                response.failure(f"{code} (retried)" if retried else code)
+                return status, None
+
+    return UploadUser
+
+
+def run_load(url: str, api_key: str, settings: Settings, users: int, spawn_rate: float, run_time: float) -> int:
+    """Run the load in this process; print the report; 1 if any request failed unexpectedly."""
+    import gevent
+    from locust.env import Environment
+
+    user_class = make_user(settings, api_key)
+    environment = Environment(user_classes=[user_class], host=url.rstrip("/"), stop_timeout=60)
+    runner = environment.create_local_runner()
+    runner.start(users, spawn_rate=spawn_rate)
+    stopper = gevent.spawn_later(run_time, runner.quit)
+
+    def quit_when_all_stopped() -> None:
+        # With --max-files, every user stops by itself once the files are started.
+        while runner.user_count > 0 or runner.state in ("spawning", "ready"):
+            gevent.sleep(0.5)
+        runner.quit()
+
+    watcher = gevent.spawn(quit_when_all_stopped)
+    runner.greenlet.join()
+    stopper.kill()
+    watcher.kill()
+    return report(environment, settings, users, user_class.totals["bytes"])
+
+
+def report(environment, settings: Settings, users: int, part_bytes: int) -> int:
+    stats = environment.stats
+    elapsed = max(stats.total.last_request_timestamp - stats.total.start_time, 1e-9) if stats.total.num_requests else 0
+    parts = stats.entries.get((PART, "PUT"))
+    accepted = (parts.num_requests - parts.num_failures) if parts else 0
+    completed = stats.entries.get((COMPLETE, "POST"))
+    files = (completed.num_requests - completed.num_failures) if completed else 0
+    print(
+        f"\n{users} users, files of {settings.file_size} bytes in parts of {settings.part_size}, "
+        f"{settings.parallel} parts at once, {settings.retries} retries, conflict rate {settings.conflict_rate}"
+    )
+    print(
+        f"elapsed {elapsed:.1f} s; files completed {files}; parts accepted {accepted}; "
+        f"part throughput {part_bytes / elapsed / 1e6 if elapsed else 0:.1f} MB/s"
+    )
+    print(f"\n{'endpoint':<62} {'reqs':>7} {'fails':>6} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+    for (name, method), entry in sorted(stats.entries.items()):
+        print(
+            f"{method + ' ' + name.split(' ', 1)[-1]:<62} {entry.num_requests:>7} {entry.num_failures:>6} "
+            f"{entry.num_requests / elapsed if elapsed else 0:>7.1f} "
+            f"{entry.get_response_time_percentile(0.5):>8.0f} {entry.get_response_time_percentile(0.95):>8.0f} "
+            f"{entry.get_response_time_percentile(0.99):>8.0f}"
+        )
+    unexpected = 0
+    if stats.errors:
+        print(f"\n{'errors by code':<62} {'count':>7}")
+        for error in sorted(stats.errors.values(), key=lambda e: -e.occurrences):
+            where = f"{error.method} {error.name.split(' ', 1)[-1]}: {error.error}"
+            print(f"{where:<62} {error.occurrences:>7}")
+            if "(retried)" not in str(error.error):
+                unexpected += error.occurrences
+    else:
+        print("\nno errors")
+    return 1 if unexpected else 0
+
+
+def smoke(args: argparse.Namespace) -> int:
+    """Start chunksvc locally and run the load against it from a child process (locust patches
+    the standard library with gevent, which the local service must not be started under)."""
+    from chunksvc.config import StorageSpec
+    from chunksvc.tools import harness
+
+    with tempfile.TemporaryDirectory(prefix="chunksvc-loadtest-") as tmp, harness.embedded_database(Path(tmp)) as url:
+        key = harness.create_api_key(url, "loadtest")
+        spec = StorageSpec(kind="file", root=Path(tmp) / "storage")
+        with harness.gunicorn(url, spec, env={"CHUNKSVC_LOG_LEVEL": "warning"}) as server:
+            print(f"chunksvc started locally at {server.url} (embedded PostgreSQL, disk storage)", flush=True)
+            command = [sys.executable, "-m", "chunksvc.tools.loadtest", "--url", server.url, *sys.argv[1:]]
+            return subprocess.run(command, env={**os.environ, "CHUNKSVC_API_KEY": key}, check=False).returncode
+
+
+def size(text: str) -> int:
+    units = {"k": 1024, "m": MiB, "g": 1024 * MiB}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default=os.environ.get("CHUNKSVC_URL"), help="default $CHUNKSVC_URL; none: local")
+    parser.add_argument("--api-key", default=os.environ.get("CHUNKSVC_API_KEY"), help="default $CHUNKSVC_API_KEY")
+    parser.add_argument("--users", type=int, default=4, help="virtual clients (default 4)")
+    parser.add_argument("--spawn-rate", type=float, default=4, help="users started per second")
+    parser.add_argument("--file-size", type=size, default="12MiB", help="e.g. 12MiB, 1GiB (default 12MiB)")
+    parser.add_argument("--part-size", type=size, default="5MiB", help="default 5MiB")
+    parser.add_argument("--parallel", type=int, default=2, help="parts of one file in flight at once")
+    parser.add_argument("--retries", type=int, default=2, help="retries of a part after a 5xx or connection error")
+    parser.add_argument("--conflict-rate", type=float, default=0.1, help="share of parts PUT again with other bytes")
+    parser.add_argument("--run-time", type=float, default=20, help="seconds (default 20)")
+    parser.add_argument("--max-files", type=int, default=20, help="files in all (0: until --run-time)")
+    args = parser.parse_args(argv)
+    if not args.url:
+        return smoke(args)
+    if not args.api_key:
+        parser.error("an API key is needed: set CHUNKSVC_API_KEY or pass --api-key")
+    settings = Settings(
+        file_size=args.file_size,
+        part_size=args.part_size,
+        parallel=args.parallel,
+        retries=args.retries,
+        conflict_rate=args.conflict_rate,
+        max_files=args.max_files,
+    )
+    return run_load(args.url, args.api_key, settings, args.users, args.spawn_rate, args.run_time)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
