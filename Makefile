@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint migrate api-key keys clean
+.PHONY: install run test lint migrate api-key keys reap bench loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes.
 $(INSTALLED): setup.cfg pyproject.toml
@@ -14,6 +14,12 @@ $(INSTALLED): setup.cfg pyproject.toml
 	touch $@
 
 install: $(INSTALLED)
+
+# The measuring tools' extras (locust, py-spy) on top of the test install.
+BENCH_INSTALLED := $(VENV)/.bench-installed
+$(BENCH_INSTALLED): $(INSTALLED)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
 
 ## Serve on the embedded defaults (PostgreSQL and disk storage under ./var) unless
 ## DATABASE_URL / CHUNKSVC_STORAGE_URL are set.
@@ -36,6 +42,19 @@ api-key: $(INSTALLED)
 
 keys: $(INSTALLED)
 	$(BIN)/python -m chunksvc keys list
+
+## make reap [ARGS="--dry-run --orphan-grace 3600"]: one cleanup pass (cron: */5 * * * *).
+reap: $(INSTALLED)
+	$(BIN)/python -m chunksvc reap $(ARGS)
+
+## make bench [ARGS="--backends file --rounds 7"]: the part path's figures, a few minutes (README, Performance).
+bench: $(BENCH_INSTALLED)
+	$(BIN)/python -m chunksvc.tools.bench $(ARGS)
+
+## make loadtest: a short smoke load on a chunksvc started locally. Against a deployment:
+## CHUNKSVC_URL=https://host CHUNKSVC_API_KEY=csk_... make loadtest ARGS="--users 50 --run-time 300 --max-files 0"
+loadtest: $(BENCH_INSTALLED)
+	$(BIN)/python -m chunksvc.tools.loadtest $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

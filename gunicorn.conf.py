@@ -5,6 +5,12 @@ Every value can be overridden from the environment (CHUNKSVC_*), see the README.
 
 import multiprocessing
 import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from chunksvc.logs import logging_config
 
 
 def _env_int(name: str, default: int) -> int:
@@ -13,14 +19,26 @@ def _env_int(name: str, default: int) -> int:
 
 bind = os.environ.get("CHUNKSVC_BIND", "127.0.0.1:8000")
 
-# gthread: a part upload spends its time in socket reads, hashing and storage writes, which
-# release the GIL, so a few threads per worker overlap them; processes use the other cores.
+# gthread, cores+1 processes of 8 threads. A part upload spends its time in socket reads, hashing
+# and storage writes, which release the GIL, so threads overlap them; and a sync worker is held by
+# one body for as long as its client takes to send it, so a few slow clients stall everything else.
+# Measured with `python -m chunksvc.tools.bench_workers --rounds 5 --config sync:3:1
+# --config gthread:3:4 --config gthread:3:8` (2 CPUs, shared and noisy; 8 MiB parts on disk storage;
+# median of 5 rounds; healthz = GET /healthz latency while the parts stream):
+#   clients          sync 3x1                  gthread 3x4               gthread 3x8
+#   4 fast           234 MB/s, healthz 51 ms   214 MB/s, healthz 4 ms    509 MB/s, healthz 3 ms
+#   16 fast          295 MB/s, healthz 252 ms  249 MB/s, healthz 10 ms   595 MB/s, healthz 8 ms
+#   6 at 8 MB/s      47 MB/s, healthz 1030 ms  48 MB/s, healthz 1.2 ms   48 MB/s, healthz 1.5 ms
+# (An earlier, noisier run: sync with 5 workers, healthz 252 ms with 16 clients and up to 1 s with
+# 6 slow ones.) 8 threads also match the default pool of 8 connections per worker (CHUNKSVC_DB_POOL_MAX).
 worker_class = os.environ.get("CHUNKSVC_WORKER_CLASS", "gthread")
 workers = _env_int("CHUNKSVC_WORKERS", multiprocessing.cpu_count() + 1)
-threads = _env_int("CHUNKSVC_THREADS", 4)
+threads = _env_int("CHUNKSVC_THREADS", 8)
 
-# A part of several hundred MiB over a slow link takes minutes; the worker is not stuck.
-timeout = _env_int("CHUNKSVC_WORKER_TIMEOUT", 300)
+# A gthread worker reports to the master from its main loop, whatever its threads are doing, so the
+# timeout only catches a wedged process and can stay short. A sync worker reports only between
+# requests: its timeout must outlast the longest part upload or assembly, or the master kills it.
+timeout = _env_int("CHUNKSVC_WORKER_TIMEOUT", 30 if worker_class == "gthread" else 900)
 graceful_timeout = _env_int("CHUNKSVC_GRACEFUL_TIMEOUT", 60)
 keepalive = _env_int("CHUNKSVC_KEEPALIVE", 15)
 
@@ -33,9 +51,70 @@ limit_request_line = 4094
 limit_request_fields = 64
 limit_request_field_size = 8190
 
+# gunicorn's control socket (for gunicornc) defaults to one path per user, which every server that
+# user runs would share; it is opened only when asked for, at a path of its own.
+if os.environ.get("CHUNKSVC_CONTROL_SOCKET"):
+    control_socket = os.environ["CHUNKSVC_CONTROL_SOCKET"]
+else:
+    control_socket_disable = True
+
 # Behind the reverse proxy: trust X-Forwarded-* only from it.
 forwarded_allow_ips = os.environ.get("CHUNKSVC_FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
 
-accesslog = os.environ.get("CHUNKSVC_ACCESS_LOG", "-")
-errorlog = "-"
+# JSON logs (chunksvc.logs): gunicorn's error log and the application's logs on stderr; one access
+# line per request, written by the application (it knows the route, client, session, part and
+# request id, which gunicorn's access log cannot), on stdout or in CHUNKSVC_ACCESS_LOG ("" for none).
+# gunicorn's own access log is therefore off. Requests gunicorn refuses before the application
+# sees them (oversized request line or headers) appear in the error log instead.
 loglevel = os.environ.get("CHUNKSVC_LOG_LEVEL", "info")
+errorlog = "-"
+accesslog = None
+logconfig_dict = logging_config(loglevel, os.environ.get("CHUNKSVC_ACCESS_LOG", "-"))
+
+# Metrics: each worker keeps its values in files of this directory and /metrics merges them all
+# (prometheus_client multiprocess mode). prometheus_client reads the variable when first imported,
+# so it is set here, in the master, before any worker imports the application. The default is one
+# directory per master, so two servers on one host never mix (or wipe) each other's values.
+_DEFAULT_METRICS_DIR = os.path.join(tempfile.gettempdir(), f"chunksvc-metrics-{os.getpid()}")
+metrics_dir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", _DEFAULT_METRICS_DIR)
+
+
+def on_starting(server):
+    """Start from zero: no values left by an earlier server (a reused pid, a configured directory)."""
+    directory = Path(metrics_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+
+
+def post_worker_init(worker):
+    """Open this worker's own connection pool (a pool must never cross a fork), so that its
+    connections are being made before the first request needs one.
+
+    Not post_fork: without preload_app the application is not imported yet there, and importing
+    it there would run before the worker installs its signal handlers (a SIGTERM during boot was
+    lost and shutdown waited the whole graceful_timeout) and before it switches user and applies
+    raw_env. This hook runs in the worker right after gunicorn loaded chunksvc.wsgi:app.
+    """
+    from chunksvc import wsgi
+
+    wsgi.db.open()
+
+
+def worker_exit(server, worker):
+    """Close the pool on the way out, so PostgreSQL sees the connections end rather than drop."""
+    wsgi = sys.modules.get("chunksvc.wsgi")
+    if wsgi is not None:
+        wsgi.db.close()
+
+
+def child_exit(server, worker):
+    """Drop the dead worker's gauges (its counters and histograms stay in the totals)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, metrics_dir)
+
+
+def on_exit(server):
+    if metrics_dir == _DEFAULT_METRICS_DIR:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

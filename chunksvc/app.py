@@ -6,33 +6,51 @@ No module-level state: tests build as many independent apps as they like.
 from __future__ import annotations
 
 import falcon
+from falcon.routing import CompiledRouter
 
 from chunksvc.config import Config
 from chunksvc.db import Database
 from chunksvc.errors import ConfigError
-from chunksvc.resources import health, problems, uploads
+from chunksvc.metrics import Metrics
+from chunksvc.resources import health, openapi, problems, uploads
 from chunksvc.resources.middleware import BearerAuth, RequestId
+from chunksvc.resources.observability import MetricsResource, RequestTelemetry
 from chunksvc.services.auth import Authenticator
 from chunksvc.services.health import HealthService
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import Storage, open_storage
 
 
-def create_app(config: Config, *, db: Database | None = None, storage: Storage | None = None) -> falcon.App:
-    """The WSGI application. ``db``/``storage`` may be passed in to share them (tests, CLI)."""
+def build_database(config: Config) -> Database:
+    """The connection pool (not opened yet: each gunicorn worker opens its own after fork)."""
+    if not config.database_url:
+        raise ConfigError(
+            "DATABASE_URL is not set; `make run` (python -m chunksvc serve) starts an embedded PostgreSQL"
+        )
+    return Database(config.database_url, config.pool_min_size, config.pool_max_size)
+
+
+def create_app(
+    config: Config,
+    *,
+    db: Database | None = None,
+    storage: Storage | None = None,
+    metrics: Metrics | None = None,
+) -> falcon.App:
+    """The WSGI application. ``db``/``storage``/``metrics`` may be passed in to share them (tests, CLI)."""
     if db is None:
-        if not config.database_url:
-            raise ConfigError(
-                "DATABASE_URL is not set; `make run` (python -m chunksvc serve) starts an embedded PostgreSQL"
-            )
-        db = Database(config.database_url, config.pool_min_size, config.pool_max_size)
+        db = build_database(config)
+    if metrics is None:
+        metrics = Metrics.for_process()
     if storage is None:
         storage = open_storage(config.storage)
     storage.validate_limits(config.limits)
 
-    upload_service = UploadService(db, storage, config.limits, config.block_size)
+    upload_service = UploadService(db, storage, config.limits, config.block_size, events=metrics)
+    router = CompiledRouter()
     app = falcon.App(
-        middleware=[RequestId(), BearerAuth(Authenticator(db))],
+        middleware=[RequestId(), RequestTelemetry(router, metrics, db.stats), BearerAuth(Authenticator(db))],
+        router=router,
         # Bodies are read by the resources themselves (parts stream; JSON is parsed strictly).
         request_type=falcon.Request,
     )
@@ -42,6 +60,8 @@ def create_app(config: Config, *, db: Database | None = None, storage: Storage |
 
     app.add_route("/healthz", health.Healthz())
     app.add_route("/readyz", health.Readyz(HealthService(db, storage)))
+    app.add_route("/metrics", MetricsResource(metrics, db.stats))
+    app.add_route("/openapi.json", openapi.OpenApi(config.limits))
     app.add_route("/uploads/sessions", uploads.SessionsResource(upload_service))
     app.add_route("/uploads/sessions/{session_id}", uploads.SessionResource(upload_service))
     app.add_route("/uploads/sessions/{session_id}/parts", uploads.PartsResource(upload_service))

@@ -1,4 +1,4 @@
-"""``python -m chunksvc``: the ops interface (migrate, keys, serve).
+"""``python -m chunksvc``: the ops interface (migrate, keys, serve, reap).
 
 With no ``DATABASE_URL`` every command uses the embedded PostgreSQL under ``CHUNKSVC_VAR_DIR``
 (``./var``), started on demand and stopped when the last process using it exits.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -20,7 +21,11 @@ from chunksvc import embedded, migrations
 from chunksvc.config import Config
 from chunksvc.db import Database
 from chunksvc.errors import ChunksvcError
+from chunksvc.metrics import Metrics
 from chunksvc.services.auth import KeyManager
+from chunksvc.services.reaper import Reaper, ReaperSettings
+from chunksvc.services.uploads import UploadService
+from chunksvc.storage import open_storage
 
 
 @contextlib.contextmanager
@@ -99,6 +104,52 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         return child.wait()
 
 
+def cmd_reap(config: Config, args: argparse.Namespace) -> int:
+    """One reaper pass; prints its one-line summary; exit 1 if anything could not be cleaned."""
+    logging.basicConfig(level=logging.WARNING, format="chunksvc: %(levelname)s %(message)s")
+    settings = ReaperSettings(
+        batch_size=args.batch_size,
+        orphan_grace=args.orphan_grace,
+        completing_lease=args.completing_lease,
+        dry_run=args.dry_run,
+    )
+    with database_url(config) as url:
+        migrations.migrate(url)
+        # Two connections: a sweep holds one for its phase lock while re-driving needs another.
+        db = Database(url, min_size=1, max_size=2)
+        storage = open_storage(config.storage)
+        try:
+            # Counted in PROMETHEUS_MULTIPROC_DIR when it is set (the reaper on a serving host).
+            metrics = Metrics.for_process()
+            uploads = UploadService(db, storage, config.limits, config.block_size, events=metrics)
+            result = Reaper(db, storage, uploads, settings, events=metrics).run()
+        finally:
+            storage.close()
+            db.close()
+    print(result.summary())
+    return 1 if result.errors else 0
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {raw!r}")
+    return value
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {raw!r}")
+    return value
+
+
 def _storage_url(config: Config) -> str:
     return os.environ.get("CHUNKSVC_STORAGE_URL") or f"file://{config.storage.root}"
 
@@ -121,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="migrate and run gunicorn (embedded defaults when unset)")
     serve.add_argument("--config", default="gunicorn.conf.py", help="gunicorn configuration file")
     serve.set_defaults(func=cmd_serve)
+
+    defaults = ReaperSettings()
+    reap = commands.add_parser(
+        "reap", help="expire, re-drive and purge sessions, sweep orphaned bytes (cron-safe on several hosts)"
+    )
+    reap.add_argument("--dry-run", action="store_true", help="change nothing; report what would be done")
+    reap.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="rows or keys per batch")
+    reap.add_argument(
+        "--orphan-grace", type=_seconds, default=defaults.orphan_grace, metavar="SECONDS",
+        help="sweep orphaned keys and unfinished writes only when older than this",
+    )
+    reap.add_argument(
+        "--completing-lease", type=_seconds, default=defaults.completing_lease, metavar="SECONDS",
+        help="re-drive a completion with a dead assembler only when untouched this long",
+    )
+    reap.set_defaults(func=cmd_reap)
     return parser
 
 

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from chunksvc.errors import ConfigError
+
+# S3 bucket naming rules (the minio SDK would otherwise fail later with a bare ValueError).
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -82,6 +86,11 @@ class StorageSpec:
                 )
             if not parts.username or parts.password is None:
                 raise ConfigError("CHUNKSVC_STORAGE_URL: the S3 URL needs ACCESS_KEY:SECRET_KEY@")
+            if not _BUCKET_NAME.match(bucket):
+                raise ConfigError(
+                    f"CHUNKSVC_STORAGE_URL: {bucket!r} is not a valid bucket name"
+                    " (3-63 characters: lowercase letters, digits, dots and hyphens)"
+                )
             host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
             endpoint = f"{host}:{parts.port}" if parts.port else host
             return cls(

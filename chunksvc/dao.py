@@ -21,6 +21,10 @@ def authenticate(conn: Connection, key_hash: bytes) -> Row | None:
     return conn.one("authenticate", key_hash=key_hash)
 
 
+def authenticate_for_session(conn: Connection, key_hash: bytes, session_id: UUID | None) -> Row | None:
+    return conn.one("authenticate_for_session", key_hash=key_hash, session_id=session_id)
+
+
 def upsert_client(conn: Connection, name: str) -> Row:
     return conn.one("upsert_client", name=name)
 
@@ -113,12 +117,19 @@ def list_parts(conn: Connection, session_id: UUID, after: int, limit: int) -> li
     return conn.all("list_parts", session_id=session_id, after=after, limit=limit)
 
 
-def insert_part(
-    conn: Connection, session_id: UUID, part_number: int, size: int, sha256: str, storage_key: str
+def record_part(
+    conn: Connection,
+    session_id: UUID,
+    client_id: int,
+    part_number: int,
+    size: int,
+    sha256: str,
+    storage_key: str,
 ) -> Row | None:
     return conn.one(
-        "insert_part",
+        "record_part",
         session_id=session_id,
+        client_id=client_id,
         part_number=part_number,
         size=size,
         sha256=sha256,
@@ -128,10 +139,6 @@ def insert_part(
 
 def get_part(conn: Connection, session_id: UUID, part_number: int) -> Row | None:
     return conn.one("get_part", session_id=session_id, part_number=part_number)
-
-
-def count_part(conn: Connection, session_id: UUID, size: int) -> Row:
-    return conn.one("count_part", id=session_id, size=size)
 
 
 def missing_parts(conn: Connection, session_id: UUID, total_parts: int, limit: int) -> list[int]:
@@ -152,3 +159,42 @@ def part_storage_keys(conn: Connection, session_id: UUID) -> list[str]:
 
 def ping(conn: Connection) -> bool:
     return conn.one("ping")["ok"] == 1
+
+
+# --- reaper ---------------------------------------------------------------------------------
+
+
+def expire_overdue_sessions(conn: Connection, limit: int) -> list[UUID]:
+    return [row["id"] for row in conn.all("expire_overdue_sessions", limit=limit)]
+
+
+def count_overdue_sessions(conn: Connection) -> int:
+    return conn.one("count_overdue_sessions")["overdue"]
+
+
+def claim_unpurged_sessions(conn: Connection, after: tuple[datetime, UUID] | None, limit: int) -> list[Row]:
+    after_updated_at, after_id = after if after else (None, None)
+    return conn.all("claim_unpurged_sessions", after_updated_at=after_updated_at, after_id=after_id, limit=limit)
+
+
+def mark_purged(conn: Connection, session_ids: list[UUID]) -> int:
+    return conn.execute("mark_purged", ids=session_ids)
+
+
+def stale_completions(conn: Connection, lease: float, after: tuple[datetime, UUID] | None, limit: int) -> list[Row]:
+    after_updated_at, after_id = after if after else (None, None)
+    return conn.all(
+        "stale_completions", lease=lease, after_updated_at=after_updated_at, after_id=after_id, limit=limit
+    )
+
+
+def sessions_for_sweep(conn: Connection, session_ids: list[UUID]) -> list[Row]:
+    return conn.all("sessions_for_sweep", ids=session_ids)
+
+
+def try_reaper_lock(conn: Connection, phase: str) -> bool:
+    return conn.one("try_reaper_lock", phase=phase)["locked"]
+
+
+def release_reaper_lock(conn: Connection, phase: str) -> bool:
+    return conn.one("release_reaper_lock", phase=phase)["released"]

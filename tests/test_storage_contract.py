@@ -169,6 +169,7 @@ def test_reader_error_wins_when_cleanup_fails_too() -> None:
     upload, yet the caller still gets the reader's exception (with a note about the abort)."""
     with moto_child() as (endpoint, server):
         storage = S3Storage(make_s3_spec(endpoint))
+        storage.max_single_put = 5 * MiB  # a multipart upload, which leaves something to abort
         error = IncompleteBody("client went away")
 
         class DyingBody(GeneratedBody):

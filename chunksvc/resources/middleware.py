@@ -28,13 +28,21 @@ class RequestId:
 
 
 class BearerAuth:
-    """Authenticates every /uploads request first, so 401 precedes every other check."""
+    """Authenticates every /uploads request first, so 401 precedes every other check.
+
+    Except a part upload (``PUT .../parts/{n}``): its resource authenticates in the same
+    database round trip that fetches the session, before its other checks, and then sets
+    ``req.context.client``.
+    """
 
     def __init__(self, authenticator: Authenticator, prefix: str = "/uploads") -> None:
         self._authenticator = authenticator
         self._prefix = prefix
+        self._part_upload = re.compile(re.escape(prefix) + r"/sessions/[^/]+/parts/[^/]+")
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.client = None
+        if req.method == "PUT" and self._part_upload.fullmatch(req.path):
+            return
         if req.path == self._prefix or req.path.startswith(self._prefix + "/"):
             req.context.client = self._authenticator.authenticate(req.get_header("Authorization"))

@@ -77,12 +77,14 @@ def handle_domain_error(req: falcon.Request, resp: falcon.Response, error: error
         log.error("%s: %s", error.code, error.detail, exc_info=error.__cause__ or error)
     if isinstance(error, errors.Unauthorized):
         resp.set_header("WWW-Authenticate", 'Bearer realm="chunksvc"')
+    req.context.error_code = error.code  # for the access log and the metrics
     render(resp, status, error.code, error.title, error.detail, **error.extra)
 
 
 def handle_http_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError, params) -> None:
     status = error.status_code
     code = _FALCON_CODES.get(status, "http_error")
+    req.context.error_code = code
     render(resp, status, code, error.title or "HTTP error", error.description or error.title or "")
     for name, value in (error.headers or {}).items():
         resp.set_header(name, value)
@@ -91,6 +93,7 @@ def handle_http_error(req: falcon.Request, resp: falcon.Response, error: falcon.
 def handle_unexpected(req: falcon.Request, resp: falcon.Response, error: Exception, params) -> None:
     # Log everything, answer nothing internal.
     log.exception("unhandled error on %s %s", req.method, req.path)
+    req.context.error_code = "internal_error"
     render(resp, 500, "internal_error", "Internal error", "the request failed; see the server log")
 
 

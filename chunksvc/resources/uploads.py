@@ -8,7 +8,9 @@ from typing import Any
 
 import falcon
 
+from chunksvc import logs
 from chunksvc.errors import InvalidRequest
+from chunksvc.resources.body import part_body
 from chunksvc.services.uploads import PartResult, Session, UploadService
 
 MAX_JSON_BODY = 64 * 1024
@@ -32,7 +34,8 @@ def read_json(req: falcon.Request, *, required: bool) -> Any:
         raise InvalidRequest("Content-Type must be application/json")
     try:
         return json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError):
+    # RecursionError: deeply nested arrays or objects (64 KiB of "[" is 65,536 levels).
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("the body is not valid JSON") from None
 
 
@@ -83,7 +86,7 @@ class SessionsResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         sessions, next_cursor = self._uploads.list_sessions(
             req.context.client,
-            req.get_param("status"),
+            req.get_param("status") or None,  # ?status= is no filter, as an empty limit or cursor is none
             req.get_param("limit"),
             req.get_param("cursor"),
         )
@@ -136,15 +139,18 @@ class PartResource:
         self._uploads = uploads
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, session_id: str, part_number: str) -> None:
-        # Every check runs before the first body byte is read.
+        # Every check, authentication included (BearerAuth leaves it to this call), runs before
+        # the first body byte is read.
         target = self._uploads.check_part(
-            req.context.client,
+            req.get_header("Authorization"),
             session_id,
             part_number,
             req.get_header("Content-Length"),
             req.get_header("Content-Digest"),
         )
-        result: PartResult = self._uploads.store_part(target, req.bounded_stream)
+        req.context.client = target.client
+        logs.bind(client=target.client.name)  # what RequestTelemetry does once BearerAuth has run
+        result: PartResult = self._uploads.store_part(target, part_body(req))
         resp.status = falcon.HTTP_201 if result.created else falcon.HTTP_200
         resp.set_header("ETag", f'"{result.sha256}"')
         resp.media = {

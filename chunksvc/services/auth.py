@@ -44,17 +44,23 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() or None
 
 
+def presented_key_hash(authorization: str | None) -> bytes:
+    """The hash to look up for an ``Authorization`` header; malformed keys are refused here,
+    without a database round trip."""
+    token = bearer_token(authorization)
+    if token is None or not _KEY.match(token):
+        raise Unauthorized("send Authorization: Bearer <api-key>")
+    return hash_key(token)
+
+
 class Authenticator:
     def __init__(self, db: Database) -> None:
         self._db = db
 
     def authenticate(self, authorization: str | None) -> Client:
-        token = bearer_token(authorization)
-        # Malformed tokens are refused without a database round trip.
-        if token is None or not _KEY.match(token):
-            raise Unauthorized("send Authorization: Bearer <api-key>")
+        key_hash = presented_key_hash(authorization)
         with self._db.connection() as conn:
-            row = dao.authenticate(conn, hash_key(token))
+            row = dao.authenticate(conn, key_hash)
         if row is None:
             raise Unauthorized("unknown or revoked API key")
         return Client(id=row["client_id"], name=row["client_name"])

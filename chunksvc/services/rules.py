@@ -15,7 +15,6 @@ from typing import Any
 
 from chunksvc.config import Limits, MiB
 from chunksvc.errors import (
-    IncompleteBody,
     InvalidPartNumber,
     InvalidRequest,
     LengthRequired,
@@ -68,6 +67,17 @@ def parse_bounded_int(raw: str | None, name: str, default: int, low: int, high: 
     return int(raw)
 
 
+def _is_storable_text(value: Any) -> bool:
+    """A string PostgreSQL can store: no NUL, no lone surrogate (JSON allows both as escapes)."""
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -87,7 +97,7 @@ def validate_new_session(body: Any, limits: Limits) -> NewSession:
         raise InvalidRequest(f"unknown fields: {', '.join(unknown)}")
 
     filename = body.get("filename")
-    if not isinstance(filename, str) or not 1 <= len(filename) <= 1024:
+    if not _is_storable_text(filename) or not 1 <= len(filename) <= 1024:
         raise InvalidRequest("filename is required: a string of 1 to 1024 characters")
     if _CONTROL.search(filename):
         raise InvalidRequest("filename must not contain control characters")
@@ -100,7 +110,7 @@ def validate_new_session(body: Any, limits: Limits) -> NewSession:
 
     content_type = body.get("content_type", DEFAULT_CONTENT_TYPE)
     if (
-        not isinstance(content_type, str)
+        not _is_storable_text(content_type)
         or not 1 <= len(content_type) <= 255
         or _CONTROL.search(content_type)
     ):
@@ -112,9 +122,9 @@ def validate_new_session(body: Any, limits: Limits) -> NewSession:
 
     metadata = body.get("metadata", {})
     if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        _is_storable_text(k) and _is_storable_text(v) for k, v in metadata.items()
     ):
-        raise InvalidRequest("metadata must be a flat object of string to string")
+        raise InvalidRequest("metadata must be a flat object of string to string (text without NUL)")
     if len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
         raise InvalidRequest(f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
 
@@ -215,39 +225,3 @@ def parse_content_digest(header: str | None) -> bytes | None:
             raise InvalidRequest("Content-Digest sha-256 value must be 32 bytes")
         found = digest
     return found
-
-
-class HashingReader:
-    """Reads exactly ``length`` bytes from a request body, computing SHA-256 on the way.
-
-    A body that ends early, or whose read fails, raises ``IncompleteBody``: the client is gone.
-    """
-
-    def __init__(self, stream: Any, length: int) -> None:
-        self._stream = stream
-        self._remaining = length
-        self._hash = hashlib.sha256()
-
-    def read(self, size: int = -1, /) -> bytes:
-        if self._remaining == 0:
-            return b""
-        size = self._remaining if size < 0 else min(size, self._remaining)
-        try:
-            data = self._stream.read(size)
-        except (OSError, ValueError) as exc:
-            raise IncompleteBody("the request body could not be read to its end") from exc
-        if not data:
-            raise IncompleteBody(f"the request body ended {self._remaining} bytes early")
-        self._remaining -= len(data)
-        self._hash.update(data)
-        return data
-
-    @property
-    def complete(self) -> bool:
-        return self._remaining == 0
-
-    def digest(self) -> bytes:
-        return self._hash.digest()
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()

@@ -1,8 +1,9 @@
 """Upload sessions: create, read, accept parts, complete, abort.
 
 Every request runs its checks in a fixed order before any write. Every change to a session
-happens in one transaction that holds the session's row lock (``lock_session``), so parts,
-completion and abort on the same session are serialised by PostgreSQL, across workers and hosts.
+happens in one transaction that holds the session's row lock (``lock_session``; a part takes it
+inside its one statement, ``record_part``), so parts, completion and abort on the same session
+are serialised by PostgreSQL, across workers and hosts.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import binascii
 import dataclasses
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
@@ -33,9 +35,12 @@ from chunksvc.errors import (
     SessionCompleted,
     SessionNotActive,
     SessionNotFound,
+    Unauthorized,
 )
-from chunksvc.services import rules, states
+from chunksvc.services import auth, rules, states
 from chunksvc.services.auth import Client
+from chunksvc.services.events import UploadEvents
+from chunksvc.services.streaming import READ_AHEAD_DEPTH, BufferPool, HashingBodyReader, PartBody
 from chunksvc.storage import PartSource, Storage, StoredObject
 
 log = logging.getLogger(__name__)
@@ -132,16 +137,22 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
     try:
         created_at, session_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         return datetime.fromisoformat(created_at), UUID(session_id)
-    except (ValueError, TypeError, binascii.Error):
+    # AttributeError: a non-string id (UUID(5)); RecursionError: deeply nested JSON.
+    except (ValueError, TypeError, AttributeError, RecursionError, binascii.Error):
         raise InvalidRequest("cursor is not one this service returned") from None
 
 
 class UploadService:
-    def __init__(self, db: Database, storage: Storage, limits: Limits, block_size: int) -> None:
+    def __init__(
+        self, db: Database, storage: Storage, limits: Limits, block_size: int, events: UploadEvents | None = None
+    ) -> None:
         self._db = db
         self._storage = storage
         self._limits = limits
         self._block_size = block_size
+        # Enough for a few parts streaming at once; more are served by fresh buffers.
+        self._buffers = BufferPool(block_size, keep=4 * READ_AHEAD_DEPTH)
+        self._events = events or UploadEvents()
 
     # --- sessions ---------------------------------------------------------------------------
 
@@ -166,10 +177,13 @@ class UploadService:
                 request_fingerprint=fingerprint,
                 ttl=self._limits.session_ttl,
             )
-            if row is not None:
-                return Session.from_row(row), True
-            # The key was used before (possibly by a concurrent request that just committed).
-            row = dao.get_session_by_idempotency_key(conn, client.id, idempotency_key)
+            created = row is not None
+            if not created:
+                # The key was used before (possibly by a concurrent request that just committed).
+                row = dao.get_session_by_idempotency_key(conn, client.id, idempotency_key)
+        if created:
+            self._events.session_created()
+            return Session.from_row(row), True
         if bytes(row["request_fingerprint"]) != fingerprint:
             raise IdempotencyKeyReused("this Idempotency-Key was used with a different request body")
         return Session.from_row(row), False
@@ -214,14 +228,29 @@ class UploadService:
 
     def check_part(
         self,
-        client: Client,
+        authorization: str | None,
         raw_id: str,
         raw_part_number: str,
         raw_length: str | None,
         content_digest: str | None,
     ) -> PartTarget:
-        """The contract's checks 2-6 (and the Content-Digest syntax), before any body byte is read."""
-        session = self.get_session(client, raw_id)
+        """The contract's checks 1-6 (and the Content-Digest syntax), before any body byte is read.
+
+        The key and the session are looked up in one round trip: the part path is the hot one.
+        """
+        key_hash = auth.presented_key_hash(authorization)
+        try:
+            session_id: UUID | None = UUID(raw_id)
+        except ValueError:
+            session_id = None  # still authenticated first: 401 comes before 404
+        with self._db.connection() as conn:
+            row = dao.authenticate_for_session(conn, key_hash, session_id)
+        if row is None:
+            raise Unauthorized("unknown or revoked API key")
+        client = Client(id=row["key_client_id"], name=row["client_name"])
+        if row["id"] is None:
+            raise SessionNotFound()
+        session = Session.from_row(row)
         if not states.accepts_parts(session.status):
             raise SessionNotActive(f"the session is {session.status}")
         part_number = rules.parse_part_number(raw_part_number, session.total_parts)
@@ -229,17 +258,18 @@ class UploadService:
         expected = rules.parse_content_digest(content_digest)
         return PartTarget(client, session.id, part_number, length, expected)
 
-    def store_part(self, target: PartTarget, body: Any) -> PartResult:
+    def store_part(self, target: PartTarget, body: PartBody) -> PartResult:
         """Stream the body to a fresh key while hashing it, then record it in one transaction."""
         key = part_key(target.session_id)
-        reader = rules.HashingReader(body, target.length)
-        # The adapter leaves nothing behind when the body ends early or the write fails.
-        self._storage.write(key, reader, target.length, self._block_size)
+        with HashingBodyReader(body, target.length, self._buffers) as reader:
+            # The adapter leaves nothing behind when the body ends early or the write fails.
+            self._storage.write(key, reader, target.length, self._block_size)
         keep = False
         try:
             if target.expected_digest is not None and reader.digest() != target.expected_digest:
                 raise DigestMismatch("the body's SHA-256 differs from Content-Digest")
             result = self._record_part(target, key, reader.hexdigest())
+            self._events.part_stored(created=result.created, size=target.length)
             keep = result.created
             return result
         finally:
@@ -248,17 +278,27 @@ class UploadService:
                 self._discard([key])
 
     def _record_part(self, target: PartTarget, key: str, sha256: str) -> PartResult:
-        with self._db.transaction() as conn:
-            row = dao.lock_session(conn, target.session_id, target.client.id)
+        with self._db.connection() as conn:
+            # One statement: lock, insert and count commit together (see record_part).
+            row = dao.record_part(
+                conn, target.session_id, target.client.id, target.part_number, target.length, sha256, key
+            )
             if row is None:
                 raise SessionNotFound()
-            # Re-checked under the lock: it may have been aborted, completed or expired meanwhile.
+            # Checked under the lock: it may have been aborted, completed or expired meanwhile.
             if not states.accepts_parts(row["effective_status"]):
                 raise SessionNotActive(f"the session became {row['effective_status']} during the upload")
-            inserted = dao.insert_part(conn, target.session_id, target.part_number, target.length, sha256, key)
-            if inserted is not None:
-                counters = dao.count_part(conn, target.session_id, target.length)
-                return PartResult(True, target.part_number, target.length, sha256, **counters)
+            if row["inserted"]:
+                return PartResult(
+                    True,
+                    target.part_number,
+                    target.length,
+                    sha256,
+                    row["received_parts"],
+                    row["received_bytes"],
+                    row["status"],
+                )
+            # Taken: by these bytes or others. A part row is never changed once committed.
             existing = dao.get_part(conn, target.session_id, target.part_number)
         if existing["sha256"] != sha256:
             raise PartConflict(
@@ -278,16 +318,28 @@ class UploadService:
     # --- complete and abort -----------------------------------------------------------------
 
     def complete(self, client: Client, raw_id: str, body: Any) -> Session:
-        session_id = parse_session_id(raw_id)
-        sha256 = self._completion_digest(body)
+        return self._complete(parse_session_id(raw_id), client.id, self._completion_digest(body))
+
+    def resume_completion(self, session_id: UUID, client_id: int) -> Session:
+        """Drive a completion whose assembler died to its end, as calling ``complete`` again would.
+
+        For the reaper, so no client check. Only a session still ``COMPLETING`` is resumed
+        (else ``SessionNotActive``: someone else finished it). If a part's bytes are gone the
+        upload can never be assembled: the session becomes ``FAILED`` and its bytes are removed.
+        """
+        return self._complete(session_id, client_id, None, resume=True)
+
+    def _complete(self, session_id: UUID, client_id: int, sha256: str | None, resume: bool = False) -> Session:
         with self._db.connection() as conn:
             locked = False
             try:
                 with conn.transaction():
-                    row = dao.lock_session(conn, session_id, client.id)
+                    row = dao.lock_session(conn, session_id, client_id)
                     if row is None:
                         raise SessionNotFound()
                     session = Session.from_row(row)
+                    if resume and session.status != states.COMPLETING:
+                        raise SessionNotActive(f"the session is {session.status}; there is no completion to resume")
                     if session.status == states.COMPLETED:
                         return session
                     if session.status == states.COMPLETING:
@@ -303,7 +355,9 @@ class UploadService:
                             raise CompletionInProgress()
                         session = Session.from_row(dao.mark_completing(conn, session_id, sha256))
                     sources = [PartSource(r["storage_key"], r["size"]) for r in dao.part_sources(conn, session_id)]
-                return self._assemble(conn, client, session, sources)
+                if resume and not all(self._storage.exists(source.key) for source in sources):
+                    return self._fail_lost_parts(conn, client_id, session, sources)
+                return self._assemble(conn, client_id, session, sources)
             finally:
                 if locked:
                     dao.release_completion_lock(conn, session_id)
@@ -330,13 +384,26 @@ class UploadService:
                 missing_count=session.total_parts - session.received_parts,
             )
 
-    def _assemble(self, conn: Connection, client: Client, session: Session, sources: list[PartSource]) -> Session:
+    def _fail_lost_parts(
+        self, conn: Connection, client_id: int, session: Session, sources: list[PartSource]
+    ) -> Session:
+        with conn.transaction():
+            dao.mark_failed(conn, session.id)
+            row = dao.get_session(conn, session.id, client_id)
+        # Without all its parts the upload can never be assembled; what is left is of no use.
+        self._discard([object_key(session.id), *(source.key for source in sources)])
+        return Session.from_row(row)
+
+    def _assemble(self, conn: Connection, client_id: int, session: Session, sources: list[PartSource]) -> Session:
         key = object_key(session.id)
+        started = time.monotonic()
         stored = self._storage.assemble(sources, key, self._block_size)
+        assembly_seconds = time.monotonic() - started
         if stored.size != session.size or (session.sha256 and stored.sha256 != session.sha256):
             self._discard([key])
             with conn.transaction():
                 dao.mark_failed(conn, session.id)
+            self._events.session_failed(assembly_seconds)
             # A FAILED session cannot be resumed, so its parts are of no further use.
             self._discard(source.key for source in sources)
             raise ChecksumMismatch(
@@ -347,8 +414,11 @@ class UploadService:
             )
         with conn.transaction():
             row = dao.mark_completed(conn, session.id, key, stored.size, stored.sha256)
-            if row is None:  # another caller finished first; report its outcome
-                row = dao.get_session(conn, session.id, client.id)
+            completed = row is not None
+            if not completed:  # another caller finished first; report its outcome
+                row = dao.get_session(conn, session.id, client_id)
+        if completed:
+            self._events.session_completed(assembly_seconds)
         self._discard(source.key for source in sources)
         return Session.from_row(row)
 
@@ -372,6 +442,8 @@ class UploadService:
             finally:
                 if locked:
                     dao.release_completion_lock(conn, session_id)
+        if status != states.ABORTED:
+            self._events.session_aborted()
         # Remove by prefix: it also catches bytes no part row points to. Parts still streaming
         # will find the session ABORTED under the lock and remove their own bytes.
         try:
@@ -379,6 +451,9 @@ class UploadService:
             self._storage.delete([object_key(session_id)])
         except ChunksvcError:
             log.warning("abort: stored bytes of session %s left for the reaper", session_id, exc_info=True)
+        else:
+            with self._db.connection() as conn:
+                dao.mark_purged(conn, [session_id])  # so the reaper need not look at it again
 
     def _discard(self, keys: Iterable[str]) -> None:
         """Best-effort removal: what fails here is an orphan the reaper removes later."""

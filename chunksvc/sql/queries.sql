@@ -16,6 +16,23 @@ WITH key AS (
 )
 SELECT client_id, client_name FROM key;
 
+-- name: authenticate_for_session
+-- A part upload's checks in one round trip: the client behind an unrevoked key (exactly as
+-- `authenticate`) and that client's session. No row: unknown or revoked key. `id` NULL: no
+-- such session of this client (or no session id: a malformed one is passed as NULL).
+WITH key AS (
+    SELECT k.id, k.client_id, c.name AS client_name
+      FROM api_keys k JOIN clients c ON c.id = k.client_id
+     WHERE k.key_hash = %(key_hash)s AND k.revoked_at IS NULL
+), touched AS (
+    UPDATE api_keys SET last_used_at = now()
+     WHERE id = (SELECT id FROM key)
+       AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')
+)
+SELECT key.client_id AS key_client_id, key.client_name, s.*,
+       chunksvc_session_status(s.status, s.expires_at) AS effective_status
+  FROM key LEFT JOIN upload_sessions s ON s.id = %(session_id)s::uuid AND s.client_id = key.client_id;
+
 -- name: upsert_client
 INSERT INTO clients (name) VALUES (%(name)s)
 ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
@@ -86,27 +103,46 @@ SELECT part_number, size, sha256, created_at
  ORDER BY part_number
  LIMIT %(limit)s;
 
--- name: insert_part
--- Returns nothing when the part number is already taken (the caller compares digests).
-INSERT INTO upload_parts (session_id, part_number, size, sha256, storage_key)
-VALUES (%(session_id)s, %(part_number)s, %(size)s, %(sha256)s, %(storage_key)s)
-ON CONFLICT (session_id, part_number) DO NOTHING
-RETURNING part_number, size, sha256;
+-- name: record_part
+-- A received part's whole transaction in one statement, so one round trip (it commits on its
+-- own): lock the session row, insert the part if the session still accepts parts (states.OPEN)
+-- and the number is free, and count it in SQL under that lock. No row: no such session of this
+-- client. `inserted` false on an open session: the number was taken (the caller compares
+-- digests with get_part). A concurrent statement waits for the lock and then sees the committed
+-- row and counters (READ COMMITTED re-reads a row it had to wait for).
+WITH locked AS (
+    SELECT id, chunksvc_session_status(status, expires_at) AS effective_status, received_parts, received_bytes
+      FROM upload_sessions
+     WHERE id = %(session_id)s AND client_id = %(client_id)s
+       FOR UPDATE
+), inserted AS (
+    INSERT INTO upload_parts (session_id, part_number, size, sha256, storage_key)
+    SELECT id, %(part_number)s, %(size)s, %(sha256)s, %(storage_key)s
+      FROM locked
+     WHERE effective_status IN ('INIT', 'IN_PROGRESS')
+    ON CONFLICT (session_id, part_number) DO NOTHING
+    RETURNING session_id
+), counted AS (
+    UPDATE upload_sessions s
+       SET received_parts = s.received_parts + 1,
+           received_bytes = s.received_bytes + %(size)s,
+           status = 'IN_PROGRESS',
+           updated_at = now()
+      FROM inserted
+     WHERE s.id = inserted.session_id
+    RETURNING s.received_parts, s.received_bytes, s.status
+)
+SELECT locked.effective_status,
+       counted.status IS NOT NULL AS inserted,
+       COALESCE(counted.received_parts, locked.received_parts) AS received_parts,
+       COALESCE(counted.received_bytes, locked.received_bytes) AS received_bytes,
+       COALESCE(counted.status, locked.effective_status) AS status
+  FROM locked LEFT JOIN counted ON true;
 
 -- name: get_part
 SELECT part_number, size, sha256, storage_key
   FROM upload_parts
  WHERE session_id = %(session_id)s AND part_number = %(part_number)s;
-
--- name: count_part
--- Counters move in SQL, under the session row lock, never read-modify-write in Python.
-UPDATE upload_sessions
-   SET received_parts = received_parts + 1,
-       received_bytes = received_bytes + %(size)s,
-       status = 'IN_PROGRESS',
-       updated_at = now()
- WHERE id = %(id)s
-RETURNING received_parts, received_bytes, status;
 
 -- name: missing_parts
 SELECT n AS part_number
@@ -156,3 +192,70 @@ SELECT pg_advisory_unlock(hashtextextended('chunksvc.complete:' || %(id)s::text,
 
 -- name: ping
 SELECT 1 AS ok;
+
+-- reaper ------------------------------------------------------------------------------------
+-- Several reapers may run at once (cron on several hosts): row claims use SKIP LOCKED, so each
+-- takes rows no other holds and none waits; whole phases take a try-advisory-lock.
+
+-- name: expire_overdue_sessions
+-- Stores EXPIRED on open sessions past their expiry (clients already read them as EXPIRED).
+WITH overdue AS (
+    SELECT id
+      FROM upload_sessions
+     WHERE status IN ('INIT', 'IN_PROGRESS') AND expires_at <= now()
+     ORDER BY expires_at
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE upload_sessions s
+   SET status = 'EXPIRED', updated_at = now()
+  FROM overdue
+ WHERE s.id = overdue.id
+RETURNING s.id;
+
+-- name: count_overdue_sessions
+SELECT count(*) AS overdue
+  FROM upload_sessions
+ WHERE status IN ('INIT', 'IN_PROGRESS') AND expires_at <= now();
+
+-- name: claim_unpurged_sessions
+-- Ended sessions whose stored bytes were not removed yet, oldest first from a keyset cursor.
+-- The row locks last until the claiming transaction ends; a row another reaper purged
+-- meanwhile is re-checked under the lock and left out.
+SELECT id, status, updated_at
+  FROM upload_sessions
+ WHERE purged_at IS NULL AND status IN ('COMPLETED', 'ABORTED', 'EXPIRED', 'FAILED')
+   AND (%(after_updated_at)s::timestamptz IS NULL
+        OR (updated_at, id) > (%(after_updated_at)s::timestamptz, %(after_id)s::uuid))
+ ORDER BY updated_at, id
+ LIMIT %(limit)s
+   FOR UPDATE SKIP LOCKED;
+
+-- name: mark_purged
+-- Bookkeeping only: updated_at (what clients see) stays as it was.
+UPDATE upload_sessions SET purged_at = now() WHERE id = ANY(%(ids)s::uuid[]);
+
+-- name: stale_completions
+-- COMPLETING sessions untouched for longer than the lease (their assembler may be dead; the
+-- completion lock says for sure), oldest first from a keyset cursor.
+SELECT id, client_id, updated_at
+  FROM upload_sessions
+ WHERE status = 'COMPLETING' AND updated_at <= now() - make_interval(secs => %(lease)s)
+   AND (%(after_updated_at)s::timestamptz IS NULL
+        OR (updated_at, id) > (%(after_updated_at)s::timestamptz, %(after_id)s::uuid))
+ ORDER BY updated_at, id
+ LIMIT %(limit)s;
+
+-- name: sessions_for_sweep
+-- The orphan sweep's one lookup per batch of stored keys: which of their sessions exist, and
+-- whether their bytes were already purged.
+SELECT id, status, purged_at IS NOT NULL AS purged
+  FROM upload_sessions
+ WHERE id = ANY(%(ids)s::uuid[]);
+
+-- name: try_reaper_lock
+-- Held on the reaper's connection for a whole phase; it vanishes with a crashed reaper.
+SELECT pg_try_advisory_lock(hashtextextended('chunksvc.reap:' || %(phase)s::text, 0)) AS locked;
+
+-- name: release_reaper_lock
+SELECT pg_advisory_unlock(hashtextextended('chunksvc.reap:' || %(phase)s::text, 0)) AS released;

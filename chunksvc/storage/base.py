@@ -102,6 +102,8 @@ class Storage(abc.ABC):
         ``IncompleteBody`` when the client went away), and a reader that ends early is an
         ``IncompleteBody`` too (see ``read_exact_blocks``). On any exception nothing is left
         under ``key`` and the exception propagates. Memory use does not grow with ``length``.
+        A block ``read`` returns may be a view of a buffer the reader reuses: it is valid only
+        until the next ``read`` call, so it is written (or copied) before asking for the next.
         """
 
     @abc.abstractmethod
@@ -129,6 +131,15 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def list_keys(self, prefix: str) -> Iterator[ListedKey]:
         """Every key under ``prefix``, with its last-modified time."""
+
+    @abc.abstractmethod
+    def sweep_incomplete(self, older_than: datetime, dry_run: bool = False) -> int:
+        """Remove unfinished writes begun (or last written) before ``older_than``; return how many.
+
+        These are what a writer killed mid-write leaves: never listed as keys, invisible to
+        ``delete``. With ``dry_run`` only count them. A write still in progress that is swept
+        fails (it is never stored half-done), so ``older_than`` must leave live writes alone.
+        """
 
     @abc.abstractmethod
     def describe(self, stored: StoredObject) -> dict:

@@ -163,6 +163,28 @@ class LocalStorage(Storage):
                     continue  # deleted while we walked
                 yield ListedKey(key, datetime.fromtimestamp(mtime, tz=UTC))
 
+    def sweep_incomplete(self, older_than: datetime, dry_run: bool = False) -> int:
+        """Remove temporary files in ``.incoming`` last written before ``older_than``.
+
+        A live write touches its file with every block, so only a stalled or dead one is old.
+        If a live one is removed anyway, its rename fails and the write reports an error.
+        """
+        cutoff = older_than.timestamp()
+        count = 0
+        with _fs_errors(f"sweep {INCOMING}"), os.scandir(self._incoming) as entries:
+            for entry in entries:
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                        continue
+                    if not dry_run:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue  # its writer renamed it into place, or another sweep removed it
+                count += 1
+        return count
+
     def describe(self, stored: StoredObject) -> dict:
         return {"key": stored.key, "size": stored.size, "sha256": stored.sha256}
 

@@ -11,14 +11,16 @@ import contextlib
 import hashlib
 import io
 import os
+import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import BinaryIO, cast
 
 import certifi
 import urllib3
 from minio import Minio
 from minio.commonconfig import ComposeSource
+from minio.datatypes import Upload
 from minio.deleteobjects import DeleteObject
 from minio.error import MinioException, S3Error, ServerError
 
@@ -48,6 +50,11 @@ _TIMEOUT = urllib3.Timeout(connect=5.0, read=120.0)
 _RETRIES = urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504))
 
 _MISSING = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
+# A part's PUT is signed just before it starts; S3 checks the expiry when the request arrives.
+_PUT_URL_LIFETIME = timedelta(minutes=15)
+# The prefixes chunksvc writes under (see storage.base): an unfinished multipart upload anywhere
+# else in the bucket is not ours to abort.
+_SWEPT_PREFIXES = ("parts/", "objects/")
 
 
 def can_compose(sources: Sequence[PartSource]) -> bool:
@@ -145,6 +152,30 @@ class _ChunkStream:
             close()
 
 
+class _RecordingBlocks:
+    """An iterable request body over ``blocks`` that keeps the exception they raised, so that a
+    reader's failure is told apart from the storage's (urllib3 wraps what a body raises)."""
+
+    def __init__(self, blocks: Iterator[bytes]) -> None:
+        self._blocks = blocks
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._blocks
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+
+def _error_from(response: urllib3.BaseHTTPResponse) -> MinioException:
+    """The SDK's exception for an S3 error answer (or for a non-S3 one, such as a proxy's)."""
+    try:
+        return S3Error.fromxml(response)
+    except (ET.ParseError, UnicodeDecodeError):
+        return ServerError(f"HTTP {response.status}", response.status)
+
+
 class _ObjectReader(io.RawIOBase):
     """A stored object being read: wraps the urllib3 response and releases it on close."""
 
@@ -177,6 +208,8 @@ class _ObjectReader(io.RawIOBase):
 
 class S3Storage(Storage):
     kind = "s3"
+    #: Larger writes go up as a multipart upload; a single PUT carries at most 5 GiB.
+    max_single_put = MAX_PART_SIZE
 
     def __init__(self, spec: StorageSpec) -> None:
         if spec.kind != "s3" or not (spec.endpoint and spec.bucket and spec.access_key and spec.secret_key):
@@ -210,7 +243,11 @@ class S3Storage(Storage):
 
     def write(self, key: str, reader: Readable, length: int, block_size: int) -> None:
         check_key(key)
-        self._put(key, read_exact_blocks(reader, length, block_size), length, f"write {key}")
+        blocks = read_exact_blocks(reader, length, block_size)
+        if length > self.max_single_put:
+            self._put(key, blocks, length, f"write {key}")
+        else:
+            self._stream_put(key, blocks, length, f"write {key}")
 
     def assemble(self, sources: Sequence[PartSource], key: str, block_size: int) -> StoredObject:
         if block_size < 1:
@@ -261,6 +298,20 @@ class S3Storage(Storage):
         with _boundary(f"list {prefix}", self._where):
             for obj in self._client.list_objects(self._bucket, prefix=prefix, recursive=True):
                 yield ListedKey(cast(str, obj.object_name), cast(datetime, obj.last_modified))
+
+    def sweep_incomplete(self, older_than: datetime, dry_run: bool = False) -> int:
+        """Abort the multipart uploads under chunksvc's prefixes initiated before ``older_than``.
+
+        A live upload that is aborted fails at its next request, so nothing is stored half-done.
+        """
+        count = 0
+        for prefix in _SWEPT_PREFIXES:
+            for upload in self._multipart_uploads(prefix):
+                if upload.initiated_time is None or upload.initiated_time >= older_than:
+                    continue
+                if dry_run or self._abort_upload(upload.object_name, cast(str, upload.upload_id)):
+                    count += 1
+        return count
 
     def describe(self, stored: StoredObject) -> dict:
         return {"key": stored.key, "size": stored.size, "sha256": stored.sha256, "bucket": self._bucket}
@@ -334,6 +385,31 @@ class S3Storage(Storage):
         finally:
             body.close()
 
+    def _stream_put(self, key: str, blocks: Iterator[bytes], length: int, action: str) -> None:
+        """Upload exactly ``length`` bytes in one PUT, sending each block as it arrives.
+
+        ``put_object`` would hold a whole SDK part in memory and, over plain http, hash it once
+        more to sign it: the payload's SHA-256 goes in the signature, so it must be known before
+        the first byte is sent. A presigned URL (the SDK signs it; no network call) signs an
+        UNSIGNED-PAYLOAD instead, so the body streams through in fixed memory and is hashed once,
+        by the service. Integrity does not rest on that signature: completion reads the stored
+        object back and checks its size and SHA-256. A body that fails midway aborts the PUT, and
+        S3 stores nothing for it. A streamed body cannot be replayed, so this PUT is not retried.
+        """
+        body = _RecordingBlocks(blocks)
+        try:
+            with _boundary(action, self._where):
+                url = self._client.presigned_put_object(self._bucket, key, expires=_PUT_URL_LIFETIME)
+                response = self._http.urlopen(
+                    "PUT", url, body=iter(body), headers={"Content-Length": str(length)}, retries=False, redirect=False
+                )
+                if response.status >= 300:
+                    raise _error_from(response)
+        except (StorageError, StorageUnavailable) as exc:
+            if body.error is None or body.error is exc:
+                raise
+            raise body.error from None
+
     def _compose(self, sources: Sequence[PartSource], key: str) -> None:
         compose = [ComposeSource(self._bucket, src.key) for src in sources]
         with _boundary(f"assemble {key}", self._where):
@@ -369,6 +445,35 @@ class S3Storage(Storage):
                 digest.update(block)
                 size += len(block)
         return StoredObject(key, size, digest.hexdigest())
+
+    def _multipart_uploads(self, prefix: str) -> Iterator[Upload]:
+        """Every unfinished multipart upload under ``prefix``, a page at a time.
+
+        The SDK has only private calls for these (ListMultipartUploads, AbortMultipartUpload).
+        """
+        key_marker = upload_id_marker = None
+        while True:
+            with _boundary(f"list unfinished uploads under {prefix}", self._where):
+                page = self._client._list_multipart_uploads(
+                    self._bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=upload_id_marker
+                )
+            yield from page.uploads
+            if not page.is_truncated or not page.uploads:
+                return
+            # minio 7.2 does not parse NextUploadIdMarker; the last upload listed is that marker.
+            last = page.uploads[-1]
+            key_marker, upload_id_marker = last.object_name, last.upload_id
+
+    def _abort_upload(self, key: str, upload_id: str) -> bool:
+        """Abort one multipart upload; False if it was already gone (finished or aborted meanwhile)."""
+        with _boundary(f"abort unfinished upload of {key}", self._where):
+            try:
+                self._client._abort_multipart_upload(self._bucket, key, upload_id)
+            except S3Error as exc:
+                if exc.code == "NoSuchUpload":
+                    return False
+                raise
+        return True
 
     def _remove(self, names: list[str]) -> None:
         if not names:
