@@ -17,12 +17,8 @@ Row = dict[str, Any]
 # --- clients and keys -----------------------------------------------------------------------
 
 
-def authenticate(conn: Connection, key_hash: bytes) -> Row | None:
-    return conn.one("authenticate", key_hash=key_hash)
-
-
-def authenticate_for_session(conn: Connection, key_hash: bytes, session_id: UUID | None) -> Row | None:
-    return conn.one("authenticate_for_session", key_hash=key_hash, session_id=session_id)
+def authenticate(conn: Connection, key_hash: bytes, session_id: UUID | None = None) -> Row | None:
+    return conn.one("authenticate", key_hash=key_hash, session_id=session_id)
 
 
 def upsert_client(conn: Connection, name: str) -> Row:

@@ -63,7 +63,7 @@ class Authenticator:
             row = dao.authenticate(conn, key_hash)
         if row is None:
             raise Unauthorized("unknown or revoked API key")
-        return Client(id=row["client_id"], name=row["client_name"])
+        return Client(id=row["key_client_id"], name=row["client_name"])
 
 
 class KeyManager:

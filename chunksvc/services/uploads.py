@@ -244,7 +244,7 @@ class UploadService:
         except ValueError:
             session_id = None  # still authenticated first: 401 comes before 404
         with self._db.connection() as conn:
-            row = dao.authenticate_for_session(conn, key_hash, session_id)
+            row = dao.authenticate(conn, key_hash, session_id)
         if row is None:
             raise Unauthorized("unknown or revoked API key")
         client = Client(id=row["key_client_id"], name=row["client_name"])

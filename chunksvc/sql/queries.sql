@@ -3,23 +3,10 @@
 -- Session rows carry `status` (as stored) and `effective_status` (as clients see it).
 
 -- name: authenticate
--- The client behind an unrevoked key; last_used_at is refreshed at most once a minute so
--- authentication stays one round trip that rarely writes.
-WITH key AS (
-    SELECT k.id, k.client_id, c.name AS client_name
-      FROM api_keys k JOIN clients c ON c.id = k.client_id
-     WHERE k.key_hash = %(key_hash)s AND k.revoked_at IS NULL
-), touched AS (
-    UPDATE api_keys SET last_used_at = now()
-     WHERE id = (SELECT id FROM key)
-       AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')
-)
-SELECT client_id, client_name FROM key;
-
--- name: authenticate_for_session
--- A part upload's checks in one round trip: the client behind an unrevoked key (exactly as
--- `authenticate`) and that client's session. No row: unknown or revoked key. `id` NULL: no
--- such session of this client (or no session id: a malformed one is passed as NULL).
+-- The client behind an unrevoked key and, in the same round trip (the part path is the hot
+-- one), that client's session `session_id`. No row: unknown or revoked key. `id` NULL: no such
+-- session of this client, or none asked for (NULL; a malformed id is passed as NULL too).
+-- last_used_at is refreshed at most once a minute, so this rarely writes.
 WITH key AS (
     SELECT k.id, k.client_id, c.name AS client_name
       FROM api_keys k JOIN clients c ON c.id = k.client_id

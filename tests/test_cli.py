@@ -1,0 +1,102 @@
+"""The ops interface: `python -m chunksvc migrate` and `keys ...`, as subprocesses on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+
+import psycopg
+import pytest
+
+from chunksvc import embedded, migrations
+from tests.helpers import create
+
+
+def chunksvc(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, DATABASE_URL=database_url)
+    return subprocess.run(
+        [sys.executable, "-m", "chunksvc", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture
+def empty_database(pg_admin_url):
+    name = f"chunksvc_empty_{uuid.uuid4().hex[:12]}"
+    url = embedded.ensure_database(pg_admin_url, name)
+    yield url
+    embedded.drop_database(pg_admin_url, name)
+
+
+def applied(url: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        return [row[0] for row in conn.execute("SELECT name FROM schema_migrations ORDER BY version")]
+
+
+def test_migrate_applies_each_file_once(empty_database):
+    first = chunksvc(empty_database, "migrate")
+    assert first.returncode == 0, first.stderr
+    names = [m.name for m in migrations.available()]
+    assert first.stdout.strip() == "applied: " + ", ".join(names)
+    assert applied(empty_database) == names
+    again = chunksvc(empty_database, "migrate")
+    assert (again.returncode, again.stdout.strip()) == (0, "database schema is up to date")
+
+
+def test_two_hosts_migrating_at_once(empty_database):
+    results: list[list[str]] = []
+    barrier = threading.Barrier(2)
+
+    def run():
+        barrier.wait()
+        results.append(migrations.migrate(empty_database))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # The advisory lock makes one apply everything and the other find nothing left to do.
+    assert sorted(len(r) for r in results) == [0, len(migrations.available())]
+    assert applied(empty_database) == [m.name for m in migrations.available()]
+
+
+def test_migrate_refuses_an_edited_migration(database_url):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = '0001'")
+    result = chunksvc(database_url, "migrate")
+    assert result.returncode == 2
+    assert "0001_schema.sql changed after it was applied" in result.stderr
+
+
+def test_keys_create_list_revoke(database_url, app):
+    created = chunksvc(database_url, "keys", "create", "ingest-bot")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]  # the last line is the key alone
+    assert key.startswith("csk_") and len(key) == 56
+    prefix = key[:12]
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute("SELECT key_hash FROM api_keys WHERE prefix = %s", (prefix,)).fetchone()[0]
+    assert key.encode() not in bytes(stored)  # only a hash is kept
+
+    listed = chunksvc(database_url, "keys", "list").stdout.splitlines()
+    row = next(line for line in listed if prefix in line)
+    assert row.split()[0] == "ingest-bot" and row.split()[4:] == ["-", "-"]  # never used, not revoked
+
+    auth = {"Authorization": f"Bearer {key}"}
+    create(app, auth, size=1)
+    row = next(line for line in chunksvc(database_url, "keys", "list").stdout.splitlines() if prefix in line)
+    assert row.split()[4] != "-"  # last used is now set (the date column of LAST USED)
+
+    revoked = chunksvc(database_url, "keys", "revoke", prefix)
+    assert (revoked.returncode, revoked.stdout.strip()) == (0, f"revoked {prefix} (ingest-bot)")
+    app.get("/uploads/sessions", headers=auth, status=401)
+    again = chunksvc(database_url, "keys", "revoke", prefix)
+    assert again.returncode == 1 and "no active key" in again.stderr
+
+
+def test_keys_create_refuses_a_bad_client_name(database_url):
+    result = chunksvc(database_url, "keys", "create", "bad name!")
+    assert result.returncode == 2 and "client name" in result.stderr
