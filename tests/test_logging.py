@@ -7,16 +7,17 @@ import io
 import json
 import logging
 import uuid
+from pathlib import Path
 
 import falcon
 import pytest
 
 from chunksvc import embedded, logs
-from chunksvc.db import Database
-from chunksvc.services.auth import KeyManager
-from tests import gunicorn_process
+from chunksvc.config import StorageSpec
+from chunksvc.tools import harness
 from tests.helpers import create, payload, put_part
 
+ROOT = Path(__file__).resolve().parents[1]
 PART_ROUTE = "/uploads/sessions/{session_id}/parts/{part_number}"
 
 
@@ -135,27 +136,24 @@ def server(pg_admin_url, template_db, tmp_path_factory):
     url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     workdir = tmp_path_factory.mktemp("logs-server")
     env = {
-        "DATABASE_URL": url,
-        "CHUNKSVC_STORAGE_URL": f"file://{workdir / 'storage'}",
         "CHUNKSVC_WORKERS": "2",
         "CHUNKSVC_MIN_PART_SIZE": "1",
         "CHUNKSVC_ACCESS_LOG": str(workdir / "access.log"),
         "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
     }
+    storage = StorageSpec(kind="file", root=workdir / "storage")
     try:
-        with gunicorn_process.gunicorn(env, workdir / "stderr.log") as (_process, port):
-            db = Database(url, max_size=1)
-            key = KeyManager(db).create("ops-client")[0]
-            db.close()
-            yield {"port": port, "key": key, "access": workdir / "access.log", "stderr": workdir / "stderr.log"}
+        with harness.gunicorn(url, storage, env=env, cwd=ROOT, stderr_path=workdir / "stderr.log") as gunicorn:
+            key = harness.create_api_key(url, "ops-client")
+            yield {"gunicorn": gunicorn, "key": key, "access": workdir / "access.log", "stderr": workdir / "stderr.log"}
     finally:
         embedded.drop_database(pg_admin_url, name)
 
 
 def test_gunicorn_writes_json_access_and_error_logs(server):
     key = server["key"]
-    status, response, _ = gunicorn_process.http_request(
-        server["port"], "POST", "/uploads/sessions", json.dumps({"filename": "f", "size": 5}).encode(),
+    status, response, _ = server["gunicorn"].request(
+        "POST", "/uploads/sessions", json.dumps({"filename": "f", "size": 5}).encode(),
         {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "X-Request-ID": "e2e-42"},
     )
     assert status == 201 and response.getheader("X-Request-ID") == "e2e-42"

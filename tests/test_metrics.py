@@ -20,15 +20,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chunksvc import embedded
 from chunksvc.app import create_app
-from chunksvc.config import Config
+from chunksvc.config import Config, StorageSpec
 from chunksvc.db import Database
 from chunksvc.errors import ConfigError
 from chunksvc.metrics import Metrics
-from chunksvc.services.auth import KeyManager
-from tests import gunicorn_process
+from chunksvc.tools import harness
 from tests.conftest import TEST_LIMITS
 from tests.helpers import complete, create, payload, put_part, sha, split
 
+ROOT = Path(__file__).resolve().parents[1]
 PART_ROUTE = "/uploads/sessions/{session_id}/parts/{part_number}"
 
 
@@ -192,26 +192,23 @@ def server(pg_admin_url, template_db, tmp_path_factory):
     stale = sorted(path.name for path in metrics_dir.iterdir())
     assert stale, "the stale values were not written"
     env = {
-        "DATABASE_URL": url,
-        "CHUNKSVC_STORAGE_URL": f"file://{workdir / 'storage'}",
         "CHUNKSVC_WORKERS": "3",
         "CHUNKSVC_MIN_PART_SIZE": "1",
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "CHUNKSVC_ACCESS_LOG": str(workdir / "access.log"),
     }
+    storage = StorageSpec(kind="file", root=workdir / "storage")
     try:
-        with gunicorn_process.gunicorn(env, workdir / "stderr.log") as (process, port):
-            db = Database(url, max_size=1)
-            key = KeyManager(db).create("metrics")[0]
-            db.close()
-            yield {"process": process, "port": port, "dir": metrics_dir, "stale": stale, "key": key,
+        with harness.gunicorn(url, storage, env=env, cwd=ROOT, stderr_path=workdir / "stderr.log") as gunicorn:
+            key = harness.create_api_key(url, "metrics")
+            yield {"gunicorn": gunicorn, "dir": metrics_dir, "stale": stale, "key": key,
                    "access_log": workdir / "access.log"}
     finally:
         embedded.drop_database(pg_admin_url, name)
 
 
 def gunicorn_scrape(server) -> dict:
-    status, _, body = gunicorn_process.http_request(server["port"], "GET", "/metrics")
+    status, _, body = server["gunicorn"].request("GET", "/metrics")
     assert status == 200
     return parse(body.decode())
 
@@ -222,7 +219,7 @@ def healthz_burst(server, count: int, concurrency: int = 6) -> None:
 
     def worker(share: int) -> None:
         for _ in range(share):
-            status, _, _ = gunicorn_process.http_request(server["port"], "GET", "/healthz")
+            status, _, _ = server["gunicorn"].request("GET", "/healthz")
             if status != 200:
                 failures.append(status)
 
@@ -256,11 +253,11 @@ def test_counts_add_up_across_workers_and_survive_a_dead_worker(server):
     healthz_burst(server, 150)
     assert healthz_count(gunicorn_scrape(server)) == start + 150
 
-    victim = next(iter(access_pids(server, "/healthz") & gunicorn_process.worker_pids(server["process"].pid)))
+    victim = next(iter(access_pids(server, "/healthz") & set(server["gunicorn"].worker_pids())))
     os.kill(victim, signal.SIGKILL)
     # The master's child_exit hook drops the dead worker's live gauges; wait until it has run.
     gauges = server["dir"] / f"gauge_livesum_{victim}.db"
-    wait_for(lambda: not gauges.exists() and len(gunicorn_process.worker_pids(server["process"].pid)) == 3)
+    wait_for(lambda: not gauges.exists() and len(server["gunicorn"].worker_pids()) == 3)
 
     healthz_burst(server, 150)
     samples = gunicorn_scrape(server)
@@ -277,13 +274,13 @@ def test_uploads_through_several_workers(server):
     count = 12
     for index in range(count):
         data = payload(100, seed=index)
-        status, _, body = gunicorn_process.http_request(
-            server["port"], "POST", "/uploads/sessions", json.dumps({"filename": "f", "size": 100}).encode(), headers
+        status, _, body = server["gunicorn"].request(
+            "POST", "/uploads/sessions", json.dumps({"filename": "f", "size": 100}).encode(), headers
         )
         assert status == 201
         session = json.loads(body)["id"]
-        status, _, _ = gunicorn_process.http_request(
-            server["port"], "PUT", f"/uploads/sessions/{session}/parts/1", data, {"Authorization": f"Bearer {key}"}
+        status, _, _ = server["gunicorn"].request(
+            "PUT", f"/uploads/sessions/{session}/parts/1", data, {"Authorization": f"Bearer {key}"}
         )
         assert status == 201
     after = gunicorn_scrape(server)
@@ -295,19 +292,14 @@ def test_uploads_through_several_workers(server):
 def test_default_directory_is_per_server_and_removed_at_exit(pg_admin_url, template_db, tmp_path):
     name = f"chunksvc_metrics_{uuid.uuid4().hex[:12]}"
     url = embedded.ensure_database(pg_admin_url, name, template=template_db)
-    env = {
-        "DATABASE_URL": url,
-        "CHUNKSVC_STORAGE_URL": f"file://{tmp_path / 'storage'}",
-        "CHUNKSVC_WORKERS": "1",
-        "CHUNKSVC_ACCESS_LOG": "",
-    }
+    storage = StorageSpec(kind="file", root=tmp_path / "storage")
+    env = {"CHUNKSVC_WORKERS": "1", "CHUNKSVC_ACCESS_LOG": ""}
     try:
-        with gunicorn_process.gunicorn(env, tmp_path / "stderr.log", unset=["PROMETHEUS_MULTIPROC_DIR"]) as (
-            process,
-            port,
-        ):
-            directory = Path(tempfile.gettempdir()) / f"chunksvc-metrics-{process.pid}"
-            assert gunicorn_process.http_request(port, "GET", "/metrics")[0] == 200
+        with harness.gunicorn(
+            url, storage, env=env, unset=["PROMETHEUS_MULTIPROC_DIR"], cwd=ROOT, stderr_path=tmp_path / "stderr.log"
+        ) as gunicorn:
+            directory = Path(tempfile.gettempdir()) / f"chunksvc-metrics-{gunicorn.process.pid}"
+            assert gunicorn.request("GET", "/metrics")[0] == 200
             assert any(directory.glob("counter_*.db"))
     finally:
         embedded.drop_database(pg_admin_url, name)

@@ -8,7 +8,6 @@ States a crash or a failed cleanup would leave are set up with plain SQL on the 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import io
 import json
 import os
@@ -34,6 +33,7 @@ from chunksvc.services.auth import Authenticator, KeyManager
 from chunksvc.services.reaper import Reaper, ReaperSettings, ReapResult
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import Storage, open_storage
+from chunksvc.tools import harness
 from tests.conftest import TEST_LIMITS
 from tests.helpers import complete, create, payload, put_part, sha, split
 from tests.storage_fixtures import make_s3_spec, s3_admin
@@ -44,12 +44,6 @@ OLD = 2 * 3600  # seconds: older than the grace period the tests give (one hour)
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def query(database_url: str, statement: str, params: tuple = ()) -> list[tuple]:
@@ -413,7 +407,7 @@ def test_two_reapers_at_once_do_each_piece_of_work_once(app, auth, db, database_
 
 
 def test_storage_failures_are_counted_and_left_for_the_next_run(db, database_url, keys):
-    dead = make_s3_spec(f"127.0.0.1:{free_port()}", create=False)  # nothing listens there
+    dead = make_s3_spec(f"127.0.0.1:{harness.free_port()}", create=False)  # nothing listens there
     storage = open_storage(dead)
     uploads = UploadService(db, storage, TEST_LIMITS, 64 * 1024)
     client = Authenticator(db).authenticate(f"Bearer {keys.create('alice')[0]}")
@@ -472,7 +466,7 @@ def test_cli_prints_one_line_and_exits_0_when_all_was_cleaned(file_app, auth, da
 
 
 def test_cli_exits_1_when_something_could_not_be_cleaned(database_url):
-    port = free_port()  # nothing listens there
+    port = harness.free_port()  # nothing listens there
     env = {"DATABASE_URL": database_url, "CHUNKSVC_STORAGE_URL": f"s3+http://key:top-secret@127.0.0.1:{port}/chunks"}
 
     result = run_reap(env)
@@ -484,17 +478,6 @@ def test_cli_exits_1_when_something_could_not_be_cleaned(database_url):
 
 
 # --- a worker killed mid-upload ----------------------------------------------------------------
-
-
-def child_pids(parent: int) -> set[int]:
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                # After the parenthesised command name come the state and the parent pid.
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                    pids.add(int(entry.name))
-    return pids
 
 
 def has_open(pid: int, path: Path) -> bool:
@@ -516,55 +499,27 @@ def wait_for(what, describe: str, timeout: float = 60):
 def server(database_url, db, tmp_path):
     """gunicorn as ops run it, one worker, file storage, writing in 4 KiB blocks."""
     root = tmp_path / "storage"
-    port = free_port()
-    env = dict(
-        os.environ,
-        DATABASE_URL=database_url,
-        CHUNKSVC_STORAGE_URL=f"file://{root}",
-        CHUNKSVC_BIND=f"127.0.0.1:{port}",
-        CHUNKSVC_WORKERS="1",
-        CHUNKSVC_MIN_PART_SIZE="1",
-        CHUNKSVC_BLOCK_SIZE="4096",
-        CHUNKSVC_ACCESS_LOG="/dev/null",
-    )
-    log_path = tmp_path / "gunicorn.log"
-    with open(log_path, "wb") as log:  # a file, not a pipe: a pipe nobody reads would stall it
-        process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "chunksvc.wsgi:app"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-
-    def serving() -> bool:
-        assert process.poll() is None, "gunicorn exited: " + log_path.read_text()[-3000:]
-        with contextlib.suppress(OSError):
-            return call({"port": port}, "GET", "/healthz")[0] == 200
-        return False
-
-    try:
-        wait_for(serving, "gunicorn to serve")
+    env = {
+        "CHUNKSVC_WORKERS": "1",
+        "CHUNKSVC_MIN_PART_SIZE": "1",
+        "CHUNKSVC_BLOCK_SIZE": "4096",
+        "CHUNKSVC_ACCESS_LOG": "/dev/null",
+    }
+    with harness.gunicorn(
+        database_url, StorageSpec(kind="file", root=root), env=env, cwd=ROOT, stderr_path=tmp_path / "gunicorn.log",
+        stop_signal=signal.SIGQUIT,  # quick shutdown: the test is over
+    ) as gunicorn:
         key = KeyManager(db).create("crash")[0]
-        yield {"process": process, "port": port, "key": key, "root": root, "serving": serving}
-    finally:
-        process.send_signal(signal.SIGQUIT)  # quick shutdown: the test is over
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        yield {"gunicorn": gunicorn, "port": gunicorn.port, "key": key, "root": root}
 
 
 def call(server, method: str, path: str, body: dict | None = None) -> tuple[int, dict | None]:
-    conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
-    headers = {"Authorization": f"Bearer {server['key']}"} if "key" in server else {}
-    try:
-        conn.request(method, path, body=None if body is None else json.dumps(body),
-                     headers={**headers, "Content-Type": "application/json"})
-        response = conn.getresponse()
-        data = response.read()
-    finally:
-        conn.close()
+    status_code, response, data = server["gunicorn"].request(
+        method, path, None if body is None else json.dumps(body),
+        {"Authorization": f"Bearer {server['key']}", "Content-Type": "application/json"},
+    )
     is_json = response.getheader("Content-Type", "").startswith(("application/json", "application/problem+json"))
-    return response.status, (json.loads(data) if is_json else None)
+    return status_code, (json.loads(data) if is_json else None)
 
 
 def test_a_worker_killed_mid_upload_leaves_bytes_the_reaper_removes(server, db):
@@ -580,12 +535,12 @@ def test_a_worker_killed_mid_upload_leaves_bytes_the_reaper_removes(server, db):
         )
         sock.sendall(payload(200_000))  # then nothing more: the worker waits for the rest
         [temp] = wait_for(lambda: [p for p in incoming.iterdir() if p.stat().st_size > 0], "the part's first bytes")
-        [worker] = [pid for pid in child_pids(server["process"].pid) if has_open(pid, temp)]
+        [worker] = [pid for pid in server["gunicorn"].worker_pids() if has_open(pid, temp)]
         os.kill(worker, signal.SIGKILL)
-        wait_for(lambda: worker not in child_pids(server["process"].pid), "the master to reap the killed worker")
+        wait_for(lambda: worker not in server["gunicorn"].worker_pids(), "the master to reap the killed worker")
 
     assert temp.exists()  # the killed worker could not clean up after itself
-    wait_for(server["serving"], "the replacement worker to serve")
+    server["gunicorn"].wait_until_serving()  # the replacement worker
 
     storage = open_storage(StorageSpec(kind="file", root=server["root"]))
     result = new_reaper(db, storage, orphan_grace=0).run()

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,17 +12,11 @@ from pathlib import Path
 import pytest
 
 from chunksvc import embedded
-from chunksvc.db import Database
-from chunksvc.services.auth import KeyManager
+from chunksvc.config import StorageSpec
+from chunksvc.tools import harness
 from tests.helpers import payload, sha, split
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,48 +24,25 @@ def server(pg_admin_url, template_db, tmp_path_factory):
     name = f"chunksvc_srv_{uuid.uuid4().hex[:12]}"
     url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     storage_root = tmp_path_factory.mktemp("srv") / "storage"
-    port = free_port()
-    env = dict(
-        os.environ,
-        DATABASE_URL=url,
-        CHUNKSVC_STORAGE_URL=f"file://{storage_root}",
-        CHUNKSVC_BIND=f"127.0.0.1:{port}",
-        CHUNKSVC_WORKERS="2",
-        CHUNKSVC_MIN_PART_SIZE="1",
-        CHUNKSVC_DEFAULT_PART_SIZE="65536",
-        CHUNKSVC_ACCESS_LOG="/dev/null",
-    )
-    gunicorn = Path(sys.executable).parent / "gunicorn"
-    process = subprocess.Popen(
-        [str(gunicorn), "-c", "gunicorn.conf.py", "chunksvc.wsgi:app"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("gunicorn did not start: " + process.stderr.read().decode()[-2000:]) from None
-            time.sleep(0.1)
-    db = Database(url, max_size=2)
-    key = KeyManager(db).create("e2e")[0]
-    yield {"port": port, "key": key, "root": storage_root, "db": db}
-    process.terminate()
-    process.wait(timeout=30)
-    db.close()
-    embedded.drop_database(pg_admin_url, name)
+    env = {
+        "CHUNKSVC_WORKERS": "2",
+        "CHUNKSVC_MIN_PART_SIZE": "1",
+        "CHUNKSVC_DEFAULT_PART_SIZE": "65536",
+        "CHUNKSVC_ACCESS_LOG": "/dev/null",
+    }
+    try:
+        with harness.gunicorn(url, StorageSpec(kind="file", root=storage_root), env=env, cwd=ROOT) as gunicorn:
+            key = harness.create_api_key(url, "e2e")
+            yield {"gunicorn": gunicorn, "port": gunicorn.port, "key": key, "root": storage_root}
+    finally:
+        embedded.drop_database(pg_admin_url, name)
 
 
 def request(server, method, path, body=None, headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
-    conn.request(method, path, body=body, headers={"Authorization": f"Bearer {server['key']}", **(headers or {})})
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response.status, (json.loads(data) if data else None), response
+    status, response, data = server["gunicorn"].request(
+        method, path, body, {"Authorization": f"Bearer {server['key']}", **(headers or {})}
+    )
+    return status, (json.loads(data) if data else None), response
 
 
 def test_multi_part_upload_out_of_order_over_http(server):

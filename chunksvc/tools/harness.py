@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -117,18 +119,49 @@ def storage_url(spec: StorageSpec) -> str:
 
 @dataclasses.dataclass
 class Server:
-    """A running gunicorn master and how to reach it."""
+    """A running gunicorn master, how to reach it, and the file its stderr goes to."""
 
     process: subprocess.Popen[bytes]
     port: int
+    stderr: IO[bytes]
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def worker_pids(self) -> list[int]:
+        """The master's workers (a killed one until the master has reaped it)."""
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         return [int(pid) for pid in children.read_text().split()]
+
+    def request(
+        self, method: str, path: str, body: bytes | str | None = None, headers: Mapping[str, str] | None = None,
+        timeout: float = 30,
+    ) -> tuple[int, http.client.HTTPResponse, bytes]:
+        """One request on a fresh connection: ``(status, response, body)``."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=dict(headers or {}))
+            response = conn.getresponse()
+            return response.status, response, response.read()
+        finally:
+            conn.close()
+
+    def wait_until_serving(self, timeout: float = 60) -> None:
+        """Until ``GET /healthz`` answers 200; if gunicorn exits or ``timeout`` passes first, kill it
+        and raise with the end of its stderr."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                if self.request("GET", "/healthz", timeout=5)[0] == 200:
+                    return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                self.process.wait()
+                self.stderr.seek(0)
+                log = self.stderr.read().decode(errors="replace")
+                raise RuntimeError(f"gunicorn is not serving:\n{log[-3000:]}")
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -138,12 +171,17 @@ def gunicorn(
     *,
     config: Path = Path("gunicorn.conf.py"),
     env: Mapping[str, str] | None = None,
+    unset: Iterable[str] = (),
     cwd: Path | None = None,
+    stderr_path: Path | None = None,
+    stop_signal: signal.Signals = signal.SIGTERM,
 ) -> Iterator[Server]:
-    """gunicorn ``-c config chunksvc.wsgi:app`` on a free port; ``env`` adds CHUNKSVC_* settings.
+    """gunicorn ``-c config chunksvc.wsgi:app`` on a free port, yielded once ``GET /healthz``
+    answers 200; then stopped with ``stop_signal`` (killed if it is still running a minute later).
 
-    Its stderr goes to a temporary file (a pipe nobody reads would fill up and stall it), whose
-    end is shown if it fails to start.
+    Its environment is ours with ``env`` added (CHUNKSVC_* settings) and ``unset`` removed. Its
+    stderr goes to ``stderr_path`` or else a temporary file (a pipe nobody reads would fill up and
+    stall it), whose end is shown if it fails to start.
     """
     port = free_port()
     if storage.kind == "file" and storage.root is not None:
@@ -155,8 +193,10 @@ def gunicorn(
         "CHUNKSVC_BIND": f"127.0.0.1:{port}",
         **(env or {}),
     }
+    for name in unset:
+        child_env.pop(name, None)
     executable = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or "gunicorn"
-    with tempfile.TemporaryFile() as stderr:
+    with open(stderr_path, "w+b") if stderr_path is not None else tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(
             [executable, "-c", str(config), "chunksvc.wsgi:app"],
             env=child_env,
@@ -165,28 +205,13 @@ def gunicorn(
             stderr=stderr,
         )
         try:
-            _wait_until_serving(process, port, stderr)
-            yield Server(process, port)
+            server = Server(process, port, stderr)
+            server.wait_until_serving()
+            yield server
         finally:
-            process.terminate()
+            process.send_signal(stop_signal)  # nothing if it is already gone
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def _wait_until_serving(process: subprocess.Popen[bytes], port: int, stderr: IO[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                process.wait()
-                stderr.seek(0)
-                log = stderr.read().decode(errors="replace")
-                raise RuntimeError(f"gunicorn did not start:\n{log[-2000:]}") from None
-            time.sleep(0.1)
