@@ -10,10 +10,6 @@ against moto's server, each test in a fresh bucket.
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +18,7 @@ import pytest
 
 from chunksvc.config import StorageSpec
 from chunksvc.storage import Storage, open_storage
+from chunksvc.tools import harness
 
 # moto, boto3 and minio are imported where used: this plugin loads for every test run, and
 # most runs need none of them.
@@ -30,38 +27,9 @@ ACCESS_KEY = "test-access-key"
 SECRET_KEY = "test-secret-key-never-logged"
 REGION = "us-east-1"
 
-_CHILD_SERVER = """
-import logging, sys
-from moto.server import ThreadedMotoServer
-logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-server = ThreadedMotoServer("127.0.0.1", 0, verbose=False)
-server.start()
-print(server.get_host_and_port()[1], flush=True)
-sys.stdin.read()  # until the parent closes our stdin
-server.stop()
-"""
-
-
 def make_s3_spec(endpoint: str, bucket: str | None = None, create: bool = True) -> StorageSpec:
     """A spec for a new uniquely-named bucket at ``endpoint`` (created unless ``create`` is false)."""
-    spec = StorageSpec(
-        kind="s3",
-        endpoint=endpoint,
-        access_key=ACCESS_KEY,
-        secret_key=SECRET_KEY,
-        bucket=bucket or f"test-{uuid.uuid4().hex[:24]}",
-        secure=False,
-        region=REGION,
-    )
-    if create:
-        from chunksvc.storage.s3 import S3Storage
-
-        storage = S3Storage(spec)
-        try:
-            storage.ensure_bucket()
-        finally:
-            storage.close()
-    return spec
+    return harness.s3_spec(endpoint, bucket, access_key=ACCESS_KEY, secret_key=SECRET_KEY, create=create)
 
 
 def s3_admin(spec: StorageSpec) -> Any:
@@ -103,26 +71,8 @@ def moto_server() -> Iterator[str]:
         server.stop()
 
 
-@contextlib.contextmanager
-def moto_child() -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """An S3 server (moto) in a child process: its endpoint, and the process (to kill it early)."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout is not None and child.stdin is not None
-        port = child.stdout.readline().strip()
-        if not port.isdigit():
-            raise RuntimeError(f"moto server child failed to start (exit code {child.poll()})")
-        yield f"127.0.0.1:{port}", child
-    finally:
-        with contextlib.suppress(OSError):
-            child.stdin.close()  # type: ignore[union-attr]
-        try:
-            child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+# An S3 server (moto) in a child process: its endpoint, and the process (to kill it early).
+moto_child = harness.moto_s3_process
 
 
 @pytest.fixture(scope="session")

@@ -70,8 +70,9 @@ def create_api_key(database_url: str, client_name: str) -> str:
 
 
 @contextlib.contextmanager
-def moto_s3() -> Iterator[str]:
-    """An S3 server (moto) in a child process; yields its endpoint ``127.0.0.1:PORT``."""
+def moto_s3_process() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """An S3 server (moto) in a child process: its endpoint ``127.0.0.1:PORT``, and the process
+    (a test may kill it early)."""
     child = subprocess.Popen(
         [sys.executable, "-c", _MOTO_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -80,7 +81,7 @@ def moto_s3() -> Iterator[str]:
         port = child.stdout.readline().strip()
         if not port.isdigit():
             raise RuntimeError(f"the moto S3 server did not start (exit code {child.poll()})")
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", child
     finally:
         with contextlib.suppress(OSError):
             child.stdin.close()  # type: ignore[union-attr]
@@ -91,23 +92,38 @@ def moto_s3() -> Iterator[str]:
             child.wait()
 
 
-def s3_spec(endpoint: str, bucket: str | None = None) -> StorageSpec:
-    """A fresh bucket on ``endpoint`` (plain http), created now."""
-    from chunksvc.storage.s3 import S3Storage  # only S3 runs need minio
+@contextlib.contextmanager
+def moto_s3() -> Iterator[str]:
+    """An S3 server (moto) in a child process; yields its endpoint ``127.0.0.1:PORT``."""
+    with moto_s3_process() as (endpoint, _child):
+        yield endpoint
 
+
+def s3_spec(
+    endpoint: str,
+    bucket: str | None = None,
+    *,
+    access_key: str = S3_ACCESS_KEY,
+    secret_key: str = S3_SECRET_KEY,
+    create: bool = True,
+) -> StorageSpec:
+    """A uniquely named bucket on ``endpoint`` (plain http), created now unless ``create`` is false."""
     spec = StorageSpec(
         kind="s3",
         endpoint=endpoint,
-        access_key=S3_ACCESS_KEY,
-        secret_key=S3_SECRET_KEY,
-        bucket=bucket or f"bench-{uuid.uuid4().hex[:16]}",
+        access_key=access_key,
+        secret_key=secret_key,
+        bucket=bucket or f"bucket-{uuid.uuid4().hex[:16]}",
         secure=False,
     )
-    storage = S3Storage(spec)
-    try:
-        storage.ensure_bucket()
-    finally:
-        storage.close()
+    if create:
+        from chunksvc.storage.s3 import S3Storage  # only S3 runs need minio
+
+        storage = S3Storage(spec)
+        try:
+            storage.ensure_bucket()
+        finally:
+            storage.close()
     return spec
 
 
