@@ -146,10 +146,6 @@ def part_sources(conn: Connection, session_id: UUID) -> list[Row]:
     return conn.all("part_sources", session_id=session_id)
 
 
-def part_storage_keys(conn: Connection, session_id: UUID) -> list[str]:
-    return [row["storage_key"] for row in conn.all("part_storage_keys", session_id=session_id)]
-
-
 # --- health ---------------------------------------------------------------------------------
 
 

@@ -432,7 +432,7 @@ class UploadService:
                     if row is None:
                         raise SessionNotFound()
                     status = row["effective_status"]
-                    if status == states.COMPLETED:
+                    if not states.can_move(status, states.ABORTED):  # only COMPLETED cannot
                         raise SessionCompleted("a completed upload cannot be aborted")
                     if status == states.COMPLETING:
                         locked = dao.try_completion_lock(conn, session_id)

@@ -144,9 +144,6 @@ SELECT storage_key, size
  WHERE session_id = %(session_id)s
  ORDER BY part_number;
 
--- name: part_storage_keys
-SELECT storage_key FROM upload_parts WHERE session_id = %(session_id)s;
-
 -- name: mark_completing
 UPDATE upload_sessions
    SET status = 'COMPLETING', sha256 = COALESCE(sha256, %(sha256)s), updated_at = now()
