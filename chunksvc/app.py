@@ -59,12 +59,14 @@ def create_app(
     problems.install(app)
 
     app.add_route("/healthz", health.Healthz())
-    app.add_route("/readyz", health.Readyz(HealthService(db, storage)))
+    app.add_route("/readyz", health.Readyz(HealthService(db, storage, min_free=config.storage_min_free)))
     app.add_route("/metrics", MetricsResource(metrics, db.stats))
     app.add_route("/openapi.json", openapi.OpenApi(config.limits))
     app.add_route("/uploads/sessions", uploads.SessionsResource(upload_service))
     app.add_route("/uploads/sessions/{session_id}", uploads.SessionResource(upload_service))
     app.add_route("/uploads/sessions/{session_id}/parts", uploads.PartsResource(upload_service))
-    app.add_route("/uploads/sessions/{session_id}/parts/{part_number}", uploads.PartResource(upload_service))
+    app.add_route(
+        "/uploads/sessions/{session_id}/parts/{part_number}", uploads.PartResource(upload_service, config.body_timeout)
+    )
     app.add_route("/uploads/sessions/{session_id}/complete", uploads.CompleteResource(upload_service))
     return app

@@ -124,6 +124,12 @@ class Config:
     pool_max_size: int = 8
     # Request bodies are read and written in blocks of this size.
     block_size: int = 1 * MiB
+    # Seconds a part body may send nothing before it is abandoned (a stalled client's thread is
+    # freed). Long enough for any live link; bounds what a few dozen stalled clients can hold.
+    body_timeout: float = 60.0
+    # /readyz answers 503 while local storage has less free space than this (bytes): the host
+    # can no longer take parts, and a load balancer should send them elsewhere.
+    storage_min_free: int = 256 * MiB
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -148,6 +154,8 @@ class Config:
             pool_min_size=_int(env, "CHUNKSVC_DB_POOL_MIN", 1),
             pool_max_size=_int(env, "CHUNKSVC_DB_POOL_MAX", 8),
             block_size=_int(env, "CHUNKSVC_BLOCK_SIZE", 1 * MiB),
+            body_timeout=_int(env, "CHUNKSVC_BODY_TIMEOUT", 60),
+            storage_min_free=_int(env, "CHUNKSVC_STORAGE_MIN_FREE", 256 * MiB),
         )
         config.validate()
         return config
@@ -158,6 +166,10 @@ class Config:
             raise ConfigError("need 1 <= CHUNKSVC_DB_POOL_MIN <= CHUNKSVC_DB_POOL_MAX")
         if not 4 * KiB <= self.block_size <= 64 * MiB:
             raise ConfigError("CHUNKSVC_BLOCK_SIZE must be between 4 KiB and 64 MiB")
+        if self.body_timeout < 1:
+            raise ConfigError("CHUNKSVC_BODY_TIMEOUT must be at least 1 second")
+        if self.storage_min_free < 0:
+            raise ConfigError("CHUNKSVC_STORAGE_MIN_FREE must not be negative")
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -137,6 +137,31 @@ def get_part(conn: Connection, session_id: UUID, part_number: int) -> Row | None
     return conn.one("get_part", session_id=session_id, part_number=part_number)
 
 
+def heal_part(
+    conn: Connection,
+    session_id: UUID,
+    client_id: int,
+    part_number: int,
+    sha256: str,
+    old_key: str,
+    new_key: str,
+) -> bool:
+    row = conn.one(
+        "heal_part",
+        session_id=session_id,
+        client_id=client_id,
+        part_number=part_number,
+        sha256=sha256,
+        old_key=old_key,
+        new_key=new_key,
+    )
+    return row is not None
+
+
+def drop_lost_parts(conn: Connection, session_id: UUID, storage_keys: list[str], ttl: int) -> Row | None:
+    return conn.one("drop_lost_parts", id=session_id, storage_keys=storage_keys, ttl=ttl)
+
+
 def missing_parts(conn: Connection, session_id: UUID, total_parts: int, limit: int) -> list[int]:
     rows = conn.all("missing_parts", session_id=session_id, total_parts=total_parts, limit=limit)
     return [row["part_number"] for row in rows]
@@ -182,6 +207,11 @@ def stale_completions(conn: Connection, lease: float, after: tuple[datetime, UUI
 
 def sessions_for_sweep(conn: Connection, session_ids: list[UUID]) -> list[Row]:
     return conn.all("sessions_for_sweep", ids=session_ids)
+
+
+def referenced_part_keys(conn: Connection, session_ids: list[UUID], storage_keys: list[str]) -> set[str]:
+    rows = conn.all("referenced_part_keys", session_ids=session_ids, storage_keys=storage_keys)
+    return {row["storage_key"] for row in rows}
 
 
 def try_reaper_lock(conn: Connection, phase: str) -> bool:

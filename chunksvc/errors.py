@@ -95,6 +95,11 @@ class PartSizeMismatch(ChunksvcError):
     title = "Part length differs from this part's exact size"
 
 
+class UnsupportedDigest(ChunksvcError):
+    code = "unsupported_digest"
+    title = "Content-Digest carries no algorithm this service verifies"
+
+
 class DigestMismatch(ChunksvcError):
     code = "digest_mismatch"
     title = "Body does not match Content-Digest"
@@ -140,3 +145,20 @@ class StorageError(ChunksvcError):
 
     code = "storage_error"
     title = "Storage error"
+
+
+class ObjectMissing(StorageError):
+    """A key that should hold bytes holds none (removed behind the service's back, or never stored)."""
+
+    title = "Stored object missing"
+
+    def __init__(self, key: str, detail: str | None = None) -> None:
+        super().__init__(detail or f"no object under {key}")
+        self.key = key
+
+
+class StorageFull(ChunksvcError):
+    """Storage has no room for the bytes (disk full, quota, MinIO's XMinioStorageFull)."""
+
+    code = "storage_full"
+    title = "Storage is full"

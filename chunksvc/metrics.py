@@ -50,8 +50,9 @@ class Metrics(UploadEvents):
             registry=registry, multiprocess_mode="livesum",
         )
         self.parts = Counter(
-            "chunksvc_parts", "Part uploads by outcome: accepted (new), duplicate (same bytes again),"
-            " conflicting (different bytes, 409 part_conflict) or rejected (any other error)",
+            "chunksvc_parts", "Part uploads by outcome: accepted (new), duplicate (same bytes again), healed"
+            " (same bytes again, replacing recorded bytes lost from storage), conflicting (different bytes,"
+            " 409 part_conflict) or rejected (any other error)",
             ["outcome"], registry=registry,
         )
         self.parts_rejected = Counter(
@@ -63,8 +64,14 @@ class Metrics(UploadEvents):
             ["outcome"], registry=registry,
         )
         self.sessions = Counter(
-            "chunksvc_sessions", "Upload session events: created, completed, aborted, expired (by the reaper), failed",
+            "chunksvc_sessions", "Upload session events: created, completed, aborted, expired (by the reaper), failed,"
+            " reopened (a completion found parts lost from storage and asked for them again)",
             ["event"], registry=registry,
+        )
+        self.parts_lost = Counter(
+            "chunksvc_parts_lost", "Recorded parts whose stored bytes were found missing at completion (and asked"
+            " for again); anything but 0 means storage lost bytes behind the service's back",
+            registry=registry,
         )
         self.assembly_duration = Histogram(
             "chunksvc_assembly_duration_seconds", "Time to assemble and verify an upload, by outcome",
@@ -169,10 +176,14 @@ class Metrics(UploadEvents):
     def session_created(self) -> None:
         self.sessions.labels("created").inc()
 
-    def part_stored(self, *, created: bool, size: int) -> None:
-        outcome = "accepted" if created else "duplicate"
+    def part_stored(self, *, created: bool, size: int, healed: bool = False) -> None:
+        outcome = "accepted" if created else "healed" if healed else "duplicate"
         self.parts.labels(outcome).inc()
         self.part_bytes.labels(outcome).inc(size)
+
+    def session_reopened(self, lost_parts: int) -> None:
+        self.sessions.labels("reopened").inc()
+        self.parts_lost.inc(lost_parts)
 
     def session_completed(self, assembly_seconds: float) -> None:
         self.sessions.labels("completed").inc()

@@ -221,8 +221,8 @@ def test_an_abort_that_removed_its_bytes_is_not_purged_again(app, auth, reap, da
 # --- orphans and unfinished writes ------------------------------------------------------------
 
 
-def test_orphans_are_removed_once_older_than_the_grace_period(app, auth, reap, storage):
-    live, _ = uploaded(app, auth, seed=1)  # still open: its writers may yet record keys
+def test_orphans_are_removed_once_older_than_the_grace_period(app, auth, reap, database_url, storage):
+    live, _ = uploaded(app, auth, seed=1)  # still open: its recorded parts stay
     aborted = create(app, auth, size=10).json["id"]
     app.delete(f"/uploads/sessions/{aborted}", headers=auth, status=204)
     completed, data = uploaded(app, auth, seed=2)
@@ -235,9 +235,10 @@ def test_orphans_are_removed_once_older_than_the_grace_period(app, auth, reap, s
         f"parts/{aborted}/{uuid.uuid4()}",  # a writer that outlived the abort
         f"objects/{aborted}",  # an assembler that outlived the abort
         f"parts/{completed}/{uuid.uuid4()}",
+        f"parts/{live}/{uuid.uuid4()}",  # bytes kept when their record's outcome was unknown
     ]
     kept = [
-        f"parts/{live}/{uuid.uuid4()}",  # the purge takes it once the session ends
+        *part_keys(database_url, live),  # recorded: the session needs them
         "parts/not-a-session/x",  # not a key chunksvc makes
     ]
     for key in orphans + kept:
@@ -296,14 +297,27 @@ def test_a_completion_whose_assembler_died_is_driven_to_the_end(app, auth, reap,
     assert (status(database_url, recent), status(database_url, busy)) == ("COMPLETING", "COMPLETING")
 
 
-def test_a_stuck_completion_whose_part_bytes_are_gone_fails(app, auth, reap, database_url, storage):
-    stuck, _ = uploaded(app, auth, parts=3)
+def test_a_stuck_completion_whose_part_bytes_are_gone_is_reopened_for_the_client(
+    app, auth, reap, database_url, storage
+):
+    stuck, data = uploaded(app, auth, parts=3)
     stall_completion(database_url, stuck)
-    storage.delete([part_keys(database_url, stuck)[1]])
+    lost = part_keys(database_url, stuck)[1]
+    storage.delete([lost])
 
-    assert done(reap()) == {"completions_failed": 1, "purged_sessions": 1}
-    assert app.get(f"/uploads/sessions/{stuck}", headers=auth).json["status"] == "FAILED"
-    assert stored(storage) == []
+    assert done(reap()) == {"completions_reopened": 1}
+    session = app.get(f"/uploads/sessions/{stuck}", headers=auth).json
+    counts = (session["status"], session["received_parts"], session["received_bytes"])
+    assert counts == ("IN_PROGRESS", 2, len(data) - PART)
+    assert stored(storage, f"parts/{stuck}/") == sorted(key for key in part_keys(database_url, stuck))
+    assert lost not in part_keys(database_url, stuck)
+
+    # The client's ordinary resume: complete lists the part, it is sent again, complete succeeds.
+    missing = complete(app, auth, stuck, status=409).json
+    assert (missing["code"], missing["missing_parts"], missing["missing_count"]) == ("parts_missing", [2], 1)
+    put_part(app, auth, stuck, 2, split(data, PART)[1])
+    assert complete(app, auth, stuck).json["status"] == "COMPLETED"
+    assert read(storage, f"objects/{stuck}") == data
 
 
 # --- dry run ----------------------------------------------------------------------------------
@@ -389,6 +403,7 @@ def test_two_reapers_at_once_do_each_piece_of_work_once(app, auth, db, database_
         "orphans_removed": 10,
         "incomplete_swept": 5,
         "completions_redriven": 4,
+        "completions_reopened": 0,
         "completions_failed": 0,
     }, [result.summary() for result in results]
     assert stored(storage, "parts/") == []
@@ -450,14 +465,15 @@ def test_cli_prints_one_line_and_exits_0_when_all_was_cleaned(file_app, auth, da
     dry = run_reap(env, "--dry-run", "--orphan-grace", "0")
     assert (dry.returncode, dry.stdout) == (0, (
         "reap (dry run, nothing changed): would have 1 expired, 0 sessions purged, 1 orphans removed,"
-        " 0 incomplete writes swept, 0 completions re-driven, 0 completions failed, 0 errors\n"
+        " 0 incomplete writes swept, 0 completions re-driven, 0 completions reopened for lost parts,"
+        " 0 completions failed, 0 errors\n"
     )), dry.stderr
     assert status(database_url, session_id) == "IN_PROGRESS"
 
     real = run_reap(env, "--orphan-grace", "0", "--batch-size", "1", "--completing-lease", "60")
     assert (real.returncode, real.stdout) == (0, (
         "reap: 1 expired, 1 sessions purged, 1 orphans removed, 0 incomplete writes swept,"
-        " 0 completions re-driven, 0 completions failed, 0 errors\n"
+        " 0 completions re-driven, 0 completions reopened for lost parts, 0 completions failed, 0 errors\n"
     )), real.stderr
     assert stored(storage) == []
     assert status(database_url, session_id) == "EXPIRED"

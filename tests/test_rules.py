@@ -113,7 +113,9 @@ def test_part_lengths():
     assert rules.total_parts(8, 4) == 2 and rules.total_parts(9, 4) == 3
 
 
-@pytest.mark.parametrize("raw", ["0", "4", "-1", "1.0", "abc", "", "٣", "1e2", "99999999999"])
+@pytest.mark.parametrize(
+    "raw", ["0", "4", "-1", "+1", "1.0", "abc", "", "٣", "1e2", "99999999999", "01", "001", " 1", "1 ", "1\n"]
+)
 def test_invalid_part_numbers(raw):
     with pytest.raises(errors.InvalidPartNumber):
         rules.parse_part_number(raw, 3)
@@ -137,16 +139,58 @@ def test_part_length_checks_in_contract_order():
     assert rules.check_part_length("2", 10, 4, 3) == 2
 
 
+def b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
 def test_content_digest_parsing():
-    digest = hashlib.sha256(b"hello").digest()
-    header = "sha-256=:" + base64.b64encode(digest).decode() + ":"
-    assert rules.parse_content_digest(header) == digest
-    assert rules.parse_content_digest("sha-512=:AAAA:, " + header) == digest
-    assert rules.parse_content_digest("sha-512=:AAAA:") is None
-    assert rules.parse_content_digest(None) is None
-    for bad in ("sha-256=abc", "sha-256=:!!!:", "sha-256=:" + base64.b64encode(b"short").decode() + ":"):
+    sha256 = hashlib.sha256(b"hello").digest()
+    sha512 = hashlib.sha512(b"hello").digest()
+    header = f"sha-256=:{b64(sha256)}:"
+    assert rules.parse_content_digest(header) == {"sha256": sha256}
+    assert rules.parse_content_digest(f"sha-512=:{b64(sha512)}:") == {"sha512": sha512}
+    assert rules.parse_content_digest(f"sha-512=:{b64(sha512)}:, {header}") == {"sha256": sha256, "sha512": sha512}
+    assert rules.parse_content_digest(f"unixsum=:AAAA:, {header}") == {"sha256": sha256}
+    assert rules.parse_content_digest(None) == {}
+    for bad in (
+        "sha-256=abc",
+        "sha-256=:!!!:",
+        f"sha-256=:{b64(b'short')}:",
+        f"sha-512=:{b64(sha256)}:",  # a SHA-256 value under the sha-512 name
+    ):
         with pytest.raises(errors.InvalidRequest):
             rules.parse_content_digest(bad)
+    for unsupported in ("md5=:AAAA:", "unixsum=:AAAA:, crc32c=:AAAA:"):
+        with pytest.raises(errors.UnsupportedDigest):
+            rules.parse_content_digest(unsupported)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "3f1c2a9e-7b4d-4c1e-9a2b-0c3d4e5f6a7b",
+    ],
+)
+def test_canonical_session_id(raw):
+    assert str(rules.parse_session_id(raw)) == raw
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "3F1C2A9E-7B4D-4C1E-9A2B-0C3D4E5F6A7B",  # upper case
+        "3f1c2a9e7b4d4c1e9a2b0c3d4e5f6a7b",  # no dashes
+        "{3f1c2a9e-7b4d-4c1e-9a2b-0c3d4e5f6a7b}",
+        "urn:uuid:3f1c2a9e-7b4d-4c1e-9a2b-0c3d4e5f6a7b",
+        " 3f1c2a9e-7b4d-4c1e-9a2b-0c3d4e5f6a7b",
+        "3f1c2a9e-7b4d-4c1e-9a2b-0c3d4e5f6a7b\n",
+        "not-a-uuid",
+        "",
+    ],
+)
+def test_other_spellings_of_a_session_id_are_not_found(raw):
+    with pytest.raises(errors.SessionNotFound):
+        rules.parse_session_id(raw)
 
 
 @pytest.mark.parametrize(
@@ -156,7 +200,7 @@ def test_bounded_int(raw, expected):
     assert rules.parse_bounded_int(raw, "limit", 100, 1, 1000) == expected
 
 
-@pytest.mark.parametrize("raw", ["0", "1001", "-1", "x", "1.5"])
+@pytest.mark.parametrize("raw", ["0", "1001", "-1", "x", "1.5", "01", "+5", " 5"])
 def test_bounded_int_rejects(raw):
     with pytest.raises(errors.InvalidRequest):
         rules.parse_bounded_int(raw, "limit", 100, 1, 1000)

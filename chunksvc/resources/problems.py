@@ -20,6 +20,7 @@ STATUS: dict[type[errors.ChunksvcError], int] = {
     errors.InvalidPartNumber: 400,
     errors.PartSizeMismatch: 400,
     errors.DigestMismatch: 400,
+    errors.UnsupportedDigest: 400,
     errors.IncompleteBody: 400,
     errors.Unauthorized: 401,
     errors.SessionNotFound: 404,
@@ -36,6 +37,13 @@ STATUS: dict[type[errors.ChunksvcError], int] = {
     errors.StorageError: 502,
     errors.DatabaseUnavailable: 503,
     errors.StorageUnavailable: 503,
+    errors.StorageFull: 507,
+}
+
+# Headers the contract requires beside some problems.
+HEADERS: dict[type[errors.ChunksvcError], dict[str, str]] = {
+    errors.Unauthorized: {"WWW-Authenticate": 'Bearer realm="chunksvc"'},
+    errors.UnsupportedDigest: {"Want-Content-Digest": "sha-256=10, sha-512=3"},
 }
 
 # Falcon's own errors (unknown route, wrong method, bad header) get stable codes too.
@@ -75,8 +83,8 @@ def handle_domain_error(req: falcon.Request, resp: falcon.Response, error: error
     status = status_of(error)
     if status >= 500:
         log.error("%s: %s", error.code, error.detail, exc_info=error.__cause__ or error)
-    if isinstance(error, errors.Unauthorized):
-        resp.set_header("WWW-Authenticate", 'Bearer realm="chunksvc"')
+    for name, value in HEADERS.get(type(error), {}).items():
+        resp.set_header(name, value)
     req.context.error_code = error.code  # for the access log and the metrics
     render(resp, status, error.code, error.title, error.detail, **error.extra)
 

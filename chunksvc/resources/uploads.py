@@ -135,8 +135,9 @@ class PartsResource:
 class PartResource:
     """/uploads/sessions/{session_id}/parts/{part_number}"""
 
-    def __init__(self, uploads: UploadService) -> None:
+    def __init__(self, uploads: UploadService, body_timeout: float | None = None) -> None:
         self._uploads = uploads
+        self._body_timeout = body_timeout
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, session_id: str, part_number: str) -> None:
         # Every check, authentication included (BearerAuth leaves it to this call), runs before
@@ -150,7 +151,7 @@ class PartResource:
         )
         req.context.client = target.client
         logs.bind(client=target.client.name)  # what RequestTelemetry does once BearerAuth has run
-        result: PartResult = self._uploads.store_part(target, part_body(req))
+        result: PartResult = self._uploads.store_part(target, part_body(req, self._body_timeout))
         resp.status = falcon.HTTP_201 if result.created else falcon.HTTP_200
         resp.set_header("ETag", f'"{result.sha256}"')
         resp.media = {

@@ -14,15 +14,20 @@ class UploadEvents:
     def session_created(self) -> None:
         """A new session was created (an idempotent replay is not reported)."""
 
-    def part_stored(self, *, created: bool, size: int) -> None:
+    def part_stored(self, *, created: bool, size: int, healed: bool = False) -> None:
         """A part body of ``size`` bytes was received whole and recorded: a new part, or a
-        duplicate (``created`` false) of one already accepted with the same bytes."""
+        duplicate (``created`` false) of one already accepted with the same bytes; ``healed``
+        when that duplicate replaced recorded bytes that had gone missing from storage."""
 
     def session_completed(self, assembly_seconds: float) -> None:
         """A session was assembled and verified; ``assembly_seconds`` is the assembly's duration."""
 
     def session_failed(self, assembly_seconds: float) -> None:
         """An assembled object did not match the expected size or SHA-256; the session is FAILED."""
+
+    def session_reopened(self, lost_parts: int) -> None:
+        """A completion found ``lost_parts`` recorded parts without their stored bytes: they were
+        dropped and the session reopened for the client to send them again."""
 
     def session_aborted(self) -> None:
         """A session moved to ABORTED (aborting an already aborted session is not reported)."""

@@ -5,11 +5,20 @@ Phases, in this order (each one's output feeds the next):
 1. expire: overdue ``INIT``/``IN_PROGRESS`` sessions get ``EXPIRED`` stored.
 2. re-drive: ``COMPLETING`` sessions older than the lease whose assembler is dead (its
    completion lock is free) are completed through the same code as ``POST .../complete``;
-   ``FAILED`` when a part's bytes are gone.
+   when parts' bytes are gone the session is reopened without them (``IN_PROGRESS``, the
+   client re-sends them), never failed; storage that is full or down leaves it for next time.
 3. purge: the stored bytes of ended sessions are removed once (``purged_at``): everything under
    ``parts/<id>/``, and ``objects/<id>`` unless the session is ``COMPLETED``.
 4. orphans: stored keys under ``parts/`` and ``objects/`` older than the grace period whose
-   session is missing or already purged (left by a writer that outlived its session).
+   session is missing or already purged (left by a writer that outlived its session), and
+   keys under ``parts/`` of a live session that no part row points to (bytes kept because
+   their record's outcome was unknown, and it did not commit).
+
+Where a storage call and a database change both happen, the bytes go only after the database
+says no row needs them, and a failure between the two leaves work for the next run, not loss:
+expire changes rows only; re-drive is ``complete`` (see ``UploadService._complete``); purge
+removes bytes first and records ``purged_at`` after, so a lost commit means removing them again;
+the orphan sweep reads rows, then removes keys that no row names.
 5. incomplete: unfinished writes older than the grace period (a worker killed mid-write).
 
 Several reapers may run at once: expire and purge claim rows with ``FOR UPDATE SKIP LOCKED``,
@@ -31,7 +40,7 @@ from uuid import UUID
 
 from chunksvc import dao
 from chunksvc.db import Connection, Database
-from chunksvc.errors import ChecksumMismatch, ChunksvcError, CompletionInProgress, SessionNotActive
+from chunksvc.errors import ChecksumMismatch, ChunksvcError, CompletionInProgress, PartsMissing, SessionNotActive
 from chunksvc.services import states
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.uploads import UploadService
@@ -70,6 +79,7 @@ class ReapResult:
     orphans_removed: int = 0
     incomplete_swept: int = 0
     completions_redriven: int = 0
+    completions_reopened: int = 0  # parts' bytes were gone: reopened for the client to re-send
     completions_failed: int = 0
     errors: int = 0  # things that could not be cleaned (details in the log)
 
@@ -82,7 +92,8 @@ class ReapResult:
         counts = (
             f"{self.expired} expired, {self.purged_sessions} sessions purged, {self.orphans_removed} orphans removed,"
             f" {self.incomplete_swept} incomplete writes swept, {self.completions_redriven} completions re-driven,"
-            f" {self.completions_failed} completions failed, {self.errors} errors"
+            f" {self.completions_reopened} completions reopened for lost parts, {self.completions_failed}"
+            f" completions failed, {self.errors} errors"
         )
         return f"reap (dry run, nothing changed): would have {counts}" if self.dry_run else f"reap: {counts}"
 
@@ -214,6 +225,9 @@ class Reaper:
             session = self._uploads.resume_completion(session_id, client_id)
         except (CompletionInProgress, SessionNotActive):
             return  # a live assembler, the client or another reaper has it (or finished it)
+        except PartsMissing:
+            result.completions_reopened += 1  # the client's next complete lists what to re-send
+            return
         except ChecksumMismatch:
             result.completions_failed += 1  # assembled, but not what the client announced: FAILED
             return
@@ -241,11 +255,19 @@ class Reaper:
         owners = {key: session_of(key, prefix) for key in keys}
         ids = list({session_id for session_id in owners.values() if session_id is not None})
         sessions = {row["id"]: row for row in dao.sessions_for_sweep(conn, ids)}
+        # Part keys of live sessions that no part row points to. Asked after the sessions: a
+        # key recorded meanwhile is named in the answer, and one older than the grace period is
+        # no write in progress.
+        live = [session_id for session_id in ids if session_id in sessions and not sessions[session_id]["purged"]]
+        unreferenced: set[str] = set()
+        if prefix == PARTS_PREFIX and live:
+            candidates = [key for key, session_id in owners.items() if session_id in live]
+            unreferenced = set(candidates) - dao.referenced_part_keys(conn, live, candidates)
         orphans = [
             key
             for key, session_id in owners.items()
             if session_id is not None
-            and self._is_orphan(prefix, sessions.get(session_id))
+            and (key in unreferenced or self._is_orphan(prefix, sessions.get(session_id)))
             # A purge records purged_at only after removing its keys, so a key listed before a
             # concurrent purge may be gone by now: only one still there is an orphan.
             and (session_id not in sessions or self._storage.exists(key))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from typing import Any
+from uuid import UUID
 
 from chunksvc.config import Limits, MiB
 from chunksvc.errors import (
@@ -20,10 +21,17 @@ from chunksvc.errors import (
     LengthRequired,
     PartSizeMismatch,
     PartTooLarge,
+    SessionNotFound,
     TooManyParts,
+    UnsupportedDigest,
     UploadTooLarge,
 )
 
+# The only spelling of a session id the service accepts: the one it hands out.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Decimal digits, no sign, spaces or leading zeros (so "01" is not another name for part 1).
+_PART_NUMBER = re.compile(r"[1-9][0-9]{0,8}")
+_QUERY_INT = re.compile(r"0|[1-9][0-9]{0,8}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 _CREATE_FIELDS = {"filename", "size", "part_size", "content_type", "sha256", "metadata"}
@@ -59,10 +67,10 @@ def parse_idempotency_key(raw: str | None) -> str | None:
 
 
 def parse_bounded_int(raw: str | None, name: str, default: int, low: int, high: int) -> int:
-    """A query-string integer in ``[low, high]``."""
+    """A query-string integer in ``[low, high]``, written as the contract writes numbers."""
     if raw is None or raw == "":
         return default
-    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
+    if not _QUERY_INT.fullmatch(raw) or not low <= int(raw) <= high:
         raise InvalidRequest(f"{name} must be an integer from {low} to {high}")
     return int(raw)
 
@@ -177,8 +185,19 @@ def part_length(size: int, part_size: int, part_number: int) -> int:
     return part_size if part_number < count else size - part_size * (count - 1)
 
 
+def parse_session_id(raw: str) -> UUID:
+    """A session id in its canonical form (lowercase 8-4-4-4-12 hex); any other is ``SessionNotFound``.
+
+    ``uuid.UUID`` also takes upper case, braces, ``urn:uuid:`` and no dashes: each would be a
+    second name for the same session.
+    """
+    if not _CANONICAL_UUID.fullmatch(raw):
+        raise SessionNotFound()
+    return UUID(raw)
+
+
 def parse_part_number(raw: str, total: int) -> int:
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 9 or not 1 <= int(raw) <= total:
+    if not _PART_NUMBER.fullmatch(raw) or not 1 <= int(raw) <= total:
         raise InvalidPartNumber(f"part number must be an integer from 1 to {total}")
     return int(raw)
 
@@ -200,28 +219,36 @@ def check_part_length(raw_length: str | None, size: int, part_size: int, part_nu
 
 
 _DIGEST_MEMBER = re.compile(r"^\s*([a-z0-9-]+)\s*=\s*:([A-Za-z0-9+/=]*):\s*$")
+# RFC 9530 algorithm names this service verifies, as hashlib names, with their digest sizes.
+VERIFIED_DIGESTS = {"sha-256": ("sha256", 32), "sha-512": ("sha512", 64)}
 
 
-def parse_content_digest(header: str | None) -> bytes | None:
-    """The SHA-256 from an RFC 9530 ``Content-Digest`` header, or None when absent.
+def parse_content_digest(header: str | None) -> dict[str, bytes]:
+    """The digests of an RFC 9530 ``Content-Digest`` header to verify, by hashlib name.
 
-    Other algorithms are ignored (we can only check sha-256); a malformed header is refused.
+    ``{}`` when the header is absent. Each of sha-256 and sha-512 that is present is returned
+    (and verified by the caller); other algorithms are ignored, but a header that carries
+    neither is refused (``UnsupportedDigest``): the client asked for a check we cannot make.
+    A malformed header is ``InvalidRequest``.
     """
     if header is None:
-        return None
-    found = None
+        return {}
+    found: dict[str, bytes] = {}
     for member in header.split(","):
         match = _DIGEST_MEMBER.match(member)
         if not match:
             raise InvalidRequest("Content-Digest must look like sha-256=:<base64>:")
         algorithm, value = match.groups()
-        if algorithm != "sha-256":
+        if algorithm not in VERIFIED_DIGESTS:
             continue
+        name, size = VERIFIED_DIGESTS[algorithm]
         try:
             digest = base64.b64decode(value, validate=True)
         except binascii.Error:
-            raise InvalidRequest("Content-Digest sha-256 value is not valid base64") from None
-        if len(digest) != 32:
-            raise InvalidRequest("Content-Digest sha-256 value must be 32 bytes")
-        found = digest
+            raise InvalidRequest(f"Content-Digest {algorithm} value is not valid base64") from None
+        if len(digest) != size:
+            raise InvalidRequest(f"Content-Digest {algorithm} value must be {size} bytes")
+        found[name] = digest
+    if not found:
+        raise UnsupportedDigest("Content-Digest must carry sha-256 or sha-512")
     return found

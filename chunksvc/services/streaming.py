@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+from collections.abc import Iterable
 from typing import Protocol
 
 from chunksvc.errors import IncompleteBody
@@ -58,11 +59,20 @@ class HashingBodyReader:
     context manager: leaving it stops the helper threads and abandons an unfinished body.
     """
 
-    def __init__(self, body: PartBody, length: int, buffers: BufferPool, depth: int = READ_AHEAD_DEPTH) -> None:
+    def __init__(
+        self,
+        body: PartBody,
+        length: int,
+        buffers: BufferPool,
+        depth: int = READ_AHEAD_DEPTH,
+        also_hash: Iterable[str] = (),
+    ) -> None:
         self._body = body
         self._length = length
         self._pool = buffers
-        self._hash = hashlib.sha256()
+        # SHA-256 always (it names the part); other hashlib algorithms only when asked for
+        # (a Content-Digest to verify), so the common path hashes once.
+        self._hashes = {name: hashlib.new(name) for name in ("sha256", *also_hash)}
         # A body of one block is received, hashed and handed out by the caller's thread alone.
         self._threaded = length > buffers.block_size
         self._buffers = buffers.take(depth if self._threaded else 1)
@@ -104,13 +114,17 @@ class HashingBodyReader:
     def complete(self) -> bool:
         return self._handed_out == self._length
 
-    def digest(self) -> bytes:
+    def digest(self, algorithm: str = "sha256") -> bytes:
         self._join()  # the hashing thread may still be on the last block
-        return self._hash.digest()
+        return self._hashes[algorithm].digest()
 
-    def hexdigest(self) -> str:
+    def hexdigest(self, algorithm: str = "sha256") -> str:
         self._join()
-        return self._hash.hexdigest()
+        return self._hashes[algorithm].hexdigest()
+
+    def _update(self, block: memoryview) -> None:
+        for hasher in self._hashes.values():
+            hasher.update(block)
 
     def read(self, size: int = -1, /) -> memoryview:
         if self._current is not None and self._offset == self._current_length:
@@ -125,7 +139,7 @@ class HashingBodyReader:
             self._current, self._current_length = item
             self._offset = 0
             if not self._threaded:
-                self._hash.update(self._current[: self._current_length])
+                self._update(self._current[: self._current_length])
         available = self._current_length - self._offset
         take = available if size < 0 else min(size, available)
         block = self._current[self._offset : self._offset + take]
@@ -161,7 +175,7 @@ class HashingBodyReader:
         """The hashing thread: hash the received blocks in order, then hand each buffer back."""
         while (item := self._to_hash.get()) is not None:
             buffer, count = item
-            self._hash.update(buffer[:count])
+            self._update(buffer[:count])
             self._hashed.put(buffer)
 
     def _receive_block(self, buffer: memoryview | None) -> tuple[memoryview, int] | BaseException:
@@ -177,6 +191,8 @@ class HashingBodyReader:
                     missing = self._length - self._received - filled
                     return IncompleteBody(f"the request body ended {missing} bytes early")
                 filled += count
+        except IncompleteBody as exc:  # the body's own verdict (a stalled client, say)
+            return exc
         except (OSError, ValueError) as exc:
             error = IncompleteBody("the request body could not be read to its end")
             error.__cause__ = exc

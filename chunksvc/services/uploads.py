@@ -30,11 +30,13 @@ from chunksvc.errors import (
     DigestMismatch,
     IdempotencyKeyReused,
     InvalidRequest,
+    ObjectMissing,
     PartConflict,
     PartsMissing,
     SessionCompleted,
     SessionNotActive,
     SessionNotFound,
+    StorageError,
     Unauthorized,
 )
 from chunksvc.services import auth, rules, states
@@ -98,12 +100,15 @@ class PartTarget:
     session_id: UUID
     part_number: int
     length: int
-    expected_digest: bytes | None  # from Content-Digest
+    expected_digests: dict[str, bytes]  # from Content-Digest, by hashlib name ({} when absent)
 
 
 @dataclasses.dataclass(frozen=True)
 class PartResult:
     created: bool  # False: the same bytes were already accepted under this number
+    # Whether the part's row points at the bytes this request stored (a new part, or a retry
+    # that healed a part whose stored bytes were lost); if not, those bytes are not needed.
+    uses_new_bytes: bool
     part_number: int
     size: int
     sha256: str
@@ -119,13 +124,6 @@ def part_key(session_id: UUID) -> str:
 
 def object_key(session_id: UUID) -> str:
     return f"objects/{session_id}"
-
-
-def parse_session_id(raw: str) -> UUID:
-    try:
-        return UUID(raw)
-    except ValueError:
-        raise SessionNotFound() from None
 
 
 def encode_cursor(created_at: datetime, session_id: UUID) -> str:
@@ -189,7 +187,7 @@ class UploadService:
         return Session.from_row(row), False
 
     def get_session(self, client: Client, raw_id: str) -> Session:
-        session_id = parse_session_id(raw_id)
+        session_id = rules.parse_session_id(raw_id)
         with self._db.connection() as conn:
             row = dao.get_session(conn, session_id, client.id)
         if row is None:
@@ -240,8 +238,8 @@ class UploadService:
         """
         key_hash = auth.presented_key_hash(authorization)
         try:
-            session_id: UUID | None = UUID(raw_id)
-        except ValueError:
+            session_id: UUID | None = rules.parse_session_id(raw_id)
+        except SessionNotFound:
             session_id = None  # still authenticated first: 401 comes before 404
         with self._db.connection() as conn:
             row = dao.authenticate(conn, key_hash, session_id)
@@ -258,24 +256,40 @@ class UploadService:
         expected = rules.parse_content_digest(content_digest)
         return PartTarget(client, session.id, part_number, length, expected)
 
+    # A part's bytes are stored before its row is recorded, under a key of their own. They are
+    # removed only when it is known that no row points to them: the record was refused (these
+    # errors), or it committed as a duplicate or conflict whose row points at other bytes. When
+    # the record's outcome is unknown (the connection failed while the statement or its commit
+    # was under way) they stay: the row may exist. The reaper removes them once it knows no row
+    # points to them (see Reaper._sweep_batch).
+    _NOT_RECORDED = (DigestMismatch, SessionNotFound, SessionNotActive, PartConflict)
+
     def store_part(self, target: PartTarget, body: PartBody) -> PartResult:
         """Stream the body to a fresh key while hashing it, then record it in one transaction."""
         key = part_key(target.session_id)
-        with HashingBodyReader(body, target.length, self._buffers) as reader:
+        with HashingBodyReader(body, target.length, self._buffers, also_hash=target.expected_digests) as reader:
             # The adapter leaves nothing behind when the body ends early or the write fails.
             self._storage.write(key, reader, target.length, self._block_size)
-        keep = False
         try:
-            if target.expected_digest is not None and reader.digest() != target.expected_digest:
-                raise DigestMismatch("the body's SHA-256 differs from Content-Digest")
+            for algorithm, expected in target.expected_digests.items():
+                if reader.digest(algorithm) != expected:
+                    raise DigestMismatch(f"the body's {algorithm.upper()} differs from Content-Digest")
             result = self._record_part(target, key, reader.hexdigest())
-            self._events.part_stored(created=result.created, size=target.length)
-            keep = result.created
-            return result
-        finally:
-            if not keep:
-                # Rejected, conflicting or duplicate: these bytes are not (or no longer) needed.
-                self._discard([key])
+        except self._NOT_RECORDED:
+            self._discard([key])
+            raise
+        except BaseException:
+            log.warning(
+                "part %d of session %s: unknown whether its record committed; its bytes stay under %s",
+                target.part_number, target.session_id, key,
+            )
+            raise
+        self._events.part_stored(
+            created=result.created, size=target.length, healed=not result.created and result.uses_new_bytes
+        )
+        if not result.uses_new_bytes:
+            self._discard([key])  # a duplicate: the row points at the bytes stored the first time
+        return result
 
     def _record_part(self, target: PartTarget, key: str, sha256: str) -> PartResult:
         with self._db.connection() as conn:
@@ -291,6 +305,7 @@ class UploadService:
             if row["inserted"]:
                 return PartResult(
                     True,
+                    True,
                     target.part_number,
                     target.length,
                     sha256,
@@ -298,15 +313,20 @@ class UploadService:
                     row["received_bytes"],
                     row["status"],
                 )
-            # Taken: by these bytes or others. A part row is never changed once committed.
+            # Taken: by these bytes or others. A part row keeps its bytes once committed; only a
+            # heal (below) may point it at a fresh copy of the same bytes.
             existing = dao.get_part(conn, target.session_id, target.part_number)
+        if existing is None:  # dropped just now by a completion that found its bytes gone
+            raise SessionNotActive("the session began completing during the upload")
         if existing["sha256"] != sha256:
             raise PartConflict(
                 f"part {target.part_number} was already accepted with different bytes",
                 sha256=existing["sha256"],
             )
+        healed = self._heal_if_lost(target, existing["storage_key"], key, sha256)
         return PartResult(
             False,
+            healed,
             target.part_number,
             existing["size"],
             sha256,
@@ -315,17 +335,40 @@ class UploadService:
             row["effective_status"],
         )
 
+    def _heal_if_lost(self, target: PartTarget, recorded_key: str, new_key: str, sha256: str) -> bool:
+        """A retried part whose recorded bytes are gone from storage takes the retry's copy.
+
+        True when the row now points at ``new_key``. Storage that cannot answer counts as the
+        bytes being there: the retry still answers 200, and a completion that finds them gone
+        drops the part and asks for it again (``_reopen_lost_parts``).
+        """
+        try:
+            if self._storage.exists(recorded_key):
+                return False
+        except ChunksvcError:
+            log.warning("could not check the stored bytes of part %d of session %s",
+                        target.part_number, target.session_id, exc_info=True)
+            return False
+        with self._db.connection() as conn:
+            healed = dao.heal_part(
+                conn, target.session_id, target.client.id, target.part_number, sha256, recorded_key, new_key
+            )
+        if healed:
+            log.warning("part %d of session %s: its stored bytes were missing; healed with the retry's copy",
+                        target.part_number, target.session_id)
+        return healed
+
     # --- complete and abort -----------------------------------------------------------------
 
     def complete(self, client: Client, raw_id: str, body: Any) -> Session:
-        return self._complete(parse_session_id(raw_id), client.id, self._completion_digest(body))
+        return self._complete(rules.parse_session_id(raw_id), client.id, self._completion_digest(body))
 
     def resume_completion(self, session_id: UUID, client_id: int) -> Session:
         """Drive a completion whose assembler died to its end, as calling ``complete`` again would.
 
         For the reaper, so no client check. Only a session still ``COMPLETING`` is resumed
-        (else ``SessionNotActive``: someone else finished it). If a part's bytes are gone the
-        upload can never be assembled: the session becomes ``FAILED`` and its bytes are removed.
+        (else ``SessionNotActive``: someone else finished it). If parts' bytes are gone the
+        session is reopened without them (``PartsMissing``), as for the client's own complete.
         """
         return self._complete(session_id, client_id, None, resume=True)
 
@@ -355,9 +398,14 @@ class UploadService:
                             raise CompletionInProgress()
                         session = Session.from_row(dao.mark_completing(conn, session_id, sha256))
                     sources = [PartSource(r["storage_key"], r["size"]) for r in dao.part_sources(conn, session_id)]
-                if resume and not all(self._storage.exists(source.key) for source in sources):
-                    return self._fail_lost_parts(conn, client_id, session, sources)
-                return self._assemble(conn, client_id, session, sources)
+                # From here on, whatever fails (storage, database, this process) leaves the
+                # session COMPLETING with every part row and part byte in place, and the
+                # completion lock dies with the connection: calling complete again, or the
+                # reaper's re-drive, takes it up from the start. Nothing is lost by starting over.
+                try:
+                    return self._assemble(conn, client_id, session, sources)
+                except ObjectMissing:
+                    raise self._reopen_lost_parts(conn, client_id, session, sources) from None
             finally:
                 if locked:
                     dao.release_completion_lock(conn, session_id)
@@ -384,17 +432,42 @@ class UploadService:
                 missing_count=session.total_parts - session.received_parts,
             )
 
-    def _fail_lost_parts(
+    def _reopen_lost_parts(
         self, conn: Connection, client_id: int, session: Session, sources: list[PartSource]
-    ) -> Session:
+    ) -> ChunksvcError:
+        """Parts whose stored bytes are gone are dropped and the session reopened: the error to raise.
+
+        Lost bytes are not the client's fault and it can repair them: the usual answer to
+        ``parts_missing`` (re-send the listed parts, complete again) does. The caller holds the
+        completion lock; the session's row lock orders this against everything else.
+        """
+        lost = [source.key for source in sources if not self._storage.exists(source.key)]
+        if not lost:  # the storage said "missing", then "there": not a verdict to act on
+            return StorageError("a part was briefly missing from storage during assembly; complete again")
         with conn.transaction():
-            dao.mark_failed(conn, session.id)
-            row = dao.get_session(conn, session.id, client_id)
-        # Without all its parts the upload can never be assembled; what is left is of no use.
-        self._discard([object_key(session.id), *(source.key for source in sources)])
-        return Session.from_row(row)
+            locked_row = dao.lock_session(conn, session.id, client_id)
+            if locked_row is None or locked_row["status"] != states.COMPLETING:
+                # Cannot happen while we hold the completion lock; say so rather than guess.
+                raise CompletionInProgress("the session changed while its completion ran")
+            row = dao.drop_lost_parts(conn, session.id, lost, self._limits.session_ttl)
+            missing = dao.missing_parts(conn, session.id, session.total_parts, MAX_MISSING_LISTED)
+        self._events.session_reopened(len(lost))
+        log.warning("session %s: %d parts' stored bytes are missing; reopened for the client to re-send them",
+                    session.id, len(lost))
+        count = row["total_parts"] - row["received_parts"]
+        return PartsMissing(
+            f"{count} of {session.total_parts} parts are missing ({len(lost)} lost from storage; upload them again)",
+            missing_parts=missing,
+            missing_count=count,
+        )
 
     def _assemble(self, conn: Connection, client_id: int, session: Session, sources: list[PartSource]) -> Session:
+        """Assemble, verify, record the outcome, then remove what is no longer needed.
+
+        Each removal follows the commit that makes it safe: the parts go only after COMPLETED
+        (or FAILED) committed, so a lost commit reply leaves the session COMPLETING with its
+        parts, and assembling again rebuilds the same object under the same key.
+        """
         key = object_key(session.id)
         started = time.monotonic()
         stored = self._storage.assemble(sources, key, self._block_size)
@@ -423,7 +496,7 @@ class UploadService:
         return Session.from_row(row)
 
     def abort(self, client: Client, raw_id: str) -> None:
-        session_id = parse_session_id(raw_id)
+        session_id = rules.parse_session_id(raw_id)
         with self._db.connection() as conn:
             locked = False
             try:
@@ -444,8 +517,10 @@ class UploadService:
                     dao.release_completion_lock(conn, session_id)
         if status != states.ABORTED:
             self._events.session_aborted()
-        # Remove by prefix: it also catches bytes no part row points to. Parts still streaming
-        # will find the session ABORTED under the lock and remove their own bytes.
+        # Bytes go only once ABORTED has committed: if its reply is lost, the error above
+        # propagates with every byte in place, and the client's retry (or the reaper's purge)
+        # removes them. Remove by prefix: it also catches bytes no part row points to. Parts
+        # still streaming will find the session ABORTED under the lock and remove their own bytes.
         try:
             self._storage.delete_prefix(f"parts/{session_id}/")
             self._storage.delete([object_key(session_id)])

@@ -131,6 +131,46 @@ SELECT part_number, size, sha256, storage_key
   FROM upload_parts
  WHERE session_id = %(session_id)s AND part_number = %(part_number)s;
 
+-- name: heal_part
+-- Self-healing: part `part_number` is recorded with these bytes (same `sha256`), but its stored
+-- bytes are gone; point the row at the fresh copy a retried PUT just stored. Under the session's
+-- row lock and only while the session takes parts, so a completion never sees the row change
+-- under it; `storage_key = old_key` makes a concurrent heal of the same part win once. No row:
+-- nothing changed (the session moved on, or another retry healed the part first).
+WITH locked AS (
+    SELECT id
+      FROM upload_sessions
+     WHERE id = %(session_id)s AND client_id = %(client_id)s
+       AND chunksvc_session_status(status, expires_at) IN ('INIT', 'IN_PROGRESS')
+       FOR UPDATE
+)
+UPDATE upload_parts p
+   SET storage_key = %(new_key)s
+  FROM locked
+ WHERE p.session_id = locked.id AND p.part_number = %(part_number)s
+   AND p.storage_key = %(old_key)s AND p.sha256 = %(sha256)s
+RETURNING p.part_number;
+
+-- name: drop_lost_parts
+-- A completion found recorded parts whose stored bytes are gone: forget those parts so the
+-- client's ordinary resume re-sends them, correct the counters, and reopen the session with at
+-- least a full TTL left (the client needs the time to re-send; it did nothing wrong). The
+-- caller holds the session's row lock (lock_session, same transaction) and has checked that it
+-- is COMPLETING; the status condition repeats that check for the counters and the state.
+WITH dropped AS (
+    DELETE FROM upload_parts
+     WHERE session_id = %(id)s AND storage_key = ANY(%(storage_keys)s::text[])
+    RETURNING size
+)
+UPDATE upload_sessions s
+   SET received_parts = s.received_parts - (SELECT count(*) FROM dropped),
+       received_bytes = s.received_bytes - (SELECT COALESCE(sum(size), 0) FROM dropped),
+       status = 'IN_PROGRESS',
+       expires_at = GREATEST(s.expires_at, now() + make_interval(secs => %(ttl)s)),
+       updated_at = now()
+ WHERE s.id = %(id)s AND s.status = 'COMPLETING'
+RETURNING *, chunksvc_session_status(status, expires_at) AS effective_status;
+
 -- name: missing_parts
 SELECT n AS part_number
   FROM generate_series(1, %(total_parts)s::integer) AS n
@@ -236,6 +276,13 @@ SELECT id, client_id, updated_at
 SELECT id, status, purged_at IS NOT NULL AS purged
   FROM upload_sessions
  WHERE id = ANY(%(ids)s::uuid[]);
+
+-- name: referenced_part_keys
+-- Which of these stored keys (of these sessions) a part row points to. Keys of a live session
+-- that none points to are bytes whose record never committed (kept when its outcome was unknown).
+SELECT storage_key
+  FROM upload_parts
+ WHERE session_id = ANY(%(session_ids)s::uuid[]) AND storage_key = ANY(%(storage_keys)s::text[]);
 
 -- name: try_reaper_lock
 -- Held on the reaper's connection for a whole phase; it vanishes with a crashed reaper.

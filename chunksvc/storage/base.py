@@ -100,8 +100,9 @@ class Storage(abc.ABC):
 
         ``reader.read(n)`` is called with ``n <= block_size``; it may raise (for example
         ``IncompleteBody`` when the client went away), and a reader that ends early is an
-        ``IncompleteBody`` too (see ``read_exact_blocks``). On any exception nothing is left
-        under ``key`` and the exception propagates. Memory use does not grow with ``length``.
+        ``IncompleteBody`` too (see ``read_exact_blocks``); no room for the bytes is
+        ``StorageFull``. On any exception nothing is left under ``key`` and the exception
+        propagates. Memory use does not grow with ``length``.
         A block ``read`` returns may be a view of a buffer the reader reuses: it is valid only
         until the next ``read`` call, so it is written (or copied) before asking for the next.
         """
@@ -110,12 +111,14 @@ class Storage(abc.ABC):
     def assemble(self, sources: Sequence[PartSource], key: str, block_size: int) -> StoredObject:
         """Concatenate ``sources`` in order into ``key``; return the stored size and SHA-256.
 
-        The digest is of the bytes as stored, so it verifies the result.
+        The digest is of the bytes as stored, so it verifies the result. A source that is not
+        stored raises ``ObjectMissing`` (naming it) and nothing is left under ``key``; no room
+        for the result raises ``StorageFull``.
         """
 
     @abc.abstractmethod
     def open(self, key: str) -> BinaryIO:
-        """Open a stored object for reading (a context manager); ``StorageError`` if missing."""
+        """Open a stored object for reading (a context manager); ``ObjectMissing`` if missing."""
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -144,6 +147,10 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def describe(self, stored: StoredObject) -> dict:
         """The session's ``object`` member: key, size, sha256 (and bucket on S3)."""
+
+    def free_bytes(self) -> int | None:
+        """Room left for new bytes, or None where the storage does not say (S3)."""
+        return None
 
     @abc.abstractmethod
     def check(self, timeout: float) -> None:

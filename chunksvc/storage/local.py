@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from chunksvc.config import Limits
-from chunksvc.errors import ConfigError, StorageError, StorageUnavailable
+from chunksvc.errors import ConfigError, ObjectMissing, StorageError, StorageFull, StorageUnavailable
 from chunksvc.storage.base import (
     ListedKey,
     PartSource,
@@ -32,16 +32,20 @@ from chunksvc.storage.base import (
 )
 
 INCOMING = ".incoming"
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 T = TypeVar("T")
 
 
 @contextlib.contextmanager
 def _fs_errors(action: str) -> Iterator[None]:
-    """Turn file-system failures into ``StorageError`` (messages name keys, not server paths)."""
+    """Turn file-system failures into ``StorageError`` (messages name keys, not server paths),
+    or ``StorageFull`` when the disk or a quota has no room left."""
     try:
         yield
     except OSError as exc:
+        if exc.errno in _NO_ROOM:
+            raise StorageFull(f"{action}: no space left on the storage") from exc
         raise StorageError(f"{action}: {exc.strerror or exc}") from exc
 
 
@@ -91,7 +95,11 @@ class LocalStorage(Storage):
             total = 0
             for src, path in paths:
                 copied = 0
-                with _fs_errors(f"assemble {key} from {src.key}"), open(path, "rb") as part:
+                try:
+                    part = open(path, "rb")  # noqa: SIM115 - closed by the with below
+                except FileNotFoundError:
+                    raise ObjectMissing(src.key, f"assemble {key}: part {src.key} is missing") from None
+                with _fs_errors(f"assemble {key} from {src.key}"), part:
                     while block := part.read(block_size):
                         digest.update(block)
                         f.write(block)
@@ -109,7 +117,7 @@ class LocalStorage(Storage):
         try:
             return open(path, "rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise StorageError(f"no object under {key}") from None
+            raise ObjectMissing(key) from None
         except OSError as exc:
             raise StorageError(f"open {key}: {exc.strerror or exc}") from exc
 
@@ -184,6 +192,12 @@ class LocalStorage(Storage):
                     continue  # its writer renamed it into place, or another sweep removed it
                 count += 1
         return count
+
+    def free_bytes(self) -> int | None:
+        """Bytes an unprivileged writer can still store under the root."""
+        with _fs_errors("free space"):
+            stats = os.statvfs(self._root)
+        return stats.f_bavail * stats.f_frsize
 
     def describe(self, stored: StoredObject) -> dict:
         return {"key": stored.key, "size": stored.size, "sha256": stored.sha256}

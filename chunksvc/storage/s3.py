@@ -25,7 +25,7 @@ from minio.deleteobjects import DeleteObject
 from minio.error import MinioException, S3Error, ServerError
 
 from chunksvc.config import GiB, Limits, MiB, StorageSpec, TiB
-from chunksvc.errors import ConfigError, StorageError, StorageUnavailable
+from chunksvc.errors import ConfigError, ObjectMissing, StorageError, StorageFull, StorageUnavailable
 from chunksvc.storage.base import (
     ListedKey,
     PartSource,
@@ -50,6 +50,9 @@ _TIMEOUT = urllib3.Timeout(connect=5.0, read=120.0)
 _RETRIES = urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504))
 
 _MISSING = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
+# MinIO's answer when its drives have no room (HTTP 507 Insufficient Storage).
+_FULL = frozenset({"XMinioStorageFull"})
+_INSUFFICIENT_STORAGE = 507
 # A part's PUT is signed just before it starts; S3 checks the expiry when the request arrives.
 _PUT_URL_LIFETIME = timedelta(minutes=15)
 # The prefixes chunksvc writes under (see storage.base): an unfinished multipart upload anywhere
@@ -104,9 +107,16 @@ def _boundary(action: str, where: str) -> Iterator[None]:
         yield
     except S3Error as exc:
         status = getattr(exc.response, "status", 0) or 0
+        if exc.code in _MISSING:
+            missing = exc.object_name or "(unnamed)"
+            raise ObjectMissing(missing, f"{action}: {where} has no object {missing}") from exc
+        if exc.code in _FULL or status == _INSUFFICIENT_STORAGE:
+            raise StorageFull(f"{action}: {where} answered {exc.code}: {exc.message}") from exc
         kind = StorageUnavailable if status >= 500 else StorageError
         raise kind(f"{action}: {where} answered {exc.code}: {exc.message}") from exc
     except ServerError as exc:
+        if exc.status_code == _INSUFFICIENT_STORAGE:
+            raise StorageFull(f"{action}: {where} answered HTTP {exc.status_code}") from exc
         kind = StorageUnavailable if exc.status_code >= 500 else StorageError
         raise kind(f"{action}: {where} answered HTTP {exc.status_code}") from exc
     except MinioException as exc:  # not an S3 answer at all (a proxy's error page, say)
@@ -374,7 +384,7 @@ class S3Storage(Storage):
                     part_size=part_size_for(length),
                     num_parallel_uploads=1,  # parallel uploads would hold several parts in memory
                 )
-        except (StorageError, StorageUnavailable) as exc:
+        except (StorageError, StorageUnavailable, StorageFull) as exc:
             if body.error is None or body.error is exc:
                 raise
             if exc.__cause__ is not body.error:
@@ -405,7 +415,7 @@ class S3Storage(Storage):
                 )
                 if response.status >= 300:
                     raise _error_from(response)
-        except (StorageError, StorageUnavailable) as exc:
+        except (StorageError, StorageUnavailable, StorageFull) as exc:
             if body.error is None or body.error is exc:
                 raise
             raise body.error from None
