@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test lint migrate api-key keys reap bench loadtest clean
+.PHONY: install run test chaos lint migrate api-key keys reap bench loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes.
 $(INSTALLED): setup.cfg pyproject.toml
@@ -28,6 +28,11 @@ run: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## The fault-injection suite alone (it is also part of `make test`): kill -9, outages through a
+## misbehaving proxy, a full disk, load with invariants on two hosts.
+chaos: $(INSTALLED)
+	$(BIN)/python -m pytest tests/test_faults.py tests/test_reliability.py $(PYTEST_ARGS)
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -44,6 +44,7 @@ class _Link:
         self.client = client
         self.upstream = upstream
         self.dropping = False  # swallowing upstream's reply, to reset once it is complete
+        self.holding = False  # forwarding nothing more from the client (it waits forever)
         self.closed = False
 
     def reset(self) -> None:
@@ -53,22 +54,30 @@ class _Link:
 
 
 class FaultProxy:
-    """``127.0.0.1:port`` forwarding to ``upstream`` (host, port), with switchable faults."""
+    """``127.0.0.1:port`` forwarding to ``upstream`` ((host, port), or a Unix socket's path),
+    with switchable faults."""
 
-    def __init__(self, upstream: tuple[str, int]) -> None:
+    def __init__(self, upstream: tuple[str, int] | str) -> None:
         self.upstream = upstream
         self._lock = threading.Lock()
         self._mode = PASS
         self._links: list[_Link] = []
-        self._listener: socket.socket | None = None
         self._drop_marker: bytes | None = None
         self._drops_left = 0
         self._drop_end = PG_READY_FOR_QUERY
+        self._hold_marker: bytes | None = None
         self.replies_dropped = 0
+        self.requests_held = 0
         self.connections = 0
         self._stopped = threading.Event()
-        self._listen(0)
-        self._acceptor = threading.Thread(target=self._accept_loop, name="fault-proxy-accept", daemon=True)
+        # The accepting thread owns the listening socket: closing it from another thread while
+        # it waits in select() would keep it alive (and accepting) until that select() returns.
+        self._listening = threading.Event()
+        listener = self._bind(0)
+        self.port = listener.getsockname()[1]
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, args=(listener,), name="fault-proxy-accept", daemon=True
+        )
         self._acceptor.start()
 
     @property
@@ -78,19 +87,17 @@ class FaultProxy:
     # --- switching faults -------------------------------------------------------------------
 
     def set_mode(self, mode: str) -> None:
+        """Switch to ``mode``; it is in force when this returns."""
         with self._lock:
-            previous, self._mode = self._mode, mode
+            self._mode = PASS if mode == RESET else mode
             links = list(self._links)
         if mode in (REFUSE, RESET):
             for link in links:
                 link.reset()
-        if mode == REFUSE and previous != REFUSE:
-            self._close_listener()
-        elif mode != REFUSE and previous == REFUSE:
-            self._listen(self.port)
-        if mode == RESET:
-            with self._lock:
-                self._mode = PASS
+        deadline = time.monotonic() + 10
+        while self._listening.is_set() != (mode != REFUSE):
+            assert time.monotonic() < deadline, "the fault proxy did not switch its listener"
+            time.sleep(0.005)
 
     def drop_reply_after(self, marker: bytes, times: int = 1, reply_end: bytes = PG_READY_FOR_QUERY) -> None:
         """The next ``times`` requests containing ``marker`` reach upstream, but their reply is
@@ -100,14 +107,19 @@ class FaultProxy:
             self._drops_left = times
             self._drop_end = reply_end
 
+    def hold_after(self, marker: bytes) -> None:
+        """The next request containing ``marker`` never reaches upstream, nor does anything after
+        it on that connection: its sender waits, as on a peer that stopped answering."""
+        with self._lock:
+            self._hold_marker = marker
+
     def close(self) -> None:
         self._stopped.set()
-        self._close_listener()
+        self._acceptor.join(timeout=5)
         with self._lock:
             links, self._links = self._links, []
         for link in links:
             link.reset()
-        self._acceptor.join(timeout=5)
 
     def __enter__(self) -> FaultProxy:
         return self
@@ -117,52 +129,62 @@ class FaultProxy:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _listen(self, port: int) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        for _ in range(100):  # the port may linger briefly after a REFUSE
+    @staticmethod
+    def _bind(port: int) -> socket.socket:
+        deadline = time.monotonic() + 5
+        while True:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 listener.bind(("127.0.0.1", port))
-                break
+                listener.listen(128)
+                return listener
             except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
+                listener.close()
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
                     raise
-                time.sleep(0.05)
-        listener.listen(128)
-        self.port = listener.getsockname()[1]
-        with self._lock:
-            self._listener = listener
-
-    def _close_listener(self) -> None:
-        with self._lock:
-            listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
-
-    def _accept_loop(self) -> None:
-        while not self._stopped.is_set():
-            with self._lock:
-                listener = self._listener
-            if listener is None:
                 time.sleep(0.02)
-                continue
-            try:
-                ready, _, _ = select.select([listener], [], [], 0.05)
-                if not ready:
+
+    def _accept_loop(self, listener: socket.socket | None) -> None:
+        self._listening.set()
+        try:
+            while not self._stopped.is_set():
+                with self._lock:
+                    refuse = self._mode == REFUSE
+                if refuse and listener is not None:
+                    listener.close()  # nothing listens: connections are refused
+                    listener = None
+                    self._listening.clear()
+                elif not refuse and listener is None:
+                    listener = self._bind(self.port)
+                    self._listening.set()
+                if listener is None:
+                    time.sleep(0.005)
                     continue
-                client, _ = listener.accept()
-            except (OSError, ValueError):
-                continue  # the listener was closed under us (REFUSE)
-            try:
+                ready, _, _ = select.select([listener], [], [], 0.02)
+                if ready:
+                    client, _ = listener.accept()
+                    self._connect(client)
+        finally:
+            if listener is not None:
+                listener.close()
+
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            if isinstance(self.upstream, str):
+                upstream = socket.socket(socket.AF_UNIX)
+                upstream.connect(self.upstream)
+            else:
                 upstream = socket.create_connection(self.upstream, timeout=5)
-            except OSError:
-                _reset(client)
-                continue
-            link = _Link(client, upstream)
-            with self._lock:
-                self._links.append(link)
-                self.connections += 1
-            threading.Thread(target=self._pump, args=(link,), name="fault-proxy-link", daemon=True).start()
+            upstream.settimeout(None)
+        except OSError:
+            _reset(client)
+            return
+        link = _Link(client, upstream)
+        with self._lock:
+            self._links.append(link)
+            self.connections += 1
+        threading.Thread(target=self._pump, args=(link,), name="fault-proxy-link", daemon=True).start()
 
     def _pump(self, link: _Link) -> None:
         sockets = [link.client, link.upstream]
@@ -196,10 +218,15 @@ class FaultProxy:
 
     def _from_client(self, link: _Link, data: bytes) -> None:
         with self._lock:
+            if self._hold_marker is not None and self._hold_marker in data:
+                self._hold_marker = None
+                self.requests_held += 1
+                link.holding = True
             if self._drop_marker is not None and self._drops_left > 0 and self._drop_marker in data:
                 self._drops_left -= 1
                 link.dropping = True
-        link.upstream.sendall(data)
+        if not link.holding:
+            link.upstream.sendall(data)
 
     def _from_upstream(self, link: _Link, data: bytes) -> bool:
         """Forward ``data`` to the client, or swallow it; False once the link was reset."""

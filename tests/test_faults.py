@@ -1,0 +1,467 @@
+"""The fault-injection suite: real gunicorn processes, a real PostgreSQL and real storage (disk, or
+S3 over HTTP to moto), with a TCP proxy that refuses, hangs, resets or drops replies in between,
+kill -9 of workers mid-part and mid-assembly, SIGTERM of the master during uploads, and a load
+with invariants across two hosts. Everything on loopback, bounded in count and time.
+
+Each test ends with ``check_invariants``: no acknowledged part lost, no object other than its
+source, counters equal to rows, and no stored byte left that no record needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from chunksvc.config import StorageSpec
+from chunksvc.db import Database
+from chunksvc.services.auth import KeyManager
+from chunksvc.services.reaper import Reaper, ReaperSettings
+from chunksvc.services.uploads import UploadService
+from chunksvc.storage import open_storage
+from chunksvc.tools import harness
+from tests.chaos import Caller, Tally, check_invariants, finish, query, upload
+from tests.conftest import TEST_LIMITS
+from tests.faults import HANG, PASS, PG_READY_FOR_QUERY, REFUSE, RESET, FaultProxy
+from tests.helpers import payload
+
+ROOT = Path(__file__).resolve().parents[1]
+PART = 64 * 1024
+SERVER_ENV = {
+    "CHUNKSVC_MIN_PART_SIZE": "1",
+    "CHUNKSVC_ACCESS_LOG": "/dev/null",
+    "CHUNKSVC_DB_POOL_MAX": "4",
+}
+
+pytestmark = pytest.mark.slow
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+def pg_socket(url: str) -> str | tuple[str, int]:
+    """Where ``url``'s server listens: a Unix socket's path (the embedded server) or (host, port)."""
+    params = conninfo_to_dict(url)
+    host, port = params.get("host", "localhost"), int(params.get("port", 5432))
+    return f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
+
+
+@pytest.fixture
+def pg_proxy(database_url) -> Iterator[tuple[FaultProxy, str]]:
+    """A fault proxy in front of the test database, and the URL that goes through it."""
+    with FaultProxy(pg_socket(database_url)) as proxy:
+        yield proxy, make_conninfo(database_url, host="127.0.0.1", port=str(proxy.port))
+
+
+@pytest.fixture(params=["file", "s3"])
+def spec(request, tmp_path) -> StorageSpec:
+    if request.param == "file":
+        return StorageSpec(kind="file", root=tmp_path / "storage")
+    return harness.s3_spec(request.getfixturevalue("moto_server"))
+
+
+@pytest.fixture
+def api_key(db) -> str:
+    return KeyManager(db).create("chaos")[0]
+
+
+def reap(db: Database, spec: StorageSpec, **settings):
+    storage = open_storage(spec)
+    try:
+        uploads = UploadService(db, storage, TEST_LIMITS, 64 * 1024)
+        settings = {"orphan_grace": 0, "completing_lease": 0, **settings}
+        return Reaper(db, storage, uploads, ReaperSettings(**settings)).run()
+    finally:
+        storage.close()
+
+
+def verdict(database_url: str, spec: StorageSpec, sources: dict[str, str]) -> dict[str, int]:
+    storage = open_storage(spec)
+    try:
+        return check_invariants(database_url, storage, sources)
+    finally:
+        storage.close()
+
+
+@contextlib.contextmanager
+def serving(database_url: str, spec: StorageSpec, tmp_path: Path, **env: str) -> Iterator[harness.Server]:
+    log = tmp_path / f"gunicorn-{uuid.uuid4().hex[:6]}.log"
+    with harness.gunicorn(database_url, spec, env={**SERVER_ENV, **env}, cwd=ROOT, stderr_path=log) as server:
+        yield server
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def unfinished_s3_uploads(spec: StorageSpec) -> list[str]:
+    if spec.kind != "s3":
+        return sorted(path.name for path in (spec.root / ".incoming").iterdir())
+    from tests.storage_fixtures import s3_admin
+
+    return [u["Key"] for u in s3_admin(spec).list_multipart_uploads(Bucket=spec.bucket).get("Uploads", [])]
+
+
+# --- the lost commit reply ------------------------------------------------------------------------
+
+
+def test_a_part_whose_commit_reply_is_lost_is_not_lost(pg_proxy, database_url, db, spec, api_key, tmp_path):
+    """PostgreSQL commits the part's row, the reply never arrives: 503, and the bytes stay."""
+    proxy, proxied_url = pg_proxy
+    data = payload(3 * PART - 5, seed=7)
+    tally = Tally()
+    with serving(proxied_url, spec, tmp_path, CHUNKSVC_WORKERS="1") as server:
+        call = Caller([server.port], api_key, tally)
+        session_id = call("POST", "/uploads/sessions",
+                          {"filename": "x", "size": len(data), "part_size": PART, "sha256": sha(data)}).body["id"]
+        proxy.drop_reply_after(b"INSERT INTO upload_parts")
+
+        first = call("PUT", f"/uploads/sessions/{session_id}/parts/2", data[PART:2 * PART], retry=False)
+
+        assert (first.status, first.body["code"]) == (503, "database_unavailable")
+        assert proxy.replies_dropped == 1
+        [(recorded_key,)] = query(database_url, "SELECT storage_key FROM upload_parts WHERE session_id = %s",
+                                  (session_id,))
+        storage = open_storage(spec)
+        assert storage.exists(recorded_key)  # the v1 bug deleted these bytes here
+        retry = call("PUT", f"/uploads/sessions/{session_id}/parts/2", data[PART:2 * PART])
+        assert retry.status == 200  # the same bytes were already accepted
+        assert storage.exists(recorded_key)  # and v1 deleted them here, too
+        for number in (1, 3):
+            assert call("PUT", f"/uploads/sessions/{session_id}/parts/{number}",
+                        data[(number - 1) * PART:number * PART]).status == 201
+        done = finish(call, session_id, data, PART)
+
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+    with storage.open(done["object"]["key"]) as stored:
+        assert stored.read() == data
+    storage.close()
+    assert reap(db, spec).errors == 0
+    assert verdict(database_url, spec, {session_id: sha(data)})["stored_keys"] == 1
+
+
+# --- outages of PostgreSQL and of S3 --------------------------------------------------------------
+
+
+def chaos(proxy: FaultProxy, stop: threading.Event, steps: list[tuple[str, float]], marker: bytes | None,
+          reply_end: bytes | None = None, rounds: int = 3) -> None:
+    """Go through fault ``steps`` (mode, seconds) ``rounds`` times, or until ``stop``; once a round,
+    drop the reply to the next request containing ``marker``. Then pass traffic: the faults are
+    a bounded storm, after which every retry must get through."""
+    for _round in range(rounds):
+        for index, (mode, seconds) in enumerate(steps):
+            if stop.is_set():
+                break
+            proxy.set_mode(mode)
+            if marker is not None and index == 0:
+                proxy.drop_reply_after(marker, reply_end=reply_end or PG_READY_FOR_QUERY)
+            stop.wait(seconds)
+    proxy.set_mode(PASS)
+
+
+def uploads_through_faults(server_ports: list[int], api_key: str, tally: Tally, count: int,
+                           stop: threading.Event) -> dict[str, str]:
+    """``count`` uploads by 4 threads with the contract's retries; their ids and sources' digests."""
+    def one(index: int) -> tuple[str, str]:
+        data = payload(random.randint(2, 6) * PART - random.randint(0, 999), seed=1000 + index)
+        order = random.sample(range(1, -(-len(data) // PART) + 1), k=-(-len(data) // PART))
+        call = Caller(server_ports, api_key, tally)
+        return upload(call, data, PART, order), sha(data)
+
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            return dict(pool.map(one, range(count)))
+    finally:
+        stop.set()
+
+
+DB_FAULTS = [(PASS, 0.4), (REFUSE, 0.6), (PASS, 0.4), (RESET, 0.0), (PASS, 0.4), (HANG, 0.8)]
+
+
+def test_database_outages_during_uploads_lose_nothing(pg_proxy, database_url, db, spec, api_key, tmp_path):
+    proxy, proxied_url = pg_proxy
+    tally, stop = Tally(), threading.Event()
+    with serving(proxied_url, spec, tmp_path, CHUNKSVC_WORKERS="2") as server:
+        faults = threading.Thread(target=chaos, args=(proxy, stop, DB_FAULTS, b"INSERT INTO upload_parts"))
+        faults.start()
+        try:
+            sources = uploads_through_faults([server.port], api_key, tally, 24, stop)
+        finally:
+            stop.set()
+            faults.join()
+
+    assert tally.server_errors > 0 and proxy.replies_dropped > 0, f"no fault reached a request: {tally}"
+    assert reap(db, spec).errors == 0
+    assert verdict(database_url, spec, sources)["completed"] == 24
+    assert set(tally.statuses) <= {200, 201, 409, 503, "connection_error"}, tally
+
+
+S3_FAULTS = [(PASS, 0.4), (REFUSE, 0.5), (PASS, 0.4), (RESET, 0.0), (PASS, 0.3), (HANG, 0.6)]
+
+
+def test_storage_outages_during_uploads_lose_nothing(database_url, db, api_key, tmp_path, moto_server):
+    """S3 refuses, resets and hangs, and a stored part's reply is dropped (stored, not recorded)."""
+    spec = harness.s3_spec(moto_server)
+    host, port = moto_server.rsplit(":", 1)
+    tally, stop = Tally(), threading.Event()
+    with FaultProxy((host, int(port))) as proxy:
+        through_proxy = StorageSpec(**{**spec.__dict__, "endpoint": f"127.0.0.1:{proxy.port}"})
+        with serving(database_url, through_proxy, tmp_path, CHUNKSVC_WORKERS="2") as server:
+            faults = threading.Thread(
+                target=chaos, args=(proxy, stop, S3_FAULTS, f"PUT /{spec.bucket}/parts/".encode(), b"HTTP/1.1 ")
+            )
+            faults.start()
+            try:
+                sources = uploads_through_faults([server.port], api_key, tally, 10, stop)
+            finally:
+                stop.set()
+                faults.join()
+        assert proxy.replies_dropped > 0
+
+    assert tally.server_errors > 0, f"no fault reached a request: {tally}"
+    assert reap(db, spec).errors == 0
+    assert verdict(database_url, spec, sources)["completed"] == 10
+    assert unfinished_s3_uploads(spec) == []
+
+
+# --- kill -9 and SIGTERM --------------------------------------------------------------------------
+
+
+def wait_for(what, describe: str, timeout: float = 60):
+    """Poll until ``what()`` is truthy (an event in another process, not a speed requirement)."""
+    deadline = time.monotonic() + timeout
+    while not (value := what()):
+        assert time.monotonic() < deadline, f"gave up waiting for {describe}"
+        time.sleep(0.01)
+    return value
+
+
+def test_a_worker_killed_mid_part_loses_nothing(database_url, db, spec, api_key, tmp_path):
+    data = payload(2 * 1024 * 1024, seed=3)
+    part_size = 1024 * 1024
+    tally = Tally()
+    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="1", CHUNKSVC_BLOCK_SIZE="4096") as server:
+        call = Caller([server.port], api_key, tally)
+        session_id = call("POST", "/uploads/sessions", {"filename": "k", "size": len(data), "part_size": part_size,
+                                                        "sha256": sha(data)}).body["id"]
+        assert call("PUT", f"/uploads/sessions/{session_id}/parts/2", data[part_size:]).status == 201
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(f"PUT /uploads/sessions/{session_id}/parts/1 HTTP/1.1\r\nHost: x\r\n"
+                         f"Authorization: Bearer {api_key}\r\nContent-Length: {part_size}\r\n\r\n".encode())
+            sock.sendall(data[: part_size // 2])  # then nothing: the worker is mid-part
+            time.sleep(0.3)
+            [worker] = server.worker_pids()
+            os.kill(worker, signal.SIGKILL)
+            wait_for(lambda: worker not in server.worker_pids(), "the master to reap the killed worker")
+        server.wait_until_serving()
+        done = finish(call, session_id, data, part_size)  # complete says part 1 is missing; resend
+
+    assert done["status"] == "COMPLETED"
+    assert reap(db, spec).errors == 0
+    assert verdict(database_url, spec, {session_id: sha(data)}) == {"sessions": 1, "completed": 1, "stored_keys": 1}
+    assert unfinished_s3_uploads(spec) == []
+
+
+@pytest.mark.parametrize("moment", ["copying", "recording"])
+def test_a_worker_killed_mid_assembly_loses_nothing(moment, pg_proxy, database_url, db, spec, api_key, tmp_path):
+    """Killed while it assembles: in the middle of writing the object (S3: its upload to storage
+    stops answering; disk: once the object's temporary file has grown), or after assembling and
+    before the outcome is recorded (the database stops answering at mark_completed)."""
+    proxy, proxied_url = pg_proxy
+    part_size = 1024 * 1024
+    data = payload(8 * part_size - 1, seed=4)
+    tally = Tally()
+    with contextlib.ExitStack() as stack:
+        serving_spec = spec
+        if moment == "copying" and spec.kind == "s3":
+            host, port = spec.endpoint.rsplit(":", 1)
+            s3_proxy = stack.enter_context(FaultProxy((host, int(port))))
+            serving_spec = StorageSpec(**{**spec.__dict__, "endpoint": f"127.0.0.1:{s3_proxy.port}"})
+        server = stack.enter_context(
+            serving(proxied_url, serving_spec, tmp_path, CHUNKSVC_WORKERS="1", CHUNKSVC_BLOCK_SIZE="4096")
+        )
+        call = Caller([server.port], api_key, tally)
+        session_id = call("POST", "/uploads/sessions", {"filename": "k", "size": len(data), "part_size": part_size,
+                                                        "sha256": sha(data)}).body["id"]
+        for number in range(1, 9):
+            call("PUT", f"/uploads/sessions/{session_id}/parts/{number}",
+                 data[(number - 1) * part_size: number * part_size])
+        [worker] = server.worker_pids()
+        if moment == "recording":
+            proxy.hold_after(b"SET status = 'COMPLETED'")
+        elif spec.kind == "s3":
+            s3_proxy.hold_after(f"/{spec.bucket}/objects/{session_id}?partNumber=2".encode())
+        completing = threading.Thread(
+            target=lambda: call("POST", f"/uploads/sessions/{session_id}/complete", retry=False)
+        )
+        completing.start()
+        if moment == "recording":
+            wait_for(lambda: proxy.requests_held, "the assembler to record its outcome")
+        elif spec.kind == "s3":
+            wait_for(lambda: s3_proxy.requests_held, "the object's upload to be under way")
+        else:
+            wait_for(lambda: [p for p in (spec.root / ".incoming").iterdir() if p.stat().st_size > part_size],
+                     "the object's temporary file to grow")
+        os.kill(worker, signal.SIGKILL)
+        completing.join()
+        status = query(database_url, "SELECT status FROM upload_sessions WHERE id = %s", (session_id,))[0][0]
+        assert status == "COMPLETING"
+        if moment == "copying" and spec.kind == "file":
+            assert [p for p in (spec.root / ".incoming").iterdir()]  # the half-written object
+        server.wait_until_serving()
+        done = finish(call, session_id, data, part_size)  # calling complete again drives it to the end
+
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+    assert reap(db, spec).errors == 0
+    assert verdict(database_url, spec, {session_id: sha(data)}) == {"sessions": 1, "completed": 1, "stored_keys": 1}
+    assert unfinished_s3_uploads(spec) == []
+
+
+def test_sigterm_of_the_master_during_uploads_loses_nothing(database_url, db, api_key, tmp_path):
+    """Graceful shutdown: requests in flight finish, new ones are refused; a new server resumes."""
+    spec = StorageSpec(kind="file", root=tmp_path / "storage")
+    data = payload(40 * PART - 11, seed=5)
+    acknowledged: list[int] = []
+    tally = Tally()
+    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2", CHUNKSVC_BLOCK_SIZE="4096") as server:
+        call = Caller([server.port], api_key, tally, attempts=1)
+        session_id = call("POST", "/uploads/sessions", {"filename": "t", "size": len(data), "part_size": PART,
+                                                        "sha256": sha(data)}).body["id"]
+
+        def send(number: int) -> None:
+            with contextlib.suppress(AssertionError):  # refused once the master stops: not acknowledged
+                answer = call("PUT", f"/uploads/sessions/{session_id}/parts/{number}",
+                              data[(number - 1) * PART: number * PART], retry=False)
+                if answer.status in (200, 201):
+                    acknowledged.append(number)
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            futures = [pool.submit(send, number) for number in range(1, 41)]
+            wait_for(lambda: len(acknowledged) >= 5, "some parts to be acknowledged")
+            server.process.send_signal(signal.SIGTERM)
+            for future in futures:
+                future.result()
+        assert server.process.wait(timeout=60) == 0
+
+    recorded = {row[0] for row in query(database_url, "SELECT part_number FROM upload_parts WHERE session_id = %s",
+                                        (session_id,))}
+    assert set(acknowledged) <= recorded  # every 2xx survived the shutdown
+    assert 5 <= len(acknowledged) < 40, acknowledged  # the shutdown really cut the upload short
+    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="1") as server:
+        done = finish(Caller([server.port], api_key, tally), session_id, data, PART)
+    assert done["status"] == "COMPLETED"
+    assert reap(db, spec).errors == 0
+    verdict(database_url, spec, {session_id: sha(data)})
+
+
+# --- load with invariants, two hosts --------------------------------------------------------------
+
+
+def test_load_on_two_hosts_keeps_every_invariant(database_url, db, spec, api_key, tmp_path):
+    """Many threads over two hosts: retries, same-part races with different bytes, aborts, completes."""
+    tally = Tally()
+    sources: dict[str, str] = {}
+    lock = threading.Lock()
+    outcomes: dict[str, int] = {"completed": 0, "aborted": 0, "raced_lost": 0}
+
+    def session_work(index: int, ports: list[int]) -> None:
+        rng = random.Random(index)
+        call = Caller(ports, api_key, tally)
+        data = payload(rng.randint(1, 5) * PART - rng.randint(0, 500), seed=5000 + index)
+        count = -(-len(data) // PART)
+        session_id = call("POST", "/uploads/sessions", {"filename": "l", "size": len(data), "part_size": PART,
+                                                        "sha256": sha(data)}).body["id"]
+        chunks = {n: data[(n - 1) * PART: n * PART] for n in range(1, count + 1)}
+        rogue = rng.random() < 0.2 and count > 1  # another writer races one part with other bytes
+        raced = rng.randint(1, count)
+
+        def put(number: int, body: bytes) -> int:
+            return call("PUT", f"/uploads/sessions/{session_id}/parts/{number}", body).status
+
+        with ThreadPoolExecutor(max_workers=3) as parts:
+            jobs = [parts.submit(put, n, chunks[n]) for n in rng.sample(sorted(chunks), k=count)]
+            if rogue:
+                jobs.append(parts.submit(put, raced, payload(len(chunks[raced]), seed=-index - 1)))
+            if rng.random() < 0.3:  # a retry of an acknowledged part: 200, counted once
+                jobs.append(parts.submit(put, 1, chunks[1]))
+            statuses = [job.result() for job in jobs]
+        assert set(statuses) <= {200, 201, 409}, statuses
+        lost_race = any(status == 409 for status in statuses[:count])
+        if lost_race or rng.random() < 0.15:
+            assert call("DELETE", f"/uploads/sessions/{session_id}").status == 204
+            with lock:
+                outcomes["raced_lost" if lost_race else "aborted"] += 1
+            return
+        done = call("POST", f"/uploads/sessions/{session_id}/complete")
+        if rogue and done.status == 422:  # the rogue's bytes won a race the client did not see
+            with lock:
+                outcomes["raced_lost"] += 1
+            return
+        assert done.status == 200, done
+        with lock:
+            sources[session_id] = sha(data)
+            outcomes["completed"] += 1
+
+    sessions = 120 if spec.kind == "file" else 48
+    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2") as first, \
+            serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2") as second:
+        ports = [first.port, second.port]
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            for future in [pool.submit(session_work, index, ports) for index in range(sessions)]:
+                future.result()
+
+    assert tally.server_errors == 0, tally
+    assert outcomes["completed"] > sessions // 2, outcomes
+    assert reap(db, spec).errors == 0
+    report = verdict(database_url, spec, sources)
+    assert report["completed"] == outcomes["completed"] and report["stored_keys"] == outcomes["completed"]
+
+
+# --- slow clients ---------------------------------------------------------------------------------
+
+
+def test_stalled_bodies_are_abandoned_and_free_their_threads(database_url, db, api_key, tmp_path):
+    """One worker of two threads, two clients that stall mid-body: an honest upload still gets
+    through once CHUNKSVC_BODY_TIMEOUT has abandoned them, and the stalled parts leave nothing."""
+    spec = StorageSpec(kind="file", root=tmp_path / "storage")
+    data = payload(2 * PART, seed=6)
+    env = {"CHUNKSVC_WORKERS": "1", "CHUNKSVC_THREADS": "2", "CHUNKSVC_BODY_TIMEOUT": "2"}
+    with serving(database_url, spec, tmp_path, **env) as server:
+        call = Caller([server.port], api_key, Tally())
+        session_id = call("POST", "/uploads/sessions", {"filename": "s", "size": len(data), "part_size": PART,
+                                                        "sha256": sha(data)}).body["id"]
+        stalled = []
+        for number in (1, 2):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+            sock.sendall(f"PUT /uploads/sessions/{session_id}/parts/{number} HTTP/1.1\r\nHost: x\r\n"
+                         f"Authorization: Bearer {api_key}\r\nContent-Length: {PART}\r\n\r\n".encode())
+            sock.sendall(data[:100])
+            stalled.append(sock)
+        try:
+            # Both threads are held by stalled bodies; this request waits for one to be freed.
+            started = time.monotonic()
+            done = upload(Caller([server.port], api_key, Tally(), timeout=60), data, PART)
+            waited = time.monotonic() - started
+            answers = [sock.recv(65536) for sock in stalled]
+        finally:
+            for sock in stalled:
+                sock.close()
+
+    assert waited >= 1.5, waited  # it did wait for the body timeout (2 s), so the threads were held
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 400") and b'"incomplete_body"' in answer, answer[:300]
+    assert reap(db, spec).errors == 0
+    verdict(database_url, spec, {done: sha(data)})
+    assert list((spec.root / ".incoming").iterdir()) == []
