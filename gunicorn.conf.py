@@ -30,10 +30,20 @@ bind = os.environ.get("CHUNKSVC_BIND", "127.0.0.1:8000")
 #   16 fast          295 MB/s, healthz 252 ms  249 MB/s, healthz 10 ms   595 MB/s, healthz 8 ms
 #   6 at 8 MB/s      47 MB/s, healthz 1030 ms  48 MB/s, healthz 1.2 ms   48 MB/s, healthz 1.5 ms
 # (An earlier, noisier run: sync with 5 workers, healthz 252 ms with 16 clients and up to 1 s with
-# 6 slow ones.) 8 threads also match the default pool of 8 connections per worker (CHUNKSVC_DB_POOL_MAX).
+# 6 slow ones.)
+#
+# 64 threads, not 8: a thread is also what a stalled client holds. A body that sends nothing for
+# CHUNKSVC_BODY_TIMEOUT (60 s) is abandoned, but a request head that never ends holds its thread
+# until the client leaves (only a proxy's client_header_timeout defends against that; see the
+# README). Measured with `python -m chunksvc.tools.slow_clients` (2 workers; 30 connections
+# stalled mid-body and 30 mid-head, then 10 honest uploads with a 30 s client timeout):
+#   8 threads, no body timeout: 0 of 10 finished; 8 threads: 0 of 10; 32: 5 of 10 (one worker had
+#   taken most stalled connections); 64: 10 of 10, p50 0.09 s.
+# An idle thread costs little; a busy one holds at most 4 blocks (CHUNKSVC_BLOCK_SIZE) and a
+# database connection only for its few statements, so the pool stays at 8 (CHUNKSVC_DB_POOL_MAX).
 worker_class = os.environ.get("CHUNKSVC_WORKER_CLASS", "gthread")
 workers = _env_int("CHUNKSVC_WORKERS", multiprocessing.cpu_count() + 1)
-threads = _env_int("CHUNKSVC_THREADS", 8)
+threads = _env_int("CHUNKSVC_THREADS", 64)
 
 # A gthread worker reports to the master from its main loop, whatever its threads are doing, so the
 # timeout only catches a wedged process and can stay short. A sync worker reports only between
