@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import time
 
 import webtest
 
@@ -78,3 +79,12 @@ class ShortBody(io.RawIOBase):
             hook, self._on_first_read = self._on_first_read, None
             hook()
         return self._data.read(size)
+
+
+def wait_for(what, describe: str, timeout: float = 60, interval: float = 0.01):
+    """Poll until ``what()`` is truthy (an event in another process, not a speed requirement)."""
+    deadline = time.monotonic() + timeout
+    while not (value := what()):
+        assert time.monotonic() < deadline, f"gave up waiting for {describe}"
+        time.sleep(interval)
+    return value

@@ -10,6 +10,7 @@ source, counters equal to rows, and no stored byte left that no record needs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import random
@@ -35,7 +36,7 @@ from chunksvc.tools import harness
 from tests.chaos import Caller, Tally, check_invariants, finish, query, upload
 from tests.conftest import TEST_LIMITS
 from tests.faults import HANG, PASS, PG_READY_FOR_QUERY, REFUSE, RESET, FaultProxy
-from tests.helpers import payload
+from tests.helpers import payload, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PART = 64 * 1024
@@ -155,8 +156,8 @@ def test_a_part_whose_commit_reply_is_lost_is_not_lost(pg_proxy, database_url, d
 # --- outages of PostgreSQL and of S3 --------------------------------------------------------------
 
 
-def chaos(proxy: FaultProxy, stop: threading.Event, steps: list[tuple[str, float]], marker: bytes | None,
-          reply_end: bytes | None = None, rounds: int = 3) -> None:
+def chaos(proxy: FaultProxy, stop: threading.Event, steps: list[tuple[str, float]], marker: bytes,
+          reply_end: bytes, rounds: int = 3) -> None:
     """Go through fault ``steps`` (mode, seconds) ``rounds`` times, or until ``stop``; once a round,
     drop the reply to the next request containing ``marker``. Then pass traffic: the faults are
     a bounded storm, after which every retry must get through."""
@@ -165,42 +166,48 @@ def chaos(proxy: FaultProxy, stop: threading.Event, steps: list[tuple[str, float
             if stop.is_set():
                 break
             proxy.set_mode(mode)
-            if marker is not None and index == 0:
-                proxy.drop_reply_after(marker, reply_end=reply_end or PG_READY_FOR_QUERY)
+            if index == 0:
+                proxy.drop_reply_after(marker, reply_end=reply_end)
             stop.wait(seconds)
     proxy.set_mode(PASS)
 
 
-def uploads_through_faults(server_ports: list[int], api_key: str, tally: Tally, count: int,
-                           stop: threading.Event) -> dict[str, str]:
-    """``count`` uploads by 4 threads with the contract's retries; their ids and sources' digests."""
+def uploads_through_faults(proxy: FaultProxy, steps: list[tuple[str, float]], marker: bytes, reply_end: bytes,
+                           server_port: int, api_key: str, tally: Tally, count: int) -> dict[str, str]:
+    """``count`` uploads by 4 threads with the contract's retries while ``proxy`` goes through
+    ``steps``; the uploads' ids and their sources' digests."""
+    stop = threading.Event()
+    faults = threading.Thread(target=chaos, args=(proxy, stop, steps, marker, reply_end))
+
     def one(index: int) -> tuple[str, str]:
         data = payload(random.randint(2, 6) * PART - random.randint(0, 999), seed=1000 + index)
         order = random.sample(range(1, -(-len(data) // PART) + 1), k=-(-len(data) // PART))
-        call = Caller(server_ports, api_key, tally)
-        return upload(call, data, PART, order), sha(data)
+        return upload(Caller([server_port], api_key, tally), data, PART, order), sha(data)
 
+    faults.start()
     try:
         with ThreadPoolExecutor(max_workers=4) as pool:
             return dict(pool.map(one, range(count)))
     finally:
         stop.set()
+        faults.join()
+
+
+def through(spec: StorageSpec, proxy: FaultProxy) -> StorageSpec:
+    """The same bucket, reached through ``proxy``."""
+    return dataclasses.replace(spec, endpoint=f"127.0.0.1:{proxy.port}")
 
 
 DB_FAULTS = [(PASS, 0.4), (REFUSE, 0.6), (PASS, 0.4), (RESET, 0.0), (PASS, 0.4), (HANG, 0.8)]
 
 
 def test_database_outages_during_uploads_lose_nothing(pg_proxy, database_url, db, spec, api_key, tmp_path):
+    """PostgreSQL refuses, resets and hangs, and a part's commit reply is dropped now and then."""
     proxy, proxied_url = pg_proxy
-    tally, stop = Tally(), threading.Event()
+    tally = Tally()
     with serving(proxied_url, spec, tmp_path, CHUNKSVC_WORKERS="2") as server:
-        faults = threading.Thread(target=chaos, args=(proxy, stop, DB_FAULTS, b"INSERT INTO upload_parts"))
-        faults.start()
-        try:
-            sources = uploads_through_faults([server.port], api_key, tally, 24, stop)
-        finally:
-            stop.set()
-            faults.join()
+        sources = uploads_through_faults(proxy, DB_FAULTS, b"INSERT INTO upload_parts", PG_READY_FOR_QUERY,
+                                         server.port, api_key, tally, 24)
 
     assert tally.server_errors > 0 and proxy.replies_dropped > 0, f"no fault reached a request: {tally}"
     assert reap(db, spec).errors == 0
@@ -215,19 +222,11 @@ def test_storage_outages_during_uploads_lose_nothing(database_url, db, api_key, 
     """S3 refuses, resets and hangs, and a stored part's reply is dropped (stored, not recorded)."""
     spec = harness.s3_spec(moto_server)
     host, port = moto_server.rsplit(":", 1)
-    tally, stop = Tally(), threading.Event()
+    tally = Tally()
     with FaultProxy((host, int(port))) as proxy:
-        through_proxy = StorageSpec(**{**spec.__dict__, "endpoint": f"127.0.0.1:{proxy.port}"})
-        with serving(database_url, through_proxy, tmp_path, CHUNKSVC_WORKERS="2") as server:
-            faults = threading.Thread(
-                target=chaos, args=(proxy, stop, S3_FAULTS, f"PUT /{spec.bucket}/parts/".encode(), b"HTTP/1.1 ")
-            )
-            faults.start()
-            try:
-                sources = uploads_through_faults([server.port], api_key, tally, 10, stop)
-            finally:
-                stop.set()
-                faults.join()
+        with serving(database_url, through(spec, proxy), tmp_path, CHUNKSVC_WORKERS="2") as server:
+            sources = uploads_through_faults(proxy, S3_FAULTS, f"PUT /{spec.bucket}/parts/".encode(), b"HTTP/1.1 ",
+                                             server.port, api_key, tally, 10)
         assert proxy.replies_dropped > 0
 
     assert tally.server_errors > 0, f"no fault reached a request: {tally}"
@@ -237,15 +236,6 @@ def test_storage_outages_during_uploads_lose_nothing(database_url, db, api_key, 
 
 
 # --- kill -9 and SIGTERM --------------------------------------------------------------------------
-
-
-def wait_for(what, describe: str, timeout: float = 60):
-    """Poll until ``what()`` is truthy (an event in another process, not a speed requirement)."""
-    deadline = time.monotonic() + timeout
-    while not (value := what()):
-        assert time.monotonic() < deadline, f"gave up waiting for {describe}"
-        time.sleep(0.01)
-    return value
 
 
 def test_a_worker_killed_mid_part_loses_nothing(database_url, db, spec, api_key, tmp_path):
@@ -288,7 +278,7 @@ def test_a_worker_killed_mid_assembly_loses_nothing(moment, pg_proxy, database_u
         if moment == "copying" and spec.kind == "s3":
             host, port = spec.endpoint.rsplit(":", 1)
             s3_proxy = stack.enter_context(FaultProxy((host, int(port))))
-            serving_spec = StorageSpec(**{**spec.__dict__, "endpoint": f"127.0.0.1:{s3_proxy.port}"})
+            serving_spec = through(spec, s3_proxy)
         server = stack.enter_context(
             serving(proxied_url, serving_spec, tmp_path, CHUNKSVC_WORKERS="1", CHUNKSVC_BLOCK_SIZE="4096")
         )

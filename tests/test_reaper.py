@@ -35,7 +35,7 @@ from chunksvc.services.uploads import UploadService
 from chunksvc.storage import Storage, open_storage
 from chunksvc.tools import harness
 from tests.conftest import TEST_LIMITS
-from tests.helpers import complete, create, payload, put_part, sha, split
+from tests.helpers import complete, create, payload, put_part, sha, split, wait_for
 from tests.storage_fixtures import make_s3_spec, s3_admin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -500,15 +500,6 @@ def has_open(pid: int, path: Path) -> bool:
     with contextlib.suppress(OSError):
         return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
     return False
-
-
-def wait_for(what, describe: str, timeout: float = 60):
-    """Poll until ``what()`` is truthy (an event in another process, not a speed requirement)."""
-    deadline = time.monotonic() + timeout
-    while not (value := what()):
-        assert time.monotonic() < deadline, f"gave up waiting for {describe}"
-        time.sleep(0.05)
-    return value
 
 
 @pytest.fixture
