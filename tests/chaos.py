@@ -2,7 +2,7 @@
 
 ``Caller`` speaks HTTP to one or more chunksvc hosts and retries exactly what the contract says a
 client retries (connection errors, 502/503/504, 507), recording every status it saw. ``Tally``
-adds those up per fault. ``check_invariants`` is the verdict: every COMPLETED object is its
+adds those up per fault. ``measure_invariants`` is the verdict: every COMPLETED object is its
 source byte for byte, counters equal part rows, and after a reap with no grace period storage
 holds exactly the completed objects plus the recorded parts of live sessions.
 """
@@ -15,6 +15,7 @@ import hashlib
 import http.client
 import itertools
 import json
+import os
 import random
 import threading
 import time
@@ -165,13 +166,14 @@ def sha256_of(storage: Storage, key: str) -> str:
     return digest.hexdigest()
 
 
-def check_invariants(database_url: str, storage: Storage, sources: dict[str, str]) -> dict[str, int]:
-    """Raise AssertionError naming every broken invariant; else counts for the report.
+def measure_invariants(database_url: str, storage: Storage, sources: dict[str, str]) -> tuple[dict, list[str]]:
+    """Counts for the report (``lost`` and ``leaked`` among them), and every broken invariant.
 
     ``sources`` maps the id of every session the test expects COMPLETED to its source's SHA-256.
     Call it after a reap with zero grace period (and no requests in flight).
     """
     problems: list[str] = []
+    lost_uploads = 0
     sessions = {
         str(row[0]): row[1:]
         for row in query(database_url, """
@@ -187,8 +189,10 @@ def check_invariants(database_url: str, storage: Storage, sources: dict[str, str
         status, *_rest, key, object_sha, _rows, _bytes = sessions[session_id]
         if status != "COMPLETED":
             problems.append(f"{session_id}: {status}, expected COMPLETED (lost)")
+            lost_uploads += 1
         elif object_sha != sha256 or sha256_of(storage, key) != sha256:
             problems.append(f"{session_id}: object is not its source")
+            lost_uploads += 1
     for session_id, (status, *_rest, key, _sha, _rows, _bytes) in sessions.items():
         if status == "COMPLETED" and not storage.exists(key):
             problems.append(f"{session_id}: COMPLETED without its object")
@@ -203,9 +207,28 @@ def check_invariants(database_url: str, storage: Storage, sources: dict[str, str
         problems.append(f"recorded parts of live sessions missing from storage: {sorted(lost)[:5]}")
     if leaked := keys - live_parts - objects:
         problems.append(f"stored bytes no record needs (leaked): {sorted(leaked)[:5]} ({len(leaked)})")
-    assert not problems, "\n".join(problems)
-    return {
+    counts = {
         "sessions": len(sessions),
         "completed": sum(1 for value in sessions.values() if value[0] == "COMPLETED"),
         "stored_keys": len(keys),
+        "lost": lost_uploads + len(lost),
+        "leaked": len(leaked),
     }
+    return counts, problems
+
+
+def record_fault(fault: str, tally: Tally, counts: dict) -> None:
+    """Append one line about a fault run to the file named by CHUNKSVC_FAULT_REPORT, if set:
+    what was tried, the statuses seen, and what was lost or leaked."""
+    path = os.environ.get("CHUNKSVC_FAULT_REPORT")
+    if not path:
+        return
+    line = {
+        "fault": fault,
+        "statuses": {str(status): count for status, count in sorted(tally.statuses.items(), key=str)},
+        "codes_5xx": dict(tally.codes),
+        "server_errors": tally.server_errors,
+        **counts,
+    }
+    with open(path, "a", encoding="utf-8") as report:
+        report.write(json.dumps(line) + "\n")

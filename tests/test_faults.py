@@ -33,7 +33,7 @@ from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import open_storage
 from chunksvc.tools import harness
-from tests.chaos import Caller, Tally, check_invariants, finish, query, upload
+from tests.chaos import Caller, Tally, finish, measure_invariants, query, record_fault, upload
 from tests.conftest import TEST_LIMITS
 from tests.faults import HANG, PASS, PG_READY_FOR_QUERY, REFUSE, RESET, FaultProxy
 from tests.helpers import payload, wait_for
@@ -88,12 +88,16 @@ def reap(db: Database, spec: StorageSpec, **settings):
         storage.close()
 
 
-def verdict(database_url: str, spec: StorageSpec, sources: dict[str, str]) -> dict[str, int]:
+def verdict(request, database_url: str, spec: StorageSpec, sources: dict[str, str], tally: Tally) -> dict[str, int]:
+    """The invariants after a fault (recorded for the report, see tests/chaos.py), then asserted."""
     storage = open_storage(spec)
     try:
-        return check_invariants(database_url, storage, sources)
+        counts, problems = measure_invariants(database_url, storage, sources)
     finally:
         storage.close()
+    record_fault(request.node.name, tally, counts)
+    assert not problems, "\n".join(problems)
+    return counts
 
 
 @contextlib.contextmanager
@@ -118,7 +122,7 @@ def unfinished_s3_uploads(spec: StorageSpec) -> list[str]:
 # --- the lost commit reply ------------------------------------------------------------------------
 
 
-def test_a_part_whose_commit_reply_is_lost_is_not_lost(pg_proxy, database_url, db, spec, api_key, tmp_path):
+def test_a_part_whose_commit_reply_is_lost_is_not_lost(request, pg_proxy, database_url, db, spec, api_key, tmp_path):
     """PostgreSQL commits the part's row, the reply never arrives: 503, and the bytes stay."""
     proxy, proxied_url = pg_proxy
     data = payload(3 * PART - 5, seed=7)
@@ -150,7 +154,7 @@ def test_a_part_whose_commit_reply_is_lost_is_not_lost(pg_proxy, database_url, d
         assert stored.read() == data
     storage.close()
     assert reap(db, spec).errors == 0
-    assert verdict(database_url, spec, {session_id: sha(data)})["stored_keys"] == 1
+    assert verdict(request, database_url, spec, {session_id: sha(data)}, tally)["stored_keys"] == 1
 
 
 # --- outages of PostgreSQL and of S3 --------------------------------------------------------------
@@ -201,7 +205,7 @@ def through(spec: StorageSpec, proxy: FaultProxy) -> StorageSpec:
 DB_FAULTS = [(PASS, 0.4), (REFUSE, 0.6), (PASS, 0.4), (RESET, 0.0), (PASS, 0.4), (HANG, 0.8)]
 
 
-def test_database_outages_during_uploads_lose_nothing(pg_proxy, database_url, db, spec, api_key, tmp_path):
+def test_database_outages_during_uploads_lose_nothing(request, pg_proxy, database_url, db, spec, api_key, tmp_path):
     """PostgreSQL refuses, resets and hangs, and a part's commit reply is dropped now and then."""
     proxy, proxied_url = pg_proxy
     tally = Tally()
@@ -211,14 +215,14 @@ def test_database_outages_during_uploads_lose_nothing(pg_proxy, database_url, db
 
     assert tally.server_errors > 0 and proxy.replies_dropped > 0, f"no fault reached a request: {tally}"
     assert reap(db, spec).errors == 0
-    assert verdict(database_url, spec, sources)["completed"] == 24
+    assert verdict(request, database_url, spec, sources, tally)["completed"] == 24
     assert set(tally.statuses) <= {200, 201, 409, 503, "connection_error"}, tally
 
 
 S3_FAULTS = [(PASS, 0.4), (REFUSE, 0.5), (PASS, 0.4), (RESET, 0.0), (PASS, 0.3), (HANG, 0.6)]
 
 
-def test_storage_outages_during_uploads_lose_nothing(database_url, db, api_key, tmp_path, moto_server):
+def test_storage_outages_during_uploads_lose_nothing(request, database_url, db, api_key, tmp_path, moto_server):
     """S3 refuses, resets and hangs, and a stored part's reply is dropped (stored, not recorded)."""
     spec = harness.s3_spec(moto_server)
     host, port = moto_server.rsplit(":", 1)
@@ -231,14 +235,14 @@ def test_storage_outages_during_uploads_lose_nothing(database_url, db, api_key, 
 
     assert tally.server_errors > 0, f"no fault reached a request: {tally}"
     assert reap(db, spec).errors == 0
-    assert verdict(database_url, spec, sources)["completed"] == 10
+    assert verdict(request, database_url, spec, sources, tally)["completed"] == 10
     assert unfinished_s3_uploads(spec) == []
 
 
 # --- kill -9 and SIGTERM --------------------------------------------------------------------------
 
 
-def test_a_worker_killed_mid_part_loses_nothing(database_url, db, spec, api_key, tmp_path):
+def test_a_worker_killed_mid_part_loses_nothing(request, database_url, db, spec, api_key, tmp_path):
     data = payload(2 * 1024 * 1024, seed=3)
     part_size = 1024 * 1024
     tally = Tally()
@@ -260,12 +264,15 @@ def test_a_worker_killed_mid_part_loses_nothing(database_url, db, spec, api_key,
 
     assert done["status"] == "COMPLETED"
     assert reap(db, spec).errors == 0
-    assert verdict(database_url, spec, {session_id: sha(data)}) == {"sessions": 1, "completed": 1, "stored_keys": 1}
+    counts = verdict(request, database_url, spec, {session_id: sha(data)}, tally)
+    assert (counts["sessions"], counts["completed"], counts["stored_keys"]) == (1, 1, 1)
     assert unfinished_s3_uploads(spec) == []
 
 
 @pytest.mark.parametrize("moment", ["copying", "recording"])
-def test_a_worker_killed_mid_assembly_loses_nothing(moment, pg_proxy, database_url, db, spec, api_key, tmp_path):
+def test_a_worker_killed_mid_assembly_loses_nothing(
+    request, moment, pg_proxy, database_url, db, spec, api_key, tmp_path
+):
     """Killed while it assembles: in the middle of writing the object (S3: its upload to storage
     stops answering; disk: once the object's temporary file has grown), or after assembling and
     before the outcome is recorded (the database stops answering at mark_completed)."""
@@ -315,11 +322,12 @@ def test_a_worker_killed_mid_assembly_loses_nothing(moment, pg_proxy, database_u
 
     assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
     assert reap(db, spec).errors == 0
-    assert verdict(database_url, spec, {session_id: sha(data)}) == {"sessions": 1, "completed": 1, "stored_keys": 1}
+    counts = verdict(request, database_url, spec, {session_id: sha(data)}, tally)
+    assert (counts["sessions"], counts["completed"], counts["stored_keys"]) == (1, 1, 1)
     assert unfinished_s3_uploads(spec) == []
 
 
-def test_sigterm_of_the_master_during_uploads_loses_nothing(database_url, db, api_key, tmp_path):
+def test_sigterm_of_the_master_during_uploads_loses_nothing(request, database_url, db, api_key, tmp_path):
     """Graceful shutdown: requests in flight finish, new ones are refused; a new server resumes."""
     spec = StorageSpec(kind="file", root=tmp_path / "storage")
     data = payload(40 * PART - 11, seed=5)
@@ -353,13 +361,13 @@ def test_sigterm_of_the_master_during_uploads_loses_nothing(database_url, db, ap
         done = finish(Caller([server.port], api_key, tally), session_id, data, PART)
     assert done["status"] == "COMPLETED"
     assert reap(db, spec).errors == 0
-    verdict(database_url, spec, {session_id: sha(data)})
+    verdict(request, database_url, spec, {session_id: sha(data)}, tally)
 
 
 # --- load with invariants, two hosts --------------------------------------------------------------
 
 
-def test_load_on_two_hosts_keeps_every_invariant(database_url, db, spec, api_key, tmp_path):
+def test_load_on_two_hosts_keeps_every_invariant(request, database_url, db, spec, api_key, tmp_path):
     """Many threads over two hosts: retries, same-part races with different bytes, aborts, completes."""
     tally = Tally()
     sources: dict[str, str] = {}
@@ -415,21 +423,22 @@ def test_load_on_two_hosts_keeps_every_invariant(database_url, db, spec, api_key
     assert tally.server_errors == 0, tally
     assert outcomes["completed"] > sessions // 2, outcomes
     assert reap(db, spec).errors == 0
-    report = verdict(database_url, spec, sources)
+    report = verdict(request, database_url, spec, sources, tally)
     assert report["completed"] == outcomes["completed"] and report["stored_keys"] == outcomes["completed"]
 
 
 # --- slow clients ---------------------------------------------------------------------------------
 
 
-def test_stalled_bodies_are_abandoned_and_free_their_threads(database_url, db, api_key, tmp_path):
+def test_stalled_bodies_are_abandoned_and_free_their_threads(request, database_url, db, api_key, tmp_path):
     """One worker of two threads, two clients that stall mid-body: an honest upload still gets
     through once CHUNKSVC_BODY_TIMEOUT has abandoned them, and the stalled parts leave nothing."""
     spec = StorageSpec(kind="file", root=tmp_path / "storage")
     data = payload(2 * PART, seed=6)
     env = {"CHUNKSVC_WORKERS": "1", "CHUNKSVC_THREADS": "2", "CHUNKSVC_BODY_TIMEOUT": "2"}
+    tally = Tally()
     with serving(database_url, spec, tmp_path, **env) as server:
-        call = Caller([server.port], api_key, Tally())
+        call = Caller([server.port], api_key, tally)
         session_id = call("POST", "/uploads/sessions", {"filename": "s", "size": len(data), "part_size": PART,
                                                         "sha256": sha(data)}).body["id"]
         stalled = []
@@ -442,7 +451,7 @@ def test_stalled_bodies_are_abandoned_and_free_their_threads(database_url, db, a
         try:
             # Both threads are held by stalled bodies; this request waits for one to be freed.
             started = time.monotonic()
-            done = upload(Caller([server.port], api_key, Tally(), timeout=60), data, PART)
+            done = upload(Caller([server.port], api_key, tally, timeout=60), data, PART)
             waited = time.monotonic() - started
             answers = [sock.recv(65536) for sock in stalled]
         finally:
@@ -453,5 +462,5 @@ def test_stalled_bodies_are_abandoned_and_free_their_threads(database_url, db, a
     for answer in answers:
         assert answer.startswith(b"HTTP/1.1 400") and b'"incomplete_body"' in answer, answer[:300]
     assert reap(db, spec).errors == 0
-    verdict(database_url, spec, {done: sha(data)})
+    verdict(request, database_url, spec, {done: sha(data)}, tally)
     assert list((spec.root / ".incoming").iterdir()) == []

@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 import webtest
 from prometheus_client import CollectorRegistry
@@ -114,6 +115,26 @@ def test_session_events_abort_failure_and_replay(app, auth):
 
     assert deltas(before, after, "chunksvc_sessions_total", "event") == {"created": 2, "aborted": 1, "failed": 1}
     assert value(after, "chunksvc_assembly_duration_seconds_count", outcome="failed") == 1
+
+
+def test_lost_bytes_are_counted_when_healed_and_when_reopened(app, auth, storage, database_url):
+    data = payload(3000)
+    session = create(app, auth, size=len(data), part_size=1024, sha256=sha(data)).json
+    parts = split(data, 1024)
+    for number, part in enumerate(parts, start=1):
+        put_part(app, auth, session["id"], number, part)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        keys = dict(conn.execute("SELECT part_number, storage_key FROM upload_parts WHERE session_id = %s",
+                                 (session["id"],)).fetchall())
+    before = scrape(app)
+    storage.delete([keys[1], keys[2], keys[3]])
+    put_part(app, auth, session["id"], 1, parts[0], status=200)  # healed by the retry
+    complete(app, auth, session["id"], status=409)  # parts 2 and 3: dropped, asked for again
+    after = scrape(app)
+
+    assert deltas(before, after, "chunksvc_parts_total", "outcome") == {"healed": 1}
+    assert deltas(before, after, "chunksvc_sessions_total", "event") == {"reopened": 1}
+    assert value(after, "chunksvc_parts_lost_total") - value(before, "chunksvc_parts_lost_total") == 2
 
 
 def test_labels_stay_bounded(app, auth):

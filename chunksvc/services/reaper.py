@@ -13,13 +13,13 @@ Phases, in this order (each one's output feeds the next):
    session is missing or already purged (left by a writer that outlived its session), and
    keys under ``parts/`` of a live session that no part row points to (bytes kept because
    their record's outcome was unknown, and it did not commit).
+5. incomplete: unfinished writes older than the grace period (a worker killed mid-write).
 
 Where a storage call and a database change both happen, the bytes go only after the database
 says no row needs them, and a failure between the two leaves work for the next run, not loss:
 expire changes rows only; re-drive is ``complete`` (see ``UploadService._complete``); purge
 removes bytes first and records ``purged_at`` after, so a lost commit means removing them again;
 the orphan sweep reads rows, then removes keys that no row names.
-5. incomplete: unfinished writes older than the grace period (a worker killed mid-write).
 
 Several reapers may run at once: expire and purge claim rows with ``FOR UPDATE SKIP LOCKED``,
 re-drive relies on the per-session completion lock, and the two storage sweeps are each held by
