@@ -7,10 +7,12 @@ INSTALLED := $(VENV)/.installed
 .PHONY: install run test chaos lint migrate api-key keys reap bench loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes.
-$(INSTALLED): setup.cfg pyproject.toml
+# The client (client/, its own package) goes in too: the tests, bench and load test drive the
+# service through it.
+$(INSTALLED): setup.cfg pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test]' -e ./client
 	touch $@
 
 install: $(INSTALLED)
