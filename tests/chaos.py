@@ -1,55 +1,46 @@
 """What the fault tests drive the service with, and what they check afterwards.
 
-``Caller`` speaks HTTP to one or more chunksvc hosts and retries exactly what the contract says a
-client retries (connection errors, 502/503/504, 507), recording every status it saw. ``Tally``
-adds those up per fault. ``measure_invariants`` is the verdict: every COMPLETED object is its
-source byte for byte, counters equal part rows, and after a reap with no grace period storage
-holds exactly the completed objects plus the recorded parts of live sessions.
+The service is driven through the project's one client, ``chunksvc_client``, which retries
+exactly what the contract says a client retries; ``Tally`` records every attempt it makes
+(retried ones too) through the client's ``on_attempt`` hook. ``measure_invariants`` is the
+verdict: every COMPLETED object is its source byte for byte, counters equal part rows, and after
+a reap with no grace period storage holds exactly the completed objects plus the recorded parts
+of live sessions.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
-import http.client
-import itertools
 import json
 import os
-import random
+import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import psycopg
 
 from chunksvc.storage import Storage
+from chunksvc_client import ApiError, Client, RetryPolicy
 
-RETRYABLE_STATUSES = frozenset({502, 503, 504, 507})
-
-
-@dataclasses.dataclass
-class Answer:
-    status: int
-    body: dict | None
-    attempts: int
+CONNECTION_ERROR = "connection_error"
 
 
 class Tally:
-    """Statuses seen (every attempt, retried ones included), thread-safe."""
+    """Statuses seen (every attempt, retried ones included) and the codes of 5xx answers."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.statuses: collections.Counter[int | str] = collections.Counter()
         self.codes: collections.Counter[str] = collections.Counter()  # of 5xx answers
 
-    def add(self, status: int | str) -> None:
+    def __call__(self, method: str, path: str, status: int, error: ApiError | None) -> None:
+        """The client's ``on_attempt`` hook."""
         with self._lock:
-            self.statuses[status] += 1
-
-    def add_code(self, code: str) -> None:
-        with self._lock:
-            self.codes[code] += 1
+            self.statuses[status or CONNECTION_ERROR] += 1
+            if status >= 500 and error is not None:
+                self.codes[error.code] += 1
 
     @property
     def server_errors(self) -> int:
@@ -59,90 +50,33 @@ class Tally:
         return f"Tally({dict(sorted(self.statuses.items(), key=str))}, 5xx codes {dict(self.codes)})"
 
 
-class Caller:
-    """Requests with the contract's retry policy, spread over ``ports`` (several hosts)."""
-
-    def __init__(self, ports: Sequence[int], api_key: str, tally: Tally, *, attempts: int = 40,
-                 backoff: float = 0.05, timeout: float = 30) -> None:
-        self._ports = itertools.cycle(ports)
-        self._lock = threading.Lock()
-        self._key = api_key
-        self.tally = tally
-        self._attempts = attempts
-        self._backoff = backoff
-        self._timeout = timeout
-
-    def __call__(self, method: str, path: str, body: bytes | dict | None = None,
-                 headers: dict[str, str] | None = None, retry: bool = True) -> Answer:
-        payload = json.dumps(body).encode() if isinstance(body, dict) else body
-        all_headers = {"Authorization": f"Bearer {self._key}", **(headers or {})}
-        if isinstance(body, dict):
-            all_headers["Content-Type"] = "application/json"
-        for attempt in range(1, self._attempts + 1):
-            with self._lock:
-                port = next(self._ports)
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=self._timeout)
-            try:
-                conn.request(method, path, body=payload, headers=all_headers)
-                response = conn.getresponse()
-                data = response.read()
-                status = response.status
-            except (OSError, http.client.HTTPException):
-                self.tally.add("connection_error")
-                status, data = None, b""
-            finally:
-                conn.close()
-            if status is not None:
-                self.tally.add(status)
-                if status >= 500:
-                    self.tally.add_code(_problem_code(data))
-                if status not in RETRYABLE_STATUSES:
-                    return Answer(status, json.loads(data) if data else None, attempt)
-            if not retry:
-                return Answer(status or 0, json.loads(data) if data else None, attempt)
-            # Backoff with jitter, capped: the faults in these tests last seconds.
-            time.sleep(min(1.0, self._backoff * 2 ** min(attempt, 5)) * random.uniform(0.5, 1.0))
-        raise AssertionError(f"{method} {path}: still failing after {self._attempts} attempts; {self.tally}")
+def client(url: str, api_key: str, tally: Tally, *, attempts: int = 40, timeout: float = 60) -> Client:
+    """A client with the contract's retries, quicker than the default (the faults last seconds)."""
+    retry = RetryPolicy(attempts=attempts, base_delay=0.05, max_delay=1.0, storage_full_delay=1.0)
+    return Client(url, api_key, retry=retry, timeout=timeout, on_attempt=tally)
 
 
-def _problem_code(data: bytes) -> str:
-    try:
-        return json.loads(data)["code"]
-    except (ValueError, KeyError, TypeError):
-        return "not a problem document"
+def upload(chunksvc: Client, data: bytes, part_size: int, parallel: int = 4) -> str:
+    """Upload ``data`` as a file with ``upload_file``; the completed session's id."""
+    with tempfile.TemporaryDirectory(prefix="chunksvc-chaos-") as work:
+        path = Path(work, "chaos.bin")
+        path.write_bytes(data)
+        session = chunksvc.upload_file(path, part_size=part_size, parallel=parallel)
+    assert session["status"] == "COMPLETED", session
+    return session["id"]
 
 
-def upload(call: Caller, data: bytes, part_size: int, order: Iterable[int] | None = None) -> str:
-    """Create a session for ``data``, send every part (retrying), complete it; the session id."""
-    created = call("POST", "/uploads/sessions", {
-        "filename": "chaos.bin", "size": len(data), "part_size": part_size,
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }, headers={"Idempotency-Key": hashlib.sha256(data).hexdigest()})
-    assert created.status in (200, 201), created
-    session_id = created.body["id"]
-    count = -(-len(data) // part_size)
-    for number in order or range(1, count + 1):
-        put = call("PUT", f"/uploads/sessions/{session_id}/parts/{number}",
-                   data[(number - 1) * part_size: number * part_size])
-        assert put.status in (200, 201), put
-    finish(call, session_id, data, part_size)
-    return session_id
-
-
-def finish(call: Caller, session_id: str, data: bytes, part_size: int) -> dict:
-    """Complete, re-sending whatever ``parts_missing`` lists (the client's ordinary resume)."""
+def finish(chunksvc: Client, session_id: str, data: bytes, part_size: int) -> dict:
+    """Complete, sending whatever ``parts_missing`` lists (the client's ordinary resume)."""
     for _ in range(40):
-        done = call("POST", f"/uploads/sessions/{session_id}/complete")
-        if done.status == 200:
-            return done.body
-        if (done.status, done.body["code"]) == (409, "completion_in_progress"):
-            time.sleep(0.5)  # a crashed assembler's lock is on its way out
-            continue
-        assert (done.status, done.body["code"]) == (409, "parts_missing"), done
-        for number in done.body["missing_parts"]:
-            put = call("PUT", f"/uploads/sessions/{session_id}/parts/{number}",
-                       data[(number - 1) * part_size: number * part_size])
-            assert put.status in (200, 201), put
+        try:
+            return chunksvc.complete(session_id)
+        except ApiError as error:
+            if error.code != "parts_missing":
+                raise
+            for number in error.problem["missing_parts"]:
+                chunksvc.put_part(session_id, number, data[(number - 1) * part_size: number * part_size])
+        time.sleep(0.05)
     raise AssertionError(f"session {session_id} never completed")
 
 

@@ -33,7 +33,8 @@ from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import open_storage
 from chunksvc.tools import harness
-from tests.chaos import Caller, Tally, finish, measure_invariants, query, record_fault, upload
+from chunksvc_client import ApiError
+from tests.chaos import Tally, client, finish, measure_invariants, query, record_fault, upload
 from tests.conftest import TEST_LIMITS
 from tests.faults import HANG, PASS, PG_READY_FOR_QUERY, REFUSE, RESET, FaultProxy
 from tests.helpers import payload, wait_for
@@ -127,27 +128,26 @@ def test_a_part_whose_commit_reply_is_lost_is_not_lost(request, pg_proxy, databa
     proxy, proxied_url = pg_proxy
     data = payload(3 * PART - 5, seed=7)
     tally = Tally()
-    with serving(proxied_url, spec, tmp_path, CHUNKSVC_WORKERS="1") as server:
-        call = Caller([server.port], api_key, tally)
-        session_id = call("POST", "/uploads/sessions",
-                          {"filename": "x", "size": len(data), "part_size": PART, "sha256": sha(data)}).body["id"]
+    with serving(proxied_url, spec, tmp_path, CHUNKSVC_WORKERS="1") as server, \
+            client(server.url, api_key, tally) as chunksvc, client(server.url, api_key, tally, attempts=1) as once:
+        session_id = chunksvc.create_session("x", len(data), part_size=PART, sha256=sha(data))["id"]
         proxy.drop_reply_after(b"INSERT INTO upload_parts")
 
-        first = call("PUT", f"/uploads/sessions/{session_id}/parts/2", data[PART:2 * PART], retry=False)
+        with pytest.raises(ApiError) as first:
+            once.put_part(session_id, 2, data[PART:2 * PART])
 
-        assert (first.status, first.body["code"]) == (503, "database_unavailable")
+        assert (first.value.status, first.value.code) == (503, "database_unavailable")
         assert proxy.replies_dropped == 1
         [(recorded_key,)] = query(database_url, "SELECT storage_key FROM upload_parts WHERE session_id = %s",
                                   (session_id,))
         storage = open_storage(spec)
         assert storage.exists(recorded_key)  # the v1 bug deleted these bytes here
-        retry = call("PUT", f"/uploads/sessions/{session_id}/parts/2", data[PART:2 * PART])
-        assert retry.status == 200  # the same bytes were already accepted
+        retry = chunksvc.put_part(session_id, 2, data[PART:2 * PART])
+        assert retry["received_parts"] == 1 and tally.statuses[200] == 1  # already accepted: 200, counted once
         assert storage.exists(recorded_key)  # and v1 deleted them here, too
         for number in (1, 3):
-            assert call("PUT", f"/uploads/sessions/{session_id}/parts/{number}",
-                        data[(number - 1) * PART:number * PART]).status == 201
-        done = finish(call, session_id, data, PART)
+            chunksvc.put_part(session_id, number, data[(number - 1) * PART:number * PART])
+        done = finish(chunksvc, session_id, data, PART)
 
     assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
     with storage.open(done["object"]["key"]) as stored:
@@ -185,12 +185,12 @@ def uploads_through_faults(proxy: FaultProxy, steps: list[tuple[str, float]], ma
 
     def one(index: int) -> tuple[str, str]:
         data = payload(random.randint(2, 6) * PART - random.randint(0, 999), seed=1000 + index)
-        order = random.sample(range(1, -(-len(data) // PART) + 1), k=-(-len(data) // PART))
-        return upload(Caller([server_port], api_key, tally), data, PART, order), sha(data)
+        return upload(chunksvc, data, PART, parallel=2), sha(data)
 
     faults.start()
     try:
-        with ThreadPoolExecutor(max_workers=4) as pool:
+        with client(f"http://127.0.0.1:{server_port}", api_key, tally) as chunksvc, \
+                ThreadPoolExecutor(max_workers=4) as pool:
             return dict(pool.map(one, range(count)))
     finally:
         stop.set()
@@ -246,11 +246,10 @@ def test_a_worker_killed_mid_part_loses_nothing(request, database_url, db, spec,
     data = payload(2 * 1024 * 1024, seed=3)
     part_size = 1024 * 1024
     tally = Tally()
-    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="1", CHUNKSVC_BLOCK_SIZE="4096") as server:
-        call = Caller([server.port], api_key, tally)
-        session_id = call("POST", "/uploads/sessions", {"filename": "k", "size": len(data), "part_size": part_size,
-                                                        "sha256": sha(data)}).body["id"]
-        assert call("PUT", f"/uploads/sessions/{session_id}/parts/2", data[part_size:]).status == 201
+    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="1", CHUNKSVC_BLOCK_SIZE="4096") as server, \
+            client(server.url, api_key, tally) as chunksvc:
+        session_id = chunksvc.create_session("k", len(data), part_size=part_size, sha256=sha(data))["id"]
+        chunksvc.put_part(session_id, 2, data[part_size:])
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.sendall(f"PUT /uploads/sessions/{session_id}/parts/1 HTTP/1.1\r\nHost: x\r\n"
                          f"Authorization: Bearer {api_key}\r\nContent-Length: {part_size}\r\n\r\n".encode())
@@ -260,7 +259,7 @@ def test_a_worker_killed_mid_part_loses_nothing(request, database_url, db, spec,
             os.kill(worker, signal.SIGKILL)
             wait_for(lambda: worker not in server.worker_pids(), "the master to reap the killed worker")
         server.wait_until_serving()
-        done = finish(call, session_id, data, part_size)  # complete says part 1 is missing; resend
+        done = finish(chunksvc, session_id, data, part_size)  # complete says part 1 is missing; resend
 
     assert done["status"] == "COMPLETED"
     assert reap(db, spec).errors == 0
@@ -289,20 +288,21 @@ def test_a_worker_killed_mid_assembly_loses_nothing(
         server = stack.enter_context(
             serving(proxied_url, serving_spec, tmp_path, CHUNKSVC_WORKERS="1", CHUNKSVC_BLOCK_SIZE="4096")
         )
-        call = Caller([server.port], api_key, tally)
-        session_id = call("POST", "/uploads/sessions", {"filename": "k", "size": len(data), "part_size": part_size,
-                                                        "sha256": sha(data)}).body["id"]
+        chunksvc = stack.enter_context(client(server.url, api_key, tally))
+        once = stack.enter_context(client(server.url, api_key, tally, attempts=1))
+        session_id = chunksvc.create_session("k", len(data), part_size=part_size, sha256=sha(data))["id"]
         for number in range(1, 9):
-            call("PUT", f"/uploads/sessions/{session_id}/parts/{number}",
-                 data[(number - 1) * part_size: number * part_size])
+            chunksvc.put_part(session_id, number, data[(number - 1) * part_size: number * part_size])
         [worker] = server.worker_pids()
         if moment == "recording":
             proxy.hold_after(b"SET status = 'COMPLETED'")
         elif spec.kind == "s3":
             s3_proxy.hold_after(f"/{spec.bucket}/objects/{session_id}?partNumber=2".encode())
-        completing = threading.Thread(
-            target=lambda: call("POST", f"/uploads/sessions/{session_id}/complete", retry=False)
-        )
+        def complete_once() -> None:
+            with contextlib.suppress(ApiError):  # the worker dies under it: no answer
+                once.complete(session_id)
+
+        completing = threading.Thread(target=complete_once)
         completing.start()
         if moment == "recording":
             wait_for(lambda: proxy.requests_held, "the assembler to record its outcome")
@@ -318,7 +318,7 @@ def test_a_worker_killed_mid_assembly_loses_nothing(
         if moment == "copying" and spec.kind == "file":
             assert [p for p in (spec.root / ".incoming").iterdir()]  # the half-written object
         server.wait_until_serving()
-        done = finish(call, session_id, data, part_size)  # calling complete again drives it to the end
+        done = finish(chunksvc, session_id, data, part_size)  # calling complete again drives it to the end
 
     assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
     assert reap(db, spec).errors == 0
@@ -333,17 +333,14 @@ def test_sigterm_of_the_master_during_uploads_loses_nothing(request, database_ur
     data = payload(40 * PART - 11, seed=5)
     acknowledged: list[int] = []
     tally = Tally()
-    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2", CHUNKSVC_BLOCK_SIZE="4096") as server:
-        call = Caller([server.port], api_key, tally, attempts=1)
-        session_id = call("POST", "/uploads/sessions", {"filename": "t", "size": len(data), "part_size": PART,
-                                                        "sha256": sha(data)}).body["id"]
+    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2", CHUNKSVC_BLOCK_SIZE="4096") as server, \
+            client(server.url, api_key, tally, attempts=1) as once:
+        session_id = once.create_session("t", len(data), part_size=PART, sha256=sha(data))["id"]
 
         def send(number: int) -> None:
-            with contextlib.suppress(AssertionError):  # refused once the master stops: not acknowledged
-                answer = call("PUT", f"/uploads/sessions/{session_id}/parts/{number}",
-                              data[(number - 1) * PART: number * PART], retry=False)
-                if answer.status in (200, 201):
-                    acknowledged.append(number)
+            with contextlib.suppress(ApiError):  # refused once the master stops: not acknowledged
+                once.put_part(session_id, number, data[(number - 1) * PART: number * PART])
+                acknowledged.append(number)
 
         with ThreadPoolExecutor(max_workers=6) as pool:
             futures = [pool.submit(send, number) for number in range(1, 41)]
@@ -357,8 +354,9 @@ def test_sigterm_of_the_master_during_uploads_loses_nothing(request, database_ur
                                         (session_id,))}
     assert set(acknowledged) <= recorded  # every 2xx survived the shutdown
     assert 5 <= len(acknowledged) < 40, acknowledged  # the shutdown really cut the upload short
-    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="1") as server:
-        done = finish(Caller([server.port], api_key, tally), session_id, data, PART)
+    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="1") as server, \
+            client(server.url, api_key, tally) as chunksvc:
+        done = finish(chunksvc, session_id, data, PART)
     assert done["status"] == "COMPLETED"
     assert reap(db, spec).errors == 0
     verdict(request, database_url, spec, {session_id: sha(data)}, tally)
@@ -374,19 +372,21 @@ def test_load_on_two_hosts_keeps_every_invariant(request, database_url, db, spec
     lock = threading.Lock()
     outcomes: dict[str, int] = {"completed": 0, "aborted": 0, "raced_lost": 0}
 
-    def session_work(index: int, ports: list[int]) -> None:
+    def session_work(index: int, hosts: list) -> None:
         rng = random.Random(index)
-        call = Caller(ports, api_key, tally)
         data = payload(rng.randint(1, 5) * PART - rng.randint(0, 500), seed=5000 + index)
         count = -(-len(data) // PART)
-        session_id = call("POST", "/uploads/sessions", {"filename": "l", "size": len(data), "part_size": PART,
-                                                        "sha256": sha(data)}).body["id"]
+        session_id = hosts[index % 2].create_session("l", len(data), part_size=PART, sha256=sha(data))["id"]
         chunks = {n: data[(n - 1) * PART: n * PART] for n in range(1, count + 1)}
         rogue = rng.random() < 0.2 and count > 1  # another writer races one part with other bytes
         raced = rng.randint(1, count)
 
-        def put(number: int, body: bytes) -> int:
-            return call("PUT", f"/uploads/sessions/{session_id}/parts/{number}", body).status
+        def put(number: int, body: bytes) -> str:
+            try:
+                hosts[number % 2].put_part(session_id, number, body)  # the parts go to both hosts
+                return "accepted"
+            except ApiError as error:
+                return error.code
 
         with ThreadPoolExecutor(max_workers=3) as parts:
             jobs = [parts.submit(put, n, chunks[n]) for n in rng.sample(sorted(chunks), k=count)]
@@ -394,31 +394,32 @@ def test_load_on_two_hosts_keeps_every_invariant(request, database_url, db, spec
                 jobs.append(parts.submit(put, raced, payload(len(chunks[raced]), seed=-index - 1)))
             if rng.random() < 0.3:  # a retry of an acknowledged part: 200, counted once
                 jobs.append(parts.submit(put, 1, chunks[1]))
-            statuses = [job.result() for job in jobs]
-        assert set(statuses) <= {200, 201, 409}, statuses
-        lost_race = any(status == 409 for status in statuses[:count])
+            outcomes_of_parts = [job.result() for job in jobs]
+        assert set(outcomes_of_parts) <= {"accepted", "part_conflict"}, outcomes_of_parts
+        lost_race = "part_conflict" in outcomes_of_parts[:count]
         if lost_race or rng.random() < 0.15:
-            assert call("DELETE", f"/uploads/sessions/{session_id}").status == 204
+            hosts[index % 2].abort(session_id)
             with lock:
                 outcomes["raced_lost" if lost_race else "aborted"] += 1
             return
-        done = call("POST", f"/uploads/sessions/{session_id}/complete")
-        if rogue and done.status == 422:  # the rogue's bytes won a race the client did not see
+        try:
+            hosts[(index + 1) % 2].complete(session_id)
+        except ApiError as error:
+            assert rogue and error.code == "checksum_mismatch", error  # the rogue won a race unseen
             with lock:
                 outcomes["raced_lost"] += 1
             return
-        assert done.status == 200, done
         with lock:
             sources[session_id] = sha(data)
             outcomes["completed"] += 1
 
     sessions = 120 if spec.kind == "file" else 48
     with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2") as first, \
-            serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2") as second:
-        ports = [first.port, second.port]
-        with ThreadPoolExecutor(max_workers=12) as pool:
-            for future in [pool.submit(session_work, index, ports) for index in range(sessions)]:
-                future.result()
+            serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2") as second, \
+            client(first.url, api_key, tally) as one, client(second.url, api_key, tally) as other, \
+            ThreadPoolExecutor(max_workers=12) as pool:
+        for future in [pool.submit(session_work, index, [one, other]) for index in range(sessions)]:
+            future.result()
 
     assert tally.server_errors == 0, tally
     assert outcomes["completed"] > sessions // 2, outcomes
@@ -437,10 +438,8 @@ def test_stalled_bodies_are_abandoned_and_free_their_threads(request, database_u
     data = payload(2 * PART, seed=6)
     env = {"CHUNKSVC_WORKERS": "1", "CHUNKSVC_THREADS": "2", "CHUNKSVC_BODY_TIMEOUT": "2"}
     tally = Tally()
-    with serving(database_url, spec, tmp_path, **env) as server:
-        call = Caller([server.port], api_key, tally)
-        session_id = call("POST", "/uploads/sessions", {"filename": "s", "size": len(data), "part_size": PART,
-                                                        "sha256": sha(data)}).body["id"]
+    with serving(database_url, spec, tmp_path, **env) as server, client(server.url, api_key, tally) as chunksvc:
+        session_id = chunksvc.create_session("s", len(data), part_size=PART, sha256=sha(data))["id"]
         stalled = []
         for number in (1, 2):
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
@@ -451,7 +450,7 @@ def test_stalled_bodies_are_abandoned_and_free_their_threads(request, database_u
         try:
             # Both threads are held by stalled bodies; this request waits for one to be freed.
             started = time.monotonic()
-            done = upload(Caller([server.port], api_key, tally, timeout=60), data, PART)
+            done = upload(chunksvc, data, PART)
             waited = time.monotonic() - started
             answers = [sock.recv(65536) for sock in stalled]
         finally:

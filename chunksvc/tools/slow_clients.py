@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import http.client
 import json
 import socket
 import statistics
@@ -29,32 +28,25 @@ from pathlib import Path
 
 from chunksvc.config import StorageSpec
 from chunksvc.tools import harness
+from chunksvc_client import ApiError, Client, RetryPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 PART = 1024 * 1024
 
 
-def honest_upload(port: int, key: str, seed: int, timeout: float) -> float | str:
-    """Create, send one part, complete; seconds taken, or what went wrong."""
+def honest_upload(url: str, key: str, seed: int, timeout: float) -> float | str:
+    """Create, send one part, complete, through the client with no retries; seconds taken, or
+    the error code."""
     data = hashlib.sha256(str(seed).encode()).digest() * (PART // 32)
     started = time.monotonic()
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        conn.request("POST", "/uploads/sessions", json.dumps({"filename": "h", "size": len(data)}), headers)
-        session = json.loads(conn.getresponse().read())
-        conn.request("PUT", f"/uploads/sessions/{session['id']}/parts/1", data, headers)
-        response = conn.getresponse()
-        response.read()
-        if response.status != 201:
-            return f"part {response.status}"
-        conn.request("POST", f"/uploads/sessions/{session['id']}/complete", None, headers)
-        response = conn.getresponse()
-        response.read()
-        conn.close()
-        return time.monotonic() - started if response.status == 200 else f"complete {response.status}"
-    except (OSError, http.client.HTTPException) as exc:
-        return type(exc).__name__
+        with Client(url, key, timeout=timeout, retry=RetryPolicy(attempts=1)) as client:
+            session = client.create_session("honest.bin", len(data), idempotency_key=f"honest-{seed}-{started}")
+            client.put_part(session["id"], 1, data)
+            client.complete(session["id"])
+    except ApiError as error:
+        return error.code
+    return time.monotonic() - started
 
 
 def stall_body(port: int, key: str, session_id: str, results: list[str]) -> socket.socket:
@@ -118,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.5)  # let the server take them all up
                 with ThreadPoolExecutor(max_workers=args.honest) as pool:
                     outcomes = list(pool.map(
-                        lambda seed: honest_upload(port, key, seed, args.client_timeout), range(args.honest)
+                        lambda seed: honest_upload(server.url, key, seed, args.client_timeout), range(args.honest)
                     ))
                 # Keep the stalled connections until they were answered or --hold passed.
                 while len(stalled_answers) < args.stalled_bodies and time.monotonic() - started < args.hold:

@@ -75,11 +75,15 @@ class Client:
         transport: httpx.BaseTransport | None = None,
         verify: bool | str = True,
         max_connections: int = 32,
+        on_attempt: Callable[[str, str, int, ApiError | None], None] | None = None,
     ) -> None:
         """``timeout``: seconds any one network operation may take (connect, a read, a write);
-        ``transport``: an httpx transport (e.g. ``httpx.WSGITransport(app=...)`` in tests)."""
+        ``transport``: an httpx transport (e.g. ``httpx.WSGITransport(app=...)`` in tests);
+        ``on_attempt(method, path, status, error)`` sees every attempt, retried ones included
+        (status 0 when no answer came; ``error`` for a failure), for logs, metrics and tests."""
         self.url = url.rstrip("/")
         self.retry = retry or RetryPolicy()
+        self._on_attempt = on_attempt
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {api_key}", "User-Agent": "chunksvc-client/0.1"},
@@ -286,10 +290,16 @@ class Client:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:  # refused, reset, timed out, ...
-            raise ApiError.connection(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
-        if response.status_code < 400:
-            return response
-        raise _error_from(response)
+            error = ApiError.connection(f"{method} {path}: {type(exc).__name__}: {exc}")
+            if self._on_attempt:
+                self._on_attempt(method, path, 0, error)
+            raise error from exc
+        failure = _error_from(response) if response.status_code >= 400 else None
+        if self._on_attempt:
+            self._on_attempt(method, path, response.status_code, failure)
+        if failure is not None:
+            raise failure
+        return response
 
 
 def _retry_after(response: httpx.Response) -> float | None:
