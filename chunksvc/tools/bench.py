@@ -11,7 +11,11 @@ a busy or slow machine moves both sides alike:
 - concurrency: 8 and 32 clients at once, aggregate MB/s and p50/p99 seconds per part;
 - memory: a worker's peak RSS growth while it takes 64 MiB parts;
 - S3 path: MB/s through the service to the S3 server divided by the ``minio`` SDK's own
-  ``put_object`` MB/s of the same bytes to the same server.
+  ``put_object`` MB/s of the same bytes to the same server;
+- client: ``chunksvc_client.upload_file`` of a file (8 MiB parts, ``parallel`` 1, 4 and 8) in
+  MB/s divided by the server-side aggregate of the same upload done with the minimal client
+  (``parallel`` connections PUTting the same parts from memory, then complete), alternated in
+  each round; and the client CLI's peak RSS uploading a 1 GiB file at ``--parallel 4``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import io
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -39,7 +44,8 @@ from chunksvc.tools.client import Client
 STREAM_PART = 8 * MiB
 SMALL_PART = 4 * KiB
 MEMORY_PART = 64 * MiB
-FIGURES = ("stream", "small", "concurrency", "memory", "s3path")
+FIGURES = ("stream", "small", "concurrency", "memory", "s3path", "client")
+CLIENT_PARALLEL = (1, 4, 8)
 
 
 @dataclasses.dataclass
@@ -304,6 +310,32 @@ def bench_backend(
                 note=f"service {statistics.median(service):.0f} MB/s, put_object {statistics.median(direct):.0f} MB/s",
             )
 
+        if "client" in wanted:
+            with tempfile.TemporaryDirectory(dir=args.file_root) as work:
+                for parallel in CLIENT_PARALLEL:
+                    ratios, client_mbs, raw_mbs = client_rates(
+                        server.url, key, part, args.client_parts, parallel, args.client_rounds, Path(work)
+                    )
+                    yield Figure(
+                        f"client parallel {parallel} / minimal clients",
+                        backend,
+                        ratios,
+                        target=">= 0.9",
+                        met=statistics.median(ratios) >= 0.9,
+                        note=f"upload_file {statistics.median(client_mbs):.0f} MB/s,"
+                        f" server-side aggregate {statistics.median(raw_mbs):.0f} MB/s",
+                    )
+                rss = client_peak_rss(server.url, key, args.client_rss_size * MiB, STREAM_PART, 4, Path(work))
+            yield Figure(
+                f"client peak RSS, {args.client_rss_size} MiB file, parallel 4",
+                backend,
+                [rss],
+                unit=" MiB",
+                target="< 64",
+                met=rss < 64,
+                note="the whole CLI process (Python, httpx, tqdm included)",
+            )
+
     if "memory" in wanted:
         # A fresh server with one worker: its buffers and threads count, none are left from before.
         one_worker = {**env, "CHUNKSVC_WORKERS": "1"}
@@ -321,6 +353,98 @@ def bench_backend(
             met=max(growth) <= 16,
             note=f"largest {max(growth):.1f} MiB (buffers are pooled: the first part allocates them)",
         )
+
+
+def raw_upload_rate(server_url: str, key: str, data: bytes, parts: int, parallel: int) -> float:
+    """MB/s of one upload of ``parts`` parts of ``data`` by ``parallel`` minimal clients, create to complete."""
+    creator = Client(server_url, key)
+    try:
+        started = time.perf_counter()
+        session = creator.create_session(len(data) * parts, len(data))
+        numbers = iter(range(1, parts + 1))
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def sender() -> None:
+            client = Client(server_url, key)
+            try:
+                while True:
+                    with lock:
+                        number = next(numbers, None)
+                    if number is None:
+                        return
+                    client.put_part(session, number, data)
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=sender) for _ in range(parallel)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        creator.complete(session)
+        return len(data) * parts / (time.perf_counter() - started) / 1e6
+    finally:
+        creator.close()
+
+
+def client_rates(server_url: str, key: str, data: bytes, parts: int, parallel: int, rounds: int,
+                 work: Path) -> tuple[list[float], list[float], list[float]]:
+    """(ratios, client MB/s, raw MB/s): ``upload_file`` against the minimal clients, alternated."""
+    from chunksvc_client import Client as UploadClient
+
+    path = work / f"client-{uuid.uuid4().hex}.bin"
+    with open(path, "wb") as f:
+        for _ in range(parts):
+            f.write(data)
+    ratios, client_mbs, raw_mbs = [], [], []
+    try:
+        with UploadClient(server_url, key) as client:
+            for round_number in range(rounds + 1):
+                raw = raw_upload_rate(server_url, key, data, parts, parallel)
+                os.utime(path)  # a new modification time: a new upload, not a resumed one
+                started = time.perf_counter()
+                client.upload_file(path, part_size=len(data), parallel=parallel)
+                uploaded = len(data) * parts / (time.perf_counter() - started) / 1e6
+                if round_number:  # the first round warms both up
+                    ratios.append(uploaded / raw)
+                    client_mbs.append(uploaded)
+                    raw_mbs.append(raw)
+    finally:
+        path.unlink()
+    return ratios, client_mbs, raw_mbs
+
+
+def client_peak_rss(server_url: str, key: str, size: int, part_size: int, parallel: int, work: Path) -> float:
+    """MiB: the CLI's peak RSS (the whole process) uploading a file of ``size`` bytes."""
+    path = work / f"client-rss-{uuid.uuid4().hex}.bin"
+    block = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(block)
+    env = {**os.environ, "CHUNKSVC_URL": server_url, "CHUNKSVC_API_KEY": key}
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "chunksvc_client.cli", "upload", str(path), "--part-size", str(part_size),
+             "--parallel", str(parallel), "--quiet"],
+            env=env, stderr=subprocess.DEVNULL,
+        )
+        # The kernel's high-water mark of the process's own memory (VmHWM), read until it exits.
+        # Not getrusage's ru_maxrss: across fork and exec it keeps the parent's (this bench's) peak.
+        peak_kib = 0
+        while process.poll() is None:
+            with contextlib.suppress(OSError, RuntimeError):
+                peak_kib = max(peak_kib, _status_kib(process.pid, "VmHWM"))
+            time.sleep(0.02)
+        if process.returncode != 0:
+            raise RuntimeError(f"chunksvc-client upload exited {process.returncode}")
+        return peak_kib / 1024
+    finally:
+        path.unlink()
 
 
 @contextlib.contextmanager
@@ -363,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-parts", type=int, default=300, help="4 KiB parts (and healthz calls) per round")
     parser.add_argument("--concurrency-rounds", type=int, default=2)
     parser.add_argument("--memory-rounds", type=int, default=2)
+    parser.add_argument("--client-rounds", type=int, default=3, help="rounds per client figure (default 3)")
+    parser.add_argument("--client-parts", type=int, default=24, help="8 MiB parts per client upload (default 24)")
+    parser.add_argument("--client-rss-size", type=int, default=1024, help="MiB of the client RSS file (default 1024)")
     parser.add_argument(
         "--file-root", type=Path, help="where the file backend stores parts (default: the temporary directory)"
     )

@@ -1,4 +1,7 @@
-"""A minimal keep-alive HTTP client for the benchmark: one connection, raw bytes, no retries."""
+"""A deliberately minimal keep-alive HTTP client for the benchmark: one connection, raw bytes from
+memory, no retries, no hashing. The benchmark measures the server with it, so that nothing of a
+real client's work (reading files, Content-Digest, retries) is in the server's figures; everything
+else (tests, the load test, the client figures of the bench) uses ``chunksvc_client``."""
 
 from __future__ import annotations
 
@@ -51,6 +54,9 @@ class Client:
         body = data if isinstance(data, memoryview) else memoryview(data)
         headers = {"Content-Length": str(len(body)), "Content-Type": "application/octet-stream"}
         return json.loads(self.request("PUT", f"/uploads/sessions/{session_id}/parts/{number}", body, headers))
+
+    def complete(self, session_id: str) -> dict[str, Any]:
+        return json.loads(self.request("POST", f"/uploads/sessions/{session_id}/complete"))
 
     def abort(self, session_id: str) -> None:
         self.request("DELETE", f"/uploads/sessions/{session_id}")
