@@ -41,6 +41,8 @@ bind = os.environ.get("CHUNKSVC_BIND", "127.0.0.1:8000")
 #   taken most stalled connections); 64: 10 of 10, p50 0.09 s.
 # An idle thread costs little; a busy one holds at most 4 blocks (CHUNKSVC_BLOCK_SIZE) and a
 # database connection only for its few statements, so the pool stays at 8 (CHUNKSVC_DB_POOL_MAX).
+# A completion holds its connection for the whole assembly, so at most half the pool assembles at
+# once per worker; further completions wait up to 30 s for a slot, then answer a retryable 503.
 worker_class = os.environ.get("CHUNKSVC_WORKER_CLASS", "gthread")
 workers = _env_int("CHUNKSVC_WORKERS", multiprocessing.cpu_count() + 1)
 threads = _env_int("CHUNKSVC_THREADS", 64)

@@ -46,7 +46,11 @@ def create_app(
         storage = open_storage(config.storage)
     storage.validate_limits(config.limits)
 
-    upload_service = UploadService(db, storage, config.limits, config.block_size, events=metrics)
+    upload_service = UploadService(
+        db, storage, config.limits, config.block_size, events=metrics,
+        # Half the pool: completions hold a connection for their whole assembly.
+        max_assemblies=max(1, config.pool_max_size // 2),
+    )
     router = CompiledRouter()
     app = falcon.App(
         middleware=[RequestId(), RequestTelemetry(router, metrics, db.stats), BearerAuth(Authenticator(db))],

@@ -19,7 +19,7 @@ import psycopg_pool
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from chunksvc.errors import DatabaseUnavailable
+from chunksvc.errors import DatabaseBusy, DatabaseUnavailable
 
 _HEADER = re.compile(r"^-- name:\s*(\w+)\s*$", re.MULTILINE)
 
@@ -50,7 +50,7 @@ def translate_errors() -> Iterator[None]:
     try:
         yield
     except psycopg_pool.PoolTimeout as exc:
-        raise DatabaseUnavailable("no database connection available in time") from exc
+        raise DatabaseBusy("no database connection available in time") from exc
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable("database connection failed") from exc
 

@@ -135,6 +135,10 @@ class DatabaseUnavailable(ChunksvcError):
     title = "Database unavailable"
 
 
+class DatabaseBusy(DatabaseUnavailable):
+    """No pooled connection became free in time: nothing was sent to the database."""
+
+
 class StorageUnavailable(ChunksvcError):
     code = "storage_unavailable"
     title = "Storage unavailable"

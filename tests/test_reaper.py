@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -30,7 +31,7 @@ from chunksvc.app import create_app
 from chunksvc.config import Config, StorageSpec
 from chunksvc.db import Database
 from chunksvc.services.auth import Authenticator, KeyManager
-from chunksvc.services.reaper import Reaper, ReaperSettings, ReapResult
+from chunksvc.services.reaper import LIVE_KEY_MIN_AGE, Reaper, ReaperSettings, ReapResult
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import Storage, open_storage
 from chunksvc.tools import harness
@@ -137,15 +138,15 @@ def done(result: ReapResult) -> dict[str, int]:
     return {name: count for name, count in {**result.work(), "errors": result.errors}.items() if count}
 
 
-def new_reaper(db: Database, storage: Storage, **settings) -> Reaper:
+def new_reaper(db: Database, storage: Storage, clock=None, **settings) -> Reaper:
     uploads = UploadService(db, storage, TEST_LIMITS, 64 * 1024)
-    return Reaper(db, storage, uploads, ReaperSettings(**settings))
+    return Reaper(db, storage, uploads, ReaperSettings(**settings), **({"clock": clock} if clock else {}))
 
 
 @pytest.fixture
 def reap(db, storage):
-    """One reaper run on the test database and storage."""
-    return lambda **settings: new_reaper(db, storage, **settings).run()
+    """One reaper run on the test database and storage (``clock``: what it takes for now)."""
+    return lambda clock=None, **settings: new_reaper(db, storage, clock, **settings).run()
 
 
 # --- expiry -----------------------------------------------------------------------------------
@@ -235,9 +236,10 @@ def test_orphans_are_removed_once_older_than_the_grace_period(app, auth, reap, d
         f"parts/{aborted}/{uuid.uuid4()}",  # a writer that outlived the abort
         f"objects/{aborted}",  # an assembler that outlived the abort
         f"parts/{completed}/{uuid.uuid4()}",
-        f"parts/{live}/{uuid.uuid4()}",  # bytes kept when their record's outcome was unknown
     ]
+    unrecorded = f"parts/{live}/{uuid.uuid4()}"  # bytes kept when their record's outcome was unknown
     kept = [
+        unrecorded,
         *part_keys(database_url, live),  # recorded: the session needs them
         "parts/not-a-session/x",  # not a key chunksvc makes
     ]
@@ -252,6 +254,13 @@ def test_orphans_are_removed_once_older_than_the_grace_period(app, auth, reap, d
     assert stored(storage) == sorted(set(before) - set(orphans))
     assert read(storage, f"objects/{completed}") == data
     assert done(reap(orphan_grace=0)) == {}
+
+    # A live session's unrecorded bytes go only once a day old, whatever the grace period: its
+    # record might still be on its way.
+    a_day_later = lambda: datetime.now(UTC) + timedelta(seconds=LIVE_KEY_MIN_AGE + 60)  # noqa: E731
+    assert done(reap(clock=a_day_later, orphan_grace=0)) == {"orphans_removed": 1}
+    assert stored(storage) == sorted(set(before) - {*orphans, unrecorded})
+    assert set(part_keys(database_url, live)) <= set(stored(storage))
 
 
 def test_unfinished_writes_are_swept_once_older_than_the_grace_period(reap, storage_spec, storage):

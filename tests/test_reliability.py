@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -270,3 +272,22 @@ def test_storage_full_maps_from_s3s_insufficient_storage():
     with pytest.raises(StorageFull), _boundary("write parts/x", "minio"):
         raise S3Error(Response(), "XMinioStorageFull", "Storage backend has reached its minimum free drive threshold.",
                       "/bucket/parts/x", "req", "host")
+
+
+def test_bytes_that_were_only_out_of_sight_are_never_swept(app, auth, database_url, db, storage):
+    """complete found no bytes (an unmounted disk, a wrong bucket) and dropped the parts; when the
+    bytes come back, the orphan sweep must not take them for bytes no record needs."""
+    session_id, _ = uploaded(app, auth, parts=2)
+    keys = part_rows(database_url, session_id)
+    saved = {key: read_object(storage, key) for key in keys.values()}
+    storage.delete(list(saved))  # out of sight
+    assert_problem(complete(app, auth, session_id, status=409), 409, "parts_missing")
+    for key, content in saved.items():  # back again
+        storage.write(key, io.BytesIO(content), len(content), 4096)
+
+    uploads = UploadService(db, storage, TEST_LIMITS, 64 * 1024)
+    much_later = lambda: datetime.now(UTC) + timedelta(days=30)  # noqa: E731
+    result = Reaper(db, storage, uploads, ReaperSettings(orphan_grace=0), clock=much_later).run()
+
+    assert (result.orphans_removed, result.errors) == (0, 0)
+    assert sorted(stored_part_keys(storage, session_id)) == sorted(saved)

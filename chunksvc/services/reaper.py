@@ -11,8 +11,8 @@ Phases, in this order (each one's output feeds the next):
    ``parts/<id>/``, and ``objects/<id>`` unless the session is ``COMPLETED``.
 4. orphans: stored keys under ``parts/`` and ``objects/`` older than the grace period whose
    session is missing or already purged (left by a writer that outlived its session), and
-   keys under ``parts/`` of a live session that no part row points to (bytes kept because
-   their record's outcome was unknown, and it did not commit).
+   keys under ``parts/`` of a live session that no part row (nor a dropped part) points to, at
+   least a day old (bytes kept because their record's outcome was unknown, and it did not commit).
 5. incomplete: unfinished writes older than the grace period (a worker killed mid-write).
 
 Where a storage call and a database change both happen, the bytes go only after the database
@@ -36,6 +36,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 from uuid import UUID
 
 from chunksvc import dao
@@ -44,12 +45,18 @@ from chunksvc.errors import ChecksumMismatch, ChunksvcError, CompletionInProgres
 from chunksvc.services import states
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.uploads import UploadService
-from chunksvc.storage import Storage
+from chunksvc.storage import ListedKey, Storage
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 PARTS_PREFIX = "parts/"
 OBJECTS_PREFIX = "objects/"
+# A live session's key that no row names is swept only when at least this old, whatever the
+# grace period: its record may still be on its way (a slow part, or on S3 a large part dated from
+# the start of its upload), and sweeping it then would lose bytes the client was told are stored.
+LIVE_KEY_MIN_AGE = 24 * 3600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +114,7 @@ def session_of(key: str, prefix: str) -> UUID | None:
         return None
 
 
-def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     iterator = iter(items)
     while batch := list(itertools.islice(iterator, size)):
         yield batch
@@ -195,14 +202,16 @@ class Reaper:
             after = (claimed[-1]["updated_at"], claimed[-1]["id"])
 
     def sweep_orphans(self, result: ReapResult) -> None:
-        cutoff = self._clock() - timedelta(seconds=self._settings.orphan_grace)
+        now = self._clock()
+        cutoff = now - timedelta(seconds=self._settings.orphan_grace)
+        live_cutoff = now - timedelta(seconds=max(self._settings.orphan_grace, LIVE_KEY_MIN_AGE))
         with self._db.connection() as conn, self._phase_lock(conn, "orphans") as held:
             if not held:
                 return  # another reaper is sweeping; listing the same keys again would gain nothing
             for prefix in (PARTS_PREFIX, OBJECTS_PREFIX):
-                old_keys = (listed.key for listed in self._storage.list_keys(prefix) if listed.last_modified < cutoff)
-                for keys in batched(old_keys, self._settings.batch_size):
-                    self._sweep_batch(conn, prefix, keys, result)
+                old = (listed for listed in self._storage.list_keys(prefix) if listed.last_modified < cutoff)
+                for listed in batched(old, self._settings.batch_size):
+                    self._sweep_batch(conn, prefix, listed, live_cutoff, result)
 
     def sweep_incomplete(self, result: ReapResult) -> None:
         cutoff = self._clock() - timedelta(seconds=self._settings.orphan_grace)
@@ -251,8 +260,11 @@ class Reaper:
             return False
         return True
 
-    def _sweep_batch(self, conn: Connection, prefix: str, keys: list[str], result: ReapResult) -> None:
-        owners = {key: session_of(key, prefix) for key in keys}
+    def _sweep_batch(
+        self, conn: Connection, prefix: str, listed: list[ListedKey], live_cutoff: datetime, result: ReapResult
+    ) -> None:
+        owners = {item.key: session_of(item.key, prefix) for item in listed}
+        long_stored = {item.key for item in listed if item.last_modified < live_cutoff}
         ids = list({session_id for session_id in owners.values() if session_id is not None})
         sessions = {row["id"]: row for row in dao.sessions_for_sweep(conn, ids)}
         # Part keys of live sessions that no part row points to. Asked after the sessions: a
@@ -261,8 +273,9 @@ class Reaper:
         live = [session_id for session_id in ids if session_id in sessions and not sessions[session_id]["purged"]]
         unreferenced: set[str] = set()
         if prefix == PARTS_PREFIX and live:
-            candidates = [key for key, session_id in owners.items() if session_id in live]
-            unreferenced = set(candidates) - dao.referenced_part_keys(conn, live, candidates)
+            candidates = [key for key, session_id in owners.items() if session_id in live and key in long_stored]
+            if candidates:
+                unreferenced = set(candidates) - dao.referenced_part_keys(conn, live, candidates)
         orphans = [
             key
             for key, session_id in owners.items()

@@ -2,6 +2,7 @@
 
     INIT --first part--> IN_PROGRESS --complete--> COMPLETING --> COMPLETED
                                                              \\--> FAILED (size or digest mismatch)
+                                                             \\--> IN_PROGRESS (parts' bytes lost)
     INIT / IN_PROGRESS --ttl--> EXPIRED
     any but COMPLETED (and COMPLETING while assembling) --abort--> ABORTED
 
@@ -26,7 +27,8 @@ OPEN = frozenset({INIT, IN_PROGRESS})
 TRANSITIONS: dict[str, frozenset[str]] = {
     INIT: frozenset({IN_PROGRESS, ABORTED, EXPIRED}),
     IN_PROGRESS: frozenset({IN_PROGRESS, COMPLETING, ABORTED, EXPIRED}),
-    COMPLETING: frozenset({COMPLETING, COMPLETED, FAILED, ABORTED}),
+    # Back to IN_PROGRESS when parts' stored bytes turn out to be lost: the client re-sends them.
+    COMPLETING: frozenset({COMPLETING, COMPLETED, FAILED, ABORTED, IN_PROGRESS}),
     COMPLETED: frozenset(),
     ABORTED: frozenset({ABORTED}),
     EXPIRED: frozenset({ABORTED}),

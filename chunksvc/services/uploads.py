@@ -13,6 +13,7 @@ import binascii
 import dataclasses
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from chunksvc.errors import (
     ChecksumMismatch,
     ChunksvcError,
     CompletionInProgress,
+    DatabaseBusy,
     DigestMismatch,
     IdempotencyKeyReused,
     InvalidRequest,
@@ -48,6 +50,7 @@ from chunksvc.storage import PartSource, Storage, StoredObject
 log = logging.getLogger(__name__)
 
 MAX_MISSING_LISTED = 100
+ASSEMBLY_SLOT_WAIT = 30.0  # seconds a completion waits for a free assembly slot, then 503
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +145,18 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
 
 class UploadService:
     def __init__(
-        self, db: Database, storage: Storage, limits: Limits, block_size: int, events: UploadEvents | None = None
+        self,
+        db: Database,
+        storage: Storage,
+        limits: Limits,
+        block_size: int,
+        events: UploadEvents | None = None,
+        max_assemblies: int = 4,
     ) -> None:
         self._db = db
+        # An assembly holds its pooled connection (and the completion lock on it) from start to
+        # end: at most this many at once per process, so parts and reads keep connections.
+        self._assembly_slots = threading.BoundedSemaphore(max_assemblies)
         self._storage = storage
         self._limits = limits
         self._block_size = block_size
@@ -258,11 +270,12 @@ class UploadService:
 
     # A part's bytes are stored before its row is recorded, under a key of their own. They are
     # removed only when it is known that no row points to them: the record was refused (these
-    # errors), or it committed as a duplicate or conflict whose row points at other bytes. When
+    # errors; DatabaseBusy means no connection was had, so no statement was sent), or it
+    # committed as a duplicate or conflict whose row points at other bytes. When
     # the record's outcome is unknown (the connection failed while the statement or its commit
     # was under way) they stay: the row may exist. The reaper removes them once it knows no row
     # points to them (see Reaper._sweep_batch).
-    _NOT_RECORDED = (DigestMismatch, SessionNotFound, SessionNotActive, PartConflict)
+    _NOT_RECORDED = (DigestMismatch, SessionNotFound, SessionNotActive, PartConflict, DatabaseBusy)
 
     def store_part(self, target: PartTarget, body: PartBody) -> PartResult:
         """Stream the body to a fresh key while hashing it, then record it in one transaction."""
@@ -373,6 +386,14 @@ class UploadService:
         return self._complete(session_id, client_id, None, resume=True)
 
     def _complete(self, session_id: UUID, client_id: int, sha256: str | None, resume: bool = False) -> Session:
+        if not self._assembly_slots.acquire(timeout=ASSEMBLY_SLOT_WAIT):
+            raise DatabaseBusy("too many completions are running on this worker; try again")
+        try:
+            return self._complete_in_slot(session_id, client_id, sha256, resume)
+        finally:
+            self._assembly_slots.release()
+
+    def _complete_in_slot(self, session_id: UUID, client_id: int, sha256: str | None, resume: bool) -> Session:
         with self._db.connection() as conn:
             locked = False
             try:

@@ -155,12 +155,19 @@ RETURNING p.part_number;
 -- A completion found recorded parts whose stored bytes are gone: forget those parts so the
 -- client's ordinary resume re-sends them, correct the counters, and reopen the session with at
 -- least a full TTL left (the client needs the time to re-send; it did nothing wrong). The
--- caller holds the session's row lock (lock_session, same transaction) and has checked that it
--- is COMPLETING; the status condition repeats that check for the counters and the state.
+-- dropped keys are remembered in lost_parts, so bytes that were only out of sight are never
+-- swept as orphans. The caller holds the session's row lock (lock_session, same transaction);
+-- every part of the statement repeats its COMPLETING check, so nothing changes otherwise.
 WITH dropped AS (
-    DELETE FROM upload_parts
-     WHERE session_id = %(id)s AND storage_key = ANY(%(storage_keys)s::text[])
-    RETURNING size
+    DELETE FROM upload_parts p
+     USING upload_sessions s
+     WHERE s.id = %(id)s AND s.status = 'COMPLETING'
+       AND p.session_id = s.id AND p.storage_key = ANY(%(storage_keys)s::text[])
+    RETURNING p.session_id, p.part_number, p.size, p.sha256, p.storage_key
+), remembered AS (
+    INSERT INTO lost_parts (storage_key, session_id, part_number, size, sha256)
+    SELECT storage_key, session_id, part_number, size, sha256 FROM dropped
+    ON CONFLICT (storage_key) DO NOTHING
 )
 UPDATE upload_sessions s
    SET received_parts = s.received_parts - (SELECT count(*) FROM dropped),
@@ -278,10 +285,15 @@ SELECT id, status, purged_at IS NOT NULL AS purged
  WHERE id = ANY(%(ids)s::uuid[]);
 
 -- name: referenced_part_keys
--- Which of these stored keys (of these sessions) a part row points to. Keys of a live session
--- that none points to are bytes whose record never committed (kept when its outcome was unknown).
+-- Which of these stored keys (of these sessions) a part row points to, or a dropped part did
+-- (lost_parts). Keys of a live session named by neither are bytes whose record never committed
+-- (kept when its outcome was unknown).
 SELECT storage_key
   FROM upload_parts
+ WHERE session_id = ANY(%(session_ids)s::uuid[]) AND storage_key = ANY(%(storage_keys)s::text[])
+UNION ALL
+SELECT storage_key
+  FROM lost_parts
  WHERE session_id = ANY(%(session_ids)s::uuid[]) AND storage_key = ANY(%(storage_keys)s::text[]);
 
 -- name: try_reaper_lock

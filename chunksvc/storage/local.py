@@ -95,11 +95,7 @@ class LocalStorage(Storage):
             total = 0
             for src, path in paths:
                 copied = 0
-                try:
-                    part = open(path, "rb")  # noqa: SIM115 - closed by the with below
-                except FileNotFoundError:
-                    raise ObjectMissing(src.key, f"assemble {key}: part {src.key} is missing") from None
-                with _fs_errors(f"assemble {key} from {src.key}"), part:
+                with _fs_errors(f"assemble {key} from {src.key}"), self._open_source(src, key, path) as part:
                     while block := part.read(block_size):
                         digest.update(block)
                         f.write(block)
@@ -122,7 +118,8 @@ class LocalStorage(Storage):
             raise StorageError(f"open {key}: {exc.strerror or exc}") from exc
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        with _fs_errors(f"stat {key}"):
+            return self._path(key).is_file()
 
     def delete(self, keys: Iterable[str]) -> None:
         for key in keys:
@@ -212,6 +209,13 @@ class LocalStorage(Storage):
             raise StorageUnavailable(f"storage root is missing or not writable ({exc.strerror or exc})") from exc
 
     # --- internals --------------------------------------------------------------------------
+
+    @staticmethod
+    def _open_source(src: PartSource, key: str, path: Path) -> BinaryIO:
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise ObjectMissing(src.key, f"assemble {key}: part {src.key} is missing") from None
 
     def _path(self, key: str) -> Path:
         return self._root / check_key(key)

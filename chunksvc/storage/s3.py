@@ -111,12 +111,13 @@ def _boundary(action: str, where: str) -> Iterator[None]:
             missing = exc.object_name or "(unnamed)"
             raise ObjectMissing(missing, f"{action}: {where} has no object {missing}") from exc
         if exc.code in _FULL or status == _INSUFFICIENT_STORAGE:
-            raise StorageFull(f"{action}: {where} answered {exc.code}: {exc.message}") from exc
+            # The client needs only the code; what the server said is in the log (the cause).
+            raise StorageFull("the storage has no room left") from exc
         kind = StorageUnavailable if status >= 500 else StorageError
         raise kind(f"{action}: {where} answered {exc.code}: {exc.message}") from exc
     except ServerError as exc:
         if exc.status_code == _INSUFFICIENT_STORAGE:
-            raise StorageFull(f"{action}: {where} answered HTTP {exc.status_code}") from exc
+            raise StorageFull("the storage has no room left") from exc
         kind = StorageUnavailable if exc.status_code >= 500 else StorageError
         raise kind(f"{action}: {where} answered HTTP {exc.status_code}") from exc
     except MinioException as exc:  # not an S3 answer at all (a proxy's error page, say)
