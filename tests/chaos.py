@@ -22,7 +22,7 @@ from pathlib import Path
 import psycopg
 
 from chunksvc.storage import Storage
-from chunksvc_client import ApiError, Client, RetryPolicy
+from chunksvc_client import ApiError, Attempt, Client, RetryPolicy
 
 CONNECTION_ERROR = "connection_error"
 
@@ -35,12 +35,12 @@ class Tally:
         self.statuses: collections.Counter[int | str] = collections.Counter()
         self.codes: collections.Counter[str] = collections.Counter()  # of 5xx answers
 
-    def __call__(self, method: str, path: str, status: int, error: ApiError | None) -> None:
+    def __call__(self, attempt: Attempt) -> None:
         """The client's ``on_attempt`` hook."""
         with self._lock:
-            self.statuses[status or CONNECTION_ERROR] += 1
-            if status >= 500 and error is not None:
-                self.codes[error.code] += 1
+            self.statuses[attempt.status or CONNECTION_ERROR] += 1
+            if attempt.status >= 500 and attempt.error is not None:
+                self.codes[attempt.error.code] += 1
 
     @property
     def server_errors(self) -> int:

@@ -313,7 +313,7 @@ def bench_backend(
         if "client" in wanted:
             with tempfile.TemporaryDirectory(dir=args.file_root) as work:
                 for parallel in CLIENT_PARALLEL:
-                    ratios, client_mbs, raw_mbs = client_rates(
+                    ratios, client_mbs, raw_mbs, cpu = client_rates(
                         server.url, key, part, args.client_parts, parallel, args.client_rounds, Path(work)
                     )
                     yield Figure(
@@ -323,7 +323,8 @@ def bench_backend(
                         target=">= 0.9",
                         met=statistics.median(ratios) >= 0.9,
                         note=f"upload_file {statistics.median(client_mbs):.0f} MB/s,"
-                        f" server-side aggregate {statistics.median(raw_mbs):.0f} MB/s",
+                        f" server-side aggregate {statistics.median(raw_mbs):.0f} MB/s;"
+                        f" client CPU {statistics.median(cpu):.2f} s/GiB",
                     )
                 rss = client_peak_rss(server.url, key, args.client_rss_size * MiB, STREAM_PART, 4, Path(work))
             yield Figure(
@@ -393,30 +394,33 @@ def raw_upload_rate(server_url: str, key: str, data: bytes, parts: int, parallel
 
 
 def client_rates(server_url: str, key: str, data: bytes, parts: int, parallel: int, rounds: int,
-                 work: Path) -> tuple[list[float], list[float], list[float]]:
-    """(ratios, client MB/s, raw MB/s): ``upload_file`` against the minimal clients, alternated."""
+                 work: Path) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(ratios, client MB/s, raw MB/s, client CPU seconds per GiB): ``upload_file`` against the
+    minimal clients, alternated in each round."""
     from chunksvc_client import Client as UploadClient
 
     path = work / f"client-{uuid.uuid4().hex}.bin"
     with open(path, "wb") as f:
         for _ in range(parts):
             f.write(data)
-    ratios, client_mbs, raw_mbs = [], [], []
+    ratios, client_mbs, raw_mbs, cpu_per_gib = [], [], [], []
     try:
         with UploadClient(server_url, key) as client:
             for round_number in range(rounds + 1):
                 raw = raw_upload_rate(server_url, key, data, parts, parallel)
                 os.utime(path)  # a new modification time: a new upload, not a resumed one
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 client.upload_file(path, part_size=len(data), parallel=parallel)
                 uploaded = len(data) * parts / (time.perf_counter() - started) / 1e6
+                cpu = (time.process_time() - cpu_started) / (len(data) * parts / 2**30)
                 if round_number:  # the first round warms both up
                     ratios.append(uploaded / raw)
                     client_mbs.append(uploaded)
                     raw_mbs.append(raw)
+                    cpu_per_gib.append(cpu)
     finally:
         path.unlink()
-    return ratios, client_mbs, raw_mbs
+    return ratios, client_mbs, raw_mbs, cpu_per_gib
 
 
 def client_peak_rss(server_url: str, key: str, size: int, part_size: int, parallel: int, work: Path) -> float:

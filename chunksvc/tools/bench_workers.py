@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import shutil
 import socket
@@ -27,6 +26,7 @@ from pathlib import Path
 from chunksvc import embedded, migrations
 from chunksvc.db import Database
 from chunksvc.services.auth import KeyManager
+from chunksvc.tools.client import Client
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
@@ -96,38 +96,32 @@ def paced(data: bytes, rate: float, chunk: int = 256 * 1024):
 
 
 def upload(port: int, key: str, part: bytes, parts: int, latencies: list[float], rate: float | None) -> None:
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    body = json.dumps({"filename": "bench.bin", "size": len(part) * parts, "part_size": len(part)})
-    conn.request("POST", "/uploads/sessions", body=body, headers=headers)
-    response = conn.getresponse()
-    session = json.loads(response.read())["id"]
-    assert response.status == 201, session
-    for number in range(1, parts + 1):
-        started = time.perf_counter()
-        conn.request(
-            "PUT",
-            f"/uploads/sessions/{session}/parts/{number}",
-            body=part if rate is None else paced(part, rate),
-            headers={"Authorization": f"Bearer {key}", "Content-Length": str(len(part))},
-        )
-        response = conn.getresponse()
-        response.read()
-        assert response.status == 201, response.status
-        latencies.append(time.perf_counter() - started)
-    # Abort: removes the stored parts, so a long run does not fill the disk.
-    conn.request("DELETE", f"/uploads/sessions/{session}", headers={"Authorization": f"Bearer {key}"})
-    conn.getresponse().read()
-    conn.close()
+    # The benchmark's minimal client (no retries, no hashing): the server's figures are the server's.
+    client = Client(f"http://127.0.0.1:{port}", key)
+    try:
+        session = client.create_session(len(part) * parts, len(part))
+        for number in range(1, parts + 1):
+            started = time.perf_counter()
+            if rate is None:
+                client.put_part(session, number, part)
+            else:
+                client.request("PUT", f"/uploads/sessions/{session}/parts/{number}", paced(part, rate),
+                               {"Content-Length": str(len(part))})
+            latencies.append(time.perf_counter() - started)
+        client.abort(session)  # removes the stored parts, so a long run does not fill the disk
+    finally:
+        client.close()
 
 
-def probe(port: int, stop: threading.Event, latencies: list[float]) -> None:
+def probe(port: int, key: str, stop: threading.Event, latencies: list[float]) -> None:
+    """``GET /healthz`` on a fresh connection each time, as a load balancer probes."""
     while not stop.is_set():
         started = time.perf_counter()
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        conn.request("GET", "/healthz")
-        conn.getresponse().read()
-        conn.close()
+        client = Client(f"http://127.0.0.1:{port}", key)
+        try:
+            client.healthz()
+        finally:
+            client.close()
         latencies.append(time.perf_counter() - started)
         stop.wait(0.02)
 
@@ -136,7 +130,7 @@ def one_round(port: int, key: str, part: bytes, clients: int, parts: int, rate: 
     part_latencies: list[float] = []
     probe_latencies: list[float] = []
     stop = threading.Event()
-    prober = threading.Thread(target=probe, args=(port, stop, probe_latencies))
+    prober = threading.Thread(target=probe, args=(port, key, stop, probe_latencies))
     threads = [
         threading.Thread(target=upload, args=(port, key, part, parts, part_latencies, rate)) for _ in range(clients)
     ]

@@ -1,7 +1,8 @@
 """Load test for a chunksvc deployment: ``make loadtest`` (``python -m chunksvc.tools.loadtest``).
 
-N virtual clients (locust users) each upload files of a given size in parts: create a session,
-PUT the parts (``--parallel`` at once per file, ``--retries`` on connection errors and 5xx,
+N virtual clients (locust users) each upload files of a given size in parts through
+``chunksvc_client``: create a session, PUT the parts (``--parallel`` at once per file,
+``--retries`` by the client's own retry policy on connection errors, 5xx and 507,
 and with ``--conflict-rate`` a deliberate second PUT of an accepted part with other bytes,
 which must answer 409 ``part_conflict``), then complete it and check the object's SHA-256.
 Bounded by ``--run-time`` and ``--max-files``. Prints throughput, latency percentiles per
@@ -17,9 +18,9 @@ For locust's own command line (web UI, distributed runs) see ``chunksvc/tools/lo
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import hashlib
-import json
 import os
 import random
 import subprocess
@@ -58,39 +59,63 @@ class Settings:
         )
 
 
-def problem_code(status: int, body: bytes | None) -> str:
-    """The contract's ``code`` of an error answer, or what stands in for it."""
-    if not status:
-        return "connection_error"
-    try:
-        return str(json.loads(body or b"")["code"])
-    except (ValueError, KeyError, TypeError):
-        return f"http_{status}"
+def endpoint(method: str, path: str) -> str:
+    """The report's name for a request (ids and numbers left out, so requests group)."""
+    if path.endswith("/complete"):
+        return COMPLETE
+    if "/parts/" in path:
+        return PART
+    return SESSIONS if method == "POST" else f"{method} {path}"
+
+
+# The problem code a deliberate request expects (the conflict test), per greenlet.
+EXPECTED: contextvars.ContextVar[str | None] = contextvars.ContextVar("expected_code", default=None)
 
 
 def make_user(settings: Settings, api_key: str) -> type:
-    """A locust user class that uploads files as ``settings`` says.
+    """A locust user class that uploads files as ``settings`` says, through ``chunksvc_client``
+    (the project's one client: its retry policy is the one under test).
 
     Its ``totals`` (files started, part bytes accepted) are shared by all its users.
     """
     import gevent.pool
-    from locust import constant, task
-    from locust.contrib.fasthttp import FastHttpUser
+    from locust import User, constant, task
     from locust.exception import StopUser
+
+    from chunksvc_client import ApiError, Attempt, Client, RetryPolicy
 
     total_parts = -(-settings.file_size // settings.part_size)
 
-    class UploadUser(FastHttpUser):
+    class UploadUser(User):
         wait_time = constant(0)
-        concurrency = max(1, settings.parallel)
-        network_timeout = 300.0
-        connection_timeout = 30.0
         totals = {"files": 0, "bytes": 0}  # users are greenlets of one thread: no lock needed
 
         def on_start(self) -> None:
-            self.headers = {"Authorization": f"Bearer {api_key}"}
+            retry = RetryPolicy(attempts=settings.retries + 1, base_delay=0.2, max_delay=5.0)
+            self.client = Client(self.host, api_key, retry=retry, timeout=300.0, on_attempt=self.record,
+                                 max_connections=max(2, settings.parallel + 1))
             self.template = bytearray(os.urandom(settings.part_size))
             self.user_tag = os.urandom(8)
+
+        def on_stop(self) -> None:
+            self.client.close()
+
+        def record(self, attempt: Attempt) -> None:
+            """Every attempt the client makes, retried ones included, as one locust request."""
+            error = attempt.error
+            expected = EXPECTED.get()
+            name = endpoint(attempt.method, attempt.path)
+            if expected is not None:
+                name = CONFLICT
+                error = None if error is not None and error.code == expected else (error or AssertionError(
+                    f"expected {expected}, got {attempt.status}"))
+            exception = None
+            if error is not None:
+                exception = f"{error.code} (retried)" if error.retryable else error.code
+            self.environment.events.request.fire(
+                request_type=attempt.method, name=name, response_time=attempt.seconds * 1000,
+                response_length=attempt.response_bytes, exception=exception, context={},
+            )
 
         def part_bytes(self, file_number: int, part: int) -> bytes:
             """Part ``part`` of file ``file_number``: distinct bytes for every part of every file."""
@@ -107,64 +132,37 @@ def make_user(settings: Settings, api_key: str) -> type:
             digest = hashlib.sha256()
             for part in range(1, total_parts + 1):
                 digest.update(self.part_bytes(file_number, part))
-
-            body = {"filename": f"load-{file_number}.bin", "size": settings.file_size, "part_size": settings.part_size}
-            _, session = self.call("POST", "/uploads/sessions", SESSIONS, {201}, json=body)
-            if session is None:
-                return
-            pool = gevent.pool.Pool(max(1, settings.parallel))
-            parts = range(1, total_parts + 1)
-            if not all(pool.map(lambda part: self.put_part(session["id"], file_number, part), parts)):
-                return
-            _, done = self.call("POST", f"/uploads/sessions/{session['id']}/complete", COMPLETE, {200}, json={})
-            if done is not None and done["object"]["sha256"] != digest.hexdigest():
+            try:
+                session = self.client.create_session(
+                    f"load-{file_number}.bin", settings.file_size, part_size=settings.part_size,
+                    idempotency_key=f"load-{self.user_tag.hex()}-{file_number}",
+                )
+                pool = gevent.pool.Pool(max(1, settings.parallel))
+                pool.map(lambda part: self.put_part(session["id"], file_number, part), range(1, total_parts + 1))
+                done = self.client.complete(session["id"], digest.hexdigest())
+            except ApiError:
+                return  # recorded by ``record``, attempt by attempt
+            if done["object"]["sha256"] != digest.hexdigest():
                 self.environment.events.request.fire(
-                    request_type="CHECK",
-                    name="assembled object SHA-256",
-                    response_time=0,
-                    response_length=0,
-                    exception=AssertionError("the assembled object's SHA-256 differs from the file's"),
+                    request_type="CHECK", name="assembled object SHA-256", response_time=0, response_length=0,
+                    exception=AssertionError("the assembled object's SHA-256 differs from the file's"), context={},
                 )
 
-        def put_part(self, session_id: str, file_number: int, part: int) -> bool:
+        def put_part(self, session_id: str, file_number: int, part: int) -> None:
             data = self.part_bytes(file_number, part)
-            path = f"/uploads/sessions/{session_id}/parts/{part}"
-            for attempt in range(settings.retries + 1):
-                retry_left = attempt < settings.retries
-                status, answer = self.call("PUT", path, PART, {200, 201}, retry_left=retry_left, data=data)
-                if answer is not None:
-                    break
-                if not (retry_left and (status == 0 or status >= 500)):
-                    return False
+            self.client.put_part(session_id, part, data)
             self.totals["bytes"] += len(data)
             if settings.conflict_rate and random.random() < settings.conflict_rate:
                 other = data[:-1] + bytes([data[-1] ^ 0xFF])
-                self.call("PUT", path, CONFLICT, {409}, expect_code="part_conflict", data=other)
-            return True
-
-        def call(
-            self,
-            method: str,
-            path: str,
-            name: str,
-            ok: set[int],
-            *,
-            expect_code: str | None = None,
-            retry_left: bool = False,
-            **kwargs: object,
-        ) -> tuple[int, dict | None]:
-            """One request, recorded under ``name``: its status, and its JSON answer if ``ok``."""
-            with self.client.request(
-                method, path, name=name, headers=self.headers, catch_response=True, **kwargs
-            ) as response:
-                status = response.status_code or 0
-                code = problem_code(status, response.content)
-                if status in ok and (expect_code is None or code == expect_code):
-                    response.success()
-                    return status, (json.loads(response.content) if response.content else {})
-                retried = retry_left and (status == 0 or status >= 500)
-                response.failure(f"{code} (retried)" if retried else code)
-                return status, None
+                token = EXPECTED.set("part_conflict")
+                try:
+                    self.client.put_part(session_id, part, other)
+                    raise AssertionError("a part PUT again with other bytes was accepted")
+                except ApiError as error:
+                    if error.code != "part_conflict":
+                        raise
+                finally:
+                    EXPECTED.reset(token)
 
     return UploadUser
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -23,12 +24,24 @@ from chunksvc_client.errors import ApiError
 from chunksvc_client.progress import NoProgress, Progress
 from chunksvc_client.retry import RetryPolicy
 
-__all__ = ["Client", "FileRange"]
+__all__ = ["Attempt", "Client", "FileRange"]
 
 BLOCK_SIZE = 1024 * 1024  # a part is read and sent in blocks of this size: memory stays flat
 # States a session cannot leave: an upload that finds its session in one of them starts anew.
 DEAD = frozenset({"ABORTED", "EXPIRED", "FAILED"})
 MAX_FRESH_STARTS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """One HTTP attempt, as ``Client(on_attempt=...)`` sees it."""
+
+    method: str
+    path: str
+    status: int  # 0: no answer came (connection error or timeout)
+    seconds: float
+    response_bytes: int
+    error: ApiError | None  # for a failure: what it was (retried or not)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +88,11 @@ class Client:
         transport: httpx.BaseTransport | None = None,
         verify: bool | str = True,
         max_connections: int = 32,
-        on_attempt: Callable[[str, str, int, ApiError | None], None] | None = None,
+        on_attempt: Callable[[Attempt], None] | None = None,
     ) -> None:
         """``timeout``: seconds any one network operation may take (connect, a read, a write);
         ``transport``: an httpx transport (e.g. ``httpx.WSGITransport(app=...)`` in tests);
-        ``on_attempt(method, path, status, error)`` sees every attempt, retried ones included
-        (status 0 when no answer came; ``error`` for a failure), for logs, metrics and tests."""
+        ``on_attempt`` sees every attempt, retried ones included (for logs, metrics and tests)."""
         self.url = url.rstrip("/")
         self.retry = retry or RetryPolicy()
         self._on_attempt = on_attempt
@@ -287,16 +299,18 @@ class Client:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One attempt: the response if it is a success, else ``ApiError``."""
+        started = time.monotonic()
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:  # refused, reset, timed out, ...
             error = ApiError.connection(f"{method} {path}: {type(exc).__name__}: {exc}")
             if self._on_attempt:
-                self._on_attempt(method, path, 0, error)
+                self._on_attempt(Attempt(method, path, 0, time.monotonic() - started, 0, error))
             raise error from exc
         failure = _error_from(response) if response.status_code >= 400 else None
         if self._on_attempt:
-            self._on_attempt(method, path, response.status_code, failure)
+            self._on_attempt(Attempt(method, path, response.status_code, time.monotonic() - started,
+                                     len(response.content), failure))
         if failure is not None:
             raise failure
         return response
@@ -434,17 +448,18 @@ class _FileUpload:
     def _hash_parts(self, part_size: int, total_parts: int) -> Iterator[tuple[int, bytes]]:
         """``(part number, SHA-256)`` for each part in order, and the whole file's SHA-256 at the end."""
         whole = hashlib.sha256()
-        with open(self.path, "rb") as f:
+        buffer = memoryview(bytearray(BLOCK_SIZE))  # one buffer, refilled: no allocation per block
+        with open(self.path, "rb", buffering=0) as f:
             for number in range(1, total_parts + 1):
                 part = hashlib.sha256()
                 remaining = self._length(number, part_size, total_parts)
                 while remaining:
-                    block = f.read(min(BLOCK_SIZE, remaining))
-                    if not block:
+                    count = f.readinto(buffer[: min(BLOCK_SIZE, remaining)])
+                    if not count:
                         raise OSError(f"{self.path} shrank during the upload")
-                    part.update(block)
-                    whole.update(block)
-                    remaining -= len(block)
+                    part.update(buffer[:count])
+                    whole.update(buffer[:count])
+                    remaining -= count
                 self._digests[number] = part.digest()
                 yield number, part.digest()
         if os.stat(self.path).st_mtime_ns != self.mtime_ns:
