@@ -3,6 +3,7 @@ gunicorn.conf.py, the real PostgreSQL, disk and S3 (moto over HTTP) storage."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -295,3 +296,26 @@ def test_the_client_installs_without_any_server_package(tmp_path):
     names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
     assert "chunksvc-client" in names and {"httpx", "tqdm"} <= names
     assert not names & SERVER_PACKAGES, names & SERVER_PACKAGES
+
+
+def test_cli_shows_a_progress_bar_on_a_terminal(server, tmp_path):
+    """stderr on a pseudo-terminal: a tqdm bar with bytes, rate and percent."""
+    import pty
+
+    path = tmp_path / "bar.bin"
+    path.write_bytes(payload(300_000, seed=17))
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "CHUNKSVC_URL": server["url"], "CHUNKSVC_API_KEY": server["key"]}
+    try:
+        finished = subprocess.run([*CLI, "upload", str(path), "--part-size", "65536"], env=env, stderr=terminal,
+                                  stdout=subprocess.DEVNULL, timeout=120)
+        os.close(terminal)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once everything written to the terminal is read
+            while chunk := os.read(controller, 65536):
+                shown += chunk
+    finally:
+        os.close(controller)
+    assert finished.returncode == 0
+    text = shown.decode(errors="replace")
+    assert "100%" in text and "B/s" in text and "bar.bin" in text, text[-500:]
