@@ -300,11 +300,15 @@ def test_the_client_installs_without_any_server_package(tmp_path):
 
 def test_cli_shows_a_progress_bar_on_a_terminal(server, tmp_path):
     """stderr on a pseudo-terminal: a tqdm bar with bytes, rate and percent."""
+    import fcntl
     import pty
+    import struct
+    import termios
 
     path = tmp_path / "bar.bin"
     path.write_bytes(payload(300_000, seed=17))
     controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
     env = {**os.environ, "CHUNKSVC_URL": server["url"], "CHUNKSVC_API_KEY": server["key"]}
     try:
         finished = subprocess.run([*CLI, "upload", str(path), "--part-size", "65536"], env=env, stderr=terminal,
