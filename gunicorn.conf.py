@@ -111,12 +111,14 @@ def post_worker_init(worker):
     from chunksvc import wsgi
 
     wsgi.db.open()
+    wsgi.assembler.start()
 
 
 def worker_exit(server, worker):
     """Close the pool on the way out, so PostgreSQL sees the connections end rather than drop."""
     wsgi = sys.modules.get("chunksvc.wsgi")
     if wsgi is not None:
+        wsgi.assembler.stop()
         wsgi.db.close()
 
 

@@ -15,6 +15,7 @@ from chunksvc.metrics import Metrics
 from chunksvc.resources import health, openapi, problems, uploads
 from chunksvc.resources.middleware import BearerAuth, RequestId
 from chunksvc.resources.observability import MetricsResource, RequestTelemetry
+from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.auth import Authenticator
 from chunksvc.services.health import HealthService
 from chunksvc.services.uploads import UploadService
@@ -38,6 +39,17 @@ def create_app(
     metrics: Metrics | None = None,
 ) -> falcon.App:
     """The WSGI application. ``db``/``storage``/``metrics`` may be passed in to share them (tests, CLI)."""
+    return build(config, db=db, storage=storage, metrics=metrics)[0]
+
+
+def build(
+    config: Config,
+    *,
+    db: Database | None = None,
+    storage: Storage | None = None,
+    metrics: Metrics | None = None,
+) -> tuple[falcon.App, BackgroundAssembler]:
+    """The WSGI application and its background assembler (whose poller the server starts)."""
     if db is None:
         db = build_database(config)
     if metrics is None:
@@ -50,6 +62,10 @@ def create_app(
         db, storage, config.limits, config.block_size, events=metrics,
         # Half the pool: completions hold a connection for their whole assembly.
         max_assemblies=max(1, config.pool_max_size // 2),
+        sync_complete_max=config.sync_complete_max,
+    )
+    assembler = BackgroundAssembler(
+        upload_service, db, config.sync_complete_max, config.background_assemblies, config.assembly_poll_interval
     )
     router = CompiledRouter()
     app = falcon.App(
@@ -72,5 +88,5 @@ def create_app(
     app.add_route(
         "/uploads/sessions/{session_id}/parts/{part_number}", uploads.PartResource(upload_service, config.body_timeout)
     )
-    app.add_route("/uploads/sessions/{session_id}/complete", uploads.CompleteResource(upload_service))
-    return app
+    app.add_route("/uploads/sessions/{session_id}/complete", uploads.CompleteResource(upload_service, assembler))
+    return app, assembler

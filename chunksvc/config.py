@@ -130,6 +130,12 @@ class Config:
     # /readyz answers 503 while local storage has less free space than this (bytes): the host
     # can no longer take parts, and a load balancer should send them elsewhere.
     storage_min_free: int = 256 * MiB
+    # Uploads larger than this complete in the background: complete answers 202 at once.
+    sync_complete_max: int = 256 * MiB
+    # Background assemblies each worker process runs at once, and how often (seconds) each
+    # worker looks for accepted completions no one is running (a host that died, say).
+    background_assemblies: int = 1
+    assembly_poll_interval: float = 5.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -156,6 +162,9 @@ class Config:
             block_size=_int(env, "CHUNKSVC_BLOCK_SIZE", 1 * MiB),
             body_timeout=_int(env, "CHUNKSVC_BODY_TIMEOUT", 60),
             storage_min_free=_int(env, "CHUNKSVC_STORAGE_MIN_FREE", 256 * MiB),
+            sync_complete_max=_int(env, "CHUNKSVC_SYNC_COMPLETE_MAX", 256 * MiB),
+            background_assemblies=_int(env, "CHUNKSVC_BACKGROUND_ASSEMBLIES", 1),
+            assembly_poll_interval=_int(env, "CHUNKSVC_ASSEMBLY_POLL", 5),
         )
         config.validate()
         return config
@@ -168,6 +177,10 @@ class Config:
             raise ConfigError("CHUNKSVC_BLOCK_SIZE must be between 4 KiB and 64 MiB")
         if self.body_timeout < 1:
             raise ConfigError("CHUNKSVC_BODY_TIMEOUT must be at least 1 second")
+        if self.sync_complete_max < 0:
+            raise ConfigError("CHUNKSVC_SYNC_COMPLETE_MAX must not be negative")
+        if self.background_assemblies < 1 or self.assembly_poll_interval < 1:
+            raise ConfigError("CHUNKSVC_BACKGROUND_ASSEMBLIES and CHUNKSVC_ASSEMBLY_POLL must be at least 1")
         if self.storage_min_free < 0:
             raise ConfigError("CHUNKSVC_STORAGE_MIN_FREE must not be negative")
 

@@ -94,6 +94,14 @@ def mark_failed(conn: Connection, session_id: UUID) -> int:
     return conn.execute("mark_failed", id=session_id)
 
 
+def set_assembled_bytes(conn: Connection, session_id: UUID, assembled: int) -> int:
+    return conn.execute("set_assembled_bytes", id=session_id, assembled=assembled)
+
+
+def pending_assemblies(conn: Connection, sync_max: int, limit: int) -> list[Row]:
+    return conn.all("pending_assemblies", sync_max=sync_max, limit=limit)
+
+
 def mark_aborted(conn: Connection, session_id: UUID) -> int:
     return conn.execute("mark_aborted", id=session_id)
 

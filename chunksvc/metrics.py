@@ -68,6 +68,10 @@ class Metrics(UploadEvents):
             " reopened (a completion found parts lost from storage and asked for them again)",
             ["event"], registry=registry,
         )
+        self.assemblies_running = Gauge(
+            "chunksvc_assemblies_in_progress", "Assemblies running now (in requests and in the background)",
+            registry=registry, multiprocess_mode="livesum",
+        )
         self.parts_lost = Counter(
             "chunksvc_parts_lost", "Recorded parts whose stored bytes were found missing at completion (and asked"
             " for again); anything but 0 means storage lost bytes behind the service's back",
@@ -180,6 +184,9 @@ class Metrics(UploadEvents):
         outcome = "accepted" if created else "healed" if healed else "duplicate"
         self.parts.labels(outcome).inc()
         self.part_bytes.labels(outcome).inc(size)
+
+    def assembly_running(self, change: int) -> None:
+        self.assemblies_running.inc(change)
 
     def session_reopened(self, lost_parts: int) -> None:
         self.sessions.labels("reopened").inc()

@@ -91,7 +91,9 @@ def test_session_object_fields(app, auth):
     assert set(session) == {
         "id", "status", "filename", "content_type", "size", "part_size", "total_parts", "received_parts",
         "received_bytes", "sha256", "metadata", "created_at", "updated_at", "expires_at", "object",
+        "assembled_bytes",
     }
+    assert session["assembled_bytes"] is None  # a number only while COMPLETING
     assert session["content_type"] == "text/plain" and session["metadata"] == {"k": "v"}
     assert session["created_at"].endswith("Z") and session["expires_at"] > session["created_at"]
     assert (session["received_parts"], session["received_bytes"], session["sha256"]) == (0, 0, None)
@@ -360,7 +362,8 @@ def test_digest_disagreeing_with_creation_is_refused(app, auth):
 
 
 def test_completion_in_progress_then_takeover_after_crash(app, auth, database_url, storage):
-    """A COMPLETING session whose assembler is alive is 409; once it is gone, complete finishes it."""
+    """A COMPLETING session whose assembler is alive answers 202 (poll GET); once the assembler is
+    gone, complete finishes it. Abort waits with 409 completion_in_progress."""
     session = create(app, auth, size=8, part_size=4).json
     put_part(app, auth, session["id"], 1, b"abcd")
     put_part(app, auth, session["id"], 2, b"efgh")
@@ -369,7 +372,8 @@ def test_completion_in_progress_then_takeover_after_crash(app, auth, database_ur
     assembler.execute(
         "SELECT pg_advisory_lock(hashtextextended('chunksvc.complete:' || %s::text, 0))", (session["id"],)
     )
-    assert_problem(complete(app, auth, session["id"], status=409), 409, "completion_in_progress")
+    busy = complete(app, auth, session["id"], status=202)
+    assert busy.json["status"] == "COMPLETING" and busy.headers["Retry-After"] == "2"
     assert_problem(app.delete(f"/uploads/sessions/{session['id']}", headers=auth, status=409),
                    409, "completion_in_progress")
     assert app.get(f"/uploads/sessions/{session['id']}", headers=auth).json["status"] == "COMPLETING"

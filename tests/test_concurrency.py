@@ -96,8 +96,8 @@ def test_concurrent_completes_assemble_once(wsgi_app, app, auth, storage):
 
     responses = race(wsgi_app, [finish] * 8)
     ok = [r for r in responses if r.status_int == 200]
-    busy = [r for r in responses if r.status_int == 409]
+    busy = [r for r in responses if r.status_int == 202]  # another request was assembling: poll GET
     assert ok and len(ok) + len(busy) == 8
-    assert all(r.json["code"] == "completion_in_progress" for r in busy)
+    assert all(r.json["status"] == "COMPLETING" and r.headers["Retry-After"] for r in busy)
     assert {r.json["object"]["sha256"] for r in ok} == {sha(data)}
     assert session_state(app, auth, session["id"])["status"] == "COMPLETED"

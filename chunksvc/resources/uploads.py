@@ -11,9 +11,13 @@ import falcon
 from chunksvc import logs
 from chunksvc.errors import InvalidRequest
 from chunksvc.resources.body import part_body
+from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.uploads import PartResult, Session, UploadService
 
 MAX_JSON_BODY = 64 * 1024
+# After a 202 from complete: how soon to look again. Assembly runs at hundreds of MB/s, so a
+# few seconds shows progress without polling hard.
+RETRY_AFTER_SECONDS = 2
 
 
 def rfc3339(moment: datetime) -> str:
@@ -64,6 +68,7 @@ class SessionRenderer:
             "updated_at": rfc3339(session.updated_at),
             "expires_at": rfc3339(session.expires_at),
             "object": self._uploads.describe_object(session),
+            "assembled_bytes": session.assembled_bytes,
         }
 
 
@@ -167,10 +172,16 @@ class PartResource:
 class CompleteResource:
     """/uploads/sessions/{session_id}/complete"""
 
-    def __init__(self, uploads: UploadService) -> None:
+    def __init__(self, uploads: UploadService, assembler: BackgroundAssembler) -> None:
         self._uploads = uploads
+        self._assembler = assembler
         self._render = SessionRenderer(uploads)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
         body = read_json(req, required=False)
-        resp.media = self._render(self._uploads.complete(req.context.client, session_id, body))
+        session, accepted = self._uploads.complete(req.context.client, session_id, body)
+        if accepted:  # assembled in the background: poll GET after Retry-After
+            self._assembler.submit(session.id, req.context.client.id)
+            resp.status = falcon.HTTP_202
+            resp.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
+        resp.media = self._render(session)

@@ -29,6 +29,9 @@ class UploadEvents:
         """A completion found ``lost_parts`` recorded parts without their stored bytes: they were
         dropped and the session reopened for the client to send them again."""
 
+    def assembly_running(self, change: int) -> None:
+        """An assembly started (+1) or ended (-1) in this process."""
+
     def session_aborted(self) -> None:
         """A session moved to ABORTED (aborting an already aborted session is not reported)."""
 

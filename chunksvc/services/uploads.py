@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 MAX_MISSING_LISTED = 100
 ASSEMBLY_SLOT_WAIT = 30.0  # seconds a completion waits for a free assembly slot, then 503
+PROGRESS_INTERVAL = 1.0  # seconds between writes of an assembly's progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Session:
     updated_at: datetime
     expires_at: datetime
     object: StoredObject | None
+    assembled_bytes: int | None  # while COMPLETING: how far the assembly has got
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Session:
@@ -92,6 +94,7 @@ class Session:
             updated_at=row["updated_at"],
             expires_at=row["expires_at"],
             object=stored,
+            assembled_bytes=row["assembled_bytes"] if row["effective_status"] == states.COMPLETING else None,
         )
 
 
@@ -152,11 +155,13 @@ class UploadService:
         block_size: int,
         events: UploadEvents | None = None,
         max_assemblies: int = 4,
+        sync_complete_max: int = 256 * 1024 * 1024,
     ) -> None:
         self._db = db
         # An assembly holds its pooled connection (and the completion lock on it) from start to
         # end: at most this many at once per process, so parts and reads keep connections.
         self._assembly_slots = threading.BoundedSemaphore(max_assemblies)
+        self._sync_complete_max = sync_complete_max
         self._storage = storage
         self._limits = limits
         self._block_size = block_size
@@ -373,8 +378,40 @@ class UploadService:
 
     # --- complete and abort -----------------------------------------------------------------
 
-    def complete(self, client: Client, raw_id: str, body: Any) -> Session:
-        return self._complete(rules.parse_session_id(raw_id), client.id, self._completion_digest(body))
+    def complete(self, client: Client, raw_id: str, body: Any) -> tuple[Session, bool]:
+        """Complete the session: ``(session, False)`` once assembled here, or ``(session, True)``
+        when it was accepted for assembly in the background (above ``sync_complete_max``): the
+        caller hands it to the background assembler (``assemble_accepted``)."""
+        session_id = rules.parse_session_id(raw_id)
+        sha256 = self._completion_digest(body)
+        accepted = self._accept_for_background(session_id, client.id, sha256)
+        if accepted is not None:
+            return accepted, True
+        try:
+            return self._complete(session_id, client.id, sha256), False
+        except CompletionInProgress:
+            # Another request is assembling it: the same answer as a background assembly, 202.
+            return self.get_session(client, raw_id), True
+
+    def _accept_for_background(self, session_id: UUID, client_id: int, sha256: str | None) -> Session | None:
+        """A large upload's completion: checked and moved to COMPLETING here, assembled later.
+        None when the session is small enough to assemble in the request (or already done)."""
+        with self._db.transaction() as conn:
+            row = dao.lock_session(conn, session_id, client_id)
+            if row is None:
+                raise SessionNotFound()
+            session = Session.from_row(row)
+            if session.size <= self._sync_complete_max or session.status == states.COMPLETED:
+                return None
+            if session.status == states.COMPLETING:
+                return session  # accepted before: the same 202
+            self._check_completable(conn, session, sha256)
+            return Session.from_row(dao.mark_completing(conn, session_id, sha256))
+
+    def assemble_accepted(self, session_id: UUID, client_id: int) -> Session:
+        """The background assembler's job: drive an accepted completion to its end, as the
+        reaper's re-drive does (``CompletionInProgress`` if another assembler has it)."""
+        return self._complete(session_id, client_id, None, resume=True)
 
     def resume_completion(self, session_id: UUID, client_id: int) -> Session:
         """Drive a completion whose assembler died to its end, as calling ``complete`` again would.
@@ -491,7 +528,11 @@ class UploadService:
         """
         key = object_key(session.id)
         started = time.monotonic()
-        stored = self._storage.assemble(sources, key, self._block_size)
+        self._events.assembly_running(1)
+        try:
+            stored = self._storage.assemble(sources, key, self._block_size, self._progress_reporter(conn, session.id))
+        finally:
+            self._events.assembly_running(-1)
         assembly_seconds = time.monotonic() - started
         if stored.size != session.size or (session.sha256 and stored.sha256 != session.sha256):
             self._discard([key])
@@ -515,6 +556,21 @@ class UploadService:
             self._events.session_completed(assembly_seconds)
         self._discard(source.key for source in sources)
         return Session.from_row(row)
+
+    @staticmethod
+    def _progress_reporter(conn: Connection, session_id: UUID) -> Callable[[int], None]:
+        """Writes ``assembled_bytes`` at most once a second, on the assembler's own connection
+        (it is idle while the storage works: autocommit, the completion lock held on it)."""
+        last = time.monotonic()
+
+        def report(assembled: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= PROGRESS_INTERVAL:
+                last = now
+                dao.set_assembled_bytes(conn, session_id, assembled)
+
+        return report
 
     def abort(self, client: Client, raw_id: str) -> None:
         session_id = rules.parse_session_id(raw_id)

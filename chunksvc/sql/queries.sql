@@ -173,6 +173,7 @@ UPDATE upload_sessions s
    SET received_parts = s.received_parts - (SELECT count(*) FROM dropped),
        received_bytes = s.received_bytes - (SELECT COALESCE(sum(size), 0) FROM dropped),
        status = 'IN_PROGRESS',
+       assembled_bytes = NULL,
        expires_at = GREATEST(s.expires_at, now() + make_interval(secs => %(ttl)s)),
        updated_at = now()
  WHERE s.id = %(id)s AND s.status = 'COMPLETING'
@@ -193,7 +194,7 @@ SELECT storage_key, size
 
 -- name: mark_completing
 UPDATE upload_sessions
-   SET status = 'COMPLETING', sha256 = COALESCE(sha256, %(sha256)s), updated_at = now()
+   SET status = 'COMPLETING', sha256 = COALESCE(sha256, %(sha256)s), assembled_bytes = 0, updated_at = now()
  WHERE id = %(id)s
 RETURNING *, chunksvc_session_status(status, expires_at) AS effective_status;
 
@@ -201,13 +202,27 @@ RETURNING *, chunksvc_session_status(status, expires_at) AS effective_status;
 -- Only from COMPLETING: a completer that lost its lock must not overwrite another's outcome.
 UPDATE upload_sessions
    SET status = 'COMPLETED', object_key = %(object_key)s, object_size = %(object_size)s,
-       object_sha256 = %(object_sha256)s, updated_at = now()
+       object_sha256 = %(object_sha256)s, assembled_bytes = NULL, updated_at = now()
  WHERE id = %(id)s AND status = 'COMPLETING'
 RETURNING *, chunksvc_session_status(status, expires_at) AS effective_status;
 
 -- name: mark_failed
-UPDATE upload_sessions SET status = 'FAILED', updated_at = now()
+UPDATE upload_sessions SET status = 'FAILED', assembled_bytes = NULL, updated_at = now()
  WHERE id = %(id)s AND status = 'COMPLETING';
+
+-- name: set_assembled_bytes
+-- Progress of a running assembly (updated_at stays: it dates state changes, not progress).
+UPDATE upload_sessions SET assembled_bytes = %(assembled)s
+ WHERE id = %(id)s AND status = 'COMPLETING';
+
+-- name: pending_assemblies
+-- Completions accepted for the background (above the synchronous size), oldest first: the
+-- assembler of each host offers to take them; the completion lock lets one at a time run each.
+SELECT id, client_id
+  FROM upload_sessions
+ WHERE status = 'COMPLETING' AND size > %(sync_max)s
+ ORDER BY updated_at
+ LIMIT %(limit)s;
 
 -- name: mark_aborted
 UPDATE upload_sessions SET status = 'ABORTED', updated_at = now()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import BinaryIO, Protocol
 
@@ -39,6 +39,9 @@ def check_prefix(prefix: str) -> str:
     if prefix and not valid_key(prefix.removesuffix("/")):
         raise ValueError(f"invalid storage prefix {prefix!r}")
     return prefix
+
+
+Progress = Callable[[int], None]
 
 
 class Readable(Protocol):
@@ -108,8 +111,12 @@ class Storage(abc.ABC):
         """
 
     @abc.abstractmethod
-    def assemble(self, sources: Sequence[PartSource], key: str, block_size: int) -> StoredObject:
+    def assemble(
+        self, sources: Sequence[PartSource], key: str, block_size: int, progress: Progress | None = None
+    ) -> StoredObject:
         """Concatenate ``sources`` in order into ``key``; return the stored size and SHA-256.
+
+        ``progress(n)`` is called now and then with the bytes of the object written so far.
 
         The digest is of the bytes as stored, so it verifies the result. A source that is not
         stored raises ``ObjectMissing`` (naming it) and nothing is left under ``key``; no room

@@ -22,6 +22,7 @@ from chunksvc.errors import ConfigError, ObjectMissing, StorageError, StorageFul
 from chunksvc.storage.base import (
     ListedKey,
     PartSource,
+    Progress,
     Readable,
     Storage,
     StoredObject,
@@ -85,7 +86,9 @@ class LocalStorage(Storage):
 
         self._store(check_key(key), fill)
 
-    def assemble(self, sources: Sequence[PartSource], key: str, block_size: int) -> StoredObject:
+    def assemble(
+        self, sources: Sequence[PartSource], key: str, block_size: int, progress: Progress | None = None
+    ) -> StoredObject:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         paths = [(src, self._path(src.key)) for src in sources]
@@ -100,6 +103,8 @@ class LocalStorage(Storage):
                         digest.update(block)
                         f.write(block)
                         copied += len(block)
+                        if progress:
+                            progress(total + copied)
                 if copied != src.size:
                     raise StorageError(f"assemble {key}: part {src.key} has {copied} bytes, expected {src.size}")
                 total += copied

@@ -29,6 +29,7 @@ from chunksvc.errors import ConfigError, ObjectMissing, StorageError, StorageFul
 from chunksvc.storage.base import (
     ListedKey,
     PartSource,
+    Progress,
     Readable,
     Storage,
     StoredObject,
@@ -260,17 +261,21 @@ class S3Storage(Storage):
         else:
             self._stream_put(key, blocks, length, f"write {key}")
 
-    def assemble(self, sources: Sequence[PartSource], key: str, block_size: int) -> StoredObject:
+    def assemble(
+        self, sources: Sequence[PartSource], key: str, block_size: int, progress: Progress | None = None
+    ) -> StoredObject:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         check_key(key)
         for src in sources:
             check_key(src.key)
+        total = sum(src.size for src in sources)
         if can_compose(sources):
-            self._compose(sources, key)
+            self._compose(sources, key)  # server-side: no progress to see until it is done
         else:
-            total = sum(src.size for src in sources)
-            self._put(key, self._source_blocks(sources, key, block_size), total, f"assemble {key}")
+            self._put(key, self._source_blocks(sources, key, block_size, progress), total, f"assemble {key}")
+        if progress:
+            progress(total)
         stored = self._digest(key, block_size)
         expected = sum(src.size for src in sources)
         if stored.size != expected:
@@ -435,8 +440,11 @@ class S3Storage(Storage):
                 self.delete([key])
                 raise StorageError(f"assemble {key}: part {src.key} has {used.object_size} bytes, expected {src.size}")
 
-    def _source_blocks(self, sources: Sequence[PartSource], key: str, block_size: int) -> Iterator[bytes]:
+    def _source_blocks(
+        self, sources: Sequence[PartSource], key: str, block_size: int, progress: Progress | None = None
+    ) -> Iterator[bytes]:
         """The parts' bytes in order, ``block_size`` at a time, one open response at a time."""
+        done = 0
         for src in sources:
             with self.open(src.key) as part:
                 # Checked up front: once the last byte is read the SDK stops asking, so a part
@@ -446,6 +454,9 @@ class S3Storage(Storage):
                     raise StorageError(f"assemble {key}: part {src.key} has {stored} bytes, expected {src.size}")
                 while block := part.read(block_size):
                     yield block
+                    done += len(block)
+                    if progress:
+                        progress(done)
 
     def _digest(self, key: str, block_size: int) -> StoredObject:
         """Size and SHA-256 of the object as stored, by reading it back."""

@@ -1,0 +1,125 @@
+"""Assembling large uploads in the background, after ``complete`` answered 202.
+
+Each worker process has one ``BackgroundAssembler``: a few threads that run accepted completions
+(``UploadService.assemble_accepted``), handed over by the request that accepted them or found by
+a poller that looks for accepted completions nobody runs (their worker died, or they failed on
+full or unreachable storage and wait for another try). Any process on any host may take any of
+them: the session's completion lock lets one run at a time, and a crashed assembler's lock goes
+with its database connection, so the next poll picks the work up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from uuid import UUID
+
+from chunksvc import dao
+from chunksvc.db import Database
+from chunksvc.errors import ChecksumMismatch, ChunksvcError, CompletionInProgress, PartsMissing, SessionNotActive
+from chunksvc.services.uploads import UploadService
+
+log = logging.getLogger(__name__)
+
+# After a failure (storage full or down, say) a session is tried again after this many seconds,
+# doubling up to the maximum, so a broken storage is not hammered by every worker's poller.
+RETRY_AFTER_FAILURE = 5.0
+MAX_RETRY_AFTER_FAILURE = 300.0
+
+
+class BackgroundAssembler:
+    def __init__(
+        self, uploads: UploadService, db: Database, sync_complete_max: int, threads: int = 1,
+        poll_interval: float = 5.0,
+    ) -> None:
+        self._uploads = uploads
+        self._db = db
+        self._sync_complete_max = sync_complete_max
+        self._threads = threads
+        self._poll_interval = poll_interval
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # made on first use: after gunicorn's fork
+        self._queued: set[UUID] = set()
+        self._failures: dict[UUID, tuple[int, float]] = {}  # session -> (failures, not before)
+        self._stopping = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    def submit(self, session_id: UUID, client_id: int) -> None:
+        """Assemble this accepted completion soon (at once if a thread is free), unless queued."""
+        with self._lock:
+            if self._stopping.is_set() or session_id in self._queued:
+                return
+            failures = self._failures.get(session_id)
+            if failures and failures[1] > time.monotonic():
+                return  # it failed a moment ago; the poller offers it again later
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="assembler")
+            self._queued.add(session_id)
+            self._pool.submit(self._run, session_id, client_id)
+
+    def start(self) -> None:
+        """Start looking for accepted completions that nobody runs (every ``poll_interval`` s)."""
+        with self._lock:
+            if self._poller is None:
+                self._poller = threading.Thread(target=self._poll, name="assembler-poll", daemon=True)
+                self._poller.start()
+
+    def stop(self) -> None:
+        """Stop taking work; an assembly under way is abandoned with its process (another takes
+        it over once this process's connection, and so its completion lock, is gone)."""
+        self._stopping.set()
+        with self._lock:
+            pool = self._pool
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once nothing is queued or running (tests, and a graceful stop)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._queued:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        while not self._stopping.wait(self._poll_interval):
+            try:
+                with self._db.connection() as conn:
+                    pending = dao.pending_assemblies(conn, self._sync_complete_max, 4 * self._threads)
+            except ChunksvcError as exc:
+                log.warning("assembler: cannot look for pending completions: %s", exc.detail)
+                continue
+            for row in pending:
+                self.submit(row["id"], row["client_id"])
+
+    def _run(self, session_id: UUID, client_id: int) -> None:
+        try:
+            self._uploads.assemble_accepted(session_id, client_id)
+        except (CompletionInProgress, SessionNotActive):
+            pass  # another assembler has it, or it ended meanwhile
+        except (PartsMissing, ChecksumMismatch):
+            pass  # an outcome, recorded on the session (reopened, or FAILED) for GET to show
+        except ChunksvcError as exc:  # storage full or down, database gone: left COMPLETING
+            self._failed(session_id)
+            log.warning("assembler: session %s not assembled yet: %s", session_id, exc.detail)
+        except Exception:
+            self._failed(session_id)
+            log.exception("assembler: session %s failed unexpectedly", session_id)
+        else:
+            with self._lock:
+                self._failures.pop(session_id, None)
+        finally:
+            with self._lock:
+                self._queued.discard(session_id)
+
+    def _failed(self, session_id: UUID) -> None:
+        with self._lock:
+            count = self._failures.get(session_id, (0, 0.0))[0] + 1
+            wait = min(MAX_RETRY_AFTER_FAILURE, RETRY_AFTER_FAILURE * 2 ** (count - 1))
+            self._failures[session_id] = (count, time.monotonic() + wait)

@@ -1,0 +1,176 @@
+"""Large uploads complete in the background: 202, assembled_bytes, the outcome through GET, abort
+while assembling, a checksum mismatch found later, the cap on assemblies, and a killed assembling
+worker whose work another picks up. Real PostgreSQL and both storages; gunicorn where a process
+must die."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+import webtest
+from psycopg.conninfo import make_conninfo
+
+from chunksvc import embedded
+from chunksvc.app import build
+from chunksvc.config import StorageSpec
+from chunksvc.services.assembler import BackgroundAssembler
+from chunksvc.services.events import UploadEvents
+from chunksvc.services.uploads import UploadService
+from chunksvc.tools import harness
+from chunksvc_client import Client
+from tests.conftest import TEST_LIMITS
+from tests.faults import FaultProxy
+from tests.helpers import complete, create, payload, put_part, sha, split, wait_for
+from tests.test_api import assert_problem, read_object, stored_part_keys
+from tests.test_faults import pg_socket
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNC_MAX = 2000  # bytes: anything larger completes in the background here
+
+
+@pytest.fixture
+def background(config, db, storage):
+    """The app with a small synchronous limit, and its background assembler."""
+    app, assembler = build(dataclasses.replace(config, sync_complete_max=SYNC_MAX), db=db, storage=storage)
+    yield webtest.TestApp(app), assembler
+    assembler.stop()
+
+
+def uploaded(app, auth, size: int, sha256: str | None = None, seed: int = 0) -> tuple[str, bytes]:
+    data = payload(size, seed)
+    session_id = create(app, auth, size=len(data), part_size=1024, sha256=sha256 or sha(data)).json["id"]
+    for number, chunk in enumerate(split(data, 1024), start=1):
+        put_part(app, auth, session_id, number, chunk)
+    return session_id, data
+
+
+def test_a_large_upload_is_accepted_with_202_and_assembled_in_the_background(background, auth, storage):
+    app, assembler = background
+    session_id, data = uploaded(app, auth, 5000)
+
+    accepted = complete(app, auth, session_id, status=202)
+
+    assert accepted.headers["Retry-After"] == "2"
+    assert accepted.json["status"] == "COMPLETING" and accepted.json["object"] is None
+    assert isinstance(accepted.json["assembled_bytes"], int)
+    assert assembler.wait_idle(30)
+    done = app.get(f"/uploads/sessions/{session_id}", headers=auth).json
+    assert done["status"] == "COMPLETED" and done["assembled_bytes"] is None
+    assert read_object(storage, done["object"]["key"]) == data
+    assert stored_part_keys(storage, session_id) == []
+    again = complete(app, auth, session_id)  # idempotent: the same 200 once completed
+    assert again.json["object"] == done["object"]
+
+
+def test_small_uploads_still_complete_in_the_request(background, auth):
+    app, _ = background
+    session_id, _ = uploaded(app, auth, SYNC_MAX)
+    assert complete(app, auth, session_id, status=200).json["status"] == "COMPLETED"
+
+
+def test_complete_on_an_accepted_session_answers_the_same_202(background, auth, database_url):
+    app, assembler = background
+    session_id, _ = uploaded(app, auth, 5000)
+    with psycopg.connect(database_url, autocommit=True) as holder:  # stands in for a running assembler
+        holder.execute("SELECT pg_advisory_lock(hashtextextended('chunksvc.complete:' || %s::text, 0))",
+                       (session_id,))
+        first = complete(app, auth, session_id, status=202)
+        second = complete(app, auth, session_id, status=202)
+        assert first.json["status"] == second.json["status"] == "COMPLETING"
+        # Abort waits for the assembly, as the contract says.
+        assert_problem(app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=409),
+                       409, "completion_in_progress")
+        assert assembler.wait_idle(30)  # it tried, found the lock taken, and left it
+        assert app.get(f"/uploads/sessions/{session_id}", headers=auth).json["status"] == "COMPLETING"
+    with psycopg.connect(database_url) as conn:
+        [(client_id,)] = conn.execute("SELECT id FROM clients WHERE name = 'alice'").fetchall()
+    assembler.submit(uuid.UUID(session_id), client_id)  # the poller's offer, once the holder is gone
+    assert assembler.wait_idle(30)
+    assert app.get(f"/uploads/sessions/{session_id}", headers=auth).json["status"] == "COMPLETED"
+
+
+def test_a_checksum_mismatch_found_in_the_background_fails_the_session(background, auth, storage):
+    app, assembler = background
+    session_id, _ = uploaded(app, auth, 5000, sha256=sha(b"not these bytes"))
+    complete(app, auth, session_id, status=202)
+    assert assembler.wait_idle(30)
+    failed = app.get(f"/uploads/sessions/{session_id}", headers=auth).json
+    assert (failed["status"], failed["object"]) == ("FAILED", None)
+    assert not storage.exists(f"objects/{session_id}") and stored_part_keys(storage, session_id) == []
+
+
+class CountingEvents(UploadEvents):
+    def __init__(self) -> None:
+        self.running = self.most = 0
+        self.lock = threading.Lock()
+
+    def assembly_running(self, change: int) -> None:
+        with self.lock:
+            self.running += change
+            self.most = max(self.most, self.running)
+
+
+def test_background_assemblies_are_capped_per_process(app, auth, db, storage, database_url):
+    events = CountingEvents()
+    uploads = UploadService(db, storage, TEST_LIMITS, 4096, events=events, sync_complete_max=SYNC_MAX)
+    assembler = BackgroundAssembler(uploads, db, SYNC_MAX, threads=1)
+    sessions = [uploaded(app, auth, 20_000, seed=i) for i in range(6)]
+    with psycopg.connect(database_url, autocommit=True) as conn:  # six completions accepted at once
+        [(client_id,)] = conn.execute("SELECT id FROM clients WHERE name = 'alice'").fetchall()
+        conn.execute("UPDATE upload_sessions SET status = 'COMPLETING' WHERE id = ANY(%s::uuid[])",
+                     ([session_id for session_id, _ in sessions],))
+    for session_id, _ in sessions:
+        assembler.submit(uuid.UUID(session_id), client_id)
+    try:
+        assert assembler.wait_idle(60)
+    finally:
+        assembler.stop()
+    assert events.most == 1  # one at a time, however many were accepted
+    for session_id, data in sessions:
+        assert read_object(storage, f"objects/{session_id}") == data
+
+
+# --- a killed assembling worker -------------------------------------------------------------------
+
+
+def test_a_killed_assembling_worker_is_replaced_and_the_assembly_finished(pg_admin_url, template_db, tmp_path):
+    name = f"chunksvc_bg_{uuid.uuid4().hex[:12]}"
+    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
+    spec = StorageSpec(kind="file", root=tmp_path / "storage")
+    env = {"CHUNKSVC_WORKERS": "1", "CHUNKSVC_MIN_PART_SIZE": "1", "CHUNKSVC_ACCESS_LOG": "/dev/null",
+           "CHUNKSVC_SYNC_COMPLETE_MAX": "1000000", "CHUNKSVC_ASSEMBLY_POLL": "1"}
+    data = payload(3 * 1024 * 1024 + 17, seed=9)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    try:
+        with FaultProxy(pg_socket(url)) as proxy, harness.gunicorn(
+            make_conninfo(url, host="127.0.0.1", port=str(proxy.port)), spec, env=env, cwd=ROOT,
+            stderr_path=tmp_path / "gunicorn.log",
+        ) as server:
+            key = harness.create_api_key(url, "bg")
+            with Client(server.url, key) as client:
+                session = client.create_session("big.bin", len(data), part_size=1024 * 1024)
+                for number, chunk in enumerate(split(data, 1024 * 1024), start=1):
+                    client.put_part(session["id"], number, chunk)
+                # The assembler's recording of its outcome never reaches PostgreSQL: it hangs there.
+                proxy.hold_after(b"SET status = 'COMPLETED'")
+                accepted = client.complete(session["id"], sha(data), wait=False)
+                assert accepted["status"] == "COMPLETING"
+                wait_for(lambda: proxy.requests_held, "the assembler to record its outcome")
+                [worker] = server.worker_pids()
+                os.kill(worker, signal.SIGKILL)
+                # The master starts a new worker; its poller finds the accepted completion (nobody
+                # calls complete again: the client only reads).
+                done = wait_for(lambda: (s := client.get_session(session["id"]))["status"] == "COMPLETED" and s,
+                                "the new worker to finish the assembly")
+        assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+        assert (spec.root / done["object"]["key"]).read_bytes() == data
+    finally:
+        embedded.drop_database(pg_admin_url, name)
