@@ -568,7 +568,10 @@ class UploadService:
             now = time.monotonic()
             if now - last >= PROGRESS_INTERVAL:
                 last = now
-                dao.set_assembled_bytes(conn, session_id, assembled)
+                try:
+                    dao.set_assembled_bytes(conn, session_id, assembled)
+                except ChunksvcError:  # progress is a courtesy: a blip must not stop the assembly
+                    log.debug("could not record the progress of session %s", session_id, exc_info=True)
 
         return report
 

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -58,6 +59,85 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _copy_into(source_fd: int, dest_fd: int, length: int) -> int:
+    """Append ``source_fd``'s bytes (from its start) to ``dest_fd`` at its position; how many it
+    had (fewer than ``length`` if it is short; one more than ``length`` if it is longer)."""
+    copied = 0
+    try:
+        while copied <= length:
+            count = os.copy_file_range(source_fd, dest_fd, length + 1 - copied)
+            if not count:
+                return copied
+            copied += count
+        return copied
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or copied:
+            raise
+    # No in-kernel copy between these files (another file system, an old kernel): a plain one.
+    with os.fdopen(os.dup(source_fd), "rb", buffering=0) as source:
+        while copied <= length and (block := source.read(min(_COPY_BLOCK, length + 1 - copied))):
+            os.write(dest_fd, block)
+            copied += len(block)
+    return copied
+
+
+_COPY_BLOCK = 1024 * 1024
+
+
+class _TrailingHasher(threading.Thread):
+    """Hashes a file's bytes as they are appended, reading them back a block at a time."""
+
+    def __init__(self, fd: int, block_size: int, progress: Progress | None) -> None:
+        super().__init__(name="assemble-hash", daemon=True)
+        self._fd = fd
+        self._block_size = max(block_size, _COPY_BLOCK)
+        self._progress = progress
+        self._digest = hashlib.sha256()
+        self._available = 0  # bytes copied so far
+        self._hashed = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+
+    def copied(self, count: int) -> None:
+        with self._changed:
+            self._available += count
+            self._changed.notify()
+
+    def finish(self) -> None:
+        with self._changed:
+            self._done = True
+            self._changed.notify()
+        self.join()
+
+    def result(self) -> tuple[int, str]:
+        if self._error is not None:
+            raise self._error
+        return self._hashed, self._digest.hexdigest()
+
+    def run(self) -> None:
+        buffer = memoryview(bytearray(self._block_size))
+        try:
+            while True:
+                with self._changed:
+                    while self._hashed == self._available and not self._done:
+                        self._changed.wait()
+                    available, done = self._available, self._done
+                while self._hashed < available:
+                    want = min(self._block_size, available - self._hashed)
+                    count = os.preadv(self._fd, [buffer[:want]], self._hashed)
+                    if not count:
+                        raise OSError(errno.EIO, "the object is shorter than what was copied into it")
+                    self._digest.update(buffer[:count])
+                    self._hashed += count
+                    if self._progress:
+                        self._progress(self._hashed)
+                if done and self._hashed == available:
+                    return
+        except BaseException as exc:  # raised again by result(), in the assembling thread
+            self._error = exc
+
+
 class LocalStorage(Storage):
     kind = "file"
 
@@ -94,21 +174,25 @@ class LocalStorage(Storage):
         paths = [(src, self._path(src.key)) for src in sources]
 
         def fill(f: BinaryIO) -> tuple[int, str]:
-            digest = hashlib.sha256()
-            total = 0
-            for src, path in paths:
-                copied = 0
-                with _fs_errors(f"assemble {key} from {src.key}"), self._open_source(src, key, path) as part:
-                    while block := part.read(block_size):
-                        digest.update(block)
-                        f.write(block)
-                        copied += len(block)
-                        if progress:
-                            progress(total + copied)
-                if copied != src.size:
-                    raise StorageError(f"assemble {key}: part {src.key} has {copied} bytes, expected {src.size}")
-                total += copied
-            return total, digest.hexdigest()
+            # The copy stays in the kernel (copy_file_range) while another thread hashes what has
+            # been copied, reading the object back: the digest is of the bytes as stored. Once
+            # copied, the object is flushed to disk while the hash catches up: copying, hashing
+            # and the one fsync overlap instead of taking turns.
+            hasher = _TrailingHasher(f.fileno(), block_size, progress)
+            hasher.start()
+            try:
+                for src, path in paths:
+                    with _fs_errors(f"assemble {key} from {src.key}"), self._open_source(src, key, path) as part:
+                        copied = _copy_into(part.fileno(), f.fileno(), src.size)
+                    if copied != src.size:
+                        raise StorageError(f"assemble {key}: part {src.key} has {copied} bytes, expected {src.size}")
+                    hasher.copied(copied)
+                with _fs_errors(f"write {key}"):
+                    os.fsync(f.fileno())  # _store's own fsync then finds nothing left to flush
+            finally:
+                hasher.finish()
+            with _fs_errors(f"assemble {key}"):
+                return hasher.result()
 
         size, sha256 = self._store(check_key(key), fill)
         return StoredObject(key, size, sha256)
@@ -231,7 +315,8 @@ class LocalStorage(Storage):
         tmp = self._incoming / uuid.uuid4().hex
         try:
             with _fs_errors(f"write {key}"):
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                # Read and write: an assembly reads the object back to hash it as stored.
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
             with open(fd, "wb") as f:
                 result = fill(f)
                 with _fs_errors(f"write {key}"):

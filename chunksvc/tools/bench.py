@@ -15,7 +15,9 @@ a busy or slow machine moves both sides alike:
 - client: ``chunksvc_client.upload_file`` of a file (8 MiB parts, ``parallel`` 1, 4 and 8) in
   MB/s divided by the server-side aggregate of the same upload done with the minimal client
   (``parallel`` connections PUTting the same parts from memory, then complete), alternated in
-  each round; and the client CLI's peak RSS uploading a 1 GiB file at ``--parallel 4``.
+  each round; and the client CLI's peak RSS uploading a 1 GiB file at ``--parallel 4``;
+- assembly (disk): ``LocalStorage.assemble`` of 8 MiB parts into one object (hashed, fsynced)
+  in MB/s, divided by ``cat parts > object && sync`` of the same parts, alternated in each round.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from chunksvc.tools.client import Client
 STREAM_PART = 8 * MiB
 SMALL_PART = 4 * KiB
 MEMORY_PART = 64 * MiB
-FIGURES = ("stream", "small", "concurrency", "memory", "s3path", "client")
+FIGURES = ("stream", "small", "concurrency", "memory", "s3path", "client", "assembly")
 CLIENT_PARALLEL = (1, 4, 8)
 
 
@@ -337,6 +339,17 @@ def bench_backend(
                 note="the whole CLI process (Python, httpx, tqdm included)",
             )
 
+    if "assembly" in wanted and spec.kind == "file" and spec.root is not None:
+        ratios, assembled, baseline = assembly_rates(spec.root, part, args.assembly_parts, args.rounds)
+        yield Figure(
+            f"assembly {args.assembly_parts} x 8 MiB / cat+sync",
+            backend,
+            ratios,
+            target=">= 0.8",
+            met=statistics.median(ratios) >= 0.8,
+            note=f"assemble {statistics.median(assembled):.0f} MB/s, cat+sync {statistics.median(baseline):.0f} MB/s",
+        )
+
     if "memory" in wanted:
         # A fresh server with one worker: its buffers and threads count, none are left from before.
         one_worker = {**env, "CHUNKSVC_WORKERS": "1"}
@@ -451,6 +464,40 @@ def client_peak_rss(server_url: str, key: str, size: int, part_size: int, parall
         path.unlink()
 
 
+def assembly_rates(root: Path, data: bytes, parts: int, rounds: int) -> tuple[list[float], list[float], list[float]]:
+    """(ratios, assemble MB/s, cat+sync MB/s) for ``parts`` parts of ``data`` on disk under ``root``."""
+    from chunksvc.storage import PartSource
+    from chunksvc.storage.local import LocalStorage
+
+    storage = LocalStorage(root)
+    sources = []
+    for number in range(parts):
+        key = f"parts/bench/{number:05d}"
+        storage.write(key, io.BytesIO(data), len(data), MiB)
+        sources.append(PartSource(key, len(data)))
+    paths = " ".join(str(root / source.key) for source in sources)
+    total = len(data) * parts
+    ratios, assembled, baseline = [], [], []
+    try:
+        for _ in range(rounds):
+            subprocess.run(["sync"], check=True)  # nothing of the last round left to flush
+            started = time.perf_counter()
+            storage.assemble(sources, "objects/bench", MiB)
+            assemble_rate = total / (time.perf_counter() - started) / 1e6
+            storage.delete(["objects/bench"])
+            subprocess.run(["sync"], check=True)
+            started = time.perf_counter()
+            subprocess.run(f"cat {paths} > {root}/cat.bin && sync", shell=True, check=True)
+            cat_rate = total / (time.perf_counter() - started) / 1e6
+            (root / "cat.bin").unlink()
+            ratios.append(assemble_rate / cat_rate)
+            assembled.append(assemble_rate)
+            baseline.append(cat_rate)
+    finally:
+        storage.delete_prefix("parts/bench/")
+    return ratios, assembled, baseline
+
+
 @contextlib.contextmanager
 def _connected(server: harness.Server, key: str) -> Iterator[Client]:
     client = Client(server.url, key)
@@ -492,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency-rounds", type=int, default=2)
     parser.add_argument("--memory-rounds", type=int, default=2)
     parser.add_argument("--client-rounds", type=int, default=3, help="rounds per client figure (default 3)")
+    parser.add_argument("--assembly-parts", type=int, default=128, help="8 MiB parts per assembly (default 128)")
     parser.add_argument("--client-parts", type=int, default=24, help="8 MiB parts per client upload (default 24)")
     parser.add_argument("--client-rss-size", type=int, default=1024, help="MiB of the client RSS file (default 1024)")
     parser.add_argument(
