@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test chaos lint migrate api-key keys reap bench loadtest clean
+.PHONY: install run test chaos lint migrate api-key keys reap bench bench-large loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes.
 # The client (client/, its own package) goes in too: the tests, bench and load test drive the
@@ -57,6 +57,11 @@ reap: $(INSTALLED)
 ## make bench [ARGS="--backends file --rounds 7"]: the part path's figures, a few minutes (README, Performance).
 bench: $(BENCH_INSTALLED)
 	$(BIN)/python -m chunksvc.tools.bench $(ARGS)
+
+## make bench-large [ARGS="--size 10 --backends file,s3"]: a large upload end to end, through the
+## client, completed in the background; several minutes and --size GiB of free disk (twice over).
+bench-large: $(BENCH_INSTALLED)
+	$(BIN)/python -m chunksvc.tools.bench_large $(ARGS)
 
 ## make loadtest: a short smoke load on a chunksvc started locally. Against a deployment:
 ## CHUNKSVC_URL=https://host CHUNKSVC_API_KEY=csk_... make loadtest ARGS="--users 50 --run-time 300 --max-files 0"

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import queue
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,6 +35,8 @@ from chunksvc.storage.base import (
 )
 
 INCOMING = ".incoming"
+# Assembly moves blocks of at least this size: fewer system calls per byte, memory still flat.
+_MIN_ASSEMBLY_BLOCK = 1024 * 1024
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 T = TypeVar("T")
@@ -59,83 +62,97 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _copy_into(source_fd: int, dest_fd: int, length: int) -> int:
-    """Append ``source_fd``'s bytes (from its start) to ``dest_fd`` at its position; how many it
-    had (fewer than ``length`` if it is short; one more than ``length`` if it is longer)."""
-    copied = 0
-    try:
-        while copied <= length:
-            count = os.copy_file_range(source_fd, dest_fd, length + 1 - copied)
-            if not count:
-                return copied
-            copied += count
-        return copied
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or copied:
-            raise
-    # No in-kernel copy between these files (another file system, an old kernel): a plain one.
-    with os.fdopen(os.dup(source_fd), "rb", buffering=0) as source:
-        while copied <= length and (block := source.read(min(_COPY_BLOCK, length + 1 - copied))):
-            os.write(dest_fd, block)
-            copied += len(block)
-    return copied
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
 
 
-_COPY_BLOCK = 1024 * 1024
+class _Flusher:
+    """Starts writing a growing file to disk while it is still being written: a thread flushes
+    (fdatasync) each time another ``every`` bytes were written, so the last fsync finds little
+    left. Its failures are the final fsync's to report (it fails the same way)."""
 
-
-class _TrailingHasher(threading.Thread):
-    """Hashes a file's bytes as they are appended, reading them back a block at a time."""
-
-    def __init__(self, fd: int, block_size: int, progress: Progress | None) -> None:
-        super().__init__(name="assemble-hash", daemon=True)
+    def __init__(self, fd: int, every: int = 128 * 1024 * 1024) -> None:
         self._fd = fd
-        self._block_size = max(block_size, _COPY_BLOCK)
-        self._progress = progress
-        self._digest = hashlib.sha256()
-        self._available = 0  # bytes copied so far
-        self._hashed = 0
+        self._every = every
+        self._pending = 0
+        self._wanted = threading.Event()
         self._done = False
-        self._error: BaseException | None = None
-        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="assemble-flush", daemon=True)
+        self._thread.start()
 
-    def copied(self, count: int) -> None:
-        with self._changed:
-            self._available += count
-            self._changed.notify()
+    def written(self, count: int) -> None:
+        self._pending += count
+        if self._pending >= self._every:
+            self._pending = 0
+            self._wanted.set()
 
     def finish(self) -> None:
-        with self._changed:
-            self._done = True
-            self._changed.notify()
-        self.join()
+        self._done = True
+        self._wanted.set()
+        self._thread.join()
 
-    def result(self) -> tuple[int, str]:
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._done:
+                return
+            with contextlib.suppress(OSError):
+                os.fdatasync(self._fd)
+
+
+class _HashingRing:
+    """Hashes blocks in a thread of its own while the caller reads and writes the next ones.
+
+    The caller takes a free buffer (``take``), fills and writes it, and hands it over
+    (``hashed_later``); the hashing thread gives it back once hashed. A few buffers go round, so
+    memory stays flat and reading, writing and hashing overlap.
+    """
+
+    def __init__(self, block_size: int, progress: Progress | None, depth: int = 4) -> None:
+        self._digest = hashlib.sha256()
+        self._progress = progress
+        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for _ in range(depth):
+            self._free.put(memoryview(bytearray(block_size)))
+        self._filled: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
+        self._hashed = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="assemble-hash", daemon=True)
+        self._thread.start()
+
+    def take(self) -> memoryview:
+        return self._free.get()
+
+    def hashed_later(self, buffer: memoryview, count: int) -> None:
+        self._filled.put((buffer, count))
+
+    def give_back(self, buffer: memoryview) -> None:
+        """A buffer taken but not handed over (the part ended)."""
+        self._free.put(buffer)
+
+    def finish(self) -> tuple[int, str]:
+        """Wait for the last block; the bytes hashed and their SHA-256 (or the hashing error)."""
+        self._filled.put(None)
+        self._thread.join()
         if self._error is not None:
             raise self._error
         return self._hashed, self._digest.hexdigest()
 
-    def run(self) -> None:
-        buffer = memoryview(bytearray(self._block_size))
-        try:
-            while True:
-                with self._changed:
-                    while self._hashed == self._available and not self._done:
-                        self._changed.wait()
-                    available, done = self._available, self._done
-                while self._hashed < available:
-                    want = min(self._block_size, available - self._hashed)
-                    count = os.preadv(self._fd, [buffer[:want]], self._hashed)
-                    if not count:
-                        raise OSError(errno.EIO, "the object is shorter than what was copied into it")
+    def _run(self) -> None:
+        while (item := self._filled.get()) is not None:
+            buffer, count = item
+            try:
+                if self._error is None:
                     self._digest.update(buffer[:count])
                     self._hashed += count
                     if self._progress:
                         self._progress(self._hashed)
-                if done and self._hashed == available:
-                    return
-        except BaseException as exc:  # raised again by result(), in the assembling thread
-            self._error = exc
+            except BaseException as exc:  # raised again by finish(), in the assembling thread
+                self._error = exc
+            finally:
+                self._free.put(buffer)
 
 
 class LocalStorage(Storage):
@@ -174,25 +191,38 @@ class LocalStorage(Storage):
         paths = [(src, self._path(src.key)) for src in sources]
 
         def fill(f: BinaryIO) -> tuple[int, str]:
-            # The copy stays in the kernel (copy_file_range) while another thread hashes what has
-            # been copied, reading the object back: the digest is of the bytes as stored. Once
-            # copied, the object is flushed to disk while the hash catches up: copying, hashing
-            # and the one fsync overlap instead of taking turns.
-            hasher = _TrailingHasher(f.fileno(), block_size, progress)
-            hasher.start()
+            # One pass: each block is read from its part and written to the object by this
+            # thread while the ring's thread hashes the block before it, so reading, writing and
+            # hashing overlap. The digest is of exactly the bytes written. Once all is written,
+            # the object is flushed to disk while the hash catches up (_store's own fsync then
+            # finds nothing left to flush).
+            ring = _HashingRing(max(block_size, _MIN_ASSEMBLY_BLOCK), progress)
+            flusher = _Flusher(f.fileno())
             try:
                 for src, path in paths:
+                    copied = 0
                     with _fs_errors(f"assemble {key} from {src.key}"), self._open_source(src, key, path) as part:
-                        copied = _copy_into(part.fileno(), f.fileno(), src.size)
+                        while True:
+                            buffer = ring.take()
+                            count = part.readinto(buffer)
+                            if not count:
+                                ring.give_back(buffer)
+                                break
+                            _write_all(f.fileno(), buffer[:count])
+                            ring.hashed_later(buffer, count)
+                            copied += count
+                            flusher.written(count)
                     if copied != src.size:
                         raise StorageError(f"assemble {key}: part {src.key} has {copied} bytes, expected {src.size}")
-                    hasher.copied(copied)
                 with _fs_errors(f"write {key}"):
-                    os.fsync(f.fileno())  # _store's own fsync then finds nothing left to flush
-            finally:
-                hasher.finish()
-            with _fs_errors(f"assemble {key}"):
-                return hasher.result()
+                    flusher.finish()
+                    os.fsync(f.fileno())
+            except BaseException:
+                with contextlib.suppress(BaseException):  # the first failure is the one to report
+                    flusher.finish()
+                    ring.finish()
+                raise
+            return ring.finish()
 
         size, sha256 = self._store(check_key(key), fill)
         return StoredObject(key, size, sha256)
@@ -315,8 +345,7 @@ class LocalStorage(Storage):
         tmp = self._incoming / uuid.uuid4().hex
         try:
             with _fs_errors(f"write {key}"):
-                # Read and write: an assembly reads the object back to hash it as stored.
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with open(fd, "wb") as f:
                 result = fill(f)
                 with _fs_errors(f"write {key}"):
