@@ -35,6 +35,7 @@ SESSIONS = "POST /uploads/sessions"
 PART = "PUT /uploads/sessions/[id]/parts/[n]"
 CONFLICT = "PUT /uploads/sessions/[id]/parts/[n] (deliberate conflict)"
 COMPLETE = "POST /uploads/sessions/[id]/complete"
+POLL = "GET /uploads/sessions/[id] (after a 202)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,10 @@ class Settings:
     retries: int = 2
     conflict_rate: float = 0.0
     max_files: int = 0  # 0: no limit but the run time
+    mixed_sizes: bool = False  # every other file a quarter of file_size (both completion paths)
+
+    def size_of(self, file_number: int) -> int:
+        return self.file_size if not self.mixed_sizes or file_number % 2 else max(1, self.file_size // 4)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -56,6 +61,7 @@ class Settings:
             retries=int(env.get("CHUNKSVC_LOADTEST_RETRIES", defaults.retries)),
             conflict_rate=float(env.get("CHUNKSVC_LOADTEST_CONFLICT_RATE", defaults.conflict_rate)),
             max_files=int(env.get("CHUNKSVC_LOADTEST_MAX_FILES", defaults.max_files)),
+            mixed_sizes=env.get("CHUNKSVC_LOADTEST_MIXED_SIZES", "") not in ("", "0"),
         )
 
 
@@ -65,6 +71,8 @@ def endpoint(method: str, path: str) -> str:
         return COMPLETE
     if "/parts/" in path:
         return PART
+    if method == "GET" and path.startswith("/uploads/sessions/"):
+        return POLL
     return SESSIONS if method == "POST" else f"{method} {path}"
 
 
@@ -83,8 +91,6 @@ def make_user(settings: Settings, api_key: str) -> type:
     from locust.exception import StopUser
 
     from chunksvc_client import ApiError, Attempt, Client, RetryPolicy
-
-    total_parts = -(-settings.file_size // settings.part_size)
 
     class UploadUser(User):
         wait_time = constant(0)
@@ -119,7 +125,7 @@ def make_user(settings: Settings, api_key: str) -> type:
 
         def part_bytes(self, file_number: int, part: int) -> bytes:
             """Part ``part`` of file ``file_number``: distinct bytes for every part of every file."""
-            length = min(settings.part_size, settings.file_size - (part - 1) * settings.part_size)
+            length = min(settings.part_size, settings.size_of(file_number) - (part - 1) * settings.part_size)
             self.template[:24] = self.user_tag + file_number.to_bytes(8, "big") + part.to_bytes(8, "big")
             return bytes(self.template[:length])
 
@@ -129,12 +135,14 @@ def make_user(settings: Settings, api_key: str) -> type:
                 raise StopUser()
             self.totals["files"] += 1
             file_number = self.totals["files"]
+            size = settings.size_of(file_number)
+            total_parts = -(-size // settings.part_size)
             digest = hashlib.sha256()
             for part in range(1, total_parts + 1):
                 digest.update(self.part_bytes(file_number, part))
             try:
                 session = self.client.create_session(
-                    f"load-{file_number}.bin", settings.file_size, part_size=settings.part_size,
+                    f"load-{file_number}.bin", size, part_size=settings.part_size,
                     idempotency_key=f"load-{self.user_tag.hex()}-{file_number}",
                 )
                 pool = gevent.pool.Pool(max(1, settings.parallel))
@@ -199,7 +207,8 @@ def report(environment, settings: Settings, users: int, part_bytes: int) -> int:
     completed = stats.entries.get((COMPLETE, "POST"))
     files = (completed.num_requests - completed.num_failures) if completed else 0
     print(
-        f"\n{users} users, files of {settings.file_size} bytes in parts of {settings.part_size}, "
+        f"\n{users} users, files of {settings.file_size} bytes"
+        f"{' (every other one a quarter of that)' if settings.mixed_sizes else ''} in parts of {settings.part_size}, "
         f"{settings.parallel} parts at once, {settings.retries} retries, conflict rate {settings.conflict_rate}"
     )
     print(
@@ -236,9 +245,13 @@ def smoke(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="chunksvc-loadtest-") as tmp, harness.embedded_database(Path(tmp)) as url:
         key = harness.create_api_key(url, "loadtest")
         spec = StorageSpec(kind="file", root=Path(tmp) / "storage")
-        with harness.gunicorn(url, spec, env={"CHUNKSVC_LOG_LEVEL": "warning"}) as server:
-            print(f"chunksvc started locally at {server.url} (embedded PostgreSQL, disk storage)", flush=True)
-            command = [sys.executable, "-m", "chunksvc.tools.loadtest", "--url", server.url, *sys.argv[1:]]
+        # Half the files above the synchronous completion limit: both completion paths are loaded.
+        env = {"CHUNKSVC_LOG_LEVEL": "warning", "CHUNKSVC_SYNC_COMPLETE_MAX": str(args.file_size // 2)}
+        with harness.gunicorn(url, spec, env=env) as server:
+            print(f"chunksvc started locally at {server.url} (embedded PostgreSQL, disk storage; uploads above"
+                  f" {args.file_size // 2} bytes complete in the background)", flush=True)
+            command = [sys.executable, "-m", "chunksvc.tools.loadtest", "--url", server.url, "--mixed-sizes",
+                       *sys.argv[1:]]
             return subprocess.run(command, env={**os.environ, "CHUNKSVC_API_KEY": key}, check=False).returncode
 
 
@@ -261,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conflict-rate", type=float, default=0.1, help="share of parts PUT again with other bytes")
     parser.add_argument("--run-time", type=float, default=20, help="seconds (default 20)")
     parser.add_argument("--max-files", type=int, default=20, help="files in all (0: until --run-time)")
+    parser.add_argument("--mixed-sizes", action="store_true",
+                        help="every other file a quarter of --file-size (with a server's CHUNKSVC_SYNC_COMPLETE_MAX"
+                        " between the two, both completion paths)")
     args = parser.parse_args(argv)
     if not args.url:
         return smoke(args)
@@ -273,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         retries=args.retries,
         conflict_rate=args.conflict_rate,
         max_files=args.max_files,
+        mixed_sizes=args.mixed_sizes,
     )
     return run_load(args.url, args.api_key, settings, args.users, args.spawn_rate, args.run_time)
 
