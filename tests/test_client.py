@@ -147,24 +147,27 @@ def test_uploading_a_completed_file_again_returns_its_session(server, tmp_path):
     assert part_counts(server) == before  # nothing was sent again
 
 
-def test_resume_sends_only_missing_parts_and_repairs_lost_ones(server, tmp_path):
-    """A session left by an earlier run (parts 1-3 sent); part 2's bytes then lost from storage."""
-    data = payload(5 * 4096 - 10, seed=12)
+@pytest.mark.parametrize("part_size", [4096, 256 * 1024], ids=["in-request", "in-background"])
+def test_resume_sends_only_missing_parts_and_repairs_lost_ones(server, tmp_path, part_size):
+    """A session left by an earlier run (parts 1-3 sent); part 2's bytes then lost from storage,
+    found out by the completion, in the request or in the background (above SYNC_MAX)."""
+    data = payload(5 * part_size - 10, seed=12)
     path = tmp_path / "resume.bin"
     path.write_bytes(data)
-    with Client(server["url"], server["key"]) as client:
-        earlier = _FileUpload(client, path, 4096, 1, None, None, NoProgress(), None)
-        session = client.create_session(path.name, len(data), part_size=4096, idempotency_key=earlier.resume_key(0))
+    with Client(server["url"], server["key"], retry=RetryPolicy(base_delay=0.05)) as client:
+        earlier = _FileUpload(client, path, part_size, 1, None, None, NoProgress(), None)
+        session = client.create_session(path.name, len(data), part_size=part_size,
+                                        idempotency_key=earlier.resume_key(0))
         for number in (1, 2, 3):
-            client.put_part(session["id"], number, data[(number - 1) * 4096: number * 4096])
+            client.put_part(session["id"], number, data[(number - 1) * part_size: number * part_size])
         [(lost_key,)] = query(server, "SELECT storage_key FROM upload_parts WHERE session_id = %s AND part_number = 2",
                               (session["id"],))
         server["storage"].delete([lost_key])
         before = part_counts(server)
 
-        done = client.upload_file(path, part_size=4096, parallel=2)
+        done = client.upload_file(path, part_size=part_size, parallel=2)
 
-    assert done["id"] == session["id"] and done["status"] == "COMPLETED"
+    assert done["id"] == session["id"] and done["status"] == "COMPLETED"  # the same session, repaired
     assert stored_bytes(server, done["object"]["key"]) == data
     after = part_counts(server)
     sent = {outcome: after.get(outcome, 0) - before.get(outcome, 0) for outcome in after}
@@ -261,6 +264,13 @@ def test_cli_failures_exit_non_zero_with_the_code_on_stderr(server, tmp_path):
                                                        if not k.startswith("CHUNKSVC_")},
                                   capture_output=True, text=True, timeout=60)
     assert unconfigured.returncode == 2 and "CHUNKSVC_URL" in unconfigured.stderr
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert cli(server, "upload", str(empty)).returncode == 2  # chunksvc stores at least one byte
+    assert cli(server, "upload", str(tmp_path / "no-such-file")).returncode == 2
+    schemeless = subprocess.run([*CLI, "--url", "127.0.0.1:1", "--api-key", "k", "list"], capture_output=True,
+                                text=True, timeout=60)
+    assert schemeless.returncode == 2 and "not a usable http(s) URL" in schemeless.stderr  # not retried
 
 
 def test_cli_killed_mid_upload_resumes_the_same_session(server, tmp_path):

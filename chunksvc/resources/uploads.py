@@ -12,7 +12,7 @@ from chunksvc import logs
 from chunksvc.errors import InvalidRequest
 from chunksvc.resources.body import part_body
 from chunksvc.services.assembler import BackgroundAssembler
-from chunksvc.services.uploads import PartResult, Session, UploadService
+from chunksvc.services.uploads import Completion, PartResult, Session, UploadService
 
 MAX_JSON_BODY = 64 * 1024
 # After a 202 from complete: how soon to look again. Assembly runs at hundreds of MB/s, so a
@@ -179,9 +179,10 @@ class CompleteResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
         body = read_json(req, required=False)
-        session, accepted = self._uploads.complete(req.context.client, session_id, body)
-        if accepted:  # assembled in the background: poll GET after Retry-After
+        session, completion = self._uploads.complete(req.context.client, session_id, body)
+        if completion is Completion.BACKGROUND:
             self._assembler.submit(session.id, req.context.client.id)
+        if completion is not Completion.DONE:  # assembling: complete again after Retry-After
             resp.status = falcon.HTTP_202
             resp.set_header("Retry-After", str(RETRY_AFTER_SECONDS))
         resp.media = self._render(session)

@@ -11,9 +11,9 @@ with its database connection, so the next poll picks the work up.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from uuid import UUID
 
 from chunksvc import dao
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # doubling up to the maximum, so a broken storage is not hammered by every worker's poller.
 RETRY_AFTER_FAILURE = 5.0
 MAX_RETRY_AFTER_FAILURE = 300.0
+POLL_BATCH = 100
 
 
 class BackgroundAssembler:
@@ -40,7 +41,10 @@ class BackgroundAssembler:
         self._threads = threads
         self._poll_interval = poll_interval
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None  # made on first use: after gunicorn's fork
+        # Daemon threads, made on first use (after gunicorn's fork): a worker that exits abandons
+        # an assembly under way (another process takes it over) instead of waiting for it.
+        self._jobs: queue.SimpleQueue[tuple[UUID, int]] = queue.SimpleQueue()
+        self._runners: list[threading.Thread] = []
         self._queued: set[UUID] = set()
         self._failures: dict[UUID, tuple[int, float]] = {}  # session -> (failures, not before)
         self._stopping = threading.Event()
@@ -54,10 +58,15 @@ class BackgroundAssembler:
             failures = self._failures.get(session_id)
             if failures and failures[1] > time.monotonic():
                 return  # it failed a moment ago; the poller offers it again later
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="assembler")
+            if not self._runners:
+                self._runners = [
+                    threading.Thread(target=self._serve, name=f"assembler-{n}", daemon=True)
+                    for n in range(self._threads)
+                ]
+                for runner in self._runners:
+                    runner.start()
             self._queued.add(session_id)
-            self._pool.submit(self._run, session_id, client_id)
+            self._jobs.put((session_id, client_id))
 
     def start(self) -> None:
         """Start looking for accepted completions that nobody runs (every ``poll_interval`` s)."""
@@ -70,10 +79,6 @@ class BackgroundAssembler:
         """Stop taking work; an assembly under way is abandoned with its process (another takes
         it over once this process's connection, and so its completion lock, is gone)."""
         self._stopping.set()
-        with self._lock:
-            pool = self._pool
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
 
     def wait_idle(self, timeout: float) -> bool:
         """True once nothing is queued or running (tests, and a graceful stop)."""
@@ -87,11 +92,20 @@ class BackgroundAssembler:
 
     # --- internals --------------------------------------------------------------------------
 
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            session_id, client_id = self._jobs.get()
+            if self._stopping.is_set():
+                return
+            self._run(session_id, client_id)
+
     def _poll(self) -> None:
         while not self._stopping.wait(self._poll_interval):
             try:
                 with self._db.connection() as conn:
-                    pending = dao.pending_assemblies(conn, self._sync_complete_max, 4 * self._threads)
+                    # Enough to see past sessions that run elsewhere or wait out a backoff here
+                    # (submit skips those); each one's completion lock settles who runs it.
+                    pending = dao.pending_assemblies(conn, self._sync_complete_max, POLL_BATCH)
             except ChunksvcError as exc:
                 log.warning("assembler: cannot look for pending completions: %s", exc.detail)
                 continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import enum
 import json
 import logging
 import threading
@@ -29,6 +30,7 @@ from chunksvc.errors import (
     ChunksvcError,
     CompletionInProgress,
     DatabaseBusy,
+    DatabaseUnavailable,
     DigestMismatch,
     IdempotencyKeyReused,
     InvalidRequest,
@@ -96,6 +98,12 @@ class Session:
             object=stored,
             assembled_bytes=row["assembled_bytes"] if row["effective_status"] == states.COMPLETING else None,
         )
+
+
+class Completion(enum.Enum):
+    DONE = "done"  # assembled (now or before): 200
+    BACKGROUND = "background"  # accepted; the background assembler runs it: 202
+    ELSEWHERE = "elsewhere"  # another request is assembling it: 202
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,20 +386,20 @@ class UploadService:
 
     # --- complete and abort -----------------------------------------------------------------
 
-    def complete(self, client: Client, raw_id: str, body: Any) -> tuple[Session, bool]:
-        """Complete the session: ``(session, False)`` once assembled here, or ``(session, True)``
-        when it was accepted for assembly in the background (above ``sync_complete_max``): the
-        caller hands it to the background assembler (``assemble_accepted``)."""
+    def complete(self, client: Client, raw_id: str, body: Any) -> tuple[Session, Completion]:
+        """Complete the session: ``DONE`` once assembled here; ``BACKGROUND`` when it was accepted
+        for assembly in the background (above ``sync_complete_max``: the caller hands it to the
+        background assembler, ``assemble_accepted``); ``ELSEWHERE`` while another request
+        assembles it. Both of the last two answer 202."""
         session_id = rules.parse_session_id(raw_id)
         sha256 = self._completion_digest(body)
         accepted = self._accept_for_background(session_id, client.id, sha256)
         if accepted is not None:
-            return accepted, True
+            return accepted, Completion.BACKGROUND
         try:
-            return self._complete(session_id, client.id, sha256), False
+            return self._complete(session_id, client.id, sha256), Completion.DONE
         except CompletionInProgress:
-            # Another request is assembling it: the same answer as a background assembly, 202.
-            return self.get_session(client, raw_id), True
+            return self.get_session(client, raw_id), Completion.ELSEWHERE
 
     def _accept_for_background(self, session_id: UUID, client_id: int, sha256: str | None) -> Session | None:
         """A large upload's completion: checked and moved to COMPLETING here, assembled later.
@@ -570,7 +578,9 @@ class UploadService:
                 last = now
                 try:
                     dao.set_assembled_bytes(conn, session_id, assembled)
-                except ChunksvcError:  # progress is a courtesy: a blip must not stop the assembly
+                except DatabaseUnavailable:
+                    raise  # the connection, and the completion lock on it, are gone: stop here
+                except ChunksvcError:  # progress is a courtesy: nothing else stops the assembly
                     log.debug("could not record the progress of session %s", session_id, exc_info=True)
 
         return report

@@ -123,7 +123,12 @@ class _HashingRing:
         self._thread.start()
 
     def take(self) -> memoryview:
-        return self._free.get()
+        """A free buffer; the hashing thread's failure, as soon as there is one."""
+        buffer = self._free.get()
+        if self._error is not None:
+            self._free.put(buffer)
+            raise self._error
+        return buffer
 
     def hashed_later(self, buffer: memoryview, count: int) -> None:
         self._filled.put((buffer, count))
@@ -204,7 +209,8 @@ class LocalStorage(Storage):
                     with _fs_errors(f"assemble {key} from {src.key}"), self._open_source(src, key, path) as part:
                         while True:
                             buffer = ring.take()
-                            count = part.readinto(buffer)
+                            # One byte past the recorded size at most: enough to see a longer part.
+                            count = part.readinto(buffer[: min(len(buffer), src.size + 1 - copied)])
                             if not count:
                                 ring.give_back(buffer)
                                 break

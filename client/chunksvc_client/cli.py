@@ -1,7 +1,8 @@
 """``chunksvc-client``: upload, status, list and abort from the command line.
 
 Exit status: 0 on success; 1 when the service refused or failed (the contract ``code`` and
-detail on stderr); 2 for bad usage or configuration; 130 when interrupted.
+detail on stderr) or the file could not be read; 2 for bad usage or configuration (no such file,
+an empty one, a URL that is not http(s)); 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.command == "upload":
         if args.parallel < 1:
             parser.error("--parallel must be at least 1")
+        if not os.path.isfile(args.file):
+            parser.error(f"{args.file} is not a file")
         try:
             args.metadata = dict(entry.split("=", 1) for entry in args.metadata)
         except ValueError:
@@ -70,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         if error.request_id:
             print(f"{PROG}: request id {error.request_id}", file=sys.stderr)
         return 1
+    except ValueError as error:  # an empty file, a URL that is not http(s): nothing a retry mends
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1

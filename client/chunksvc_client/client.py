@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -222,28 +222,30 @@ class Client:
         """Complete the session; the completed session object.
 
         A large upload is assembled in the background (``202``): with ``wait`` this polls
-        ``GET`` after each ``Retry-After`` until it is ``COMPLETED`` (``on_assembling`` sees the
-        session each time, with ``assembled_bytes``), or raises ``checksum_mismatch`` when it
-        ends ``FAILED``. ``parts_missing`` is raised with the parts in ``error.problem``.
+        complete again after each ``Retry-After`` (it is idempotent, and takes over an assembly
+        whose worker died) until it is ``COMPLETED``; ``on_assembling`` sees the session each
+        time, with ``assembled_bytes``. It raises ``checksum_mismatch`` when the session ends
+        ``FAILED``, and ``parts_missing`` (the parts in ``error.problem``) when parts were lost
+        and the session was reopened for them.
         """
         body = {"sha256": sha256} if sha256 else None
-        response = self._call("POST", f"/uploads/sessions/{session_id}/complete", json_body=body)
-        session = response.json()
-        while wait and response.status_code == 202:
+        path = f"/uploads/sessions/{session_id}/complete"
+        while True:
+            try:
+                response = self._call("POST", path, json_body=body)
+            except ApiError as error:
+                if error.code == "session_not_active":
+                    session = self.get_session(session_id)
+                    if session["status"] == "FAILED":  # found out in the background
+                        raise ApiError(422, "checksum_mismatch", "the assembled upload did not match its size"
+                                       " or SHA-256", problem=session, request_id=error.request_id) from None
+                raise
+            session = response.json()
+            if not wait or response.status_code != 202:
+                return session
             if on_assembling:
                 on_assembling(session)
             self.retry.sleep(_retry_after(response) or poll_interval)
-            response = self._call("GET", f"/uploads/sessions/{session_id}")
-            session = response.json()
-            if session["status"] == "COMPLETING":
-                response.status_code = 202  # still assembling: poll again
-            elif session["status"] == "FAILED":
-                raise ApiError(422, "checksum_mismatch", "the assembled upload did not match its size or SHA-256",
-                               problem=session)
-            elif session["status"] != "COMPLETED":
-                raise ApiError(409, "session_not_active", f"the session became {session['status']}",
-                               problem=session)
-        return session
 
     def abort(self, session_id: str) -> None:
         """Abort the session and remove its stored parts (waits out an assembly in progress)."""
@@ -302,6 +304,8 @@ class Client:
         started = time.monotonic()
         try:
             response = self._http.request(method, path, **kwargs)
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:  # no retry can mend the URL
+            raise ValueError(f"{self.url} is not a usable http(s) URL: {exc}") from exc
         except httpx.TransportError as exc:  # refused, reset, timed out, ...
             error = ApiError.connection(f"{method} {path}: {type(exc).__name__}: {exc}")
             if self._on_attempt:
@@ -358,7 +362,6 @@ class _FileUpload:
         self.metadata = metadata
         self.progress = progress
         self.filename = filename or self.path.name
-        self._digests: dict[int, bytes] = {}  # part number -> SHA-256, filled by the hashing pass
         self._file_sha256: str | None = None
 
     def resume_key(self, generation: int) -> str:
@@ -399,8 +402,9 @@ class _FileUpload:
             except ApiError as error:
                 if error.code != "parts_missing":
                     raise
-                # Parts the server asks for again (e.g. lost from its storage): send them.
-                self._send(session_id, session["part_size"], error.problem.get("missing_parts") or [])
+                # Parts the server asks for again (lost from its storage, say): whatever it
+                # lacks now, listed or beyond the list's first 100, is sent again.
+                self._send_missing(self.client.get_session(session_id))
         raise ApiError(409, "parts_missing", "the server kept asking for parts again")
 
     def _send_missing(self, session: dict[str, Any]) -> None:
@@ -410,33 +414,29 @@ class _FileUpload:
         already = sum(self._length(n, part_size, total_parts) for n in present)
         self.progress.start(self.size, already)
         stop = threading.Event()
-        with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="chunksvc-part") as pool:
-            in_flight: set[Future] = set()
-            try:
-                for number, digest in self._hash_parts(part_size, total_parts):
-                    if number in present:
-                        if present[number] != digest.hex():
-                            raise ApiError(409, "part_conflict", f"part {number} on the server differs from"
-                                           f" {self.path}: the file changed since this upload began")
-                        continue
-                    # At most `parallel` parts queued beyond those being sent: the hashing pass
-                    # waits for the senders, so nothing piles up in memory.
-                    while len(in_flight) >= 2 * self.parallel:
-                        done, in_flight = wait(in_flight, return_when=FIRST_EXCEPTION)
-                        _raise_first(done, stop)
-                    in_flight.add(pool.submit(self._put, session_id, number, part_size, total_parts, digest, stop))
-                _raise_first(in_flight, stop, wait_all=True)
-            except BaseException:
-                stop.set()  # parts not yet started are skipped; those being sent finish
-                raise
-
-    def _send(self, session_id: str, part_size: int, numbers: list[int]) -> None:
-        total_parts = -(-self.size // part_size)
-        stop = threading.Event()
-        with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="chunksvc-part") as pool:
-            futures = [pool.submit(self._put, session_id, n, part_size, total_parts, self._digest(n, part_size), stop)
-                       for n in numbers]
-            _raise_first(futures, stop, wait_all=True)
+        pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="chunksvc-part")
+        in_flight: set[Future] = set()
+        try:
+            for number, digest in self._hash_parts(part_size, total_parts):
+                if number in present:
+                    if present[number] != digest.hex():
+                        raise ApiError(409, "part_conflict", f"part {number} on the server differs from"
+                                       f" {self.path}: the file changed since this upload began")
+                    continue
+                # At most `parallel` parts queued beyond those being sent: the hashing pass
+                # waits for a sender to finish one, so nothing piles up in memory.
+                while len(in_flight) >= 2 * self.parallel:
+                    done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                    _raise_first(done)
+                in_flight.add(pool.submit(self._put, session_id, number, part_size, total_parts, digest, stop))
+            while in_flight:
+                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                _raise_first(done)
+        except BaseException:
+            stop.set()  # parts not yet started are skipped; those being sent end with their attempt
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
 
     def _put(self, session_id: str, number: int, part_size: int, total_parts: int, digest: bytes,
              stop: threading.Event) -> None:
@@ -460,28 +460,17 @@ class _FileUpload:
                     part.update(buffer[:count])
                     whole.update(buffer[:count])
                     remaining -= count
-                self._digests[number] = part.digest()
                 yield number, part.digest()
         if os.stat(self.path).st_mtime_ns != self.mtime_ns:
             raise OSError(f"{self.path} changed during the upload")
         self._file_sha256 = whole.hexdigest()
 
-    def _digest(self, number: int, part_size: int) -> bytes:
-        if number not in self._digests:
-            total_parts = -(-self.size // part_size)
-            length = self._length(number, part_size, total_parts)
-            self._digests[number] = FileRange(self.path, (number - 1) * part_size, length).sha256()
-        return self._digests[number]
-
     def _length(self, number: int, part_size: int, total_parts: int) -> int:
         return part_size if number < total_parts else self.size - part_size * (total_parts - 1)
 
 
-def _raise_first(futures: Any, stop: threading.Event, wait_all: bool = False) -> None:
-    """Re-raise the first failure among ``futures`` (telling the other senders to stop)."""
-    if wait_all:
-        wait(futures)
-    for future in futures:
-        if future.done() and future.exception() is not None:
-            stop.set()
+def _raise_first(done: Any) -> None:
+    """Re-raise the first failure among the finished futures ``done``."""
+    for future in done:
+        if future.exception() is not None:
             raise future.exception()
