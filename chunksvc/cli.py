@@ -1,4 +1,4 @@
-"""``python -m chunksvc``: the ops interface (migrate, keys, serve, reap).
+"""``python -m chunksvc``: the ops interface (migrate, keys, sessions, serve, reap).
 
 With no ``DATABASE_URL`` every command uses the embedded PostgreSQL under ``CHUNKSVC_VAR_DIR``
 (``./var``), started on demand and stopped when the last process using it exits.
@@ -17,12 +17,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from chunksvc import embedded, migrations
+from chunksvc import dao, embedded, migrations
 from chunksvc.config import Config
 from chunksvc.db import Database
 from chunksvc.errors import ChunksvcError
 from chunksvc.metrics import Metrics
-from chunksvc.services.auth import KeyManager
+from chunksvc.services import rules, states
+from chunksvc.services.auth import Client, KeyManager
 from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import open_storage
@@ -76,6 +77,63 @@ def cmd_keys(config: Config, args: argparse.Namespace) -> int:
         finally:
             db.close()
     return 0
+
+
+def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
+    """The operator's view of any client's uploads: list, show (parts received and missing,
+    assembly progress), abort (as the client's own DELETE would)."""
+    with database_url(config) as url:
+        migrations.migrate(url)
+        db = Database(url, min_size=1, max_size=2)
+        storage = open_storage(config.storage) if args.action == "abort" else None
+        try:
+            if args.action == "list":
+                with db.connection() as conn:
+                    rows = dao.ops_list_sessions(conn, args.client, args.status, args.limit)
+                print(f"{'ID':<36}  {'CLIENT':<16} {'STATUS':<11} {'PARTS':>11} {'SIZE':>14}  {'UPDATED':<19}"
+                      "  FILENAME")
+                for row in rows:
+                    parts = f"{row['received_parts']}/{row['total_parts']}"
+                    print(f"{row['id']!s:<36}  {row['client_name']:<16} {row['effective_status']:<11} {parts:>11}"
+                          f" {row['size']:>14}  {_when(row['updated_at']):<19}  {row['filename']}")
+                return 0
+            session_id = rules.parse_session_id(args.id)
+            with db.connection() as conn:
+                row = dao.ops_get_session(conn, session_id)
+                if row is None:
+                    print(f"no session {args.id}", file=sys.stderr)
+                    return 1
+                missing = dao.missing_parts(conn, session_id, row["total_parts"], 20)
+            if args.action == "show":
+                _show_session(row, missing)
+            else:
+                uploads = UploadService(db, storage, config.limits, config.block_size)
+                uploads.abort(Client(id=row["client_id"], name=row["client_name"]), args.id)
+                print(f"aborted {args.id} (client {row['client_name']}, was {row['effective_status']})")
+        finally:
+            if storage is not None:
+                storage.close()
+            db.close()
+    return 0
+
+
+def _show_session(row: dict, missing: list[int]) -> None:
+    absent = row["total_parts"] - row["received_parts"]
+    fields = [
+        ("id", row["id"]), ("client", row["client_name"]), ("status", row["effective_status"]),
+        ("filename", row["filename"]), ("size", row["size"]), ("part size", row["part_size"]),
+        ("parts", f"{row['received_parts']} of {row['total_parts']} received ({row['received_bytes']} bytes)"),
+        ("missing", (", ".join(map(str, missing)) + (" ..." if absent > len(missing) else "")) if absent else "none"),
+        ("sha256", row["sha256"] or "-"), ("created", _when(row["created_at"])),
+        ("updated", _when(row["updated_at"])), ("expires", _when(row["expires_at"])),
+    ]
+    if row["effective_status"] == states.COMPLETING:
+        done = row["assembled_bytes"] or 0
+        fields.append(("assembled", f"{done} of {row['size']} bytes ({100 * done // row['size']}%)"))
+    if row["object_key"]:
+        fields.append(("object", f"{row['object_key']} ({row['object_size']} bytes, sha256 {row['object_sha256']})"))
+    for name, value in fields:
+        print(f"{name + ':':<11} {value}")
 
 
 def _when(moment) -> str:
@@ -168,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("target", help="key prefix (csk_xxxxxxxx) or client name")
     for sub in keys.choices.values():
         sub.set_defaults(func=cmd_keys)
+
+    sessions = commands.add_parser("sessions", help="any client's uploads: list, show, abort").add_subparsers(
+        dest="action", required=True
+    )
+    listing = sessions.add_parser("list", help="sessions, newest first")
+    listing.add_argument("--client", help="only this client's (by name)")
+    listing.add_argument("--status", choices=states.ALL, help="only sessions in this status (as clients see it)")
+    listing.add_argument("--limit", type=_positive_int, default=50)
+    show = sessions.add_parser("show", help="one session: parts received and missing, assembly progress")
+    show.add_argument("id")
+    abort = sessions.add_parser("abort", help="abort a session and remove its parts (as its client's DELETE)")
+    abort.add_argument("id")
+    for sub in sessions.choices.values():
+        sub.set_defaults(func=cmd_sessions)
 
     serve = commands.add_parser("serve", help="migrate and run gunicorn (embedded defaults when unset)")
     serve.add_argument("--config", default="gunicorn.conf.py", help="gunicorn configuration file")

@@ -52,6 +52,14 @@ def get_session(conn: Connection, session_id: UUID, client_id: int) -> Row | Non
     return conn.one("get_session", id=session_id, client_id=client_id)
 
 
+def ops_list_sessions(conn: Connection, client: str | None, status: str | None, limit: int) -> list[Row]:
+    return conn.all("ops_list_sessions", client=client, status=status, limit=limit)
+
+
+def ops_get_session(conn: Connection, session_id: UUID) -> Row | None:
+    return conn.one("ops_get_session", id=session_id)
+
+
 def lock_session(conn: Connection, session_id: UUID, client_id: int) -> Row | None:
     return conn.one("lock_session", id=session_id, client_id=client_id)
 

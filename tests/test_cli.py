@@ -10,13 +10,18 @@ import uuid
 
 import psycopg
 import pytest
+import webtest
 
 from chunksvc import embedded, migrations
+from chunksvc.app import create_app
+from chunksvc.config import Config
+from chunksvc.storage import open_storage
+from tests.conftest import TEST_LIMITS
 from tests.helpers import create
 
 
-def chunksvc(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, DATABASE_URL=database_url)
+def chunksvc(database_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, DATABASE_URL=database_url, **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "chunksvc", *args], env=env, capture_output=True, text=True, timeout=60
     )
@@ -100,3 +105,36 @@ def test_keys_create_list_revoke(database_url, app):
 def test_keys_create_refuses_a_bad_client_name(database_url):
     result = chunksvc(database_url, "keys", "create", "bad name!")
     assert result.returncode == 2 and "client name" in result.stderr
+
+
+@pytest.fixture
+def disk_app(database_url, db, file_spec):
+    """The app on disk storage, so that a command run with the same storage URL sees its bytes."""
+    storage = open_storage(file_spec)
+    config = Config(database_url=database_url, storage=file_spec, limits=TEST_LIMITS, block_size=64 * 1024)
+    yield webtest.TestApp(create_app(config, db=db, storage=storage))
+    storage.close()
+
+
+def test_sessions_list_show_and_abort(database_url, disk_app, auth, file_spec):
+    """The operator's view of any client's uploads, on the same database and disk as the app."""
+    app = disk_app
+    session = create(app, auth, size=3000, part_size=1024).json
+    app.put(f"/uploads/sessions/{session['id']}/parts/2", params=b"y" * 1024, headers=auth)
+    env = {"CHUNKSVC_STORAGE_URL": f"file://{file_spec.root}"}
+
+    listed = chunksvc(database_url, "sessions", "list", "--client", "alice", "--status", "IN_PROGRESS", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert session["id"] in listed.stdout and "1/3" in listed.stdout
+    assert chunksvc(database_url, "sessions", "list", "--client", "nobody", env=env).stdout.count("\n") == 1
+
+    shown = chunksvc(database_url, "sessions", "show", session["id"], env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "1 of 3 received (1024 bytes)" in shown.stdout and "missing:    1, 3" in shown.stdout
+
+    aborted = chunksvc(database_url, "sessions", "abort", session["id"], env=env)
+    assert aborted.returncode == 0, aborted.stderr
+    assert app.get(f"/uploads/sessions/{session['id']}", headers=auth).json["status"] == "ABORTED"
+    assert [p for p in (file_spec.root / "parts").rglob("*") if p.is_file()] == []
+    unknown = chunksvc(database_url, "sessions", "show", str(uuid.uuid4()), env=env)
+    assert unknown.returncode == 1 and "no session" in unknown.stderr

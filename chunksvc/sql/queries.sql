@@ -83,6 +83,20 @@ SELECT *, chunksvc_session_status(status, expires_at) AS effective_status
  ORDER BY created_at DESC, id DESC
  LIMIT %(limit)s;
 
+-- name: ops_list_sessions
+-- The operator's view: any client's sessions (filtered by client name and status), newest first.
+SELECT s.*, c.name AS client_name, chunksvc_session_status(s.status, s.expires_at) AS effective_status
+  FROM upload_sessions s JOIN clients c ON c.id = s.client_id
+ WHERE (%(client)s::text IS NULL OR c.name = %(client)s::text)
+   AND (%(status)s::text IS NULL OR chunksvc_session_status(s.status, s.expires_at) = %(status)s::text)
+ ORDER BY s.created_at DESC, s.id DESC
+ LIMIT %(limit)s;
+
+-- name: ops_get_session
+SELECT s.*, c.name AS client_name, chunksvc_session_status(s.status, s.expires_at) AS effective_status
+  FROM upload_sessions s JOIN clients c ON c.id = s.client_id
+ WHERE s.id = %(id)s;
+
 -- name: list_parts
 SELECT part_number, size, sha256, created_at
   FROM upload_parts
