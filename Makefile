@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test chaos lint migrate api-key keys reap bench bench-large loadtest clean
+.PHONY: install run test chaos lint migrate api-key keys sessions psql reap bench bench-large loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes.
 # The client (client/, its own package) goes in too: the tests, bench and load test drive the
@@ -49,6 +49,13 @@ api-key: $(INSTALLED)
 
 keys: $(INSTALLED)
 	$(BIN)/python -m chunksvc keys list
+
+## make sessions [ARGS="show ID"]: any client's uploads (default: list); make psql: psql on the database.
+sessions: $(INSTALLED)
+	$(BIN)/python -m chunksvc sessions $(or $(ARGS),list)
+
+psql: $(INSTALLED)
+	$(BIN)/python -m chunksvc psql $(ARGS)
 
 ## make reap [ARGS="--dry-run --orphan-grace 3600"]: one cleanup pass (cron: */5 * * * *).
 reap: $(INSTALLED)

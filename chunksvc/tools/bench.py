@@ -565,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         "--file-root", type=Path, help="where the file backend stores parts (default: the temporary directory)"
     )
     parser.add_argument("--gunicorn-config", type=Path, default=Path("gunicorn.conf.py"))
+    parser.add_argument("--check", action="store_true", help="exit 1 when a figure misses its target")
     parser.add_argument("--workers", help="CHUNKSVC_WORKERS for this run (default: gunicorn.conf.py's)")
     parser.add_argument("--threads", help="CHUNKSVC_THREADS for this run")
     parser.add_argument("--worker-class", help="CHUNKSVC_WORKER_CLASS for this run")
@@ -607,8 +608,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  measured: {figure.name} ({backend})", file=sys.stderr, flush=True)
     print()
     print_table(figures)
+    missed = [f"{figure.name} ({figure.backend})" for figure in figures if figure.met is False]
     print(f"\n{args.rounds} rounds per ratio; total {time.monotonic() - started:.0f} s")
-    return 0
+    if missed:
+        print(f"targets missed: {', '.join(missed)}")
+    # --check: for CI jobs or release gates that must fail when a target is missed.
+    return 1 if args.check and missed else 0
 
 
 if __name__ == "__main__":
