@@ -11,6 +11,8 @@ from typing import TypeVar
 from chunksvc_client.errors import ApiError
 
 T = TypeVar("T")
+# Answers after which a request may or may not have been applied.
+AMBIGUOUS_STATUSES = frozenset({0, 502, 503, 504})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +22,8 @@ class RetryPolicy:
     Retried: exactly the errors ``ApiError.retryable`` names (connection errors and timeouts,
     502/503/504 including a proxy's own pages, 507 ``storage_full``, 409
     ``completion_in_progress``). A request that is not safe to repeat (a create without an
-    ``Idempotency-Key``) is not retried after a connection error: it may have been applied.
+    ``Idempotency-Key``) is not retried when it may have been applied: after a connection error,
+    or a 502, 503 or 504 (a proxy's timeout, say, after it forwarded the request).
     """
 
     attempts: int = 8
@@ -45,7 +48,7 @@ class RetryPolicy:
             try:
                 return call()
             except ApiError as error:
-                unsafe = error.status == 0 and not repeatable
+                unsafe = not repeatable and error.status in AMBIGUOUS_STATUSES
                 if not error.retryable or unsafe or attempt == self.attempts:
                     raise
                 self.sleep(self.delay(attempt, error))
