@@ -1,7 +1,7 @@
 """Assembling large uploads in the background, after ``complete`` answered 202.
 
 Each worker process has one ``BackgroundAssembler``: a few threads that run accepted completions
-(``UploadService.assemble_accepted``), handed over by the request that accepted them or found by
+(``UploadService.resume_completion``), handed over by the request that accepted them or found by
 a poller that looks for accepted completions nobody runs (their worker died, or they failed on
 full or unreachable storage and wait for another try). Any process on any host may take any of
 them: the session's completion lock lets one run at a time, and a crashed assembler's lock goes
@@ -114,7 +114,7 @@ class BackgroundAssembler:
 
     def _run(self, session_id: UUID, client_id: int) -> None:
         try:
-            self._uploads.assemble_accepted(session_id, client_id)
+            self._uploads.resume_completion(session_id, client_id)
         except (CompletionInProgress, SessionNotActive):
             pass  # another assembler has it, or it ended meanwhile
         except (PartsMissing, ChecksumMismatch):

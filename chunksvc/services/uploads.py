@@ -389,7 +389,7 @@ class UploadService:
     def complete(self, client: Client, raw_id: str, body: Any) -> tuple[Session, Completion]:
         """Complete the session: ``DONE`` once assembled here; ``BACKGROUND`` when it was accepted
         for assembly in the background (above ``sync_complete_max``: the caller hands it to the
-        background assembler, ``assemble_accepted``); ``ELSEWHERE`` while another request
+        background assembler, which runs ``resume_completion``); ``ELSEWHERE`` while another request
         assembles it. Both of the last two answer 202."""
         session_id = rules.parse_session_id(raw_id)
         sha256 = self._completion_digest(body)
@@ -416,15 +416,12 @@ class UploadService:
             self._check_completable(conn, session, sha256)
             return Session.from_row(dao.mark_completing(conn, session_id, sha256))
 
-    def assemble_accepted(self, session_id: UUID, client_id: int) -> Session:
-        """The background assembler's job: drive an accepted completion to its end, as the
-        reaper's re-drive does (``CompletionInProgress`` if another assembler has it)."""
-        return self._complete(session_id, client_id, None, resume=True)
-
     def resume_completion(self, session_id: UUID, client_id: int) -> Session:
-        """Drive a completion whose assembler died to its end, as calling ``complete`` again would.
+        """Drive an accepted completion to its end, as calling ``complete`` again would: one
+        accepted for the background, or one whose assembler died (``CompletionInProgress`` while
+        another assembler has it).
 
-        For the reaper, so no client check. Only a session still ``COMPLETING`` is resumed
+        For the background assembler and the reaper, so no client check. Only a session still ``COMPLETING`` is resumed
         (else ``SessionNotActive``: someone else finished it). If parts' bytes are gone the
         session is reopened without them (``PartsMissing``), as for the client's own complete.
         """

@@ -30,6 +30,8 @@ BLOCK_SIZE = 1024 * 1024  # a part is read and sent in blocks of this size: memo
 # States a session cannot leave: an upload that finds its session in one of them starts anew.
 DEAD = frozenset({"ABORTED", "EXPIRED", "FAILED"})
 MAX_FRESH_STARTS = 20
+# Rounds of "complete, then send what it says is missing" before giving up on a session.
+MAX_REPAIR_ROUNDS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,7 +395,7 @@ class _FileUpload:
             return session
         if session["status"] != "COMPLETING":
             self._send_missing(session)
-        for _ in range(MAX_FRESH_STARTS):
+        for _ in range(MAX_REPAIR_ROUNDS):
             try:
                 return self.client.complete(
                     session_id, self._file_sha256,
