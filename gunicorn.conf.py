@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from chunksvc.config import DEFAULT_FORWARDED_ALLOW_IPS
 from chunksvc.logs import logging_config
 
 
@@ -70,8 +71,9 @@ if os.environ.get("CHUNKSVC_CONTROL_SOCKET"):
 else:
     control_socket_disable = True
 
-# Behind the reverse proxy: trust X-Forwarded-* only from it.
-forwarded_allow_ips = os.environ.get("CHUNKSVC_FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+# Behind the reverse proxy: trust X-Forwarded-* only from it. The application reads the same
+# variable for X-Forwarded-For (the client address in its logs); gunicorn for X-Forwarded-Proto.
+forwarded_allow_ips = os.environ.get("CHUNKSVC_FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)
 
 # JSON logs (chunksvc.logs): gunicorn's error log and the application's logs on stderr; one access
 # line per request, written by the application (it knows the route, client, session, part and

@@ -69,7 +69,11 @@ def build(
     )
     router = CompiledRouter()
     app = falcon.App(
-        middleware=[RequestId(), RequestTelemetry(router, metrics, db.stats), BearerAuth(Authenticator(db))],
+        middleware=[
+            RequestId(),
+            RequestTelemetry(router, metrics, db.stats, config.trusted_proxies),
+            BearerAuth(Authenticator(db)),
+        ],
         router=router,
         # Bodies are read by the resources themselves (parts stream; JSON is parsed strictly).
         request_type=falcon.Request,

@@ -6,6 +6,7 @@ A leaf module: it imports nothing from chunksvc but ``errors``.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,9 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 TiB = 1024 * GiB
+
+# gunicorn's own default for forwarded_allow_ips: a proxy on the same host.
+DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +117,70 @@ class StorageSpec:
         return f"{scheme}://{self.access_key}:***@{self.endpoint}/{self.bucket}"
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclasses.dataclass(frozen=True)
+class TrustedProxies:
+    """The peers whose ``X-Forwarded-For`` names the client (``CHUNKSVC_FORWARDED_ALLOW_IPS``).
+
+    A comma-separated list of addresses or networks (``10.0.0.0/8``), or ``*`` for any peer (only
+    where nothing but the proxy can reach the service). The same variable tells gunicorn whose
+    ``X-Forwarded-Proto`` to believe, so the two never disagree.
+    """
+
+    networks: tuple[IPNetwork, ...] = ()
+    trust_all: bool = False
+
+    @classmethod
+    def parse(cls, raw: str) -> TrustedProxies:
+        networks = []
+        for item in (part.strip() for part in raw.split(",")):
+            if not item:
+                continue
+            if item == "*":
+                return cls(trust_all=True)
+            try:
+                networks.append(ipaddress.ip_network(item))  # strict, as gunicorn parses it
+            except ValueError:
+                raise ConfigError(
+                    f"CHUNKSVC_FORWARDED_ALLOW_IPS: {item!r} is not an address or network"
+                    " (e.g. 10.0.0.5, 10.0.0.0/8, *)"
+                ) from None
+        return cls(networks=tuple(networks))
+
+    def trusts(self, address: str) -> bool:
+        if self.trust_all:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:  # a unix socket peer, say: not an address anyone configured
+            return False
+        return any(ip in network for network in self.networks)
+
+    def client_address(self, peer: str, forwarded_for: str | None) -> str:
+        """Who sent the request: ``peer``, unless a trusted proxy reports the client.
+
+        ``X-Forwarded-For`` is read from the right: each trusted proxy appended the address it
+        received from, so the first untrusted entry is the client as far as any trusted hop can
+        vouch; whatever lies left of it the client itself wrote, and is ignored. An entry that is
+        not an address ends the walk at the last hop that gave one.
+        """
+        if not forwarded_for or not self.trusts(peer):
+            return peer
+        address = peer
+        for entry in reversed(forwarded_for.split(",")):
+            candidate = entry.strip()
+            try:
+                ipaddress.ip_address(candidate)
+            except ValueError:
+                return address
+            address = candidate
+            if not self.trusts(candidate):
+                return candidate
+        return address
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     database_url: str | None  # None: the embedded PostgreSQL under var_dir
@@ -136,6 +204,10 @@ class Config:
     # worker looks for accepted completions no one is running (a host that died, say).
     background_assemblies: int = 1
     assembly_poll_interval: float = 5.0
+    # Proxies whose X-Forwarded-For names the client in logs (default: the same host).
+    trusted_proxies: TrustedProxies = dataclasses.field(
+        default_factory=lambda: TrustedProxies.parse(DEFAULT_FORWARDED_ALLOW_IPS)
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -165,6 +237,9 @@ class Config:
             sync_complete_max=_int(env, "CHUNKSVC_SYNC_COMPLETE_MAX", 256 * MiB),
             background_assemblies=_int(env, "CHUNKSVC_BACKGROUND_ASSEMBLIES", 1),
             assembly_poll_interval=_int(env, "CHUNKSVC_ASSEMBLY_POLL", 5),
+            trusted_proxies=TrustedProxies.parse(
+                env.get("CHUNKSVC_FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)
+            ),
         )
         config.validate()
         return config

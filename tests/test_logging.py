@@ -82,6 +82,18 @@ def test_refused_requests_are_logged_with_their_code_and_ids(app, auth, captured
     assert (unmatched["route"], unmatched["code"]) == ("unmatched", "not_found")
 
 
+def test_the_client_address_comes_from_a_trusted_proxy_only(app, auth, captured):
+    forwarded = {"X-Forwarded-For": "10.9.9.9, 203.0.113.7"}
+    app.get("/uploads/sessions", headers={**auth, **forwarded}, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    app.get("/uploads/sessions", headers={**auth, **forwarded}, extra_environ={"REMOTE_ADDR": "198.51.100.9"})
+    app.get("/uploads/sessions", headers=auth, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+
+    proxied, direct, plain = captured.access()
+    assert (proxied["remote_addr"], proxied["proxy_addr"]) == ("203.0.113.7", "127.0.0.1")
+    assert direct["remote_addr"] == "198.51.100.9" and "proxy_addr" not in direct
+    assert plain["remote_addr"] == "127.0.0.1" and "proxy_addr" not in plain
+
+
 def test_insane_request_id_is_replaced(app, captured):
     response = app.get("/healthz", headers={"X-Request-ID": "two words\t" + "x" * 200})
     generated = response.headers["X-Request-ID"]

@@ -10,6 +10,7 @@ import falcon
 from falcon.routing import CompiledRouter
 
 from chunksvc import logs
+from chunksvc.config import TrustedProxies
 from chunksvc.metrics import CONTENT_TYPE, Metrics
 
 access_log = logging.getLogger(logs.ACCESS_LOGGER)
@@ -26,16 +27,26 @@ class RequestTelemetry:
     ``process_response`` sees the final status of every request, refused ones included.
     """
 
-    def __init__(self, router: CompiledRouter, metrics: Metrics, pool_stats: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(
+        self,
+        router: CompiledRouter,
+        metrics: Metrics,
+        pool_stats: Callable[[], Mapping[str, int]],
+        trusted_proxies: TrustedProxies,
+    ) -> None:
         self._router = router
         self._metrics = metrics
         self._pool_stats = pool_stats
+        self._trusted_proxies = trusted_proxies
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         self._begin(req)
 
     def _begin(self, req: falcon.Request) -> None:
         req.context.started = time.perf_counter()
+        req.context.client_addr = self._trusted_proxies.client_address(
+            req.remote_addr, req.get_header("X-Forwarded-For")
+        )
         self._metrics.request_started()
         # Routed here, ahead of Falcon, so that requests refused before routing (401) still get
         # their route and ids in the log and the metrics.
@@ -74,8 +85,10 @@ class RequestTelemetry:
                 "bytes_in": _declared_length(req),
                 "bytes_out": _body_length(resp),
                 "duration_ms": round(seconds * 1000, 3),
-                "remote_addr": req.remote_addr,
+                "remote_addr": req.context.client_addr,
             }
+            if req.context.client_addr != req.remote_addr:
+                fields["proxy_addr"] = req.remote_addr
             if client is not None:
                 fields["client"] = client.name
             if code is not None:

@@ -1,0 +1,62 @@
+"""Configuration parsing: the trusted-proxy list and the client address it yields."""
+
+from __future__ import annotations
+
+import pytest
+
+from chunksvc.config import Config, TrustedProxies
+from chunksvc.errors import ConfigError
+
+LOOPBACK = TrustedProxies.parse("127.0.0.1,::1")
+
+
+def test_an_untrusted_peer_is_the_client_whatever_it_claims():
+    assert LOOPBACK.client_address("198.51.100.9", "203.0.113.7") == "198.51.100.9"
+
+
+def test_a_trusted_proxy_reports_the_client():
+    assert LOOPBACK.client_address("127.0.0.1", "203.0.113.7") == "203.0.113.7"
+    assert LOOPBACK.client_address("::1", "2001:db8::5") == "2001:db8::5"
+
+
+def test_without_the_header_the_peer_is_the_client():
+    assert LOOPBACK.client_address("127.0.0.1", None) == "127.0.0.1"
+    assert LOOPBACK.client_address("127.0.0.1", "") == "127.0.0.1"
+
+
+def test_entries_a_client_wrote_left_of_the_first_untrusted_hop_are_ignored():
+    # The caller sent "X-Forwarded-For: 10.9.9.9"; nginx appended the address it saw.
+    assert LOOPBACK.client_address("127.0.0.1", "10.9.9.9, 203.0.113.7") == "203.0.113.7"
+
+
+def test_a_chain_of_trusted_proxies_is_walked():
+    proxies = TrustedProxies.parse("127.0.0.1, 10.0.0.0/8")
+    assert proxies.client_address("127.0.0.1", "203.0.113.7, 10.1.2.3") == "203.0.113.7"
+    # Every hop trusted: the leftmost is the best anyone vouches for.
+    assert proxies.client_address("127.0.0.1", "10.1.2.3, 10.4.5.6") == "10.1.2.3"
+
+
+def test_garbage_in_the_header_stops_the_walk_at_the_last_address():
+    assert LOOPBACK.client_address("127.0.0.1", "203.0.113.7, not-an-ip") == "127.0.0.1"
+    assert LOOPBACK.client_address("127.0.0.1", "<script>, 203.0.113.7") == "203.0.113.7"
+
+
+def test_star_trusts_every_peer_and_an_empty_list_none():
+    assert TrustedProxies.parse("*").client_address("198.51.100.9", "203.0.113.7") == "203.0.113.7"
+    assert TrustedProxies.parse("").client_address("127.0.0.1", "203.0.113.7") == "127.0.0.1"
+
+
+def test_a_unix_socket_peer_is_never_trusted():
+    assert LOOPBACK.client_address("unix:/run/chunksvc.sock", "203.0.113.7") == "unix:/run/chunksvc.sock"
+
+
+@pytest.mark.parametrize("raw", ["nginx", "10.0.0.5/8", "300.1.1.1"])
+def test_a_bad_entry_is_refused_at_start_up(raw):
+    with pytest.raises(ConfigError, match="CHUNKSVC_FORWARDED_ALLOW_IPS"):
+        TrustedProxies.parse(raw)
+
+
+def test_the_environment_sets_the_list():
+    config = Config.from_env({"CHUNKSVC_FORWARDED_ALLOW_IPS": "10.0.0.7", "CHUNKSVC_VAR_DIR": "/tmp/x"})
+    assert config.trusted_proxies.trusts("10.0.0.7") and not config.trusted_proxies.trusts("127.0.0.1")
+    assert Config.from_env({"CHUNKSVC_VAR_DIR": "/tmp/x"}).trusted_proxies == LOOPBACK
