@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -103,7 +104,8 @@ class Client:
             headers={"Authorization": f"Bearer {api_key}", "User-Agent": "chunksvc-client/0.1"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             transport=transport,
-            verify=verify,
+            # A CA bundle's path as httpx wants it now (a bare path is deprecated there).
+            verify=ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
 
