@@ -174,7 +174,8 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_reap(config: Config, args: argparse.Namespace) -> int:
-    """One reaper pass; prints its one-line summary; exit 1 if anything could not be cleaned."""
+    """One reaper pass; prints its one-line summary (after a dry run, first what it would touch);
+    exit 1 if anything could not be cleaned."""
     logging.basicConfig(level=logging.WARNING, format="chunksvc: %(levelname)s %(message)s")
     settings = ReaperSettings(
         batch_size=args.batch_size,
@@ -195,6 +196,10 @@ def cmd_reap(config: Config, args: argparse.Namespace) -> int:
         finally:
             storage.close()
             db.close()
+    if result.dry_run:
+        # What each phase would touch, by session id and storage key (the first few of each), then the counts.
+        print("reap --dry-run: what a pass would do now (nothing was changed)")
+        print("\n".join(result.listing() or ["nothing to do"]))
     print(result.summary())
     return 1 if result.errors else 0
 

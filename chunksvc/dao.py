@@ -201,8 +201,10 @@ def expire_overdue_sessions(conn: Connection, limit: int) -> list[UUID]:
     return [row["id"] for row in conn.all("expire_overdue_sessions", limit=limit)]
 
 
-def count_overdue_sessions(conn: Connection) -> int:
-    return conn.one("count_overdue_sessions")["overdue"]
+def overdue_sessions(conn: Connection, limit: int) -> tuple[int, list[UUID]]:
+    """How many open sessions are overdue, and the first ``limit`` of them."""
+    rows = conn.all("overdue_sessions", limit=limit)
+    return (rows[0]["overdue"] if rows else 0), [row["id"] for row in rows]
 
 
 def claim_unpurged_sessions(conn: Connection, after: tuple[datetime, UUID] | None, limit: int) -> list[Row]:

@@ -31,7 +31,7 @@ from chunksvc.app import create_app
 from chunksvc.config import Config, StorageSpec
 from chunksvc.db import Database
 from chunksvc.services.auth import Authenticator, KeyManager
-from chunksvc.services.reaper import LIVE_KEY_MIN_AGE, Reaper, ReaperSettings, ReapResult
+from chunksvc.services.reaper import LIST_LIMIT, LIVE_KEY_MIN_AGE, Reaper, ReaperSettings, ReapResult
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import Storage, open_storage
 from chunksvc.tools import harness
@@ -164,7 +164,7 @@ def test_expire_stores_expired_on_overdue_open_sessions_only(app, auth, reap, da
     result = reap()
 
     # The two newly EXPIRED sessions are purged in the same run; the abort purged its own.
-    assert done(result) == {"expired": 2, "purged_sessions": 2}
+    assert done(result) == {"expired": 2, "ended_bytes_removed": 2}
     assert [status(database_url, s) for s in (fresh, overdue_init, overdue_started, overdue_aborted)] == [
         "INIT", "EXPIRED", "EXPIRED", "ABORTED"
     ]
@@ -185,7 +185,7 @@ def test_a_session_locked_by_a_request_is_skipped_not_waited_for(app, auth, reap
         runner.join(timeout=120)  # only to end a hang; skipping a locked row takes no time at all
         assert not runner.is_alive(), "the reaper waited for a row lock held by a request"
     assert done(outcome[0]) == {}
-    assert done(reap()) == {"expired": 1, "purged_sessions": 1}
+    assert done(reap()) == {"expired": 1, "ended_bytes_removed": 1}
 
 
 # --- purging ----------------------------------------------------------------------------------
@@ -205,7 +205,8 @@ def test_purge_removes_what_each_ended_session_left(app, auth, reap, database_ur
 
     result = reap()
 
-    assert done(result) == {"purged_sessions": 4}
+    # The completed session loses its parts only; the others lose their object too.
+    assert done(result) == {"ended_bytes_removed": 3, "completed_parts_removed": 1}
     assert stored(storage) == [f"objects/{completed}"]
     assert read(storage, f"objects/{completed}") == data
     assert all(purged(database_url, s) for s in (aborted, expired, failed, completed))
@@ -228,7 +229,7 @@ def test_orphans_are_removed_once_older_than_the_grace_period(app, auth, reap, d
     app.delete(f"/uploads/sessions/{aborted}", headers=auth, status=204)
     completed, data = uploaded(app, auth, seed=2)
     complete(app, auth, completed)
-    assert done(reap()) == {"purged_sessions": 1}  # the completed session: now nothing is pending
+    assert done(reap()) == {"completed_parts_removed": 1}  # the completed session: now nothing is pending
     ghost = uuid.uuid4()  # no such session
     orphans = [
         f"parts/{ghost}/{uuid.uuid4()}",
@@ -297,7 +298,7 @@ def test_a_completion_whose_assembler_died_is_driven_to_the_end(app, auth, reap,
         finally:
             dao.release_completion_lock(assembler, busy)
 
-    assert done(result) == {"completions_redriven": 1, "purged_sessions": 1}
+    assert done(result) == {"completions_redriven": 1, "completed_parts_removed": 1}
     session = app.get(f"/uploads/sessions/{stuck}", headers=auth).json
     assert session["status"] == "COMPLETED"
     assert (session["object"]["size"], session["object"]["sha256"]) == (len(data), sha(data))
@@ -339,8 +340,10 @@ def test_dry_run_reports_and_changes_nothing(app, auth, reap, database_url, stor
     force_status(database_url, aborted, "ABORTED")
     stuck, _ = uploaded(app, auth, seed=3)
     stall_completion(database_url, stuck)
-    write(storage, f"parts/{uuid.uuid4()}/{uuid.uuid4()}")
-    leave_unfinished_write(storage_spec, f"parts/{uuid.uuid4()}/{uuid.uuid4()}")
+    ghost = f"parts/{uuid.uuid4()}/{uuid.uuid4()}"
+    write(storage, ghost)
+    unfinished = f"parts/{uuid.uuid4()}/{uuid.uuid4()}"
+    leave_unfinished_write(storage_spec, unfinished)
 
     def snapshot():
         sessions = query(database_url, "SELECT id, status, updated_at, purged_at FROM upload_sessions ORDER BY id")
@@ -352,14 +355,43 @@ def test_dry_run_reports_and_changes_nothing(app, auth, reap, database_url, stor
     # Each phase is counted against the present state: the sessions this run would expire or
     # complete are not counted again as purged.
     assert done(dry) == {
-        "expired": 1, "purged_sessions": 1, "orphans_removed": 1, "incomplete_swept": 1, "completions_redriven": 1
+        "expired": 1, "ended_bytes_removed": 1, "orphans_removed": 1, "incomplete_swept": 1, "completions_redriven": 1
     }
-    assert dry.summary().startswith("reap (dry run, nothing changed): would have 1 expired, 1 sessions purged")
+    assert dry.summary().startswith(
+        "reap (dry run, nothing changed), would be: 1 overdue session expired; stored parts removed for 1 ended"
+        " session (0 completed, whose objects are kept; 1 aborted, expired or failed, with any object);"
+    )
     assert snapshot() == before
+    # What it would touch, by session id and storage key.
+    assert dry.touched["expired"] == [overdue]
+    assert dry.touched["completions_redriven"] == [stuck]
+    assert dry.touched["ended_bytes_removed"] == [f"{aborted} ABORTED: parts/{aborted}/ (2 keys)"]
+    assert dry.touched["orphans_removed"] == [ghost]
+    [sweep] = dry.touched["incomplete_swept"]
+    assert sweep.startswith(".incoming/" if storage_spec.kind == "file" else f"{unfinished} (multipart upload ")
 
     assert done(reap(orphan_grace=0)) == {
-        "expired": 1, "purged_sessions": 3, "orphans_removed": 1, "incomplete_swept": 1, "completions_redriven": 1
+        "expired": 1, "ended_bytes_removed": 2, "completed_parts_removed": 1, "orphans_removed": 1,
+        "incomplete_swept": 1, "completions_redriven": 1,
     }
+
+
+def test_a_listing_names_the_first_items_of_each_kind_and_counts_the_rest():
+    result = ReapResult(dry_run=True, expired=25, completed_parts_removed=1)
+    for number in range(25):
+        result.note("expired", f"session-{number}")
+    result.note("completed_parts_removed", "s COMPLETED: parts/s/ (3 keys) (objects/s kept)")
+
+    lines = result.listing()
+
+    assert lines[0] == "expire (overdue INIT/IN_PROGRESS sessions): 25"
+    assert lines[1:LIST_LIMIT + 1] == [f"  session-{number}" for number in range(LIST_LIMIT)]
+    assert lines[LIST_LIMIT + 1:] == [
+        f"  ... and {25 - LIST_LIMIT} more",
+        "purge the stored parts of COMPLETED sessions (their object is kept): 1",
+        "  s COMPLETED: parts/s/ (3 keys) (objects/s kept)",
+    ]
+    assert ReapResult(dry_run=True).listing() == []
 
 
 # --- several reapers --------------------------------------------------------------------------
@@ -408,7 +440,8 @@ def test_two_reapers_at_once_do_each_piece_of_work_once(app, auth, db, database_
     assert totals == {
         "errors": 0,
         "expired": 24,
-        "purged_sessions": 24 + 8 + 4,  # the re-driven sessions are purged after completing
+        "ended_bytes_removed": 24 + 8,
+        "completed_parts_removed": 4,  # the re-driven sessions are purged after completing
         "orphans_removed": 10,
         "incomplete_swept": 5,
         "completions_redriven": 4,
@@ -442,7 +475,7 @@ def test_storage_failures_are_counted_and_left_for_the_next_run(db, database_url
 
     # The session's purge, the orphan sweep and the unfinished-write sweep each failed.
     assert done(result) == {"errors": 3}
-    assert result.summary().endswith(", 3 errors")
+    assert result.summary().endswith("; 3 errors")
     assert not purged(database_url, session.id)
 
 
@@ -464,28 +497,42 @@ def file_app(database_url, db, file_spec):
     storage.close()
 
 
-def test_cli_prints_one_line_and_exits_0_when_all_was_cleaned(file_app, auth, database_url, file_spec):
+def test_cli_lists_a_dry_run_prints_one_line_and_exits_0_when_all_was_cleaned(
+    file_app, auth, database_url, file_spec
+):
     app, storage = file_app
-    session_id, _ = uploaded(app, auth)
-    make_overdue(database_url, session_id)
-    write(storage, f"parts/{uuid.uuid4()}/{uuid.uuid4()}")
+    overdue, _ = uploaded(app, auth, seed=1)
+    make_overdue(database_url, overdue)
+    completed, data = uploaded(app, auth, seed=2)
+    complete(app, auth, completed)
+    ghost = f"parts/{uuid.uuid4()}/{uuid.uuid4()}"
+    write(storage, ghost)
     env = {"DATABASE_URL": database_url, "CHUNKSVC_STORAGE_URL": f"file://{file_spec.root}"}
 
     dry = run_reap(env, "--dry-run", "--orphan-grace", "0")
-    assert (dry.returncode, dry.stdout) == (0, (
-        "reap (dry run, nothing changed): would have 1 expired, 0 sessions purged, 1 orphans removed,"
-        " 0 incomplete writes swept, 0 completions re-driven, 0 completions reopened for lost parts,"
-        " 0 completions failed, 0 errors\n"
-    )), dry.stderr
-    assert status(database_url, session_id) == "IN_PROGRESS"
+    assert (dry.returncode, dry.stdout.splitlines()) == (0, [
+        "reap --dry-run: what a pass would do now (nothing was changed)",
+        "expire (overdue INIT/IN_PROGRESS sessions): 1",
+        f"  {overdue}",
+        "purge the stored parts of COMPLETED sessions (their object is kept): 1",
+        f"  {completed} COMPLETED: parts/{completed}/ (0 keys) (objects/{completed} kept)",
+        "remove orphaned keys (no session needs them): 1",
+        f"  {ghost}",
+        "reap (dry run, nothing changed), would be: 1 overdue session expired; stored parts removed for 1 ended"
+        " session (1 completed, whose objects are kept; 0 aborted, expired or failed, with any object);"
+        " 1 orphaned key removed; 0 unfinished writes swept; 0 stalled completions re-driven; 0 errors",
+    ]), dry.stderr
+    assert status(database_url, overdue) == "IN_PROGRESS"
 
     real = run_reap(env, "--orphan-grace", "0", "--batch-size", "1", "--completing-lease", "60")
     assert (real.returncode, real.stdout) == (0, (
-        "reap: 1 expired, 1 sessions purged, 1 orphans removed, 0 incomplete writes swept,"
-        " 0 completions re-driven, 0 completions reopened for lost parts, 0 completions failed, 0 errors\n"
+        "reap: 1 overdue session expired; stored parts removed for 2 ended sessions (1 completed, whose objects"
+        " are kept; 1 aborted, expired or failed, with any object); 1 orphaned key removed; 0 unfinished writes"
+        " swept; stalled completions re-driven: 0 completed, 0 reopened for lost parts, 0 failed; 0 errors\n"
     )), real.stderr
-    assert stored(storage) == []
-    assert status(database_url, session_id) == "EXPIRED"
+    assert stored(storage) == [f"objects/{completed}"]
+    assert read(storage, f"objects/{completed}") == data
+    assert status(database_url, overdue) == "EXPIRED"
 
     assert run_reap(env, "--batch-size", "0").returncode == 2  # refused by the argument parser
 
@@ -497,7 +544,8 @@ def test_cli_exits_1_when_something_could_not_be_cleaned(database_url):
     result = run_reap(env)
 
     assert result.returncode == 1, result.stderr
-    assert result.stdout.startswith("reap: 0 expired") and result.stdout.endswith(", 2 errors\n")  # the sweeps
+    assert result.stdout.startswith("reap: 0 overdue sessions expired")
+    assert result.stdout.endswith("; 2 errors\n")  # the two sweeps
     assert "unreachable" in result.stderr
     assert "top-secret" not in result.stdout + result.stderr
 

@@ -78,31 +78,88 @@ class ReaperSettings:
             raise ValueError(f"need batch_size >= 1 and non-negative grace and lease, got {self}")
 
 
+# A dry run lists what each kind of work would touch, up to this many items per kind.
+LIST_LIMIT = 20
+
+
 @dataclasses.dataclass
 class ReapResult:
     dry_run: bool = False
     expired: int = 0
-    purged_sessions: int = 0
+    # Ended sessions whose stored bytes were removed (purge), in two kinds: a COMPLETED session
+    # loses only its parts (its object is the upload: kept); the others lose any object too.
+    completed_parts_removed: int = 0
+    ended_bytes_removed: int = 0  # ABORTED, EXPIRED or FAILED
     orphans_removed: int = 0
     incomplete_swept: int = 0
     completions_redriven: int = 0
     completions_reopened: int = 0  # parts' bytes were gone: reopened for the client to re-send
     completions_failed: int = 0
     errors: int = 0  # things that could not be cleaned (details in the log)
+    # What the work touched (a dry run: would touch), by the kinds above: session ids and
+    # storage keys, the first LIST_LIMIT of each kind.
+    touched: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    KINDS = (
+        "expired", "completions_redriven", "completions_reopened", "completions_failed",
+        "completed_parts_removed", "ended_bytes_removed", "orphans_removed", "incomplete_swept",
+    )
 
     def work(self) -> dict[str, int]:
-        """What was done, by kind (the counts but ``errors``)."""
-        return {name: count for name, count in dataclasses.asdict(self).items() if name not in ("dry_run", "errors")}
+        """What was done, by kind (every count but ``errors``)."""
+        return {kind: getattr(self, kind) for kind in self.KINDS}
+
+    def note(self, kind: str, item: str) -> None:
+        """Remember ``item`` (a session id and its keys, or a key) as touched by ``kind`` of work."""
+        items = self.touched.setdefault(kind, [])
+        if len(items) < LIST_LIMIT:
+            items.append(item)
 
     def summary(self) -> str:
-        """The one line for cron mail and logs."""
-        counts = (
-            f"{self.expired} expired, {self.purged_sessions} sessions purged, {self.orphans_removed} orphans removed,"
-            f" {self.incomplete_swept} incomplete writes swept, {self.completions_redriven} completions re-driven,"
-            f" {self.completions_reopened} completions reopened for lost parts, {self.completions_failed}"
-            f" completions failed, {self.errors} errors"
-        )
-        return f"reap (dry run, nothing changed): would have {counts}" if self.dry_run else f"reap: {counts}"
+        """The one line for cron mail and logs, in words that say what happened to what."""
+        purged = self.completed_parts_removed + self.ended_bytes_removed
+        counts = "; ".join((
+            f"{_n(self.expired, 'overdue session')} expired",
+            f"stored parts removed for {_n(purged, 'ended session')} ({self.completed_parts_removed} completed,"
+            f" whose objects are kept; {self.ended_bytes_removed} aborted, expired or failed, with any object)",
+            f"{_n(self.orphans_removed, 'orphaned key')} removed",
+            f"{_n(self.incomplete_swept, 'unfinished write')} swept",
+            # A dry run only knows which completions it would take over, not how each would end.
+            f"{_n(self.completions_redriven, 'stalled completion')} re-driven" if self.dry_run else
+            f"stalled completions re-driven: {self.completions_redriven} completed, {self.completions_reopened}"
+            f" reopened for lost parts, {self.completions_failed} failed",
+            _n(self.errors, "error"),
+        ))
+        return f"reap (dry run, nothing changed), would be: {counts}" if self.dry_run else f"reap: {counts}"
+
+    def listing(self) -> list[str]:
+        """What each kind of work touched (would touch, in a dry run): a heading, then its items."""
+        headings = {
+            "expired": "expire (overdue INIT/IN_PROGRESS sessions)",
+            "completions_redriven": "re-drive (stalled COMPLETING sessions, assembler dead)"
+            + ("" if self.dry_run else ", now COMPLETED"),
+            "completions_reopened": "re-drive, reopened IN_PROGRESS for lost parts",
+            "completions_failed": "re-drive, FAILED (size or SHA-256 mismatch)",
+            "completed_parts_removed": "purge the stored parts of COMPLETED sessions (their object is kept)",
+            "ended_bytes_removed": "purge the stored parts and object of ABORTED, EXPIRED or FAILED sessions",
+            "orphans_removed": "remove orphaned keys (no session needs them)",
+            "incomplete_swept": "sweep unfinished writes",
+        }
+        lines = []
+        for kind, heading in headings.items():
+            count = getattr(self, kind)
+            if not count:
+                continue
+            items = self.touched.get(kind, [])
+            lines.append(f"{heading}: {count}")
+            lines.extend(f"  {item}" for item in items)
+            if count > len(items):
+                lines.append(f"  ... and {count - len(items)} more")
+        return lines
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def session_of(key: str, prefix: str) -> UUID | None:
@@ -158,12 +215,17 @@ class Reaper:
     def expire(self, result: ReapResult) -> None:
         if self._settings.dry_run:
             with self._db.connection() as conn:
-                result.expired += dao.count_overdue_sessions(conn)
+                overdue, first = dao.overdue_sessions(conn, LIST_LIMIT)
+            result.expired += overdue
+            for session_id in first:
+                result.note("expired", str(session_id))
             return
         while True:
             with self._db.transaction() as conn:
                 expired = dao.expire_overdue_sessions(conn, self._settings.batch_size)
             result.expired += len(expired)
+            for session_id in expired:
+                result.note("expired", str(session_id))
             if expired:
                 self._events.sessions_expired(len(expired))
             if len(expired) < self._settings.batch_size:
@@ -175,7 +237,10 @@ class Reaper:
             with self._db.connection() as conn:
                 stale = dao.stale_completions(conn, self._settings.completing_lease, after, self._settings.batch_size)
                 if self._settings.dry_run:
-                    result.completions_redriven += sum(self._assembler_is_dead(conn, row["id"]) for row in stale)
+                    for row in stale:
+                        if self._assembler_is_dead(conn, row["id"]):
+                            result.completions_redriven += 1
+                            result.note("completions_redriven", str(row["id"]))
             if not self._settings.dry_run:
                 for row in stale:
                     self._redrive(row["id"], row["client_id"], result)
@@ -191,11 +256,15 @@ class Reaper:
             with self._db.transaction() as conn:
                 claimed = dao.claim_unpurged_sessions(conn, after, self._settings.batch_size)
                 if self._settings.dry_run:
-                    purged = [row["id"] for row in claimed]
+                    purged = claimed
                 else:
-                    purged = [row["id"] for row in claimed if self._purge_session(row["id"], row["status"], result)]
-                    dao.mark_purged(conn, purged)
-            result.purged_sessions += len(purged)
+                    purged = [row for row in claimed if self._purge_session(row["id"], row["status"], result)]
+                    dao.mark_purged(conn, [row["id"] for row in purged])
+            for row in purged:
+                kind = "completed_parts_removed" if row["status"] == states.COMPLETED else "ended_bytes_removed"
+                setattr(result, kind, getattr(result, kind) + 1)
+                if len(result.touched.get(kind, ())) < LIST_LIMIT:
+                    result.note(kind, self._describe_purge(row["id"], row["status"]))
             if len(claimed) < self._settings.batch_size:
                 return
             # Past the sessions that failed too, so they are retried on the next run, not now.
@@ -217,7 +286,9 @@ class Reaper:
         cutoff = self._clock() - timedelta(seconds=self._settings.orphan_grace)
         with self._db.connection() as conn, self._phase_lock(conn, "incomplete") as held:
             if held:
-                result.incomplete_swept += self._storage.sweep_incomplete(cutoff, self._settings.dry_run)
+                result.incomplete_swept += self._storage.sweep_incomplete(
+                    cutoff, self._settings.dry_run, found=lambda item: result.note("incomplete_swept", item)
+                )
 
     # --- internals --------------------------------------------------------------------------
 
@@ -236,9 +307,11 @@ class Reaper:
             return  # a live assembler, the client or another reaper has it (or finished it)
         except PartsMissing:
             result.completions_reopened += 1  # the client's next complete lists what to re-send
+            result.note("completions_reopened", str(session_id))
             return
         except ChecksumMismatch:
             result.completions_failed += 1  # assembled, but not what the client announced: FAILED
+            result.note("completions_failed", str(session_id))
             return
         except ChunksvcError as exc:
             log.warning("reap: could not re-drive the completion of session %s: %s", session_id, exc.detail)
@@ -246,8 +319,10 @@ class Reaper:
             return
         if session.status == states.COMPLETED:
             result.completions_redriven += 1
+            result.note("completions_redriven", str(session_id))
         elif session.status == states.FAILED:
             result.completions_failed += 1
+            result.note("completions_failed", str(session_id))
 
     def _purge_session(self, session_id: UUID, status: str, result: ReapResult) -> bool:
         try:
@@ -259,6 +334,26 @@ class Reaper:
             result.errors += 1
             return False
         return True
+
+    def _describe_purge(self, session_id: UUID, status: str) -> str:
+        """A purged session's id, status and the keys its purge removes; a dry run lists the
+        storage to say how many keys are there (only for the few sessions a listing shows)."""
+        prefix = f"{PARTS_PREFIX}{session_id}/"
+        object_key = f"{OBJECTS_PREFIX}{session_id}"
+        if status == states.COMPLETED:
+            kept = f" ({object_key} kept)"
+            removed = [prefix]
+        else:
+            kept = ""
+            removed = [prefix, object_key]
+        if self._settings.dry_run:
+            try:
+                parts = sum(1 for _ in self._storage.list_keys(prefix))
+                has_object = status != states.COMPLETED and self._storage.exists(object_key)
+            except ChunksvcError as exc:
+                return f"{session_id} {status}: {', '.join(removed)}{kept} (cannot list them: {exc.detail})"
+            removed = [f"{prefix} ({_n(parts, 'key')})", *([object_key] if has_object else [])]
+        return f"{session_id} {status}: {', '.join(removed)}{kept}"
 
     def _sweep_batch(
         self, conn: Connection, prefix: str, listed: list[ListedKey], live_cutoff: datetime, result: ReapResult
@@ -293,6 +388,8 @@ class Reaper:
                 result.errors += 1
                 return
         result.orphans_removed += len(orphans)
+        for key in orphans:
+            result.note("orphans_removed", key)
 
     @staticmethod
     def _is_orphan(prefix: str, session: dict | None) -> bool:

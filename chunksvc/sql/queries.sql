@@ -273,10 +273,14 @@ UPDATE upload_sessions s
  WHERE s.id = overdue.id
 RETURNING s.id;
 
--- name: count_overdue_sessions
-SELECT count(*) AS overdue
+-- name: overdue_sessions
+-- What expiry would do now (a dry run): the first `limit` overdue open sessions, each row with
+-- the count of all of them (the window is counted before LIMIT applies).
+SELECT id, count(*) OVER () AS overdue
   FROM upload_sessions
- WHERE status IN ('INIT', 'IN_PROGRESS') AND expires_at <= now();
+ WHERE status IN ('INIT', 'IN_PROGRESS') AND expires_at <= now()
+ ORDER BY expires_at
+ LIMIT %(limit)s;
 
 -- name: claim_unpurged_sessions
 -- Ended sessions whose stored bytes were not removed yet, oldest first from a keyset cursor.

@@ -143,12 +143,16 @@ class Storage(abc.ABC):
         """Every key under ``prefix``, with its last-modified time."""
 
     @abc.abstractmethod
-    def sweep_incomplete(self, older_than: datetime, dry_run: bool = False) -> int:
+    def sweep_incomplete(
+        self, older_than: datetime, dry_run: bool = False, found: Callable[[str], None] | None = None
+    ) -> int:
         """Remove unfinished writes begun (or last written) before ``older_than``; return how many.
 
         These are what a writer killed mid-write leaves: never listed as keys, invisible to
-        ``delete``. With ``dry_run`` only count them. A write still in progress that is swept
-        fails (it is never stored half-done), so ``older_than`` must leave live writes alone.
+        ``delete``. With ``dry_run`` only count them. ``found`` is called with a description of
+        each one counted (its temporary file, or its key and multipart upload id), for a dry run
+        to list. A write still in progress that is swept fails (it is never stored half-done), so
+        ``older_than`` must leave live writes alone.
         """
 
     @abc.abstractmethod

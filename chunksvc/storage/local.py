@@ -293,7 +293,9 @@ class LocalStorage(Storage):
                     continue  # deleted while we walked
                 yield ListedKey(key, datetime.fromtimestamp(mtime, tz=UTC))
 
-    def sweep_incomplete(self, older_than: datetime, dry_run: bool = False) -> int:
+    def sweep_incomplete(
+        self, older_than: datetime, dry_run: bool = False, found: Callable[[str], None] | None = None
+    ) -> int:
         """Remove temporary files in ``.incoming`` last written before ``older_than``.
 
         A live write touches its file with every block, so only a stalled or dead one is old.
@@ -313,6 +315,8 @@ class LocalStorage(Storage):
                 except FileNotFoundError:
                     continue  # its writer renamed it into place, or another sweep removed it
                 count += 1
+                if found is not None:
+                    found(f"{INCOMING}/{entry.name}")
         return count
 
     def free_bytes(self) -> int | None:

@@ -12,7 +12,7 @@ import hashlib
 import io
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import BinaryIO, cast
 
@@ -315,7 +315,9 @@ class S3Storage(Storage):
             for obj in self._client.list_objects(self._bucket, prefix=prefix, recursive=True):
                 yield ListedKey(cast(str, obj.object_name), cast(datetime, obj.last_modified))
 
-    def sweep_incomplete(self, older_than: datetime, dry_run: bool = False) -> int:
+    def sweep_incomplete(
+        self, older_than: datetime, dry_run: bool = False, found: Callable[[str], None] | None = None
+    ) -> int:
         """Abort the multipart uploads under chunksvc's prefixes initiated before ``older_than``.
 
         A live upload that is aborted fails at its next request, so nothing is stored half-done.
@@ -327,6 +329,8 @@ class S3Storage(Storage):
                     continue
                 if dry_run or self._abort_upload(upload.object_name, cast(str, upload.upload_id)):
                     count += 1
+                    if found is not None:
+                        found(f"{upload.object_name} (multipart upload {upload.upload_id})")
         return count
 
     def describe(self, stored: StoredObject) -> dict:
