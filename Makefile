@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test chaos lint migrate api-key keys sessions psql reap bench bench-large loadtest clean
+.PHONY: install run test chaos lint migrate api-key keys sessions psql reap bench bench-large bench-proxy loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes.
 # The client (client/, its own package) goes in too: the tests, bench and load test drive the
@@ -69,6 +69,11 @@ bench: $(BENCH_INSTALLED)
 ## client, completed in the background; several minutes and --size GiB of free disk (twice over).
 bench-large: $(BENCH_INSTALLED)
 	$(BIN)/python -m chunksvc.tools.bench_large $(ARGS)
+
+## make bench-proxy [ARGS="--size 1024 --rounds 5"]: the same parallel upload direct, through the
+## shipped nginx config over HTTP and over TLS (needs nginx installed).
+bench-proxy: $(BENCH_INSTALLED)
+	$(BIN)/python -m chunksvc.tools.bench_proxy $(ARGS)
 
 ## make loadtest: a short smoke load on a chunksvc started locally. Against a deployment:
 ## CHUNKSVC_URL=https://host CHUNKSVC_API_KEY=csk_... make loadtest ARGS="--users 50 --run-time 300 --max-files 0"
