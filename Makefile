@@ -6,13 +6,14 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: install run test chaos lint migrate api-key keys sessions psql reap bench bench-large bench-proxy loadtest clean
 
-# The virtualenv is rebuilt when the dependency list changes.
+# The virtualenv is rebuilt when the dependency list changes. (PYTHONWARNINGS: setuptools' notice
+# about editable installs, printed by every build, is noise; pip's errors still show.)
 # The client (client/, its own package) goes in too: the tests, bench and load test drive the
 # service through it.
 $(INSTALLED): setup.cfg pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]' -e ./client
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test]' -e ./client
 	touch $@
 
 install: $(INSTALLED)
@@ -20,7 +21,7 @@ install: $(INSTALLED)
 # The measuring tools' extras (locust, py-spy) on top of the test install.
 BENCH_INSTALLED := $(VENV)/.bench-installed
 $(BENCH_INSTALLED): $(INSTALLED)
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
 ## Serve on the embedded defaults (PostgreSQL and disk storage under ./var) unless
