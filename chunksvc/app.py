@@ -17,6 +17,7 @@ from chunksvc.resources.middleware import BearerAuth, RequestId
 from chunksvc.resources.observability import MetricsResource, RequestTelemetry
 from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.auth import Authenticator
+from chunksvc.services.census import SessionCensus
 from chunksvc.services.health import HealthService
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import Storage, open_storage
@@ -67,6 +68,8 @@ def build(
     assembler = BackgroundAssembler(
         upload_service, db, config.sync_complete_max, config.background_assemblies, config.assembly_poll_interval
     )
+    # Sessions by status, counted from the database by whichever worker answers a scrape.
+    metrics.session_gauges.census = SessionCensus(db).count
     router = CompiledRouter()
     app = falcon.App(
         middleware=[

@@ -194,6 +194,20 @@ def ping(conn: Connection) -> bool:
     return conn.one("ping")["ok"] == 1
 
 
+# --- metrics --------------------------------------------------------------------------------
+
+
+def set_local_statement_timeout(conn: Connection, seconds: float) -> None:
+    """Bound the rest of the caller's transaction's statements to ``seconds`` each."""
+    conn.one("set_local_statement_timeout", milliseconds=max(1, round(seconds * 1000)))
+
+
+def session_census(conn: Connection) -> dict[str, int]:
+    """Sessions by status (INIT, IN_PROGRESS, COMPLETING) and awaiting the reaper (``overdue``:
+    open past expiry; ``unpurged``: ended, stored bytes not removed yet). Absent keys are 0."""
+    return {row["status"]: row["sessions"] for row in conn.all("session_census")}
+
+
 # --- reaper ---------------------------------------------------------------------------------
 
 

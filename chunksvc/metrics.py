@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -29,6 +30,58 @@ PART_OUTCOMES = ("accepted", "duplicate", "conflicting", "rejected")
 SESSION_EVENTS = ("created", "completed", "aborted", "expired", "failed")
 # Methods outside this set share one label value: clients must not be able to mint series.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+# Sessions not ended yet, by status as clients see it (see SessionGauges).
+LIVE_STATUSES = ("INIT", "IN_PROGRESS", "COMPLETING")
+REAPER_OUTCOMES = ("succeeded", "failed")
+
+Census = Callable[[], Mapping[str, int] | None]
+
+
+class SessionGauges:
+    """Gauges of what the database holds now, counted once per scrape by whichever process
+    answers it. A custom collector on the exposition registry, not a ``Gauge``: in multiprocess
+    mode each worker's gauge would be a file of its own, and the scrape would add up (or pick
+    among) stale copies of one database-wide figure.
+    """
+
+    def __init__(self) -> None:
+        self.census: Census | None = None  # set by the app (chunksvc.services.census); none: no gauges
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        if self.census is None:
+            return []
+        counts = self.census()
+        by_status, awaiting, up = self._families()
+        up.add_metric([], 0 if counts is None else 1)
+        if counts is None:
+            return [up]
+        for status in LIVE_STATUSES:
+            by_status.add_metric([status], counts.get(status, 0))
+        awaiting.add_metric(["expire"], counts.get("overdue", 0))
+        awaiting.add_metric(["purge"], counts.get("unpurged", 0))
+        return [by_status, awaiting, up]
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "chunksvc_sessions_by_status", "Sessions not ended, by status as clients see it (an open session"
+                " past its expiry counts as awaiting the reaper instead), read from the database at this scrape",
+                labels=["status"],
+            ),
+            GaugeMetricFamily(
+                "chunksvc_sessions_awaiting_reaper", "Sessions with reaper work pending, by work: expire (open"
+                " sessions past their expiry), purge (ended sessions whose stored bytes are not removed yet)",
+                labels=["work"],
+            ),
+            GaugeMetricFamily(
+                "chunksvc_session_gauges_up", "1 if the sessions gauges were read from the database at this scrape,"
+                " 0 if it did not answer in time (they are left out)",
+            ),
+        )
 
 
 class Metrics(UploadEvents):
@@ -117,7 +170,13 @@ class Metrics(UploadEvents):
         self._pool_seen = {"requests_queued": 0, "requests_errors": 0}
         self._pool_lock = threading.Lock()
 
+        # Counted at scrape time from the database, once the app gives it a census.
+        self.session_gauges = SessionGauges()
+        self._exposition.register(self.session_gauges)
+
         # Series that exist from the start read 0 rather than being absent.
+        for outcome in REAPER_OUTCOMES:
+            self.reaper_runs.labels(outcome)
         for outcome in PART_OUTCOMES:
             self.parts.labels(outcome)
         for outcome in ("accepted", "duplicate"):

@@ -137,6 +137,55 @@ def test_lost_bytes_are_counted_when_healed_and_when_reopened(app, auth, storage
     assert value(after, "chunksvc_parts_lost_total") - value(before, "chunksvc_parts_lost_total") == 2
 
 
+def session_gauges(samples: dict) -> dict[str, float]:
+    return {
+        **{status: value(samples, "chunksvc_sessions_by_status", status=status)
+           for status in ("INIT", "IN_PROGRESS", "COMPLETING")},
+        **{f"awaiting {work}": value(samples, "chunksvc_sessions_awaiting_reaper", work=work)
+           for work in ("expire", "purge")},
+        "up": value(samples, "chunksvc_session_gauges_up"),
+    }
+
+
+def test_sessions_by_status_are_counted_from_the_database_at_scrape_time(app, auth, database_url):
+    assert session_gauges(scrape(app)) == {
+        "INIT": 0, "IN_PROGRESS": 0, "COMPLETING": 0, "awaiting expire": 0, "awaiting purge": 0, "up": 1
+    }
+    fresh = [create(app, auth, size=10).json["id"] for _ in range(3)]
+    started = [create(app, auth, size=2048, part_size=1024).json["id"] for _ in range(2)]
+    for session_id in started:
+        put_part(app, auth, session_id, 1, payload(1024))
+    data = payload(10)
+    completed = create(app, auth, size=10, sha256=sha(data)).json["id"]
+    put_part(app, auth, completed, 1, data)
+    complete(app, auth, completed)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # One open session past its expiry (clients see EXPIRED; the reaper has not marked it),
+        # one COMPLETING, and the completed one's purge not done yet (no reaper ran).
+        conn.execute("UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s",
+                     (fresh[0],))
+        conn.execute("UPDATE upload_sessions SET status = 'COMPLETING' WHERE id = %s", (started[0],))
+
+    assert session_gauges(scrape(app)) == {
+        "INIT": 2, "IN_PROGRESS": 1, "COMPLETING": 1, "awaiting expire": 1, "awaiting purge": 1, "up": 1
+    }
+
+
+def test_a_slow_database_leaves_the_sessions_gauges_out_but_the_scrape_answers(app, auth, database_url):
+    create(app, auth, size=10)
+    with psycopg.connect(database_url) as blocker:
+        # Every read of upload_sessions now waits for this transaction.
+        blocker.execute("LOCK TABLE upload_sessions IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        samples = scrape(app)
+        took = time.monotonic() - started
+    assert took < 5, f"the scrape waited {took:.1f} s for the database"
+    assert value(samples, "chunksvc_session_gauges_up") == 0
+    assert not [name for name, _ in samples if name.startswith(("chunksvc_sessions_by", "chunksvc_sessions_await"))]
+    assert value(samples, "chunksvc_http_requests_total", method="POST", route="/uploads/sessions", status="201") == 1
+    assert session_gauges(scrape(app))["INIT"] == 1  # and the next scrape has them again
+
+
 def test_labels_stay_bounded(app, auth):
     app.get("/no/such/path/" + uuid.uuid4().hex, status=404)
     app.request("/healthz", method="BREW", status=400)
@@ -165,6 +214,8 @@ def test_db_pool_saturation(database_url, file_spec, auth):
     finally:
         db.close()
     assert value(held, "chunksvc_db_pool_connections", state="in_use") == 1
+    # The sessions gauges do not queue for the pool's last connection: left out, not waited for.
+    assert (value(held, "chunksvc_session_gauges_up"), value(after, "chunksvc_session_gauges_up")) == (0, 1)
     assert value(held, "chunksvc_db_pool_connections", state="idle") == 0
     assert value(after, "chunksvc_db_pool_connections", state="in_use") == 0
     for counter in ("chunksvc_db_pool_queued_requests_total", "chunksvc_db_pool_request_errors_total"):
@@ -223,7 +274,7 @@ def server(pg_admin_url, template_db, tmp_path_factory):
         with harness.gunicorn(url, storage, env=env, cwd=ROOT, stderr_path=workdir / "stderr.log") as gunicorn:
             key = harness.create_api_key(url, "metrics")
             yield {"gunicorn": gunicorn, "dir": metrics_dir, "stale": stale, "key": key,
-                   "access_log": workdir / "access.log"}
+                   "access_log": workdir / "access.log", "url": url}
     finally:
         embedded.drop_database(pg_admin_url, name)
 
@@ -308,6 +359,27 @@ def test_uploads_through_several_workers(server):
     assert deltas(before, after, "chunksvc_sessions_total", "event") == {"created": count}
     assert deltas(before, after, "chunksvc_parts_total", "outcome") == {"accepted": count}
     assert deltas(before, after, "chunksvc_part_bytes_received_total", "outcome") == {"accepted": 100 * count}
+
+
+def test_sessions_gauges_are_the_databases_once_not_once_per_worker(server):
+    headers = {"Authorization": f"Bearer {server['key']}", "Content-Type": "application/json"}
+    for _ in range(4):
+        status, _, _ = server["gunicorn"].request(
+            "POST", "/uploads/sessions", json.dumps({"filename": "f", "size": 100}).encode(), headers
+        )
+        assert status == 201
+    with psycopg.connect(server["url"]) as conn:
+        expected = conn.execute(
+            "SELECT count(*) FROM upload_sessions WHERE status = 'INIT' AND expires_at > now()"
+        ).fetchone()[0]
+    assert expected >= 4
+    for _ in range(6):  # whichever of the three workers answers
+        status, _, body = server["gunicorn"].request("GET", "/metrics")
+        assert status == 200
+        lines = [line for line in body.decode().splitlines() if line.startswith("chunksvc_sessions_by_status{")]
+        assert len(lines) == 3, lines
+        assert value(parse(body.decode()), "chunksvc_sessions_by_status", status="INIT") == expected
+        assert value(parse(body.decode()), "chunksvc_session_gauges_up") == 1
 
 
 def test_default_directory_is_per_server_and_removed_at_exit(pg_admin_url, template_db, tmp_path):

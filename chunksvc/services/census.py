@@ -1,0 +1,40 @@
+"""How many sessions are in each status now, read from PostgreSQL when ``/metrics`` is scraped.
+
+One statement (``session_census``) that reads only the partial indexes of sessions not ended,
+with a short timeout on both the wait for a pooled connection and the statement: a slow or
+absent database costs a scrape at most about twice ``timeout``, and the scrape still answers
+(without these gauges, and with ``chunksvc_session_gauges_up`` 0). A pool whose connections are
+all in use is left to the requests: the scrape skips the gauges instead of waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from chunksvc import dao
+from chunksvc.db import Database
+from chunksvc.errors import ChunksvcError
+
+log = logging.getLogger(__name__)
+
+
+class SessionCensus:
+    def __init__(self, db: Database, timeout: float = 1.0) -> None:
+        self._db = db
+        self._timeout = timeout
+
+    def count(self) -> dict[str, int] | None:
+        """``dao.session_census``'s counts, or None when the database did not answer in time."""
+        stats = self._db.stats()
+        if stats and stats.get("pool_available", 0) == 0 and stats.get("pool_size", 0) >= stats.get("pool_max", 1):
+            # Every connection is serving requests: the gauges wait for a scrape that finds one
+            # free, rather than queue behind (and be counted among) the requests that need it.
+            log.warning("metrics: sessions not counted: every pooled database connection is in use")
+            return None
+        try:
+            with self._db.connection(timeout=self._timeout) as conn, conn.transaction():
+                dao.set_local_statement_timeout(conn, self._timeout)
+                return dao.session_census(conn)
+        except ChunksvcError as exc:
+            log.warning("metrics: sessions not counted within %ss: %s", self._timeout, exc.detail)
+            return None
