@@ -19,6 +19,7 @@ from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.auth import Authenticator
 from chunksvc.services.census import SessionCensus
 from chunksvc.services.health import HealthService
+from chunksvc.services.reaper import PeriodicReaper, Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import Storage, open_storage
 
@@ -49,8 +50,9 @@ def build(
     db: Database | None = None,
     storage: Storage | None = None,
     metrics: Metrics | None = None,
-) -> tuple[falcon.App, BackgroundAssembler]:
-    """The WSGI application and its background assembler (whose poller the server starts)."""
+) -> tuple[falcon.App, BackgroundAssembler, PeriodicReaper]:
+    """The WSGI application, its background assembler and its periodic reaper (which the server
+    starts in each worker: gunicorn.conf.py)."""
     if db is None:
         db = build_database(config)
     if metrics is None:
@@ -67,6 +69,11 @@ def build(
     )
     assembler = BackgroundAssembler(
         upload_service, db, config.sync_complete_max, config.background_assemblies, config.assembly_poll_interval
+    )
+    # The reaper pass every CHUNKSVC_REAP_INTERVAL seconds, by one process at a time across all
+    # hosts, its figures in this worker's metrics (so in /metrics with no cron to set up).
+    reaper = PeriodicReaper(
+        db, Reaper(db, storage, upload_service, ReaperSettings(), events=metrics), config.reap_interval, metrics
     )
     # Sessions by status, counted from the database by whichever worker answers a scrape.
     metrics.session_gauges.census = SessionCensus(db).count
@@ -96,4 +103,4 @@ def build(
         "/uploads/sessions/{session_id}/parts/{part_number}", uploads.PartResource(upload_service, config.body_timeout)
     )
     app.add_route("/uploads/sessions/{session_id}/complete", uploads.CompleteResource(upload_service, assembler))
-    return app, assembler
+    return app, assembler, reaper

@@ -204,6 +204,9 @@ class Config:
     # worker looks for accepted completions no one is running (a host that died, say).
     background_assemblies: int = 1
     assembly_poll_interval: float = 5.0
+    # Seconds between the reaper passes the server runs itself (one process at a time across all
+    # hosts; the others skip that turn); 0: none, reap from cron only. See the README, Reaper.
+    reap_interval: float = 300.0
     # Proxies whose X-Forwarded-For names the client in logs (default: the same host).
     trusted_proxies: TrustedProxies = dataclasses.field(
         default_factory=lambda: TrustedProxies.parse(DEFAULT_FORWARDED_ALLOW_IPS)
@@ -237,6 +240,7 @@ class Config:
             sync_complete_max=_int(env, "CHUNKSVC_SYNC_COMPLETE_MAX", 256 * MiB),
             background_assemblies=_int(env, "CHUNKSVC_BACKGROUND_ASSEMBLIES", 1),
             assembly_poll_interval=_int(env, "CHUNKSVC_ASSEMBLY_POLL", 5),
+            reap_interval=_int(env, "CHUNKSVC_REAP_INTERVAL", 300),
             trusted_proxies=TrustedProxies.parse(
                 env.get("CHUNKSVC_FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)
             ),
@@ -256,6 +260,8 @@ class Config:
             raise ConfigError("CHUNKSVC_SYNC_COMPLETE_MAX must not be negative")
         if self.background_assemblies < 1 or self.assembly_poll_interval < 1:
             raise ConfigError("CHUNKSVC_BACKGROUND_ASSEMBLIES and CHUNKSVC_ASSEMBLY_POLL must be at least 1")
+        if self.reap_interval < 0:
+            raise ConfigError("CHUNKSVC_REAP_INTERVAL must not be negative (0 turns the server's own reaper off)")
         if self.storage_min_free < 0:
             raise ConfigError("CHUNKSVC_STORAGE_MIN_FREE must not be negative")
 

@@ -141,6 +141,10 @@ class Metrics(UploadEvents):
         self.reaper_work = Counter(
             "chunksvc_reaper_work", "What reaper runs did, by kind of work", ["kind"], registry=registry,
         )
+        self.reaper_skips = Counter(
+            "chunksvc_reaper_skipped", "Turns of the server's periodic reaper this host's workers let pass because"
+            " another process (on any host) was running a pass", registry=registry,
+        )
         self.reaper_duration = Histogram(
             "chunksvc_reaper_run_duration_seconds", "Time a reaper run took", buckets=ASSEMBLY_BUCKETS,
             registry=registry,
@@ -270,3 +274,6 @@ class Metrics(UploadEvents):
         self.reaper_duration.observe(seconds)
         for kind, count in counts.items():
             self.reaper_work.labels(kind).inc(count)
+
+    def reaper_skipped(self) -> None:
+        self.reaper_skips.inc()

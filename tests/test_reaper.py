@@ -25,13 +25,24 @@ from pathlib import Path
 import psycopg
 import pytest
 import webtest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from chunksvc import dao
 from chunksvc.app import create_app
 from chunksvc.config import Config, StorageSpec
 from chunksvc.db import Database
+from chunksvc.errors import ConfigError
+from chunksvc.metrics import Metrics
 from chunksvc.services.auth import Authenticator, KeyManager
-from chunksvc.services.reaper import LIST_LIMIT, LIVE_KEY_MIN_AGE, Reaper, ReaperSettings, ReapResult
+from chunksvc.services.reaper import (
+    LIST_LIMIT,
+    LIVE_KEY_MIN_AGE,
+    PeriodicReaper,
+    Reaper,
+    ReaperSettings,
+    ReapResult,
+)
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import Storage, open_storage
 from chunksvc.tools import harness
@@ -548,6 +559,113 @@ def test_cli_exits_1_when_something_could_not_be_cleaned(database_url):
     assert result.stdout.endswith("; 2 errors\n")  # the two sweeps
     assert "unreachable" in result.stderr
     assert "top-secret" not in result.stdout + result.stderr
+
+
+# --- the server's own reaper (CHUNKSVC_REAP_INTERVAL) ----------------------------------------
+
+
+def test_reap_interval_setting():
+    assert Config.from_env({"CHUNKSVC_VAR_DIR": "/tmp/x"}).reap_interval == 300
+    assert Config.from_env({"CHUNKSVC_VAR_DIR": "/tmp/x", "CHUNKSVC_REAP_INTERVAL": "0"}).reap_interval == 0
+    with pytest.raises(ConfigError, match="CHUNKSVC_REAP_INTERVAL"):
+        Config.from_env({"CHUNKSVC_VAR_DIR": "/tmp/x", "CHUNKSVC_REAP_INTERVAL": "-1"})
+
+
+class BlockingReaper:
+    """Stands in for a ``Reaper`` whose pass lasts until the test lets it end."""
+
+    def __init__(self) -> None:
+        self.running = threading.Event()
+        self.finish = threading.Event()
+
+    def run(self) -> ReapResult:
+        self.running.set()
+        assert self.finish.wait(60)
+        return ReapResult()
+
+
+def test_one_periodic_pass_at_a_time_across_processes_the_others_skip_their_turn(database_url):
+    hosts = [Database(database_url, max_size=2) for _ in range(2)]  # two processes, each its own pool
+    metrics = [Metrics(CollectorRegistry()) for _ in hosts]
+    slow = BlockingReaper()
+    first = PeriodicReaper(hosts[0], slow, 300, metrics[0])
+    second = PeriodicReaper(hosts[1], BlockingReaper(), 300, metrics[1])
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            running = pool.submit(first.run_once)
+            assert slow.running.wait(30)
+            started = time.monotonic()
+            assert second.run_once() is None  # skipped at once, not waited for
+            assert time.monotonic() - started < 5
+            slow.finish.set()
+            assert running.result(timeout=30) == ReapResult()
+    finally:
+        for db in hosts:
+            db.close()
+    assert metrics[1].reaper_skips._value.get() == 1
+    assert metrics[0].reaper_skips._value.get() == 0
+
+
+def test_the_periodic_reaper_runs_passes_on_its_turns_and_counts_them(app, auth, db, database_url, storage):
+    session_id, _ = uploaded(app, auth)
+    make_overdue(database_url, session_id)
+    metrics = Metrics(CollectorRegistry())
+    uploads = UploadService(db, storage, TEST_LIMITS, 64 * 1024)
+    periodic = PeriodicReaper(db, Reaper(db, storage, uploads, ReaperSettings(), events=metrics), 1, metrics)
+    runs = lambda outcome: metrics.reaper_runs.labels(outcome)._value.get()  # noqa: E731
+    assert (runs("succeeded"), runs("failed")) == (0, 0)  # there from the start, as 0
+    periodic.start()
+    try:
+        wait_for(lambda: runs("succeeded") >= 1, "a periodic reaper pass")
+    finally:
+        periodic.stop()
+    assert status(database_url, session_id) == "EXPIRED"
+    assert purged(database_url, session_id)
+    assert metrics.reaper_work.labels("expired")._value.get() == 1
+    assert metrics.reaper_work.labels("ended_bytes_removed")._value.get() == 1
+    assert PeriodicReaper(db, BlockingReaper(), 0).start() is None  # 0: no thread, nothing runs
+
+
+@pytest.fixture
+def reaping_server(database_url, db, tmp_path):
+    """gunicorn with three workers whose periodic reapers take a turn every second."""
+    env = {"CHUNKSVC_WORKERS": "3", "CHUNKSVC_REAP_INTERVAL": "1", "CHUNKSVC_ACCESS_LOG": "/dev/null",
+           "CHUNKSVC_MIN_PART_SIZE": "1"}
+    with harness.gunicorn(
+        database_url, StorageSpec(kind="file", root=tmp_path / "storage"), env=env, cwd=ROOT,
+        stderr_path=tmp_path / "gunicorn.log",
+    ) as gunicorn:
+        yield gunicorn, KeyManager(db).create("periodic")[0]
+
+
+def test_the_servers_own_reaper_lands_in_metrics_and_does_each_piece_of_work_once(reaping_server, database_url):
+    gunicorn, key = reaping_server
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    overdue = []
+    for _ in range(3):
+        code, _, body = gunicorn.request("POST", "/uploads/sessions", json.dumps({"filename": "f", "size": 10}),
+                                         headers)
+        assert code == 201
+        overdue.append(json.loads(body)["id"])
+        make_overdue(database_url, overdue[-1])
+
+    def scrape() -> dict:
+        text = gunicorn.request("GET", "/metrics")[2].decode()
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
+
+    def work(samples: dict, kind: str) -> float:
+        return samples.get(("chunksvc_reaper_work_total", (("kind", kind),)), 0)
+
+    wait_for(lambda: all(status(database_url, s) == "EXPIRED" and purged(database_url, s) for s in overdue),
+             "the server's reaper to expire and purge the sessions")
+    wait_for(lambda: work(scrape(), "ended_bytes_removed") >= 3, "the pass to be counted")
+    time.sleep(2.5)  # a few more turns of three workers: none may do the work again
+    samples = scrape()
+    assert samples[("chunksvc_reaper_runs_total", (("outcome", "succeeded"),))] >= 2
+    assert samples[("chunksvc_reaper_runs_total", (("outcome", "failed"),))] == 0
+    assert (work(samples, "expired"), work(samples, "ended_bytes_removed")) == (3, 3)
+    assert samples[("chunksvc_sessions_total", (("event", "expired"),))] == 3
 
 
 # --- a worker killed mid-upload ----------------------------------------------------------------

@@ -41,3 +41,6 @@ class UploadEvents:
     def reaper_run(self, *, succeeded: bool, counts: Mapping[str, int], seconds: float) -> None:
         """A reaper run ended; ``counts`` says how much of each kind of work it did
         (e.g. ``{"orphans_removed": 3}``) and ``succeeded`` is false when something was left."""
+
+    def reaper_skipped(self) -> None:
+        """The server's periodic reaper let a turn pass: another process held the run lock."""

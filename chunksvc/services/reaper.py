@@ -1,4 +1,5 @@
-"""The reaper: cleanup that no request does, run from cron (``python -m chunksvc reap``).
+"""The reaper: cleanup that no request does, run by the server itself (``PeriodicReaper``, every
+``CHUNKSVC_REAP_INTERVAL`` seconds) or from cron (``python -m chunksvc reap``), or both.
 
 Phases, in this order (each one's output feeds the next):
 
@@ -33,6 +34,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -413,3 +415,69 @@ class Reaper:
         finally:
             if held:
                 dao.release_reaper_lock(conn, phase)
+
+
+class PeriodicReaper:
+    """The reaper run by the server itself, every ``interval`` seconds (``CHUNKSVC_REAP_INTERVAL``).
+
+    Each gunicorn worker on each host has one, started like the background assembler. At every
+    turn each of them offers to run a pass; the first to take the run lock (a try-advisory-lock,
+    held on one connection for the whole pass) runs it, and every other process skips that turn
+    (counted as ``chunksvc_reaper_skipped_total``) instead of waiting: one pass at a time across
+    all hosts. Turns fall on whole multiples of ``interval`` of the wall clock, so the offers of
+    all processes arrive together and one of them reaps per turn, wherever the hosts' workers
+    started. A pass that outlasts the interval makes the turns it covers skip.
+
+    ``python -m chunksvc reap`` from cron works alongside: it does not take the run lock, and
+    several reapers never do the same work twice (see ``Reaper``). A crashed runner's lock goes
+    with its connection.
+    """
+
+    LOCK = "periodic"
+
+    def __init__(
+        self, db: Database, reaper: Reaper, interval: float, events: UploadEvents | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._db = db
+        self._reaper = reaper
+        self._interval = interval
+        self._events = events or UploadEvents()
+        self._clock = clock
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start taking turns (nothing when the interval is 0: reaping is left to cron)."""
+        with self._lock:
+            if self._interval > 0 and self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        """Take no further turn; a pass under way is abandoned with its process (daemon thread):
+        everything it did so far is committed, and the next pass does the rest."""
+        self._stopping.set()
+
+    def run_once(self) -> ReapResult | None:
+        """One turn: a pass if this process takes the run lock; None if another process holds it."""
+        with self._db.connection() as conn:
+            if not dao.try_reaper_lock(conn, self.LOCK):
+                self._events.reaper_skipped()
+                return None
+            try:
+                result = self._reaper.run()
+            finally:
+                dao.release_reaper_lock(conn, self.LOCK)
+        log.info("%s", result.summary())
+        return result
+
+    def _loop(self) -> None:
+        while not self._stopping.wait(self._interval - self._clock() % self._interval):
+            try:
+                self.run_once()
+            except ChunksvcError as exc:  # the database is down: this turn is lost, not the next
+                log.warning("reaper: turn not taken: %s", exc.detail)
+            except Exception:
+                log.exception("reaper: the pass failed unexpectedly")
