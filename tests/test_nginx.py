@@ -146,6 +146,33 @@ def test_an_oversized_part_gets_413_problem_json_from_nginx(stack):
     assert line["status"] == 413 and line["upstream_status"] == ""  # refused before the service saw it
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),  # no URI at all
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n", 400),
+        (b"GET /" + b"a" * 4100 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),  # gunicorn would refuse it too
+        (b"GET /.chunksvc-errors/502 HTTP/1.1\r\nHost: x\r\n\r\n", 404),  # the error pages are internal
+    ],
+    ids=["garbage-line", "big-header", "long-line", "error-page-path"],
+)
+def test_requests_nginx_refuses_get_problem_json(stack, request_bytes, status):
+    with socket.create_connection(("127.0.0.1", stack["nginx"].http_port), timeout=10) as sock:
+        sock.sendall(request_bytes)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}"):
+                break
+    head, _, body = answer.decode().partition("\r\n\r\n")
+    lines = head.split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    assert lines[0].split()[1] == str(status)
+    assert headers["content-type"] == "application/problem+json" and headers["x-request-id"]
+    problem = json.loads(body)
+    assert problem["status"] == status and problem["code"] == ("not_found" if status == 404 else "invalid_request")
+
+
 def test_a_part_of_the_largest_size_passes(stack):
     proxy = stack["nginx"]
     with Client(proxy.http_url, stack["key"]) as client:
