@@ -35,8 +35,25 @@ def database_url(config: Config) -> Iterator[str]:
     if config.database_url:
         yield config.database_url
         return
-    server = embedded.start(config.var_dir / "pgdata")
+    data_dir = (config.var_dir / "pgdata").resolve()
+    if not embedded.is_initialised(data_dir):
+        warn_new_embedded_database(data_dir)
+    server = embedded.start(data_dir)
     yield embedded.ensure_database(server.get_uri(), embedded.DATABASE)
+
+
+def warn_new_embedded_database(data_dir: Path) -> None:
+    """Say loudly that this command is about to create a database nobody else may be using: run
+    from another directory or without the server's CHUNKSVC_VAR_DIR, a key created here is one
+    the server has never heard of (401)."""
+    print(
+        f"chunksvc: WARNING: no DATABASE_URL, and no embedded database in {data_dir} yet:"
+        " creating a new, empty one there now.\n"
+        "chunksvc: WARNING: a server using another CHUNKSVC_VAR_DIR (or a DATABASE_URL) will not see"
+        " anything done here (an API key created here is refused there with 401). Run this command"
+        " with the server's CHUNKSVC_VAR_DIR (or DATABASE_URL) if that is what you meant.",
+        file=sys.stderr, flush=True,
+    )
 
 
 def cmd_migrate(config: Config, args: argparse.Namespace) -> int:

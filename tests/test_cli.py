@@ -108,6 +108,32 @@ def test_keys_create_refuses_a_bad_client_name(database_url):
     assert result.returncode == 2 and "client name" in result.stderr
 
 
+def test_a_command_that_creates_a_fresh_embedded_database_says_so_naming_its_directory(tmp_path):
+    """No DATABASE_URL and a CHUNKSVC_VAR_DIR with no database yet: keys create warns on stderr
+    that it is making a new one (a server elsewhere will not know this key); stdout keeps its
+    contract, the key alone on the last line. Once the database exists, no warning."""
+    env = {name: value for name, value in os.environ.items() if name != "DATABASE_URL"}
+    env["CHUNKSVC_VAR_DIR"] = str(tmp_path / "elsewhere")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "chunksvc", *args], env=env, capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+
+    created = run("keys", "create", "me")
+    assert created.returncode == 0, created.stderr
+    data_dir = (tmp_path / "elsewhere" / "pgdata").resolve()
+    assert f"WARNING: no DATABASE_URL, and no embedded database in {data_dir} yet" in created.stderr
+    assert "another CHUNKSVC_VAR_DIR" in created.stderr and "401" in created.stderr
+    key = created.stdout.splitlines()[-1]
+    assert key.startswith("csk_") and len(key) == 56
+    assert "XDG_RUNTIME_DIR" not in created.stderr
+
+    listed = run("keys", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert key[:12] in listed.stdout
+    assert "WARNING" not in listed.stderr  # the same database, found again
+
+
 @pytest.fixture
 def disk_app(database_url, db, file_spec):
     """The app on disk storage, so that a command run with the same storage URL sees its bytes."""
