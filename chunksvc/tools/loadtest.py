@@ -5,8 +5,9 @@ N virtual clients (locust users) each upload files of a given size in parts thro
 ``--retries`` by the client's own retry policy on connection errors, 5xx and 507,
 and with ``--conflict-rate`` a deliberate second PUT of an accepted part with other bytes,
 which must answer 409 ``part_conflict``), then complete it and check the object's SHA-256.
-Bounded by ``--run-time`` and ``--max-files``. Prints throughput, latency percentiles per
-endpoint and error counts by the contract's ``code``.
+Bounded by ``--run-time`` and ``--max-files``. While it runs, a progress line on stderr every
+``--progress-every`` seconds (elapsed, uploads completed, part MiB/s, failed requests); at the end,
+throughput, latency percentiles per endpoint and error counts by the contract's ``code``.
 
 Target and key come from ``CHUNKSVC_URL`` and ``CHUNKSVC_API_KEY`` (or ``--url``/``--api-key``).
 Without a URL it starts chunksvc locally (embedded PostgreSQL, disk storage, gunicorn with
@@ -26,8 +27,10 @@ import random
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TextIO
 
 MiB = 1024 * 1024
 
@@ -84,7 +87,8 @@ def make_user(settings: Settings, api_key: str) -> type:
     """A locust user class that uploads files as ``settings`` says, through ``chunksvc_client``
     (the project's one client: its retry policy is the one under test).
 
-    Its ``totals`` (files started, part bytes accepted) are shared by all its users.
+    Its ``totals`` (files started, files completed and verified, part bytes accepted) are shared
+    by all its users.
     """
     import gevent.pool
     from locust import User, constant, task
@@ -94,7 +98,7 @@ def make_user(settings: Settings, api_key: str) -> type:
 
     class UploadUser(User):
         wait_time = constant(0)
-        totals = {"files": 0, "bytes": 0}  # users are greenlets of one thread: no lock needed
+        totals = {"files": 0, "completed": 0, "bytes": 0}  # users are greenlets of one thread: no lock needed
 
         def on_start(self) -> None:
             retry = RetryPolicy(attempts=settings.retries + 1, base_delay=0.2, max_delay=5.0)
@@ -155,6 +159,8 @@ def make_user(settings: Settings, api_key: str) -> type:
                     request_type="CHECK", name="assembled object SHA-256", response_time=0, response_length=0,
                     exception=AssertionError("the assembled object's SHA-256 differs from the file's"), context={},
                 )
+            else:
+                self.totals["completed"] += 1
 
         def put_part(self, session_id: str, file_number: int, part: int) -> None:
             data = self.part_bytes(file_number, part)
@@ -175,8 +181,47 @@ def make_user(settings: Settings, api_key: str) -> type:
     return UploadUser
 
 
-def run_load(url: str, api_key: str, settings: Settings, users: int, spawn_rate: float, run_time: float) -> int:
-    """Run the load in this process; print the report; 1 if any request failed unexpectedly."""
+class Progress:
+    """The line printed every few seconds while the load runs: elapsed time, uploads completed
+    (and verified), part throughput over the last interval and overall, and failed requests
+    (those the client retried apart: they are expected under faults)."""
+
+    def __init__(self, totals: Mapping[str, int], stats, clock: Callable[[], float] = time.monotonic) -> None:
+        self._totals = totals
+        self._stats = stats  # locust's RequestStats
+        self._clock = clock
+        self._started = clock()
+        self._last = (self._started, 0)
+
+    def line(self) -> str:
+        now, sent = self._clock(), self._totals["bytes"]
+        last_at, last_sent = self._last
+        self._last = (now, sent)
+        recent = (sent - last_sent) / MiB / (now - last_at) if now > last_at else 0.0
+        overall = sent / MiB / (now - self._started) if now > self._started else 0.0
+        retried = sum(error.occurrences for error in self._stats.errors.values() if "(retried)" in str(error.error))
+        failed = sum(error.occurrences for error in self._stats.errors.values()) - retried
+        return (
+            f"loadtest: {now - self._started:.0f} s: {self._totals['completed']} uploads completed"
+            f" ({self._totals['files']} started), parts {recent:.1f} MiB/s now, {overall:.1f} MiB/s overall;"
+            f" {failed} requests failed, {retried} retried"
+        )
+
+    def run(self, every: float, out: TextIO | None = None) -> None:
+        """Print a line every ``every`` seconds (a greenlet, killed when the load ends)."""
+        import gevent
+
+        while True:
+            gevent.sleep(every)
+            print(self.line(), file=out or sys.stderr, flush=True)
+
+
+def run_load(
+    url: str, api_key: str, settings: Settings, users: int, spawn_rate: float, run_time: float,
+    progress_every: float = 5.0,
+) -> int:
+    """Run the load in this process, with a progress line on stderr every ``progress_every``
+    seconds (0: none); print the report; 1 if any request failed unexpectedly."""
     import gevent
     from locust.env import Environment
 
@@ -185,6 +230,8 @@ def run_load(url: str, api_key: str, settings: Settings, users: int, spawn_rate:
     runner = environment.create_local_runner()
     runner.start(users, spawn_rate=spawn_rate)
     stopper = gevent.spawn_later(run_time, runner.quit)
+    progress = Progress(user_class.totals, environment.stats)
+    reporter = gevent.spawn(progress.run, progress_every) if progress_every > 0 else None
 
     def quit_when_all_stopped() -> None:
         # With --max-files, every user stops by itself once the files are started.
@@ -196,16 +243,16 @@ def run_load(url: str, api_key: str, settings: Settings, users: int, spawn_rate:
     runner.greenlet.join()
     stopper.kill()
     watcher.kill()
-    return report(environment, settings, users, user_class.totals["bytes"])
+    if reporter is not None:
+        reporter.kill()
+    return report(environment, settings, users, user_class.totals["bytes"], user_class.totals["completed"])
 
 
-def report(environment, settings: Settings, users: int, part_bytes: int) -> int:
+def report(environment, settings: Settings, users: int, part_bytes: int, files: int) -> int:
     stats = environment.stats
     elapsed = max(stats.total.last_request_timestamp - stats.total.start_time, 1e-9) if stats.total.num_requests else 0
     parts = stats.entries.get((PART, "PUT"))
     accepted = (parts.num_requests - parts.num_failures) if parts else 0
-    completed = stats.entries.get((COMPLETE, "POST"))
-    files = (completed.num_requests - completed.num_failures) if completed else 0
     print(
         f"\n{users} users, files of {settings.file_size} bytes"
         f"{' (every other one a quarter of that)' if settings.mixed_sizes else ''} in parts of {settings.part_size}, "
@@ -274,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conflict-rate", type=float, default=0.1, help="share of parts PUT again with other bytes")
     parser.add_argument("--run-time", type=float, default=20, help="seconds (default 20)")
     parser.add_argument("--max-files", type=int, default=20, help="files in all (0: until --run-time)")
+    parser.add_argument("--progress-every", type=float, default=5, metavar="SECONDS",
+                        help="a progress line on stderr this often while the load runs (default 5; 0: none)")
     parser.add_argument("--mixed-sizes", action="store_true",
                         help="every other file a quarter of --file-size (with a server's CHUNKSVC_SYNC_COMPLETE_MAX"
                         " between the two, both completion paths)")
@@ -291,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         max_files=args.max_files,
         mixed_sizes=args.mixed_sizes,
     )
-    return run_load(args.url, args.api_key, settings, args.users, args.spawn_rate, args.run_time)
+    return run_load(args.url, args.api_key, settings, args.users, args.spawn_rate, args.run_time, args.progress_every)
 
 
 if __name__ == "__main__":
