@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part-size", type=int, default=8, help="MiB (default 8)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nginx-workers", type=int, default=2)
+    parser.add_argument(
+        "--storage-root", type=Path,
+        help="where the stored parts go (default: the temporary directory); /dev/shm takes the disk out of it",
+    )
     args = parser.parse_args(argv)
     if nginx.nginx_binary() is None:
         print("nginx is not installed (apt-get install nginx)", file=sys.stderr)
@@ -66,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         source = work / "source.bin"
         write_file(source, args.size * MiB)
-        spec = StorageSpec(kind="file", root=work / "storage")
+        storage_root = (args.storage_root / work.name) if args.storage_root else work / "storage"
+        spec = StorageSpec(kind="file", root=storage_root)
         env = {"CHUNKSVC_ACCESS_LOG": "", "CHUNKSVC_LOG_LEVEL": "warning"}
         with harness.embedded_database(work) as url, harness.gunicorn(url, spec, env=env, cwd=ROOT) as server:
             key = harness.create_api_key(url, "bench-proxy")
@@ -91,10 +97,13 @@ def main(argv: list[str] | None = None) -> int:
                         rates[name].append(rate)
                         print(f"round {round_number} {name:<10} {rate:7.1f} MiB/s", file=sys.stderr, flush=True)
 
+            if args.storage_root:
+                shutil.rmtree(storage_root, ignore_errors=True)
+
     direct = statistics.median(rates["direct"])
     uploaded_gib = args.size * args.rounds / 1024
     print(f"{args.size} MiB, {args.part_size} MiB parts, {args.parallel} in parallel, {args.rounds} rounds,"
-          " disk storage")
+          f" storage under {args.storage_root or 'the temporary directory'}")
     print(f"{'route':<11} {'median MiB/s':>12} {'range':>15} {'vs direct':>10} {'nginx CPU-s/GiB':>16}")
     for name, values in rates.items():
         median = statistics.median(values)
