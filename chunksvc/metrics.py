@@ -8,6 +8,8 @@ Without it (tests, one process) each ``Metrics`` has a private registry, so apps
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -82,6 +84,26 @@ class SessionGauges:
                 " 0 if it did not answer in time (they are left out)",
             ),
         )
+
+
+class _WorkerFilesCollector(MultiProcessCollector):
+    """prometheus_client's merge of every worker's files, minus two races with starting and dying
+    workers: a file a new worker has created but not yet sized (0 bytes: reading it raises), and a
+    file removed by ``mark_process_dead`` between the listing and the read (read again)."""
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        try:
+            return self.merge(self._sized_files(), accumulate=True)
+        except FileNotFoundError:  # a dead worker's file went between the listing and the read
+            return self.merge(self._sized_files(), accumulate=True)
+
+    def _sized_files(self) -> list[str]:
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_size > 0:  # sized (and zero-filled) before anything is written
+                    files.append(path)
+        return files
 
 
 class Metrics(UploadEvents):
@@ -198,7 +220,7 @@ class Metrics(UploadEvents):
             # prometheus_client chooses where values live when it is first imported.
             raise ConfigError("PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported")
         exposition = CollectorRegistry()
-        MultiProcessCollector(exposition, path=directory)
+        _WorkerFilesCollector(exposition, path=directory)
         # This process's values go to files only; registering them for exposition would count them twice.
         return cls(CollectorRegistry(), exposition)
 

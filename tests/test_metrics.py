@@ -252,6 +252,28 @@ Metrics.for_process().http_requests.labels("GET", "/healthz", "200").inc(1000)
 """
 
 
+EXPOSE_BESIDE_A_NEW_WORKERS_FILE = """
+import os, sys
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+from chunksvc.metrics import Metrics
+metrics = Metrics.for_process()
+metrics.http_requests.labels("GET", "/healthz", "200").inc(3)
+# A worker starting now has created its file but not yet sized it.
+open(os.path.join(sys.argv[1], "gauge_livesum_999999.db"), "wb").close()
+sys.stdout.write(metrics.exposition().decode())
+"""
+
+
+def test_a_file_a_starting_worker_has_not_sized_yet_does_not_fail_the_scrape(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", EXPOSE_BESIDE_A_NEW_WORKERS_FILE, str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    samples = parse(result.stdout)
+    assert value(samples, "chunksvc_http_requests_total", method="GET", route="/healthz", status="200") == 3
+
+
 @pytest.fixture(scope="module")
 def server(pg_admin_url, template_db, tmp_path_factory):
     """gunicorn with three workers, its metrics directory holding values left by an earlier run."""
