@@ -266,6 +266,76 @@ class Config:
             raise ConfigError("CHUNKSVC_STORAGE_MIN_FREE must not be negative")
 
 
+_WORKER_CLASSES = ("gthread", "sync")
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """gunicorn's settings (``gunicorn.conf.py``), read from the same environment as ``Config`` and
+    checked the same way: a bad value stops the server with a message that names it."""
+
+    bind: str
+    worker_class: str
+    workers: int
+    threads: int
+    timeout: int
+    graceful_timeout: int
+    keepalive: int
+    max_requests: int
+    max_requests_jitter: int
+    control_socket: str | None
+    forwarded_allow_ips: str
+    log_level: str
+    access_log: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, cpu_count: int | None = None) -> ServerSettings:
+        env = os.environ if environ is None else environ
+        cores = cpu_count or os.cpu_count() or 1
+        worker_class = env.get("CHUNKSVC_WORKER_CLASS", "gthread")
+        if worker_class not in _WORKER_CLASSES:
+            raise ConfigError(
+                f"CHUNKSVC_WORKER_CLASS must be one of {', '.join(_WORKER_CLASSES)}, got {worker_class!r}"
+            )
+        log_level = env.get("CHUNKSVC_LOG_LEVEL", "info").lower()
+        if log_level not in _LOG_LEVELS:
+            raise ConfigError(f"CHUNKSVC_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+        forwarded = env.get("CHUNKSVC_FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)
+        TrustedProxies.parse(forwarded)  # refused here, before gunicorn parses it its own way
+        settings = cls(
+            bind=env.get("CHUNKSVC_BIND", "127.0.0.1:8000"),
+            worker_class=worker_class,
+            workers=_int(env, "CHUNKSVC_WORKERS", cores + 1),
+            threads=_int(env, "CHUNKSVC_THREADS", 64),
+            timeout=_int(env, "CHUNKSVC_WORKER_TIMEOUT", 30 if worker_class == "gthread" else 900),
+            graceful_timeout=_int(env, "CHUNKSVC_GRACEFUL_TIMEOUT", 60),
+            keepalive=_int(env, "CHUNKSVC_KEEPALIVE", 15),
+            max_requests=_int(env, "CHUNKSVC_MAX_REQUESTS", 10_000),
+            max_requests_jitter=_int(env, "CHUNKSVC_MAX_REQUESTS_JITTER", 1_000),
+            control_socket=env.get("CHUNKSVC_CONTROL_SOCKET") or None,
+            forwarded_allow_ips=forwarded,
+            log_level=log_level,
+            access_log=env.get("CHUNKSVC_ACCESS_LOG", "-"),
+        )
+        problems = [
+            f"{name} must be at least {least}, got {value}"
+            for name, value, least in (
+                ("CHUNKSVC_WORKERS", settings.workers, 1),
+                ("CHUNKSVC_THREADS", settings.threads, 1),
+                ("CHUNKSVC_WORKER_TIMEOUT", settings.timeout, 1),
+                ("CHUNKSVC_GRACEFUL_TIMEOUT", settings.graceful_timeout, 1),
+                ("CHUNKSVC_KEEPALIVE", settings.keepalive, 0),
+                ("CHUNKSVC_MAX_REQUESTS", settings.max_requests, 0),
+                ("CHUNKSVC_MAX_REQUESTS_JITTER", settings.max_requests_jitter, 0),
+            )
+            if value < least
+        ]
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return settings
+
+
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chunksvc.config import Config, TrustedProxies
+from chunksvc.config import Config, ServerSettings, TrustedProxies
 from chunksvc.errors import ConfigError
 
 LOOPBACK = TrustedProxies.parse("127.0.0.1,::1")
@@ -60,3 +60,26 @@ def test_the_environment_sets_the_list():
     config = Config.from_env({"CHUNKSVC_FORWARDED_ALLOW_IPS": "10.0.0.7", "CHUNKSVC_VAR_DIR": "/tmp/x"})
     assert config.trusted_proxies.trusts("10.0.0.7") and not config.trusted_proxies.trusts("127.0.0.1")
     assert Config.from_env({"CHUNKSVC_VAR_DIR": "/tmp/x"}).trusted_proxies == LOOPBACK
+
+
+def test_server_settings_default_to_cores_plus_one_gthread_workers():
+    settings = ServerSettings.from_env({}, cpu_count=2)
+    assert (settings.worker_class, settings.workers, settings.threads, settings.timeout) == ("gthread", 3, 64, 30)
+    assert settings.control_socket is None and settings.forwarded_allow_ips == "127.0.0.1,::1"
+    assert ServerSettings.from_env({"CHUNKSVC_WORKER_CLASS": "sync"}, cpu_count=2).timeout == 900
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        ("CHUNKSVC_WORKERS", "three", "CHUNKSVC_WORKERS must be an integer"),
+        ("CHUNKSVC_WORKERS", "0", "CHUNKSVC_WORKERS must be at least 1"),
+        ("CHUNKSVC_THREADS", "-4", "CHUNKSVC_THREADS must be at least 1"),
+        ("CHUNKSVC_WORKER_CLASS", "gevent", "CHUNKSVC_WORKER_CLASS must be one of gthread, sync"),
+        ("CHUNKSVC_LOG_LEVEL", "loud", "CHUNKSVC_LOG_LEVEL must be one of"),
+        ("CHUNKSVC_FORWARDED_ALLOW_IPS", "nginx", "CHUNKSVC_FORWARDED_ALLOW_IPS"),
+    ],
+)
+def test_a_bad_server_setting_is_refused_by_name(name, raw, message):
+    with pytest.raises(ConfigError, match=message):
+        ServerSettings.from_env({name: raw})
