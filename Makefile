@@ -64,22 +64,22 @@ reap: $(INSTALLED)
 
 ## make bench [ARGS="--backends file --rounds 7"]: the part path's figures, a few minutes (README, Performance).
 bench: $(BENCH_INSTALLED)
-	$(BIN)/python -m chunksvc.tools.bench $(ARGS)
+	$(BIN)/python -m tools.bench $(ARGS)
 
 ## make bench-large [ARGS="--size 10 --backends file,s3"]: a large upload end to end, through the
 ## client, completed in the background; several minutes and --size GiB of free disk (twice over).
 bench-large: $(BENCH_INSTALLED)
-	$(BIN)/python -m chunksvc.tools.bench_large $(ARGS)
+	$(BIN)/python -m tools.bench_large $(ARGS)
 
 ## make bench-proxy [ARGS="--size 1024 --rounds 5"]: the same parallel upload direct, through the
 ## shipped nginx config over HTTP and over TLS (needs nginx installed).
 bench-proxy: $(BENCH_INSTALLED)
-	$(BIN)/python -m chunksvc.tools.bench_proxy $(ARGS)
+	$(BIN)/python -m tools.bench_proxy $(ARGS)
 
 ## make loadtest: a short smoke load on a chunksvc started locally. Against a deployment:
 ## CHUNKSVC_URL=https://host CHUNKSVC_API_KEY=csk_... make loadtest ARGS="--users 50 --run-time 300 --max-files 0"
 loadtest: $(BENCH_INSTALLED)
-	$(BIN)/python -m chunksvc.tools.loadtest $(ARGS)
+	$(BIN)/python -m tools.loadtest $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

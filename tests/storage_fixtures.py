@@ -18,7 +18,7 @@ import pytest
 
 from chunksvc.config import StorageSpec
 from chunksvc.storage import Storage, open_storage
-from chunksvc.tools import harness
+from tools import harness
 
 # moto, boto3 and minio are imported where used: this plugin loads for every test run, and
 # most runs need none of them.

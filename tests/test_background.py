@@ -23,13 +23,13 @@ from chunksvc.config import StorageSpec
 from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.uploads import UploadService
-from chunksvc.tools import harness
 from chunksvc_client import Client
 from tests.conftest import TEST_LIMITS
 from tests.faults import FaultProxy
 from tests.helpers import complete, create, payload, put_part, sha, split, wait_for
 from tests.test_api import assert_problem, read_object, stored_part_keys
 from tests.test_faults import pg_socket
+from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNC_MAX = 2000  # bytes: anything larger completes in the background here

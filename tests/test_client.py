@@ -21,11 +21,11 @@ import pytest
 from chunksvc import embedded
 from chunksvc.config import StorageSpec
 from chunksvc.storage import open_storage
-from chunksvc.tools import harness
 from chunksvc_client import ApiError, Client, RetryPolicy
 from chunksvc_client.client import _FileUpload
 from chunksvc_client.progress import NoProgress
 from tests.helpers import payload, wait_for
+from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "chunksvc_client.cli"]

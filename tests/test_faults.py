@@ -32,12 +32,12 @@ from chunksvc.services.auth import KeyManager
 from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import open_storage
-from chunksvc.tools import harness
 from chunksvc_client import ApiError
 from tests.chaos import Tally, client, finish, measure_invariants, query, record_fault, upload
 from tests.conftest import TEST_LIMITS
 from tests.faults import HANG, PASS, PG_READY_FOR_QUERY, REFUSE, RESET, FaultProxy
 from tests.helpers import payload, wait_for
+from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 PART = 64 * 1024

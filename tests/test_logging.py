@@ -14,8 +14,8 @@ import pytest
 
 from chunksvc import embedded, logs
 from chunksvc.config import StorageSpec
-from chunksvc.tools import harness
 from tests.helpers import create, payload, put_part
+from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 PART_ROUTE = "/uploads/sessions/{session_id}/parts/{part_number}"

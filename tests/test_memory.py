@@ -16,9 +16,9 @@ import pytest
 
 from chunksvc import embedded
 from chunksvc.config import KiB, MiB, StorageSpec
-from chunksvc.tools import harness
 from tests.helpers import payload
 from tests.storage_fixtures import make_s3_spec
+from tools import harness
 
 PART = 64 * MiB
 MAX_GROWTH = 16 * MiB

@@ -25,9 +25,9 @@ from chunksvc.config import Config, StorageSpec
 from chunksvc.db import Database
 from chunksvc.errors import ConfigError
 from chunksvc.metrics import Metrics
-from chunksvc.tools import harness
 from tests.conftest import TEST_LIMITS
 from tests.helpers import complete, create, payload, put_part, sha, split
+from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 PART_ROUTE = "/uploads/sessions/{session_id}/parts/{part_number}"

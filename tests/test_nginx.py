@@ -21,9 +21,9 @@ import pytest
 
 from chunksvc import embedded
 from chunksvc.config import StorageSpec
-from chunksvc.tools import harness, nginx
 from chunksvc_client import ApiError, Client
 from chunksvc_client.retry import RetryPolicy
+from tools import harness, nginx
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_PART = 16 * 1024 * 1024

@@ -20,7 +20,7 @@ import pytest
 
 from chunksvc import embedded
 from chunksvc.config import StorageSpec
-from chunksvc.tools import harness
+from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "chunksvc_openapi_client"  # the generated package's name; nothing else may be called that

@@ -45,10 +45,10 @@ from chunksvc.services.reaper import (
 )
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import Storage, open_storage
-from chunksvc.tools import harness
 from tests.conftest import TEST_LIMITS
 from tests.helpers import complete, create, payload, put_part, sha, split, wait_for
 from tests.storage_fixtures import make_s3_spec, s3_admin
+from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 PART = 1024

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -13,8 +17,8 @@ import pytest
 
 from chunksvc import embedded
 from chunksvc.config import StorageSpec
-from chunksvc.tools import harness
 from tests.helpers import payload, sha, split
+from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,3 +119,16 @@ def test_rejection_comes_before_the_body_is_sent(server):
             assert chunk, f"connection closed after {reply!r}"
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 400")
+
+
+def test_gunicorn_refuses_a_bad_setting_by_name(tmp_path):
+    """gunicorn.conf.py's CHUNKSVC_* settings are checked like the app's: no traceback, no start."""
+    gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or "gunicorn"
+    env = {**os.environ, "CHUNKSVC_WORKERS": "0", "CHUNKSVC_BIND": f"127.0.0.1:{harness.free_port()}"}
+    result = subprocess.run(
+        [gunicorn, "-c", "gunicorn.conf.py", "chunksvc.wsgi:app"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "chunksvc: CHUNKSVC_WORKERS must be at least 1, got 0" in result.stderr
+    assert "Traceback" not in result.stderr

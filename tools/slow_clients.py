@@ -1,4 +1,4 @@
-"""How a host fares against clients that stall: ``python -m chunksvc.tools.slow_clients``.
+"""How a host fares against clients that stall: ``python -m tools.slow_clients``.
 
 Starts gunicorn as ops do (``gunicorn.conf.py``, 2 workers) on an embedded PostgreSQL and disk
 storage, then opens ``--stalled-bodies`` connections that send a part's headers and a little of
@@ -7,8 +7,8 @@ its body, and ``--stalled-heads`` that send half a request head, and stop. Meanw
 Prints how many honest uploads finished, their latencies, and what the stalled connections got.
 Run it once per configuration to compare, e.g. the old defaults against the new:
 
-    python -m chunksvc.tools.slow_clients --threads 8 --body-timeout 3600
-    python -m chunksvc.tools.slow_clients
+    python -m tools.slow_clients --threads 8 --body-timeout 3600
+    python -m tools.slow_clients
 
 Loopback only; every connection is closed when the run ends (at most ``--hold`` seconds).
 """
@@ -27,10 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from chunksvc.config import StorageSpec
-from chunksvc.tools import harness
 from chunksvc_client import ApiError, Client, RetryPolicy
+from tools import harness
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PART = 1024 * 1024
 
 

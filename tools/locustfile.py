@@ -1,6 +1,6 @@
 """The load test's user for locust's own command line (web UI, distributed workers)::
 
-    CHUNKSVC_API_KEY=... locust -f chunksvc/tools/locustfile.py --host https://uploads.example.com
+    CHUNKSVC_API_KEY=... locust -f tools/locustfile.py --host https://uploads.example.com
 
 Settings come from ``CHUNKSVC_LOADTEST_FILE_SIZE``, ``_PART_SIZE``, ``_PARALLEL``, ``_RETRIES``,
 ``_CONFLICT_RATE`` and ``_MAX_FILES`` (see ``loadtest.Settings``); ``make loadtest`` needs none of this.
@@ -8,6 +8,6 @@ Settings come from ``CHUNKSVC_LOADTEST_FILE_SIZE``, ``_PART_SIZE``, ``_PARALLEL`
 
 import os
 
-from chunksvc.tools.loadtest import Settings, make_user
+from tools.loadtest import Settings, make_user
 
 UploadUser = make_user(Settings.from_env(), os.environ["CHUNKSVC_API_KEY"])

@@ -18,9 +18,9 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from chunksvc.tools.harness import free_port
+from tools.harness import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "deploy" / "nginx"
 
 # What the shipped files say, which each deployment (and the harness) sets for itself.
@@ -53,7 +53,7 @@ def throwaway_certificate(directory: Path) -> tuple[Path, Path]:
 
 def _replace(text: str, old: str, new: str, name: str) -> str:
     if text.count(old) != 1:
-        raise AssertionError(f"deploy/nginx/{name} no longer has exactly one {old!r}: update chunksvc.tools.nginx")
+        raise AssertionError(f"deploy/nginx/{name} no longer has exactly one {old!r}: update tools.nginx")
     return text.replace(old, new)
 
 

@@ -1,4 +1,4 @@
-"""The part path's benchmark: ``make bench`` (``python -m chunksvc.tools.bench``).
+"""The part path's benchmark: ``make bench`` (``python -m tools.bench``).
 
 Starts chunksvc as ops do (gunicorn with ``gunicorn.conf.py``, an embedded PostgreSQL) once per
 storage backend (a directory; S3 served by moto in a child process) and prints, as the median of
@@ -40,8 +40,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from chunksvc.config import KiB, MiB, StorageSpec
-from chunksvc.tools import harness
-from chunksvc.tools.client import Client
+from tools import harness
+from tools.client import Client
 
 STREAM_PART = 8 * MiB
 SMALL_PART = 4 * KiB

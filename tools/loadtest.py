@@ -1,4 +1,4 @@
-"""Load test for a chunksvc deployment: ``make loadtest`` (``python -m chunksvc.tools.loadtest``).
+"""Load test for a chunksvc deployment: ``make loadtest`` (``python -m tools.loadtest``).
 
 N virtual clients (locust users) each upload files of a given size in parts through
 ``chunksvc_client``: create a session, PUT the parts (``--parallel`` at once per file,
@@ -13,7 +13,7 @@ Target and key come from ``CHUNKSVC_URL`` and ``CHUNKSVC_API_KEY`` (or ``--url``
 Without a URL it starts chunksvc locally (embedded PostgreSQL, disk storage, gunicorn with
 ``gunicorn.conf.py``) and runs a short smoke load against it.
 
-For locust's own command line (web UI, distributed runs) see ``chunksvc/tools/locustfile.py``.
+For locust's own command line (web UI, distributed runs) see ``tools/locustfile.py``.
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def smoke(args: argparse.Namespace) -> int:
     """Start chunksvc locally and run the load against it from a child process (locust patches
     the standard library with gevent, which the local service must not be started under)."""
     from chunksvc.config import StorageSpec
-    from chunksvc.tools import harness
+    from tools import harness
 
     with tempfile.TemporaryDirectory(prefix="chunksvc-loadtest-") as tmp, harness.embedded_database(Path(tmp)) as url:
         key = harness.create_api_key(url, "loadtest")
@@ -297,7 +297,7 @@ def smoke(args: argparse.Namespace) -> int:
         with harness.gunicorn(url, spec, env=env) as server:
             print(f"chunksvc started locally at {server.url} (embedded PostgreSQL, disk storage; uploads above"
                   f" {args.file_size // 2} bytes complete in the background)", flush=True)
-            command = [sys.executable, "-m", "chunksvc.tools.loadtest", "--url", server.url, "--mixed-sizes",
+            command = [sys.executable, "-m", "tools.loadtest", "--url", server.url, "--mixed-sizes",
                        *sys.argv[1:]]
             return subprocess.run(command, env={**os.environ, "CHUNKSVC_API_KEY": key}, check=False).returncode
 

@@ -1,7 +1,7 @@
 """The same parallel upload direct and through the shipped nginx: ``make bench-proxy``.
 
 Starts chunksvc as ops do (gunicorn with ``gunicorn.conf.py``, an embedded PostgreSQL, disk
-storage) with ``deploy/nginx/`` in front (``chunksvc.tools.nginx``), then uploads one file with the
+storage) with ``deploy/nginx/`` in front (``tools.nginx``), then uploads one file with the
 client (``upload_file``, ``--parallel`` parts at once, in a child process so it does not share our
 GIL) directly to gunicorn, through nginx over HTTP and over TLS, in interleaved rounds. Timed from
 the first request to the completion's 202 (assembly runs in the background and is not the proxy's
@@ -22,10 +22,10 @@ import tempfile
 from pathlib import Path
 
 from chunksvc.config import GiB, MiB, StorageSpec
-from chunksvc.tools import harness, nginx
-from chunksvc.tools.bench_large import write_file
+from tools import harness, nginx
+from tools.bench_large import write_file
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 _CLIENT = """
 import json, sys, time, uuid

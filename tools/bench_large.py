@@ -1,4 +1,4 @@
-"""Large uploads end to end: ``make bench-large`` (``python -m chunksvc.tools.bench_large``).
+"""Large uploads end to end: ``make bench-large`` (``python -m tools.bench_large``).
 
 Starts chunksvc as ops do (gunicorn with ``gunicorn.conf.py``, an embedded PostgreSQL), writes a
 file of ``--size`` GiB, and uploads it with the client (``chunksvc_client.upload_file``, 8 MiB
@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 
 from chunksvc.config import GiB, MiB, StorageSpec
-from chunksvc.tools import harness
+from tools import harness
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 # The client's side, in its own process: upload, time the phases, report its own peak RSS.
 _CLIENT = """

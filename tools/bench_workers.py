@@ -1,4 +1,4 @@
-"""Which gunicorn worker class and counts serve large parts best: ``python -m chunksvc.tools.bench_workers``.
+"""Which gunicorn worker class and counts serve large parts best: ``python -m tools.bench_workers``.
 
 Starts gunicorn exactly as ops do (``gunicorn.conf.py``, ``chunksvc.wsgi:app``) on an embedded
 PostgreSQL and disk storage, once per configuration, and has N concurrent clients each PUT 8 MiB
@@ -26,9 +26,9 @@ from pathlib import Path
 from chunksvc import embedded, migrations
 from chunksvc.db import Database
 from chunksvc.services.auth import KeyManager
-from chunksvc.tools.client import Client
+from tools.client import Client
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
 
 CONFIGS = [

@@ -1,1 +1,0 @@
-"""Measuring tools, each run as ``python -m chunksvc.tools.<name>`` (benchmarks, the load test)."""

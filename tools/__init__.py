@@ -1,0 +1,1 @@
+"""Measuring tools, each run as ``python -m tools.<name>`` (benchmarks, the load test)."""
