@@ -334,6 +334,13 @@ def test_invalid_keys_are_refused(storage: Storage, key: str) -> None:
         list(storage.list_keys(key + "/"))
 
 
+def test_bucket_names_where_the_keys_live(storage: Storage, storage_spec: StorageSpec) -> None:
+    if storage_spec.kind == "s3":
+        assert storage.bucket == storage_spec.bucket and storage.bucket
+    else:
+        assert storage.bucket is None
+
+
 def test_describe(storage: Storage, storage_spec: StorageSpec) -> None:
     stored = storage.assemble(write_parts(storage, [3])[0], "objects/s", BLOCK)
     expected = {"key": "objects/s", "size": 3, "sha256": hashlib.sha256(b"\x01" * 3).hexdigest()}

@@ -93,6 +93,11 @@ class Storage(abc.ABC):
     #: ``"file"`` or ``"s3"``.
     kind: str
 
+    @property
+    def bucket(self) -> str | None:
+        """The bucket the keys live in, or None where there is none (a local directory)."""
+        return None
+
     @abc.abstractmethod
     def validate_limits(self, limits: Limits) -> None:
         """Raise ``ConfigError`` when this storage cannot honour ``limits``."""

@@ -238,6 +238,10 @@ class S3Storage(Storage):
     def __repr__(self) -> str:
         return f"S3Storage({self._spec.redacted()!r})"
 
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
     def validate_limits(self, limits: Limits) -> None:
         problems = []
         if limits.max_parts > MAX_PARTS:
