@@ -38,6 +38,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
+
+from minio import Minio
 
 from chunksvc.config import KiB, MiB, StorageSpec
 from tools import harness
@@ -220,23 +223,30 @@ def memory_growth(server: harness.Server, client: Client, rounds: int) -> list[f
     return growth
 
 
-def direct_put_rate(spec: StorageSpec, data: bytes, count: int) -> float:
-    """MB/s of the minio SDK's put_object, one request per object, on the adapter's own client."""
-    from chunksvc.storage.s3 import S3Storage
+def minio_client(spec: StorageSpec) -> Minio:
+    """The minio SDK on the bench's S3 server, built here from the same StorageSpec the service gets
+    (endpoint, keys, TLS, region), with the SDK's own connection pool: the bench measures the SDK,
+    and reaches into none of the product's internals to do it."""
+    if not (spec.endpoint and spec.bucket):
+        raise ValueError("an S3 StorageSpec needs an endpoint and a bucket")
+    return Minio(
+        spec.endpoint, access_key=spec.access_key, secret_key=spec.secret_key, secure=spec.secure, region=spec.region
+    )
 
-    storage = S3Storage(spec)
-    # The adapter's client: the SDK configured exactly as the service configures it (and only
-    # storage/s3.py imports minio).
-    sdk = storage._client
+
+def direct_put_rate(spec: StorageSpec, data: bytes, count: int) -> float:
+    """MB/s of the minio SDK's put_object, one request per object, to the service's bucket."""
+    sdk = minio_client(spec)
+    bucket = cast(str, spec.bucket)
     keys = [f"bench/direct-{uuid.uuid4().hex}" for _ in range(count)]
     try:
         started = time.perf_counter()
         for key in keys:
-            sdk.put_object(spec.bucket, key, io.BytesIO(data), len(data), part_size=len(data))
+            sdk.put_object(bucket, key, io.BytesIO(data), len(data), part_size=len(data))
         return count * len(data) / (time.perf_counter() - started) / 1e6
     finally:
-        storage.delete(keys)
-        storage.close()
+        for key in keys:
+            sdk.remove_object(bucket, key)
 
 
 def s3_path(client: Client, spec: StorageSpec, data: bytes, rounds: int, parts: int) -> tuple[list, list, list]:
