@@ -1,31 +1,27 @@
 """Which gunicorn worker class and counts serve large parts best: ``python -m tools.bench_workers``.
 
-Starts gunicorn exactly as ops do (``gunicorn.conf.py``, ``chunksvc.wsgi:app``) on an embedded
-PostgreSQL and disk storage, once per configuration, and has N concurrent clients each PUT 8 MiB
-parts over keep-alive while a prober times ``GET /healthz`` (what a load balancer or a small
-request sees while the big bodies stream), first at full speed, then as slow clients (paced
-bodies, as over a WAN without a buffering proxy). Prints medians over rounds with min-max.
+Starts gunicorn exactly as ops do (``gunicorn.conf.py``, ``chunksvc.wsgi:app``) through
+``tools.harness``, on an embedded PostgreSQL and disk storage, once per configuration, and has N
+concurrent clients each PUT 8 MiB parts over keep-alive while a prober times ``GET /healthz``
+(what a load balancer or a small request sees while the big bodies stream), first at full speed,
+then as slow clients (paced bodies, as over a WAN without a buffering proxy). Prints medians over
+rounds with min-max.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-from chunksvc import embedded, migrations
-from chunksvc.db import Database
-from chunksvc.services.auth import KeyManager
+from chunksvc.config import StorageSpec
+from tools import harness
 from tools.client import Client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,50 +37,18 @@ CONFIGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def server_env(worker_class: str, workers: int, threads: int) -> dict[str, str]:
+    """The CHUNKSVC_* settings of one configuration (quiet logs: the figures are the output)."""
+    return {
+        "CHUNKSVC_WORKER_CLASS": worker_class,
+        "CHUNKSVC_WORKERS": str(workers),
+        "CHUNKSVC_THREADS": str(threads),
+        "CHUNKSVC_ACCESS_LOG": "",
+        "CHUNKSVC_LOG_LEVEL": "warning",
+    }
 
 
-def start_gunicorn(url: str, storage: Path, worker_class: str, workers: int, threads: int) -> tuple:
-    port = free_port()
-    env = dict(
-        os.environ,
-        DATABASE_URL=url,
-        CHUNKSVC_STORAGE_URL=f"file://{storage}",
-        CHUNKSVC_BIND=f"127.0.0.1:{port}",
-        CHUNKSVC_WORKER_CLASS=worker_class,
-        CHUNKSVC_WORKERS=str(workers),
-        CHUNKSVC_THREADS=str(threads),
-        CHUNKSVC_ACCESS_LOG="",
-        CHUNKSVC_LOG_LEVEL="warning",
-    )
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    gunicorn = Path(sys.executable).parent / "gunicorn"
-    process = subprocess.Popen(
-        [str(gunicorn), "-c", "gunicorn.conf.py", "chunksvc.wsgi:app"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/healthz")
-            conn.getresponse().read()
-            conn.close()
-            return process, port
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("gunicorn did not start") from None
-            time.sleep(0.1)
-
-
-def paced(data: bytes, rate: float, chunk: int = 256 * 1024):
+def paced(data: bytes, rate: float, chunk: int = 256 * 1024) -> Iterator[memoryview]:
     """``data`` in chunks, at ``rate`` bytes per second."""
     started = time.perf_counter()
     view = memoryview(data)
@@ -178,27 +142,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    workdir = Path(tempfile.mkdtemp(prefix="chunksvc-bench-workers-"))
-    server = embedded.start(workdir / "pgdata", cleanup_mode="delete")
-    url = embedded.ensure_database(server.get_uri(), f"bench_{uuid.uuid4().hex[:8]}")
-    migrations.migrate(url)
-    db = Database(url, max_size=1)
-    key = KeyManager(db).create("bench")[0]
-    db.close()
     part = os.urandom(8 * MiB)
-
     print(f"{os.cpu_count()} CPUs; {args.rounds} rounds of {args.parts} x 8 MiB parts per client; median (min-max)")
-    scenarios = [(clients, None) for clients in args.clients]
+    scenarios: list[tuple[int, float | None]] = [(clients, None) for clients in args.clients]
     if args.slow_clients:
         scenarios.append((args.slow_clients, args.slow_rate * 1e6))
     print(
         f"{'worker':<8} {'w':>2} {'t':>2} {'clients':>9}  {'MB/s':<18} {'part p50 s':<18} "
         f"{'part max s':<18} {'healthz p50 ms':<20} {'healthz max ms':<20}"
     )
-    try:
+    with (
+        tempfile.TemporaryDirectory(prefix="chunksvc-bench-workers-") as tmp,
+        harness.embedded_database(Path(tmp)) as url,
+    ):
+        key = harness.create_api_key(url, "bench")
+        storage = StorageSpec(kind="file", root=Path(tmp) / "storage")
         for worker_class, workers, threads in args.configs or CONFIGS:
-            process, port = start_gunicorn(url, workdir / "storage", worker_class, workers, threads)
-            try:
+            with harness.gunicorn(
+                url, storage, config=ROOT / "gunicorn.conf.py", cwd=ROOT,
+                env=server_env(worker_class, workers, threads),
+                # each master gets a metrics directory of its own (gunicorn.conf.py's default)
+                unset=("PROMETHEUS_MULTIPROC_DIR",),
+            ) as server:
+                port = server.port
                 for clients, rate in scenarios:
                     one_round(port, key, part, clients, 1, None)  # warm-up: pools open, pages cached
                     rounds = [one_round(port, key, part, clients, args.parts, rate) for _ in range(args.rounds)]
@@ -210,12 +176,6 @@ def main(argv: list[str] | None = None) -> int:
                         f"{spread(column['healthz_max'], '.0f'):<20}",
                         flush=True,
                     )
-            finally:
-                process.terminate()
-                process.wait(timeout=60)
-    finally:
-        server.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
