@@ -9,7 +9,8 @@ Phases, in this order (each one's output feeds the next):
    when parts' bytes are gone the session is reopened without them (``IN_PROGRESS``, the
    client re-sends them), never failed; storage that is full or down leaves it for next time.
 3. purge: the stored bytes of ended sessions are removed once (``purged_at``): everything under
-   ``parts/<id>/``, and ``objects/<id>`` unless the session is ``COMPLETED``.
+   ``parts/<id>/``, and ``objects/<id>`` unless the session is ``COMPLETED`` (the key layout is
+   ``services.layout``'s).
 4. orphans: stored keys under ``parts/`` and ``objects/`` older than the grace period whose
    session is missing or already purged (left by a writer that outlived its session), and
    keys under ``parts/`` of a live session that no part row (nor a dropped part) points to, at
@@ -44,7 +45,7 @@ from uuid import UUID
 from chunksvc import dao
 from chunksvc.db import Connection, Database
 from chunksvc.errors import ChecksumMismatch, ChunksvcError, CompletionInProgress, PartsMissing, SessionNotActive
-from chunksvc.services import states
+from chunksvc.services import layout, states
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import ListedKey, Storage
@@ -53,8 +54,6 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-PARTS_PREFIX = "parts/"
-OBJECTS_PREFIX = "objects/"
 # A live session's key that no row names is swept only when at least this old, whatever the
 # grace period: its record may still be on its way (a slow part, or on S3 a large part dated from
 # the start of its upload), and sweeping it then would lose bytes the client was told are stored.
@@ -164,15 +163,6 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def session_of(key: str, prefix: str) -> UUID | None:
-    """The session a stored key belongs to (``parts/<id>/...``, ``objects/<id>``); None if not ours."""
-    first = key.removeprefix(prefix).split("/", 1)[0]
-    try:
-        return UUID(first)
-    except ValueError:
-        return None
-
-
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     iterator = iter(items)
     while batch := list(itertools.islice(iterator, size)):
@@ -279,7 +269,7 @@ class Reaper:
         with self._db.connection() as conn, self._phase_lock(conn, "orphans") as held:
             if not held:
                 return  # another reaper is sweeping; listing the same keys again would gain nothing
-            for prefix in (PARTS_PREFIX, OBJECTS_PREFIX):
+            for prefix in layout.PREFIXES:
                 old = (listed for listed in self._storage.list_keys(prefix) if listed.last_modified < cutoff)
                 for listed in batched(old, self._settings.batch_size):
                     self._sweep_batch(conn, prefix, listed, live_cutoff, result)
@@ -328,9 +318,9 @@ class Reaper:
 
     def _purge_session(self, session_id: UUID, status: str, result: ReapResult) -> bool:
         try:
-            self._storage.delete_prefix(f"{PARTS_PREFIX}{session_id}/")
+            self._storage.delete_prefix(layout.parts_prefix(session_id))
             if status != states.COMPLETED:
-                self._storage.delete([f"{OBJECTS_PREFIX}{session_id}"])
+                self._storage.delete([layout.object_key(session_id)])
         except ChunksvcError as exc:
             log.warning("reap: could not remove the stored bytes of session %s: %s", session_id, exc.detail)
             result.errors += 1
@@ -340,8 +330,8 @@ class Reaper:
     def _describe_purge(self, session_id: UUID, status: str) -> str:
         """A purged session's id, status and the keys its purge removes; a dry run lists the
         storage to say how many keys are there (only for the few sessions a listing shows)."""
-        prefix = f"{PARTS_PREFIX}{session_id}/"
-        object_key = f"{OBJECTS_PREFIX}{session_id}"
+        prefix = layout.parts_prefix(session_id)
+        object_key = layout.object_key(session_id)
         if status == states.COMPLETED:
             kept = f" ({object_key} kept)"
             removed = [prefix]
@@ -360,7 +350,7 @@ class Reaper:
     def _sweep_batch(
         self, conn: Connection, prefix: str, listed: list[ListedKey], live_cutoff: datetime, result: ReapResult
     ) -> None:
-        owners = {item.key: session_of(item.key, prefix) for item in listed}
+        owners = {item.key: layout.session_of(item.key) for item in listed}
         long_stored = {item.key for item in listed if item.last_modified < live_cutoff}
         ids = list({session_id for session_id in owners.values() if session_id is not None})
         sessions = {row["id"]: row for row in dao.sessions_for_sweep(conn, ids)}
@@ -369,7 +359,7 @@ class Reaper:
         # no write in progress.
         live = [session_id for session_id in ids if session_id in sessions and not sessions[session_id]["purged"]]
         unreferenced: set[str] = set()
-        if prefix == PARTS_PREFIX and live:
+        if prefix == layout.PARTS and live:
             candidates = [key for key, session_id in owners.items() if session_id in live and key in long_stored]
             if candidates:
                 unreferenced = set(candidates) - dao.referenced_part_keys(conn, live, candidates)
@@ -405,7 +395,7 @@ class Reaper:
             return True  # sessions are never deleted, so these bytes belong to nobody
         if not session["purged"]:
             return False
-        return prefix == PARTS_PREFIX or session["status"] != states.COMPLETED
+        return prefix == layout.PARTS or session["status"] != states.COMPLETED
 
     @contextlib.contextmanager
     def _phase_lock(self, conn: Connection, phase: str) -> Iterator[bool]:

@@ -43,7 +43,7 @@ from chunksvc.errors import (
     StorageError,
     Unauthorized,
 )
-from chunksvc.services import auth, rules, states
+from chunksvc.services import auth, layout, rules, states
 from chunksvc.services.auth import Client
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.streaming import READ_AHEAD_DEPTH, BufferPool, HashingBodyReader, PartBody
@@ -129,15 +129,6 @@ class PartResult:
     received_parts: int
     received_bytes: int
     status: str
-
-
-def part_key(session_id: UUID) -> str:
-    """A fresh key per incoming body: a retry or a conflicting upload never overwrites a part."""
-    return f"parts/{session_id}/{uuid.uuid4()}"
-
-
-def object_key(session_id: UUID) -> str:
-    return f"objects/{session_id}"
 
 
 def encode_cursor(created_at: datetime, session_id: UUID) -> str:
@@ -292,7 +283,7 @@ class UploadService:
 
     def store_part(self, target: PartTarget, body: PartBody) -> PartResult:
         """Stream the body to a fresh key while hashing it, then record it in one transaction."""
-        key = part_key(target.session_id)
+        key = layout.part_key(target.session_id)
         with HashingBodyReader(body, target.length, self._buffers, also_hash=target.expected_digests) as reader:
             # The adapter leaves nothing behind when the body ends early or the write fails.
             self._storage.write(key, reader, target.length, self._block_size)
@@ -531,7 +522,7 @@ class UploadService:
         (or FAILED) committed, so a lost commit reply leaves the session COMPLETING with its
         parts, and assembling again rebuilds the same object under the same key.
         """
-        key = object_key(session.id)
+        key = layout.object_key(session.id)
         started = time.monotonic()
         self._events.assembly_running(1)
         try:
@@ -609,8 +600,8 @@ class UploadService:
         # removes them. Remove by prefix: it also catches bytes no part row points to. Parts
         # still streaming will find the session ABORTED under the lock and remove their own bytes.
         try:
-            self._storage.delete_prefix(f"parts/{session_id}/")
-            self._storage.delete([object_key(session_id)])
+            self._storage.delete_prefix(layout.parts_prefix(session_id))
+            self._storage.delete([layout.object_key(session_id)])
         except ChunksvcError:
             log.warning("abort: stored bytes of session %s left for the reaper", session_id, exc_info=True)
         else:

@@ -1,0 +1,47 @@
+"""Where the service keeps an upload's bytes: the one statement of its storage key layout.
+
+    parts/<session id>/<uuid>   one part's stored body (a fresh key per request)
+    objects/<session id>        the assembled object
+
+Stored data depends on these names: completion, abort and the reaper find a session's bytes
+only under them, so changing the layout orphans every existing upload's bytes (a change needs a
+migration of the stored keys, not just of this module). Storage adapters do not know it: they
+store bytes under whatever keys they are given, and are told the prefixes the service owns
+where they need them (``Storage.sweep_incomplete``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from uuid import UUID
+
+PARTS = "parts/"
+OBJECTS = "objects/"
+#: Every prefix the service writes under; anything else in a bucket is not the service's.
+PREFIXES = (PARTS, OBJECTS)
+
+
+def part_key(session_id: UUID) -> str:
+    """A fresh key per incoming body: a retry or a conflicting upload never overwrites a part."""
+    return f"{parts_prefix(session_id)}{uuid.uuid4()}"
+
+
+def parts_prefix(session_id: UUID) -> str:
+    """The prefix every part key of the session starts with (ends with ``/``)."""
+    return f"{PARTS}{session_id}/"
+
+
+def object_key(session_id: UUID) -> str:
+    """The key of the session's assembled object."""
+    return f"{OBJECTS}{session_id}"
+
+
+def session_of(key: str) -> UUID | None:
+    """The session a stored key belongs to; None for a key outside the layout."""
+    for prefix in PREFIXES:
+        if key.startswith(prefix):
+            try:
+                return UUID(key.removeprefix(prefix).split("/", 1)[0])
+            except ValueError:
+                return None
+    return None
