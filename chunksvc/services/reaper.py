@@ -279,7 +279,8 @@ class Reaper:
         with self._db.connection() as conn, self._phase_lock(conn, "incomplete") as held:
             if held:
                 result.incomplete_swept += self._storage.sweep_incomplete(
-                    cutoff, self._settings.dry_run, found=lambda item: result.note("incomplete_swept", item)
+                    layout.PREFIXES, cutoff, self._settings.dry_run,
+                    found=lambda item: result.note("incomplete_swept", item),
                 )
 
     # --- internals --------------------------------------------------------------------------

@@ -294,9 +294,16 @@ class LocalStorage(Storage):
                 yield ListedKey(key, datetime.fromtimestamp(mtime, tz=UTC))
 
     def sweep_incomplete(
-        self, older_than: datetime, dry_run: bool = False, found: Callable[[str], None] | None = None
+        self,
+        prefixes: Sequence[str],
+        older_than: datetime,
+        dry_run: bool = False,
+        found: Callable[[str], None] | None = None,
     ) -> int:
         """Remove temporary files in ``.incoming`` last written before ``older_than``.
+
+        They are named by no key, and the directory is this adapter's own: all of them are
+        swept, whatever ``prefixes`` the caller owns.
 
         A live write touches its file with every block, so only a stalled or dead one is old.
         If a live one is removed anyway, its rename fails and the write reports an error.

@@ -56,9 +56,6 @@ _FULL = frozenset({"XMinioStorageFull"})
 _INSUFFICIENT_STORAGE = 507
 # A part's PUT is signed just before it starts; S3 checks the expiry when the request arrives.
 _PUT_URL_LIFETIME = timedelta(minutes=15)
-# The prefixes chunksvc writes under (see storage.base): an unfinished multipart upload anywhere
-# else in the bucket is not ours to abort.
-_SWEPT_PREFIXES = ("parts/", "objects/")
 
 
 def can_compose(sources: Sequence[PartSource]) -> bool:
@@ -320,14 +317,19 @@ class S3Storage(Storage):
                 yield ListedKey(cast(str, obj.object_name), cast(datetime, obj.last_modified))
 
     def sweep_incomplete(
-        self, older_than: datetime, dry_run: bool = False, found: Callable[[str], None] | None = None
+        self,
+        prefixes: Sequence[str],
+        older_than: datetime,
+        dry_run: bool = False,
+        found: Callable[[str], None] | None = None,
     ) -> int:
-        """Abort the multipart uploads under chunksvc's prefixes initiated before ``older_than``.
+        """Abort the multipart uploads under ``prefixes`` initiated before ``older_than``; one
+        anywhere else in the bucket is not the caller's to abort.
 
         A live upload that is aborted fails at its next request, so nothing is stored half-done.
         """
         count = 0
-        for prefix in _SWEPT_PREFIXES:
+        for prefix in map(check_prefix, prefixes):
             for upload in self._multipart_uploads(prefix):
                 if upload.initiated_time is None or upload.initiated_time >= older_than:
                     continue
