@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psycopg
 
+from chunksvc.services import layout
 from chunksvc.storage import Storage
 from chunksvc_client import ApiError, Attempt, Client, RetryPolicy
 
@@ -89,7 +90,7 @@ def query(database_url: str, statement: str, params: tuple = ()) -> list[tuple]:
 
 
 def stored_keys(storage: Storage) -> set[str]:
-    return {listed.key for prefix in ("parts/", "objects/") for listed in storage.list_keys(prefix)}
+    return {listed.key for prefix in layout.PREFIXES for listed in storage.list_keys(prefix)}
 
 
 def sha256_of(storage: Storage, key: str) -> str:

@@ -20,6 +20,7 @@ from psycopg.conninfo import make_conninfo
 from chunksvc import embedded
 from chunksvc.app import build
 from chunksvc.config import StorageSpec
+from chunksvc.services import layout
 from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.uploads import UploadService
@@ -103,7 +104,7 @@ def test_a_checksum_mismatch_found_in_the_background_fails_the_session(backgroun
     assert assembler.wait_idle(30)
     failed = app.get(f"/uploads/sessions/{session_id}", headers=auth).json
     assert (failed["status"], failed["object"]) == ("FAILED", None)
-    assert not storage.exists(f"objects/{session_id}") and stored_part_keys(storage, session_id) == []
+    assert not storage.exists(layout.object_key(session_id)) and stored_part_keys(storage, session_id) == []
 
 
 class CountingEvents(UploadEvents):
@@ -134,7 +135,7 @@ def test_background_assemblies_are_capped_per_process(app, auth, db, storage, da
         assembler.stop()
     assert events.most == 1  # one at a time, however many were accepted
     for session_id, data in sessions:
-        assert read_object(storage, f"objects/{session_id}") == data
+        assert read_object(storage, layout.object_key(session_id)) == data
 
 
 # --- a killed assembling worker -------------------------------------------------------------------

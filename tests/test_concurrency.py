@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import webtest
 
+from chunksvc.services import layout
 from tests.helpers import complete, create, payload, sha, split
 
 THREADS = 16
@@ -51,7 +52,7 @@ def test_same_part_different_bytes_exactly_one_wins(wsgi_app, app, auth, storage
     state = session_state(app, auth, session["id"])
     assert (state["received_parts"], state["received_bytes"]) == (1, 1024)
     # Only the winner's bytes are stored.
-    assert len(list(storage.list_keys(f"parts/{session['id']}/"))) == 1
+    assert len(list(storage.list_keys(layout.parts_prefix(session['id'])))) == 1
 
 
 def test_same_part_same_bytes_counted_once(wsgi_app, app, auth, storage):
@@ -64,7 +65,7 @@ def test_same_part_same_bytes_counted_once(wsgi_app, app, auth, storage):
     assert all(r.json["received_parts"] == 1 for r in responses)
     state = session_state(app, auth, session["id"])
     assert (state["received_parts"], state["received_bytes"]) == (1, 1024)
-    assert len(list(storage.list_keys(f"parts/{session['id']}/"))) == 1
+    assert len(list(storage.list_keys(layout.parts_prefix(session['id'])))) == 1
 
 
 def test_distinct_parts_at_once_keep_exact_counters(wsgi_app, app, auth, storage):

@@ -28,6 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from chunksvc.config import StorageSpec
 from chunksvc.db import Database
+from chunksvc.services import layout
 from chunksvc.services.auth import KeyManager
 from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
@@ -262,8 +263,8 @@ def test_storage_outages_during_uploads_lose_nothing(request, database_url, db, 
     tally = Tally()
     with FaultProxy((host, int(port))) as proxy:
         with serving(database_url, through(spec, proxy), tmp_path, CHUNKSVC_WORKERS="2") as server:
-            sources = uploads_through_faults(proxy, S3_FAULTS, f"PUT /{spec.bucket}/parts/".encode(), b"HTTP/1.1 ",
-                                             server.port, api_key, tally, 10)
+            part_put = f"PUT /{spec.bucket}/{layout.PARTS}".encode()
+            sources = uploads_through_faults(proxy, S3_FAULTS, part_put, b"HTTP/1.1 ", server.port, api_key, tally, 10)
         assert proxy.replies_dropped > 0
 
     assert tally.server_errors > 0, f"no fault reached a request: {tally}"
@@ -333,7 +334,7 @@ def test_a_worker_killed_mid_assembly_loses_nothing(
         if moment == "recording":
             proxy.hold_after(b"SET status = 'COMPLETED'")
         elif spec.kind == "s3":
-            s3_proxy.hold_after(f"/{spec.bucket}/objects/{session_id}?partNumber=2".encode())
+            s3_proxy.hold_after(f"/{spec.bucket}/{layout.object_key(session_id)}?partNumber=2".encode())
         def complete_once() -> None:
             with contextlib.suppress(ApiError):  # the worker dies under it: no answer
                 once.complete(session_id)

@@ -34,6 +34,7 @@ from chunksvc.config import Config, StorageSpec
 from chunksvc.db import Database
 from chunksvc.errors import ConfigError
 from chunksvc.metrics import Metrics
+from chunksvc.services import layout
 from chunksvc.services.auth import Authenticator, KeyManager
 from chunksvc.services.reaper import (
     LIST_LIMIT,
@@ -209,7 +210,7 @@ def test_purge_removes_what_each_ended_session_left(app, auth, reap, database_ur
     force_status(database_url, expired, "EXPIRED")
     failed, _ = uploaded(app, auth, seed=3)
     force_status(database_url, failed, "FAILED")
-    write(storage, f"objects/{failed}")  # the object of a failed assembly, not removed
+    write(storage, layout.object_key(failed))  # the object of a failed assembly, not removed
     completed, data = uploaded(app, auth, seed=4)
     complete(app, auth, completed)
     write(storage, part_keys(database_url, completed)[0])  # completion died before removing its parts
@@ -218,8 +219,8 @@ def test_purge_removes_what_each_ended_session_left(app, auth, reap, database_ur
 
     # The completed session loses its parts only; the others lose their object too.
     assert done(result) == {"ended_bytes_removed": 3, "completed_parts_removed": 1}
-    assert stored(storage) == [f"objects/{completed}"]
-    assert read(storage, f"objects/{completed}") == data
+    assert stored(storage) == [layout.object_key(completed)]
+    assert read(storage, layout.object_key(completed)) == data
     assert all(purged(database_url, s) for s in (aborted, expired, failed, completed))
     assert done(reap()) == {}
 
@@ -243,17 +244,17 @@ def test_orphans_are_removed_once_older_than_the_grace_period(app, auth, reap, d
     assert done(reap()) == {"completed_parts_removed": 1}  # the completed session: now nothing is pending
     ghost = uuid.uuid4()  # no such session
     orphans = [
-        f"parts/{ghost}/{uuid.uuid4()}",
-        f"objects/{ghost}",
-        f"parts/{aborted}/{uuid.uuid4()}",  # a writer that outlived the abort
-        f"objects/{aborted}",  # an assembler that outlived the abort
-        f"parts/{completed}/{uuid.uuid4()}",
+        layout.part_key(ghost),
+        layout.object_key(ghost),
+        layout.part_key(aborted),  # a writer that outlived the abort
+        layout.object_key(aborted),  # an assembler that outlived the abort
+        layout.part_key(completed),
     ]
-    unrecorded = f"parts/{live}/{uuid.uuid4()}"  # bytes kept when their record's outcome was unknown
+    unrecorded = layout.part_key(live)  # bytes kept when their record's outcome was unknown
     kept = [
         unrecorded,
         *part_keys(database_url, live),  # recorded: the session needs them
-        "parts/not-a-session/x",  # not a key chunksvc makes
+        f"{layout.PARTS}not-a-session/x",  # not a key chunksvc makes
     ]
     for key in orphans + kept:
         write(storage, key)
@@ -264,7 +265,7 @@ def test_orphans_are_removed_once_older_than_the_grace_period(app, auth, reap, d
 
     assert done(reap(orphan_grace=0)) == {"orphans_removed": len(orphans)}
     assert stored(storage) == sorted(set(before) - set(orphans))
-    assert read(storage, f"objects/{completed}") == data
+    assert read(storage, layout.object_key(completed)) == data
     assert done(reap(orphan_grace=0)) == {}
 
     # A live session's unrecorded bytes go only once a day old, whatever the grace period: its
@@ -276,7 +277,7 @@ def test_orphans_are_removed_once_older_than_the_grace_period(app, auth, reap, d
 
 
 def test_unfinished_writes_are_swept_once_older_than_the_grace_period(reap, storage_spec, storage):
-    leave_unfinished_write(storage_spec, f"parts/{uuid.uuid4()}/{uuid.uuid4()}")
+    leave_unfinished_write(storage_spec, layout.part_key(uuid.uuid4()))
     foreign = []
     if storage_spec.kind == "s3":
         foreign = ["backups/not-ours"]  # a multipart upload outside chunksvc's prefixes
@@ -314,7 +315,7 @@ def test_a_completion_whose_assembler_died_is_driven_to_the_end(app, auth, reap,
     assert session["status"] == "COMPLETED"
     assert (session["object"]["size"], session["object"]["sha256"]) == (len(data), sha(data))
     assert read(storage, session["object"]["key"]) == data
-    assert stored(storage, f"parts/{stuck}/") == []
+    assert stored(storage, layout.parts_prefix(stuck)) == []
     assert (status(database_url, recent), status(database_url, busy)) == ("COMPLETING", "COMPLETING")
 
 
@@ -330,7 +331,7 @@ def test_a_stuck_completion_whose_part_bytes_are_gone_is_reopened_for_the_client
     session = app.get(f"/uploads/sessions/{stuck}", headers=auth).json
     counts = (session["status"], session["received_parts"], session["received_bytes"])
     assert counts == ("IN_PROGRESS", 2, len(data) - PART)
-    assert stored(storage, f"parts/{stuck}/") == sorted(key for key in part_keys(database_url, stuck))
+    assert stored(storage, layout.parts_prefix(stuck)) == sorted(key for key in part_keys(database_url, stuck))
     assert lost not in part_keys(database_url, stuck)
 
     # The client's ordinary resume: complete lists the part, it is sent again, complete succeeds.
@@ -338,7 +339,7 @@ def test_a_stuck_completion_whose_part_bytes_are_gone_is_reopened_for_the_client
     assert (missing["code"], missing["missing_parts"], missing["missing_count"]) == ("parts_missing", [2], 1)
     put_part(app, auth, stuck, 2, split(data, PART)[1])
     assert complete(app, auth, stuck).json["status"] == "COMPLETED"
-    assert read(storage, f"objects/{stuck}") == data
+    assert read(storage, layout.object_key(stuck)) == data
 
 
 # --- dry run ----------------------------------------------------------------------------------
@@ -351,9 +352,9 @@ def test_dry_run_reports_and_changes_nothing(app, auth, reap, database_url, stor
     force_status(database_url, aborted, "ABORTED")
     stuck, _ = uploaded(app, auth, seed=3)
     stall_completion(database_url, stuck)
-    ghost = f"parts/{uuid.uuid4()}/{uuid.uuid4()}"
+    ghost = layout.part_key(uuid.uuid4())
     write(storage, ghost)
-    unfinished = f"parts/{uuid.uuid4()}/{uuid.uuid4()}"
+    unfinished = layout.part_key(uuid.uuid4())
     leave_unfinished_write(storage_spec, unfinished)
 
     def snapshot():
@@ -376,7 +377,7 @@ def test_dry_run_reports_and_changes_nothing(app, auth, reap, database_url, stor
     # What it would touch, by session id and storage key.
     assert dry.touched["expired"] == [overdue]
     assert dry.touched["completions_redriven"] == [stuck]
-    assert dry.touched["ended_bytes_removed"] == [f"{aborted} ABORTED: parts/{aborted}/ (2 keys)"]
+    assert dry.touched["ended_bytes_removed"] == [f"{aborted} ABORTED: {layout.parts_prefix(aborted)} (2 keys)"]
     assert dry.touched["orphans_removed"] == [ghost]
     [sweep] = dry.touched["incomplete_swept"]
     assert sweep.startswith(".incoming/" if storage_spec.kind == "file" else f"{unfinished} (multipart upload ")
@@ -418,11 +419,11 @@ def test_two_reapers_at_once_do_each_piece_of_work_once(app, auth, db, database_
     stuck = [uploaded(app, auth, parts=2, seed=200 + i) for i in range(4)]
     for session_id, _ in stuck:
         stall_completion(database_url, session_id)
-    ghosts = [f"parts/{uuid.uuid4()}/{uuid.uuid4()}" for _ in range(10)]
+    ghosts = [layout.part_key(uuid.uuid4()) for _ in range(10)]
     for key in ghosts:
         write(storage, key)
     for _ in range(5):
-        leave_unfinished_write(storage_spec, f"parts/{uuid.uuid4()}/{uuid.uuid4()}")
+        leave_unfinished_write(storage_spec, layout.part_key(uuid.uuid4()))
     if storage_spec.kind == "file":
         # On disk the re-driven assemblies write through .incoming while the other reaper sweeps
         # it: the leftovers are made old and the grace period keeps the live writes safe.
@@ -459,9 +460,9 @@ def test_two_reapers_at_once_do_each_piece_of_work_once(app, auth, db, database_
         "completions_reopened": 0,
         "completions_failed": 0,
     }, [result.summary() for result in results]
-    assert stored(storage, "parts/") == []
-    assert stored(storage, "objects/") == sorted(f"objects/{session_id}" for session_id, _ in stuck)
-    assert all(read(storage, f"objects/{session_id}") == data for session_id, data in stuck)
+    assert stored(storage, layout.PARTS) == []
+    assert stored(storage, layout.OBJECTS) == sorted(layout.object_key(session_id) for session_id, _ in stuck)
+    assert all(read(storage, layout.object_key(session_id)) == data for session_id, data in stuck)
     assert unfinished_writes(storage_spec) == []
     assert query(
         database_url,
@@ -516,7 +517,7 @@ def test_cli_lists_a_dry_run_prints_one_line_and_exits_0_when_all_was_cleaned(
     make_overdue(database_url, overdue)
     completed, data = uploaded(app, auth, seed=2)
     complete(app, auth, completed)
-    ghost = f"parts/{uuid.uuid4()}/{uuid.uuid4()}"
+    ghost = layout.part_key(uuid.uuid4())
     write(storage, ghost)
     env = {"DATABASE_URL": database_url, "CHUNKSVC_STORAGE_URL": f"file://{file_spec.root}"}
 
@@ -526,7 +527,7 @@ def test_cli_lists_a_dry_run_prints_one_line_and_exits_0_when_all_was_cleaned(
         "expire (overdue INIT/IN_PROGRESS sessions): 1",
         f"  {overdue}",
         "purge the stored parts of COMPLETED sessions (their object is kept): 1",
-        f"  {completed} COMPLETED: parts/{completed}/ (0 keys) (objects/{completed} kept)",
+        f"  {completed} COMPLETED: {layout.parts_prefix(completed)} (0 keys) ({layout.object_key(completed)} kept)",
         "remove orphaned keys (no session needs them): 1",
         f"  {ghost}",
         "reap (dry run, nothing changed), would be: 1 overdue session expired; stored parts removed for 1 ended"
@@ -541,8 +542,8 @@ def test_cli_lists_a_dry_run_prints_one_line_and_exits_0_when_all_was_cleaned(
         " are kept; 1 aborted, expired or failed, with any object); 1 orphaned key removed; 0 unfinished writes"
         " swept; stalled completions re-driven: 0 completed, 0 reopened for lost parts, 0 failed; 0 errors\n"
     )), real.stderr
-    assert stored(storage) == [f"objects/{completed}"]
-    assert read(storage, f"objects/{completed}") == data
+    assert stored(storage) == [layout.object_key(completed)]
+    assert read(storage, layout.object_key(completed)) == data
     assert status(database_url, overdue) == "EXPIRED"
 
     assert run_reap(env, "--batch-size", "0").returncode == 2  # refused by the argument parser

@@ -17,6 +17,7 @@ import webtest
 
 from chunksvc.app import create_app
 from chunksvc.config import Config, StorageSpec
+from chunksvc.services import layout
 from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import open_storage
@@ -96,7 +97,7 @@ def test_complete_drops_parts_whose_bytes_are_gone_and_asks_for_them(app, auth, 
     assert (session["status"], session["received_parts"], session["received_bytes"]) == ("IN_PROGRESS", 3, 3 * 1000 - 7)
     listed = app.get(f"/uploads/sessions/{session_id}/parts", headers=auth).json["parts"]
     assert [part["part_number"] for part in listed] == [2, 4, 5]
-    assert not storage.exists(f"objects/{session_id}")
+    assert not storage.exists(layout.object_key(session_id))
     # The ordinary resume: send what is listed, complete again.
     for number in problem["missing_parts"]:
         assert put_part(app, auth, session_id, number, chunks[number - 1]).status_int == 201

@@ -17,6 +17,7 @@ import pytest
 
 from chunksvc import embedded
 from chunksvc.config import StorageSpec
+from chunksvc.services import layout
 from tests.helpers import payload, sha, split
 from tools import harness
 
@@ -89,7 +90,7 @@ def test_client_disconnect_mid_body_leaves_nothing(server):
     deadline = time.monotonic() + 10
     while True:
         leftovers = [p for p in (server["root"]).rglob("*") if p.is_file()]
-        parts_dir = [p for p in leftovers if f"parts/{session['id']}" in str(p)]
+        parts_dir = [p for p in leftovers if layout.parts_prefix(session['id']) in str(p)]
         incoming = [p for p in leftovers if ".incoming" in p.parts]
         if not parts_dir and not incoming:
             break

@@ -15,23 +15,24 @@ from __future__ import annotations
 import uuid
 from uuid import UUID
 
+# A session id is a UUID, or its canonical text (as the API and the database spell it).
 PARTS = "parts/"
 OBJECTS = "objects/"
 #: Every prefix the service writes under; anything else in a bucket is not the service's.
 PREFIXES = (PARTS, OBJECTS)
 
 
-def part_key(session_id: UUID) -> str:
+def part_key(session_id: UUID | str) -> str:
     """A fresh key per incoming body: a retry or a conflicting upload never overwrites a part."""
     return f"{parts_prefix(session_id)}{uuid.uuid4()}"
 
 
-def parts_prefix(session_id: UUID) -> str:
+def parts_prefix(session_id: UUID | str) -> str:
     """The prefix every part key of the session starts with (ends with ``/``)."""
     return f"{PARTS}{session_id}/"
 
 
-def object_key(session_id: UUID) -> str:
+def object_key(session_id: UUID | str) -> str:
     """The key of the session's assembled object."""
     return f"{OBJECTS}{session_id}"
 
