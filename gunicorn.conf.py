@@ -3,27 +3,27 @@
 Every value can be overridden from the environment (CHUNKSVC_*), see the README.
 """
 
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from chunksvc.config import DEFAULT_FORWARDED_ALLOW_IPS
+from chunksvc.config import ServerSettings
+from chunksvc.errors import ConfigError
 from chunksvc.logs import logging_config
 
+try:
+    settings = ServerSettings.from_env()
+except ConfigError as exc:
+    raise SystemExit(f"chunksvc: {exc}") from None
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
-
-
-bind = os.environ.get("CHUNKSVC_BIND", "127.0.0.1:8000")
+bind = settings.bind
 
 # gthread, cores+1 processes of 8 threads. A part upload spends its time in socket reads, hashing
 # and storage writes, which release the GIL, so threads overlap them; and a sync worker is held by
 # one body for as long as its client takes to send it, so a few slow clients stall everything else.
-# Measured with `python -m chunksvc.tools.bench_workers --rounds 5 --config sync:3:1
+# Measured with `python -m tools.bench_workers --rounds 5 --config sync:3:1
 # --config gthread:3:4 --config gthread:3:8` (2 CPUs, shared and noisy; 8 MiB parts on disk storage;
 # median of 5 rounds; healthz = GET /healthz latency while the parts stream):
 #   clients          sync 3x1                  gthread 3x4               gthread 3x8
@@ -36,7 +36,7 @@ bind = os.environ.get("CHUNKSVC_BIND", "127.0.0.1:8000")
 # 64 threads, not 8: a thread is also what a stalled client holds. A body that sends nothing for
 # CHUNKSVC_BODY_TIMEOUT (60 s) is abandoned, but a request head that never ends holds its thread
 # until the client leaves (only a proxy's client_header_timeout defends against that; see the
-# README). Measured with `python -m chunksvc.tools.slow_clients` (2 workers; 30 connections
+# README). Measured with `python -m tools.slow_clients` (2 workers; 30 connections
 # stalled mid-body and 30 mid-head, then 10 honest uploads with a 30 s client timeout):
 #   8 threads, no body timeout: 0 of 10 finished; 8 threads: 0 of 10; 32: 5 of 10 (one worker had
 #   taken most stalled connections); 64: 10 of 10, p50 0.09 s.
@@ -44,20 +44,20 @@ bind = os.environ.get("CHUNKSVC_BIND", "127.0.0.1:8000")
 # database connection only for its few statements, so the pool stays at 8 (CHUNKSVC_DB_POOL_MAX).
 # A completion holds its connection for the whole assembly, so at most half the pool assembles at
 # once per worker; further completions wait up to 30 s for a slot, then answer a retryable 503.
-worker_class = os.environ.get("CHUNKSVC_WORKER_CLASS", "gthread")
-workers = _env_int("CHUNKSVC_WORKERS", multiprocessing.cpu_count() + 1)
-threads = _env_int("CHUNKSVC_THREADS", 64)
+worker_class = settings.worker_class
+workers = settings.workers
+threads = settings.threads
 
 # A gthread worker reports to the master from its main loop, whatever its threads are doing, so the
 # timeout only catches a wedged process and can stay short. A sync worker reports only between
 # requests: its timeout must outlast the longest part upload or assembly, or the master kills it.
-timeout = _env_int("CHUNKSVC_WORKER_TIMEOUT", 30 if worker_class == "gthread" else 900)
-graceful_timeout = _env_int("CHUNKSVC_GRACEFUL_TIMEOUT", 60)
-keepalive = _env_int("CHUNKSVC_KEEPALIVE", 15)
+timeout = settings.timeout
+graceful_timeout = settings.graceful_timeout
+keepalive = settings.keepalive
 
 # Recycle workers now and then so slow leaks cannot accumulate; jitter avoids all at once.
-max_requests = _env_int("CHUNKSVC_MAX_REQUESTS", 10_000)
-max_requests_jitter = _env_int("CHUNKSVC_MAX_REQUESTS_JITTER", 1_000)
+max_requests = settings.max_requests
+max_requests_jitter = settings.max_requests_jitter
 
 # Headers are small in this API; refuse oversized request lines and headers early.
 limit_request_line = 4094
@@ -66,24 +66,24 @@ limit_request_field_size = 8190
 
 # gunicorn's control socket (for gunicornc) defaults to one path per user, which every server that
 # user runs would share; it is opened only when asked for, at a path of its own.
-if os.environ.get("CHUNKSVC_CONTROL_SOCKET"):
-    control_socket = os.environ["CHUNKSVC_CONTROL_SOCKET"]
+if settings.control_socket:
+    control_socket = settings.control_socket
 else:
     control_socket_disable = True
 
 # Behind the reverse proxy: trust X-Forwarded-* only from it. The application reads the same
 # variable for X-Forwarded-For (the client address in its logs); gunicorn for X-Forwarded-Proto.
-forwarded_allow_ips = os.environ.get("CHUNKSVC_FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)
+forwarded_allow_ips = settings.forwarded_allow_ips
 
 # JSON logs (chunksvc.logs): gunicorn's error log and the application's logs on stderr; one access
 # line per request, written by the application (it knows the route, client, session, part and
 # request id, which gunicorn's access log cannot), on stdout or in CHUNKSVC_ACCESS_LOG ("" for none).
 # gunicorn's own access log is therefore off. Requests gunicorn refuses before the application
 # sees them (oversized request line or headers) appear in the error log instead.
-loglevel = os.environ.get("CHUNKSVC_LOG_LEVEL", "info")
+loglevel = settings.log_level
 errorlog = "-"
 accesslog = None
-logconfig_dict = logging_config(loglevel, os.environ.get("CHUNKSVC_ACCESS_LOG", "-"))
+logconfig_dict = logging_config(loglevel, settings.access_log)
 
 # Metrics: each worker keeps its values in files of this directory and /metrics merges them all
 # (prometheus_client multiprocess mode). prometheus_client reads the variable when first imported,
