@@ -92,9 +92,6 @@ def read_exact_blocks(reader: Readable, length: int, block_size: int) -> Iterato
 class Storage(abc.ABC):
     """Byte storage for parts and assembled objects."""
 
-    #: ``"file"`` or ``"s3"``.
-    kind: str
-
     @property
     def bucket(self) -> str | None:
         """The bucket the keys live in, or None where there is none (a local directory)."""

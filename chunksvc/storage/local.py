@@ -161,8 +161,6 @@ class _HashingRing:
 
 
 class LocalStorage(Storage):
-    kind = "file"
-
     def __init__(self, root: Path) -> None:
         self._root = Path(root)
         self._incoming = self._root / INCOMING

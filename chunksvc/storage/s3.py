@@ -233,7 +233,6 @@ class _ObjectReader(io.RawIOBase):
 
 
 class S3Storage(Storage):
-    kind = "s3"
     #: Larger writes go up as a multipart upload; a single PUT carries at most 5 GiB.
     max_single_put = MAX_PART_SIZE
 
