@@ -45,9 +45,13 @@ def check_prefix(prefix: str) -> str:
 
 Progress = Callable[[int], None]
 
+#: What a reader's ``read`` returns: bytes, or a view of a buffer the reader reuses (valid only
+#: until its next ``read``; see ``Storage.write``).
+Block = bytes | memoryview
+
 
 class Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
+    def read(self, size: int = -1, /) -> Block: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +73,7 @@ class ListedKey:
     last_modified: datetime  # timezone-aware UTC
 
 
-def read_exact_blocks(reader: Readable, length: int, block_size: int) -> Iterator[bytes]:
+def read_exact_blocks(reader: Readable, length: int, block_size: int) -> Iterator[Block]:
     """Yield exactly ``length`` bytes of ``reader`` as non-empty blocks of at most ``block_size``.
 
     Raises ``IncompleteBody`` if the reader ends early; never reads past ``length``.

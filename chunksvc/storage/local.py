@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import queue
 import threading
@@ -345,7 +346,7 @@ class LocalStorage(Storage):
     # --- internals --------------------------------------------------------------------------
 
     @staticmethod
-    def _open_source(src: PartSource, key: str, path: Path) -> BinaryIO:
+    def _open_source(src: PartSource, key: str, path: Path) -> io.BufferedReader:
         try:
             return open(path, "rb")
         except FileNotFoundError:

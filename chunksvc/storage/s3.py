@@ -27,6 +27,7 @@ from minio.error import MinioException, S3Error, ServerError
 from chunksvc.config import GiB, Limits, MiB, StorageSpec, TiB
 from chunksvc.errors import ConfigError, ObjectMissing, StorageError, StorageFull, StorageUnavailable
 from chunksvc.storage.base import (
+    Block,
     ListedKey,
     PartSource,
     Progress,
@@ -148,7 +149,7 @@ class _ChunkStream:
     the storage's.
     """
 
-    def __init__(self, blocks: Iterator[bytes]) -> None:
+    def __init__(self, blocks: Iterator[Block]) -> None:
         self._blocks = blocks
         self._pending = memoryview(b"")
         self.error: BaseException | None = None
@@ -182,11 +183,11 @@ class _RecordingBlocks:
     """An iterable request body over ``blocks`` that keeps the exception they raised, so that a
     reader's failure is told apart from the storage's (urllib3 wraps what a body raises)."""
 
-    def __init__(self, blocks: Iterator[bytes]) -> None:
+    def __init__(self, blocks: Iterator[Block]) -> None:
         self._blocks = blocks
         self.error: BaseException | None = None
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[Block]:
         try:
             yield from self._blocks
         except BaseException as exc:
@@ -399,7 +400,7 @@ class S3Storage(Storage):
             http_client=http,
         )
 
-    def _put(self, key: str, blocks: Iterator[bytes], length: int, action: str) -> None:
+    def _put(self, key: str, blocks: Iterator[Block], length: int, action: str) -> None:
         """Upload exactly ``length`` bytes from ``blocks``: one PUT, or multipart in bounded memory.
 
         On failure the SDK aborts its multipart upload (minio 7.2 does so for any ``Exception``)
@@ -427,7 +428,7 @@ class S3Storage(Storage):
         finally:
             body.close()
 
-    def _stream_put(self, key: str, blocks: Iterator[bytes], length: int, action: str) -> None:
+    def _stream_put(self, key: str, blocks: Iterator[Block], length: int, action: str) -> None:
         """Upload exactly ``length`` bytes in one PUT, sending each block as it arrives.
 
         ``put_object`` would hold a whole SDK part in memory and, over plain http, hash it once
