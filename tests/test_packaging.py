@@ -66,6 +66,17 @@ def test_the_wheel_holds_the_service_and_its_data_only(wheel: zipfile.ZipFile) -
     assert set(sql) <= set(names), set(sql) - set(names)
 
 
+def test_the_service_imports_nothing_from_the_tools_or_the_tests() -> None:
+    """What the wheel leaves out must not be needed by what it holds."""
+    importing = re.compile(r"^\s*(from|import)\s+(tools|tests)\b", re.MULTILINE)
+    offenders = [
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "chunksvc").rglob("*.py")
+        if importing.search(path.read_text())
+    ]
+    assert offenders == []
+
+
 def test_the_wheel_needs_the_embedded_postgresql_only_as_an_extra(wheel: zipfile.ZipFile) -> None:
     (metadata_name,) = [name for name in wheel.namelist() if name.endswith(".dist-info/METADATA")]
     metadata = Parser().parsestr(wheel.read(metadata_name).decode())
