@@ -96,11 +96,14 @@ def build(
     app.add_route("/readyz", health.Readyz(HealthService(db, storage, min_free=config.storage_min_free)))
     app.add_route("/metrics", MetricsResource(metrics, db.stats))
     app.add_route("/openapi.json", openapi.OpenApi(config.limits))
-    app.add_route("/uploads/sessions", uploads.SessionsResource(upload_service))
-    app.add_route("/uploads/sessions/{session_id}", uploads.SessionResource(upload_service))
+    render_session = uploads.SessionRenderer(storage.bucket)
+    app.add_route("/uploads/sessions", uploads.SessionsResource(upload_service, render_session))
+    app.add_route("/uploads/sessions/{session_id}", uploads.SessionResource(upload_service, render_session))
     app.add_route("/uploads/sessions/{session_id}/parts", uploads.PartsResource(upload_service))
     app.add_route(
         "/uploads/sessions/{session_id}/parts/{part_number}", uploads.PartResource(upload_service, config.body_timeout)
     )
-    app.add_route("/uploads/sessions/{session_id}/complete", uploads.CompleteResource(upload_service, assembler))
+    app.add_route(
+        "/uploads/sessions/{session_id}/complete", uploads.CompleteResource(upload_service, assembler, render_session)
+    )
     return app, assembler, reaper

@@ -48,8 +48,11 @@ def _reject_constant(name: str) -> None:
 
 
 class SessionRenderer:
-    def __init__(self, uploads: UploadService) -> None:
-        self._uploads = uploads
+    """A session as the contract's JSON. ``bucket`` is the storage's (``Storage.bucket``): the
+    session's ``object`` names it on S3, and has no ``bucket`` member on local disk."""
+
+    def __init__(self, bucket: str | None) -> None:
+        self._bucket = bucket
 
     def __call__(self, session: Session) -> dict[str, Any]:
         return {
@@ -67,17 +70,30 @@ class SessionRenderer:
             "created_at": rfc3339(session.created_at),
             "updated_at": rfc3339(session.updated_at),
             "expires_at": rfc3339(session.expires_at),
-            "object": self._uploads.describe_object(session),
+            "object": self._object(session),
             "assembled_bytes": session.assembled_bytes,
         }
+
+    def _object(self, session: Session) -> dict[str, Any] | None:
+        """The assembled object, once COMPLETED."""
+        if session.object is None:
+            return None
+        stored: dict[str, Any] = {
+            "key": session.object.key,
+            "size": session.object.size,
+            "sha256": session.object.sha256,
+        }
+        if self._bucket is not None:
+            stored["bucket"] = self._bucket
+        return stored
 
 
 class SessionsResource:
     """/uploads/sessions"""
 
-    def __init__(self, uploads: UploadService) -> None:
+    def __init__(self, uploads: UploadService, render: SessionRenderer) -> None:
         self._uploads = uploads
-        self._render = SessionRenderer(uploads)
+        self._render = render
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_json(req, required=True)
@@ -101,9 +117,9 @@ class SessionsResource:
 class SessionResource:
     """/uploads/sessions/{session_id}"""
 
-    def __init__(self, uploads: UploadService) -> None:
+    def __init__(self, uploads: UploadService, render: SessionRenderer) -> None:
         self._uploads = uploads
-        self._render = SessionRenderer(uploads)
+        self._render = render
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
         resp.media = self._render(self._uploads.get_session(req.context.client, session_id))
@@ -172,10 +188,10 @@ class PartResource:
 class CompleteResource:
     """/uploads/sessions/{session_id}/complete"""
 
-    def __init__(self, uploads: UploadService, assembler: BackgroundAssembler) -> None:
+    def __init__(self, uploads: UploadService, assembler: BackgroundAssembler, render: SessionRenderer) -> None:
         self._uploads = uploads
         self._assembler = assembler
-        self._render = SessionRenderer(uploads)
+        self._render = render
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
         body = read_json(req, required=False)

@@ -235,9 +235,6 @@ class UploadService:
         parts = rows[:limit]
         return parts, (parts[-1]["part_number"] if len(rows) > limit else None)
 
-    def describe_object(self, session: Session) -> dict[str, Any] | None:
-        return self._storage.describe(session.object) if session.object else None
-
     # --- parts ------------------------------------------------------------------------------
 
     def check_part(
