@@ -342,14 +342,6 @@ def test_bucket_names_where_the_keys_live(storage: Storage, storage_spec: Storag
         assert storage.bucket is None
 
 
-def test_describe(storage: Storage, storage_spec: StorageSpec) -> None:
-    stored = storage.assemble(write_parts(storage, [3])[0], "objects/s", BLOCK)
-    expected = {"key": "objects/s", "size": 3, "sha256": hashlib.sha256(b"\x01" * 3).hexdigest()}
-    if storage_spec.kind == "s3":
-        expected["bucket"] = storage_spec.bucket
-    assert storage.describe(stored) == expected
-
-
 # --- unfinished writes --------------------------------------------------------------------
 
 

@@ -170,10 +170,6 @@ class Storage(abc.ABC):
         ``older_than`` must leave live writes alone.
         """
 
-    @abc.abstractmethod
-    def describe(self, stored: StoredObject) -> dict:
-        """The session's ``object`` member: key, size, sha256 (and bucket on S3)."""
-
     def free_bytes(self) -> int | None:
         """Room left for new bytes, or None where the storage does not say (S3)."""
         return None

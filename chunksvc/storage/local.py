@@ -331,9 +331,6 @@ class LocalStorage(Storage):
             stats = os.statvfs(self._root)
         return stats.f_bavail * stats.f_frsize
 
-    def describe(self, stored: StoredObject) -> dict:
-        return {"key": stored.key, "size": stored.size, "sha256": stored.sha256}
-
     def check(self, timeout: float) -> None:
         """Create and remove a probe file (``timeout`` is not enforced: local calls do not hang)."""
         probe = self._incoming / f"check-{uuid.uuid4().hex}"

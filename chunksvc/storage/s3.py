@@ -356,9 +356,6 @@ class S3Storage(Storage):
                         found(f"{upload.object_name} (multipart upload {upload.upload_id})")
         return count
 
-    def describe(self, stored: StoredObject) -> dict:
-        return {"key": stored.key, "size": stored.size, "sha256": stored.sha256, "bucket": self._bucket}
-
     def check(self, timeout: float) -> None:
         # A separate client: one attempt, bounded by ``timeout`` overall.
         http = _http_client(urllib3.Timeout(total=timeout), retries=False)
