@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 from chunksvc import dao, embedded, migrations
@@ -22,6 +23,7 @@ from chunksvc.config import Config
 from chunksvc.db import Database
 from chunksvc.errors import ChunksvcError
 from chunksvc.metrics import Metrics
+from chunksvc.rows import OpsSessionRow
 from chunksvc.services import rules, states
 from chunksvc.services.auth import Client, KeyManager
 from chunksvc.services.reaper import Reaper, ReaperSettings
@@ -80,18 +82,18 @@ def cmd_keys(config: Config, args: argparse.Namespace) -> int:
                 print(key)  # the last line is the key alone, for scripts
             elif args.action == "list":
                 print(f"{'CLIENT':<24} {'PREFIX':<14} {'CREATED':<20} {'LAST USED':<20} REVOKED")
-                for row in manager.list():
+                for key_row in manager.list_keys():
                     print(
-                        f"{row['client_name']:<24} {row['prefix']:<14} {_when(row['created_at']):<20}"
-                        f" {_when(row['last_used_at']):<20} {_when(row['revoked_at'])}"
+                        f"{key_row.client_name:<24} {key_row.prefix:<14} {_when(key_row.created_at):<20}"
+                        f" {_when(key_row.last_used_at):<20} {_when(key_row.revoked_at)}"
                     )
             else:
                 revoked = manager.revoke(args.target)
                 if not revoked:
                     print(f"no active key has prefix or client name {args.target!r}", file=sys.stderr)
                     return 1
-                for row in revoked:
-                    print(f"revoked {row['prefix']} ({row['client_name']})")
+                for revoked_key in revoked:
+                    print(f"revoked {revoked_key.prefix} ({revoked_key.client_name})")
         finally:
             db.close()
     return 0
@@ -107,27 +109,28 @@ def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
         try:
             if args.action == "list":
                 with db.connection() as conn:
-                    rows = dao.ops_list_sessions(conn, args.client, args.status, args.limit)
+                    listed = dao.ops_list_sessions(conn, args.client, args.status, args.limit)
                 print(f"{'ID':<36}  {'CLIENT':<16} {'STATUS':<11} {'PARTS':>11} {'SIZE':>14}  {'UPDATED':<19}"
                       "  FILENAME")
-                for row in rows:
-                    parts = f"{row['received_parts']}/{row['total_parts']}"
-                    print(f"{row['id']!s:<36}  {row['client_name']:<16} {row['effective_status']:<11} {parts:>11}"
-                          f" {row['size']:>14}  {_when(row['updated_at']):<19}  {row['filename']}")
+                for s in listed:
+                    parts = f"{s.received_parts}/{s.total_parts}"
+                    print(f"{s.id!s:<36}  {s.client_name:<16} {s.effective_status:<11} {parts:>11}"
+                          f" {s.size:>14}  {_when(s.updated_at):<19}  {s.filename}")
                 return 0
             session_id = rules.parse_session_id(args.id)
             with db.connection() as conn:
-                row = dao.ops_get_session(conn, session_id)
-                if row is None:
+                session = dao.ops_get_session(conn, session_id)
+                if session is None:
                     print(f"no session {args.id}", file=sys.stderr)
                     return 1
-                missing = dao.missing_parts(conn, session_id, row["total_parts"], 20)
+                missing = dao.missing_parts(conn, session_id, session.total_parts, 20)
             if args.action == "show":
-                _show_session(row, missing)
+                _show_session(session, missing)
             else:
+                assert storage is not None  # opened above for abort
                 uploads = UploadService(db, storage, config.limits, config.block_size)
-                uploads.abort(Client(id=row["client_id"], name=row["client_name"]), args.id)
-                print(f"aborted {args.id} (client {row['client_name']}, was {row['effective_status']})")
+                uploads.abort(Client(id=session.client_id, name=session.client_name), args.id)
+                print(f"aborted {args.id} (client {session.client_name}, was {session.effective_status})")
         finally:
             if storage is not None:
                 storage.close()
@@ -135,21 +138,21 @@ def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_session(row: dict, missing: list[int]) -> None:
-    absent = row["total_parts"] - row["received_parts"]
-    fields = [
-        ("id", row["id"]), ("client", row["client_name"]), ("status", row["effective_status"]),
-        ("filename", row["filename"]), ("size", row["size"]), ("part size", row["part_size"]),
-        ("parts", f"{row['received_parts']} of {row['total_parts']} received ({row['received_bytes']} bytes)"),
+def _show_session(s: OpsSessionRow, missing: list[int]) -> None:
+    absent = s.total_parts - s.received_parts
+    fields: list[tuple[str, object]] = [
+        ("id", s.id), ("client", s.client_name), ("status", s.effective_status),
+        ("filename", s.filename), ("size", s.size), ("part size", s.part_size),
+        ("parts", f"{s.received_parts} of {s.total_parts} received ({s.received_bytes} bytes)"),
         ("missing", (", ".join(map(str, missing)) + (" ..." if absent > len(missing) else "")) if absent else "none"),
-        ("sha256", row["sha256"] or "-"), ("created", _when(row["created_at"])),
-        ("updated", _when(row["updated_at"])), ("expires", _when(row["expires_at"])),
+        ("sha256", s.sha256 or "-"), ("created", _when(s.created_at)),
+        ("updated", _when(s.updated_at)), ("expires", _when(s.expires_at)),
     ]
-    if row["effective_status"] == states.COMPLETING:
-        done = row["assembled_bytes"] or 0
-        fields.append(("assembled", f"{done} of {row['size']} bytes ({100 * done // row['size']}%)"))
-    if row["object_key"]:
-        fields.append(("object", f"{row['object_key']} ({row['object_size']} bytes, sha256 {row['object_sha256']})"))
+    if s.effective_status == states.COMPLETING:
+        done = s.assembled_bytes or 0
+        fields.append(("assembled", f"{done} of {s.size} bytes ({100 * done // s.size}%)"))
+    if s.object_key:
+        fields.append(("object", f"{s.object_key} ({s.object_size} bytes, sha256 {s.object_sha256})"))
     for name, value in fields:
         print(f"{name + ':':<11} {value}")
 
@@ -165,7 +168,7 @@ def cmd_psql(config: Config, args: argparse.Namespace) -> int:
         return subprocess.run([psql, url, *args.psql_args], check=False).returncode
 
 
-def _when(moment) -> str:
+def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
 
 

@@ -1,25 +1,35 @@
-"""PostgreSQL access: the connection pool, named queries, and psycopg error translation.
+"""PostgreSQL access: the connection pool, named queries, typed rows, psycopg error translation.
 
 This is the one module (with ``migrations``) that talks to psycopg. Every statement lives in
 ``chunksvc/sql/queries.sql`` under a ``-- name:`` header and is run by name. psycopg errors
 that mean "the database is not there" become ``DatabaseUnavailable`` here, at one boundary.
+Rows come back as the dataclass the caller names (``dataclass_row``; ``chunksvc.rows``), or as
+one checked value (``Connection.value``), never as dicts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 import psycopg_pool
-from psycopg.rows import dict_row
+from psycopg.rows import RowFactory, RowMaker, no_result, scalar_row
 from psycopg.types.json import Jsonb
 
 from chunksvc.errors import DatabaseBusy, DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+D = TypeVar("D", bound="DataclassInstance")
+R = TypeVar("R")
+V = TypeVar("V")
 
 _HEADER = re.compile(r"^-- name:\s*(\w+)\s*$", re.MULTILINE)
 
@@ -44,6 +54,35 @@ def json_param(value: object) -> Jsonb:
     return Jsonb(value)
 
 
+def dataclass_row(cls: type[D]) -> RowFactory[D]:
+    """A row factory that builds ``cls`` (a dataclass) from the result's columns, by name.
+
+    Like psycopg's ``class_row``, except that columns the class does not declare are left out:
+    the session statements select ``upload_sessions.*``, and a migration that adds a column is
+    applied (``migrate``, once per release) while the previous release still serves, so a column
+    that code does not know yet must not break it. A field that no column fills (or two do) is a
+    bug in the statement or the class: ``TypeError`` naming the class and the fields, on every
+    execution of the statement, even one that returns no row.
+    """
+    fields = [field.name for field in dataclasses.fields(cls)]
+
+    def factory(cursor: psycopg.Cursor[Any]) -> RowMaker[D]:
+        if cursor.description is None:
+            return no_result  # a statement that returns no rows (not a SELECT or RETURNING)
+        columns = [column.name for column in cursor.description]
+        unfilled = [name for name in fields if columns.count(name) != 1]
+        if unfilled:
+            raise TypeError(f"{cls.__name__}: the statement returns no column, or several, named {', '.join(unfilled)}")
+        positions = [(name, columns.index(name)) for name in fields]
+
+        def make(values: Sequence[Any]) -> D:
+            return cls(**{name: values[position] for name, position in positions})
+
+        return make
+
+    return factory
+
+
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
     """Turn psycopg's 'cannot reach the database' errors into the domain's error."""
@@ -58,21 +97,39 @@ def translate_errors() -> Iterator[None]:
 class Connection:
     """A pooled connection in autocommit mode; ``transaction()`` groups statements."""
 
-    def __init__(self, conn: psycopg.Connection) -> None:
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
 
-    def one(self, query: str, **params: Any) -> dict[str, Any] | None:
-        with translate_errors():
-            return self._conn.execute(QUERIES[query], params).fetchone()
+    def one(self, query: str, row: RowFactory[R], **params: Any) -> R | None:
+        """The statement's first row, made by ``row`` (see ``dataclass_row``); None if it has none."""
+        with translate_errors(), self._conn.cursor(row_factory=row) as cursor:
+            return cursor.execute(QUERIES[query], params).fetchone()
 
-    def all(self, query: str, **params: Any) -> list[dict[str, Any]]:
-        with translate_errors():
-            return self._conn.execute(QUERIES[query], params).fetchall()
+    def all(self, query: str, row: RowFactory[R], **params: Any) -> list[R]:
+        with translate_errors(), self._conn.cursor(row_factory=row) as cursor:
+            return cursor.execute(QUERIES[query], params).fetchall()
+
+    def value(self, query: str, kind: type[V], **params: Any) -> V:
+        """The first column of the statement's one row, checked to be a ``kind``."""
+        with translate_errors(), self._conn.cursor(row_factory=scalar_row) as cursor:
+            found = cursor.execute(QUERIES[query], params).fetchone()
+        if not isinstance(found, kind):
+            raise TypeError(f"{query} returned {found!r}, not a {kind.__name__}")
+        return found
+
+    def values(self, query: str, kind: type[V], **params: Any) -> list[V]:
+        """The first column of each of the statement's rows, each checked to be a ``kind``."""
+        with translate_errors(), self._conn.cursor(row_factory=scalar_row) as cursor:
+            found = cursor.execute(QUERIES[query], params).fetchall()
+        wrong = [value for value in found if not isinstance(value, kind)]
+        if wrong:
+            raise TypeError(f"{query} returned {wrong[0]!r}, not a {kind.__name__}")
+        return found
 
     def execute(self, query: str, **params: Any) -> int:
         """Run a statement; return the number of rows it affected."""
-        with translate_errors():
-            return self._conn.execute(QUERIES[query], params).rowcount
+        with translate_errors(), self._conn.cursor() as cursor:
+            return cursor.execute(QUERIES[query], params).rowcount
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -92,7 +149,7 @@ class Database:
             open=False,
             # Autocommit: nothing stays "idle in transaction" between explicit transactions,
             # which matters while a completion holds its connection during assembly.
-            kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 5},
+            kwargs={"autocommit": True, "connect_timeout": 5},
             name="chunksvc",
         )
         self._opened = False

@@ -244,7 +244,7 @@ def test_revoked_key_is_401(app, keys):
     key, prefix = keys.create("carol")
     headers = {"Authorization": f"Bearer {key}"}
     app.get("/uploads/sessions", headers=headers, status=200)
-    assert [row["prefix"] for row in keys.revoke(prefix)] == [prefix]
+    assert [revoked.prefix for revoked in keys.revoke(prefix)] == [prefix]
     assert_problem(app.get("/uploads/sessions", headers=headers, status=401), 401, "unauthorized")
 
 

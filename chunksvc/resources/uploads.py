@@ -1,4 +1,4 @@
-"""The /uploads routes. Thin: parse HTTP, call the upload service, render JSON."""
+"""The /uploads routes. Thin: parse HTTP, call the upload service, render its rows as the contract's JSON."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import falcon
 from chunksvc import logs
 from chunksvc.errors import InvalidRequest
 from chunksvc.resources.body import part_body
+from chunksvc.rows import PartRow, SessionRow
+from chunksvc.services import states
 from chunksvc.services.assembler import BackgroundAssembler
-from chunksvc.services.uploads import Completion, PartResult, Session, UploadService
+from chunksvc.services.uploads import Completion, PartResult, UploadService
 
 MAX_JSON_BODY = 64 * 1024
 # After a 202 from complete: how soon to look again. Assembly runs at hundreds of MB/s, so a
@@ -54,10 +56,10 @@ class SessionRenderer:
     def __init__(self, bucket: str | None) -> None:
         self._bucket = bucket
 
-    def __call__(self, session: Session) -> dict[str, Any]:
+    def __call__(self, session: SessionRow) -> dict[str, Any]:
         return {
             "id": str(session.id),
-            "status": session.status,
+            "status": session.effective_status,
             "filename": session.filename,
             "content_type": session.content_type,
             "size": session.size,
@@ -71,21 +73,32 @@ class SessionRenderer:
             "updated_at": rfc3339(session.updated_at),
             "expires_at": rfc3339(session.expires_at),
             "object": self._object(session),
-            "assembled_bytes": session.assembled_bytes,
+            # Progress of a running assembly only (an abort during one leaves the count behind).
+            "assembled_bytes": session.assembled_bytes if session.effective_status == states.COMPLETING else None,
         }
 
-    def _object(self, session: Session) -> dict[str, Any] | None:
+    def _object(self, session: SessionRow) -> dict[str, Any] | None:
         """The assembled object, once COMPLETED."""
-        if session.object is None:
+        if session.object_key is None:
             return None
         stored: dict[str, Any] = {
-            "key": session.object.key,
-            "size": session.object.size,
-            "sha256": session.object.sha256,
+            "key": session.object_key,
+            "size": session.object_size,
+            "sha256": session.object_sha256,
         }
         if self._bucket is not None:
             stored["bucket"] = self._bucket
         return stored
+
+
+def render_part(part: PartRow) -> dict[str, Any]:
+    """A received part as the contract's JSON (its storage key stays inside)."""
+    return {
+        "part_number": part.part_number,
+        "size": part.size,
+        "sha256": part.sha256,
+        "created_at": rfc3339(part.created_at),
+    }
 
 
 class SessionsResource:
@@ -139,18 +152,7 @@ class PartsResource:
         parts, next_after = self._uploads.list_parts(
             req.context.client, session_id, req.get_param("after"), req.get_param("limit")
         )
-        resp.media = {
-            "parts": [
-                {
-                    "part_number": p["part_number"],
-                    "size": p["size"],
-                    "sha256": p["sha256"],
-                    "created_at": rfc3339(p["created_at"]),
-                }
-                for p in parts
-            ],
-            "next_after": next_after,
-        }
+        resp.media = {"parts": [render_part(part) for part in parts], "next_after": next_after}
 
 
 class PartResource:

@@ -109,8 +109,8 @@ class BackgroundAssembler:
             except ChunksvcError as exc:
                 log.warning("assembler: cannot look for pending completions: %s", exc.detail)
                 continue
-            for row in pending:
-                self.submit(row["id"], row["client_id"])
+            for completion in pending:
+                self.submit(completion.id, completion.client_id)
 
     def _run(self, session_id: UUID, client_id: int) -> None:
         try:

@@ -14,6 +14,7 @@ import secrets
 from chunksvc import dao
 from chunksvc.db import Database
 from chunksvc.errors import InvalidRequest, Unauthorized
+from chunksvc.rows import ApiKeyRow, RevokedKeyRow
 
 _KEY = re.compile(r"^csk_[0-9a-f]{8}_[A-Za-z0-9_-]{43}$")
 _CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -60,10 +61,10 @@ class Authenticator:
     def authenticate(self, authorization: str | None) -> Client:
         key_hash = presented_key_hash(authorization)
         with self._db.connection() as conn:
-            row = dao.authenticate(conn, key_hash)
-        if row is None:
+            found = dao.authenticate(conn, key_hash)
+        if found is None:
             raise Unauthorized("unknown or revoked API key")
-        return Client(id=row["key_client_id"], name=row["client_name"])
+        return Client(id=found.client_id, name=found.client_name)
 
 
 class KeyManager:
@@ -79,14 +80,14 @@ class KeyManager:
         key, prefix = new_key()
         with self._db.transaction() as conn:
             client = dao.upsert_client(conn, client_name)
-            dao.insert_api_key(conn, client["id"], prefix, hash_key(key))
+            dao.insert_api_key(conn, client.id, prefix, hash_key(key))
         return key, prefix
 
-    def list(self) -> list[dict]:
+    def list_keys(self) -> list[ApiKeyRow]:
         with self._db.connection() as conn:
             return dao.list_api_keys(conn)
 
-    def revoke(self, target: str) -> list[dict]:
+    def revoke(self, target: str) -> list[RevokedKeyRow]:
         """Revoke the key with this prefix, or every key of the client with this name."""
         with self._db.transaction() as conn:
             return dao.revoke_api_keys(conn, target)

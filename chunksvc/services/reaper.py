@@ -45,6 +45,7 @@ from uuid import UUID
 from chunksvc import dao
 from chunksvc.db import Connection, Database
 from chunksvc.errors import ChecksumMismatch, ChunksvcError, CompletionInProgress, PartsMissing, SessionNotActive
+from chunksvc.rows import SweptSessionRow
 from chunksvc.services import layout, states
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.uploads import UploadService
@@ -229,16 +230,16 @@ class Reaper:
             with self._db.connection() as conn:
                 stale = dao.stale_completions(conn, self._settings.completing_lease, after, self._settings.batch_size)
                 if self._settings.dry_run:
-                    for row in stale:
-                        if self._assembler_is_dead(conn, row["id"]):
+                    for completion in stale:
+                        if self._assembler_is_dead(conn, completion.id):
                             result.completions_redriven += 1
-                            result.note("completions_redriven", str(row["id"]))
+                            result.note("completions_redriven", str(completion.id))
             if not self._settings.dry_run:
-                for row in stale:
-                    self._redrive(row["id"], row["client_id"], result)
+                for completion in stale:
+                    self._redrive(completion.id, completion.client_id, result)
             if len(stale) < self._settings.batch_size:
                 return
-            after = (stale[-1]["updated_at"], stale[-1]["id"])
+            after = (stale[-1].updated_at, stale[-1].id)
 
     def purge(self, result: ReapResult) -> None:
         after = None
@@ -250,17 +251,17 @@ class Reaper:
                 if self._settings.dry_run:
                     purged = claimed
                 else:
-                    purged = [row for row in claimed if self._purge_session(row["id"], row["status"], result)]
-                    dao.mark_purged(conn, [row["id"] for row in purged])
-            for row in purged:
-                kind = "completed_parts_removed" if row["status"] == states.COMPLETED else "ended_bytes_removed"
+                    purged = [ended for ended in claimed if self._purge_session(ended.id, ended.status, result)]
+                    dao.mark_purged(conn, [ended.id for ended in purged])
+            for ended in purged:
+                kind = "completed_parts_removed" if ended.status == states.COMPLETED else "ended_bytes_removed"
                 setattr(result, kind, getattr(result, kind) + 1)
                 if len(result.touched.get(kind, ())) < LIST_LIMIT:
-                    result.note(kind, self._describe_purge(row["id"], row["status"]))
+                    result.note(kind, self._describe_purge(ended.id, ended.status))
             if len(claimed) < self._settings.batch_size:
                 return
             # Past the sessions that failed too, so they are retried on the next run, not now.
-            after = (claimed[-1]["updated_at"], claimed[-1]["id"])
+            after = (claimed[-1].updated_at, claimed[-1].id)
 
     def sweep_orphans(self, result: ReapResult) -> None:
         now = self._clock()
@@ -310,10 +311,10 @@ class Reaper:
             log.warning("reap: could not re-drive the completion of session %s: %s", session_id, exc.detail)
             result.errors += 1
             return
-        if session.status == states.COMPLETED:
+        if session.effective_status == states.COMPLETED:
             result.completions_redriven += 1
             result.note("completions_redriven", str(session_id))
-        elif session.status == states.FAILED:
+        elif session.effective_status == states.FAILED:
             result.completions_failed += 1
             result.note("completions_failed", str(session_id))
 
@@ -354,11 +355,11 @@ class Reaper:
         owners = {item.key: layout.session_of(item.key) for item in listed}
         long_stored = {item.key for item in listed if item.last_modified < live_cutoff}
         ids = list({session_id for session_id in owners.values() if session_id is not None})
-        sessions = {row["id"]: row for row in dao.sessions_for_sweep(conn, ids)}
+        sessions = {session.id: session for session in dao.sessions_for_sweep(conn, ids)}
         # Part keys of live sessions that no part row points to. Asked after the sessions: a
         # key recorded meanwhile is named in the answer, and one older than the grace period is
         # no write in progress.
-        live = [session_id for session_id in ids if session_id in sessions and not sessions[session_id]["purged"]]
+        live = [session_id for session_id in ids if session_id in sessions and not sessions[session_id].purged]
         unreferenced: set[str] = set()
         if prefix == layout.PARTS and live:
             candidates = [key for key, session_id in owners.items() if session_id in live and key in long_stored]
@@ -385,7 +386,7 @@ class Reaper:
             result.note("orphans_removed", key)
 
     @staticmethod
-    def _is_orphan(prefix: str, session: dict | None) -> bool:
+    def _is_orphan(prefix: str, session: SweptSessionRow | None) -> bool:
         """A key no session will ever need, and that no other phase will remove.
 
         Until its session is purged a key is the session's business: its writer may be about to
@@ -394,9 +395,9 @@ class Reaper:
         """
         if session is None:
             return True  # sessions are never deleted, so these bytes belong to nobody
-        if not session["purged"]:
+        if not session.purged:
             return False
-        return prefix == layout.PARTS or session["status"] != states.COMPLETED
+        return prefix == layout.PARTS or session.status != states.COMPLETED
 
     @contextlib.contextmanager
     def _phase_lock(self, conn: Connection, phase: str) -> Iterator[bool]:

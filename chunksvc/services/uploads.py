@@ -43,61 +43,18 @@ from chunksvc.errors import (
     StorageError,
     Unauthorized,
 )
+from chunksvc.rows import PartRow, SessionRow
 from chunksvc.services import auth, layout, rules, states
 from chunksvc.services.auth import Client
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.streaming import READ_AHEAD_DEPTH, BufferPool, HashingBodyReader, PartBody
-from chunksvc.storage import PartSource, Storage, StoredObject
+from chunksvc.storage import PartSource, Storage
 
 log = logging.getLogger(__name__)
 
 MAX_MISSING_LISTED = 100
 ASSEMBLY_SLOT_WAIT = 30.0  # seconds a completion waits for a free assembly slot, then 503
 PROGRESS_INTERVAL = 1.0  # seconds between writes of an assembly's progress
-
-
-@dataclasses.dataclass(frozen=True)
-class Session:
-    id: UUID
-    status: str  # as the client sees it (an overdue open session reads EXPIRED)
-    filename: str
-    content_type: str
-    size: int
-    part_size: int
-    total_parts: int
-    received_parts: int
-    received_bytes: int
-    sha256: str | None
-    metadata: dict[str, str]
-    created_at: datetime
-    updated_at: datetime
-    expires_at: datetime
-    object: StoredObject | None
-    assembled_bytes: int | None  # while COMPLETING: how far the assembly has got
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Session:
-        stored = None
-        if row["object_key"] is not None:
-            stored = StoredObject(row["object_key"], row["object_size"], row["object_sha256"])
-        return cls(
-            id=row["id"],
-            status=row["effective_status"],
-            filename=row["filename"],
-            content_type=row["content_type"],
-            size=row["size"],
-            part_size=row["part_size"],
-            total_parts=row["total_parts"],
-            received_parts=row["received_parts"],
-            received_bytes=row["received_bytes"],
-            sha256=row["sha256"],
-            metadata=row["metadata"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            expires_at=row["expires_at"],
-            object=stored,
-            assembled_bytes=row["assembled_bytes"] if row["effective_status"] == states.COMPLETING else None,
-        )
 
 
 class Completion(enum.Enum):
@@ -170,7 +127,7 @@ class UploadService:
 
     # --- sessions ---------------------------------------------------------------------------
 
-    def create_session(self, client: Client, body: Any, idempotency_key: str | None) -> tuple[Session, bool]:
+    def create_session(self, client: Client, body: Any, idempotency_key: str | None) -> tuple[SessionRow, bool]:
         """Create a session; ``(session, False)`` when this is a replay of an earlier create."""
         idempotency_key = rules.parse_idempotency_key(idempotency_key)
         new = rules.validate_new_session(body, self._limits)
@@ -192,48 +149,49 @@ class UploadService:
                 ttl=self._limits.session_ttl,
             )
             created = row is not None
-            if not created:
+            if row is None and idempotency_key is not None:
                 # The key was used before (possibly by a concurrent request that just committed).
                 row = dao.get_session_by_idempotency_key(conn, client.id, idempotency_key)
+        assert row is not None  # only a used Idempotency-Key stops the insert, and sessions stay
         if created:
             self._events.session_created()
-            return Session.from_row(row), True
-        if bytes(row["request_fingerprint"]) != fingerprint:
+            return row, True
+        if row.request_fingerprint != fingerprint:
             raise IdempotencyKeyReused("this Idempotency-Key was used with a different request body")
-        return Session.from_row(row), False
+        return row, False
 
-    def get_session(self, client: Client, raw_id: str) -> Session:
+    def get_session(self, client: Client, raw_id: str) -> SessionRow:
         session_id = rules.parse_session_id(raw_id)
         with self._db.connection() as conn:
-            row = dao.get_session(conn, session_id, client.id)
-        if row is None:
+            session = dao.get_session(conn, session_id, client.id)
+        if session is None:
             raise SessionNotFound()
-        return Session.from_row(row)
+        return session
 
     def list_sessions(
         self, client: Client, status: str | None, raw_limit: str | None, cursor: str | None
-    ) -> tuple[list[Session], str | None]:
+    ) -> tuple[list[SessionRow], str | None]:
         if status is not None and status not in states.ALL:
             raise InvalidRequest(f"status must be one of {', '.join(states.ALL)}")
         limit = rules.parse_bounded_int(raw_limit, "limit", 100, 1, 1000)
         after = decode_cursor(cursor) if cursor else None
         with self._db.connection() as conn:
             rows = dao.list_sessions(conn, client.id, status, after, limit + 1)
-        sessions = [Session.from_row(row) for row in rows[:limit]]
+        sessions = rows[:limit]
         more = len(rows) > limit
         next_cursor = encode_cursor(sessions[-1].created_at, sessions[-1].id) if more else None
         return sessions, next_cursor
 
     def list_parts(
         self, client: Client, raw_id: str, raw_after: str | None, raw_limit: str | None
-    ) -> tuple[list[dict[str, Any]], int | None]:
+    ) -> tuple[list[PartRow], int | None]:
         session = self.get_session(client, raw_id)
         after = rules.parse_bounded_int(raw_after, "after", 0, 0, session.total_parts)
         limit = rules.parse_bounded_int(raw_limit, "limit", 1000, 1, 10_000)
         with self._db.connection() as conn:
             rows = dao.list_parts(conn, session.id, after, limit + 1)
         parts = rows[:limit]
-        return parts, (parts[-1]["part_number"] if len(rows) > limit else None)
+        return parts, (parts[-1].part_number if len(rows) > limit else None)
 
     # --- parts ------------------------------------------------------------------------------
 
@@ -255,15 +213,15 @@ class UploadService:
         except SessionNotFound:
             session_id = None  # still authenticated first: 401 comes before 404
         with self._db.connection() as conn:
-            row = dao.authenticate(conn, key_hash, session_id)
-        if row is None:
+            found = dao.authenticate(conn, key_hash, session_id)
+        if found is None:
             raise Unauthorized("unknown or revoked API key")
-        client = Client(id=row["key_client_id"], name=row["client_name"])
-        if row["id"] is None:
+        client = Client(id=found.client_id, name=found.client_name)
+        session = found.session
+        if session is None:
             raise SessionNotFound()
-        session = Session.from_row(row)
-        if not states.accepts_parts(session.status):
-            raise SessionNotActive(f"the session is {session.status}")
+        if not states.accepts_parts(session.effective_status):
+            raise SessionNotActive(f"the session is {session.effective_status}")
         part_number = rules.parse_part_number(raw_part_number, session.total_parts)
         length = rules.check_part_length(raw_length, session.size, session.part_size, part_number)
         expected = rules.parse_content_digest(content_digest)
@@ -314,39 +272,39 @@ class UploadService:
             if row is None:
                 raise SessionNotFound()
             # Checked under the lock: it may have been aborted, completed or expired meanwhile.
-            if not states.accepts_parts(row["effective_status"]):
-                raise SessionNotActive(f"the session became {row['effective_status']} during the upload")
-            if row["inserted"]:
+            if not states.accepts_parts(row.effective_status):
+                raise SessionNotActive(f"the session became {row.effective_status} during the upload")
+            if row.inserted:
                 return PartResult(
                     True,
                     True,
                     target.part_number,
                     target.length,
                     sha256,
-                    row["received_parts"],
-                    row["received_bytes"],
-                    row["status"],
+                    row.received_parts,
+                    row.received_bytes,
+                    row.status,
                 )
             # Taken: by these bytes or others. A part row keeps its bytes once committed; only a
             # heal (below) may point it at a fresh copy of the same bytes.
             existing = dao.get_part(conn, target.session_id, target.part_number)
         if existing is None:  # dropped just now by a completion that found its bytes gone
             raise SessionNotActive("the session began completing during the upload")
-        if existing["sha256"] != sha256:
+        if existing.sha256 != sha256:
             raise PartConflict(
                 f"part {target.part_number} was already accepted with different bytes",
-                sha256=existing["sha256"],
+                sha256=existing.sha256,
             )
-        healed = self._heal_if_lost(target, existing["storage_key"], key, sha256)
+        healed = self._heal_if_lost(target, existing.storage_key, key, sha256)
         return PartResult(
             False,
             healed,
             target.part_number,
-            existing["size"],
+            existing.size,
             sha256,
-            row["received_parts"],
-            row["received_bytes"],
-            row["effective_status"],
+            row.received_parts,
+            row.received_bytes,
+            row.effective_status,
         )
 
     def _heal_if_lost(self, target: PartTarget, recorded_key: str, new_key: str, sha256: str) -> bool:
@@ -374,7 +332,7 @@ class UploadService:
 
     # --- complete and abort -----------------------------------------------------------------
 
-    def complete(self, client: Client, raw_id: str, body: Any) -> tuple[Session, Completion]:
+    def complete(self, client: Client, raw_id: str, body: Any) -> tuple[SessionRow, Completion]:
         """Complete the session: ``DONE`` once assembled here; ``BACKGROUND`` when it was accepted
         for assembly in the background (above ``sync_complete_max``: the caller hands it to the
         background assembler, which runs ``resume_completion``); ``ELSEWHERE`` while another request
@@ -389,22 +347,21 @@ class UploadService:
         except CompletionInProgress:
             return self.get_session(client, raw_id), Completion.ELSEWHERE
 
-    def _accept_for_background(self, session_id: UUID, client_id: int, sha256: str | None) -> Session | None:
+    def _accept_for_background(self, session_id: UUID, client_id: int, sha256: str | None) -> SessionRow | None:
         """A large upload's completion: checked and moved to COMPLETING here, assembled later.
         None when the session is small enough to assemble in the request (or already done)."""
         with self._db.transaction() as conn:
-            row = dao.lock_session(conn, session_id, client_id)
-            if row is None:
+            session = dao.lock_session(conn, session_id, client_id)
+            if session is None:
                 raise SessionNotFound()
-            session = Session.from_row(row)
-            if session.size <= self._sync_complete_max or session.status == states.COMPLETED:
+            if session.size <= self._sync_complete_max or session.effective_status == states.COMPLETED:
                 return None
-            if session.status == states.COMPLETING:
+            if session.effective_status == states.COMPLETING:
                 return session  # accepted before: the same 202
             self._check_completable(conn, session, sha256)
-            return Session.from_row(dao.mark_completing(conn, session_id, sha256))
+            return dao.mark_completing(conn, session_id, sha256)
 
-    def resume_completion(self, session_id: UUID, client_id: int) -> Session:
+    def resume_completion(self, session_id: UUID, client_id: int) -> SessionRow:
         """Drive an accepted completion to its end, as calling ``complete`` again would: one
         accepted for the background, or one whose assembler died (``CompletionInProgress`` while
         another assembler has it).
@@ -415,7 +372,7 @@ class UploadService:
         """
         return self._complete(session_id, client_id, None, resume=True)
 
-    def _complete(self, session_id: UUID, client_id: int, sha256: str | None, resume: bool = False) -> Session:
+    def _complete(self, session_id: UUID, client_id: int, sha256: str | None, resume: bool = False) -> SessionRow:
         if not self._assembly_slots.acquire(timeout=ASSEMBLY_SLOT_WAIT):
             raise DatabaseBusy("too many completions are running on this worker; try again")
         try:
@@ -423,20 +380,21 @@ class UploadService:
         finally:
             self._assembly_slots.release()
 
-    def _complete_in_slot(self, session_id: UUID, client_id: int, sha256: str | None, resume: bool) -> Session:
+    def _complete_in_slot(self, session_id: UUID, client_id: int, sha256: str | None, resume: bool) -> SessionRow:
         with self._db.connection() as conn:
             locked = False
             try:
                 with conn.transaction():
-                    row = dao.lock_session(conn, session_id, client_id)
-                    if row is None:
+                    session = dao.lock_session(conn, session_id, client_id)
+                    if session is None:
                         raise SessionNotFound()
-                    session = Session.from_row(row)
-                    if resume and session.status != states.COMPLETING:
-                        raise SessionNotActive(f"the session is {session.status}; there is no completion to resume")
-                    if session.status == states.COMPLETED:
+                    if resume and session.effective_status != states.COMPLETING:
+                        raise SessionNotActive(
+                            f"the session is {session.effective_status}; there is no completion to resume"
+                        )
+                    if session.effective_status == states.COMPLETED:
                         return session
-                    if session.status == states.COMPLETING:
+                    if session.effective_status == states.COMPLETING:
                         # The assembler holds the advisory lock while it lives; if we get it,
                         # the assembler died and this call drives the completion to the end.
                         locked = dao.try_completion_lock(conn, session_id)
@@ -447,8 +405,8 @@ class UploadService:
                         locked = dao.try_completion_lock(conn, session_id)
                         if not locked:  # a crashed-and-taken-over assembler still running
                             raise CompletionInProgress()
-                        session = Session.from_row(dao.mark_completing(conn, session_id, sha256))
-                    sources = [PartSource(r["storage_key"], r["size"]) for r in dao.part_sources(conn, session_id)]
+                        session = dao.mark_completing(conn, session_id, sha256)
+                    sources = [PartSource(part.storage_key, part.size) for part in dao.part_sources(conn, session_id)]
                 # From here on, whatever fails (storage, database, this process) leaves the
                 # session COMPLETING with every part row and part byte in place, and the
                 # completion lock dies with the connection: calling complete again, or the
@@ -471,9 +429,9 @@ class UploadService:
         return None if raw is None else rules.parse_sha256(raw, "sha256")
 
     @staticmethod
-    def _check_completable(conn: Connection, session: Session, sha256: str | None) -> None:
-        if not states.accepts_parts(session.status):
-            raise SessionNotActive(f"the session is {session.status}")
+    def _check_completable(conn: Connection, session: SessionRow, sha256: str | None) -> None:
+        if not states.accepts_parts(session.effective_status):
+            raise SessionNotActive(f"the session is {session.effective_status}")
         if sha256 and session.sha256 and sha256 != session.sha256:
             raise InvalidRequest("sha256 differs from the digest given when the session was created")
         if session.received_parts < session.total_parts:
@@ -484,7 +442,7 @@ class UploadService:
             )
 
     def _reopen_lost_parts(
-        self, conn: Connection, client_id: int, session: Session, sources: list[PartSource]
+        self, conn: Connection, client_id: int, session: SessionRow, sources: list[PartSource]
     ) -> ChunksvcError:
         """Parts whose stored bytes are gone are dropped and the session reopened: the error to raise.
 
@@ -496,23 +454,26 @@ class UploadService:
         if not lost:  # the storage said "missing", then "there": not a verdict to act on
             return StorageError("a part was briefly missing from storage during assembly; complete again")
         with conn.transaction():
-            locked_row = dao.lock_session(conn, session.id, client_id)
-            if locked_row is None or locked_row["status"] != states.COMPLETING:
+            locked = dao.lock_session(conn, session.id, client_id)
+            if locked is None or locked.status != states.COMPLETING:
                 # Cannot happen while we hold the completion lock; say so rather than guess.
                 raise CompletionInProgress("the session changed while its completion ran")
-            row = dao.drop_lost_parts(conn, session.id, lost, self._limits.session_ttl)
+            reopened = dao.drop_lost_parts(conn, session.id, lost, self._limits.session_ttl)
+            assert reopened is not None  # COMPLETING under the row lock just taken: it reopens
             missing = dao.missing_parts(conn, session.id, session.total_parts, MAX_MISSING_LISTED)
         self._events.session_reopened(len(lost))
         log.warning("session %s: %d parts' stored bytes are missing; reopened for the client to re-send them",
                     session.id, len(lost))
-        count = row["total_parts"] - row["received_parts"]
+        count = reopened.total_parts - reopened.received_parts
         return PartsMissing(
             f"{count} of {session.total_parts} parts are missing ({len(lost)} lost from storage; upload them again)",
             missing_parts=missing,
             missing_count=count,
         )
 
-    def _assemble(self, conn: Connection, client_id: int, session: Session, sources: list[PartSource]) -> Session:
+    def _assemble(
+        self, conn: Connection, client_id: int, session: SessionRow, sources: list[PartSource]
+    ) -> SessionRow:
         """Assemble, verify, record the outcome, then remove what is no longer needed.
 
         Each removal follows the commit that makes it safe: the parts go only after COMPLETED
@@ -541,14 +502,15 @@ class UploadService:
                 actual_sha256=stored.sha256,
             )
         with conn.transaction():
-            row = dao.mark_completed(conn, session.id, key, stored.size, stored.sha256)
-            completed = row is not None
-            if not completed:  # another caller finished first; report its outcome
-                row = dao.get_session(conn, session.id, client_id)
+            outcome = dao.mark_completed(conn, session.id, key, stored.size, stored.sha256)
+            completed = outcome is not None
+            if outcome is None:  # another caller finished first; report its outcome
+                outcome = dao.get_session(conn, session.id, client_id)
+        assert outcome is not None  # sessions are never deleted
         if completed:
             self._events.session_completed(assembly_seconds)
         self._discard(source.key for source in sources)
-        return Session.from_row(row)
+        return outcome
 
     @staticmethod
     def _progress_reporter(conn: Connection, session_id: UUID) -> Callable[[int], None]:
@@ -576,10 +538,10 @@ class UploadService:
             locked = False
             try:
                 with conn.transaction():
-                    row = dao.lock_session(conn, session_id, client.id)
-                    if row is None:
+                    session = dao.lock_session(conn, session_id, client.id)
+                    if session is None:
                         raise SessionNotFound()
-                    status = row["effective_status"]
+                    status = session.effective_status
                     if not states.can_move(status, states.ABORTED):  # only COMPLETED cannot
                         raise SessionCompleted("a completed upload cannot be aborted")
                     if status == states.COMPLETING:

@@ -1,5 +1,7 @@
 -- Every statement the service runs, each under a `-- name:` header and called by that name
--- (chunksvc.db.load_queries). Parameters are psycopg named placeholders.
+-- (chunksvc.db.load_queries). Parameters are psycopg named placeholders. Each statement is run
+-- by one function of chunksvc.dao, which names the dataclass its rows become (chunksvc.rows,
+-- filled by column name: a statement returns at least the columns its dataclass declares).
 -- Session rows carry `status` (as stored) and `effective_status` (as clients see it).
 
 -- name: authenticate
@@ -26,8 +28,7 @@ ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
 RETURNING id, name;
 
 -- name: insert_api_key
-INSERT INTO api_keys (client_id, prefix, key_hash) VALUES (%(client_id)s, %(prefix)s, %(key_hash)s)
-RETURNING prefix, created_at;
+INSERT INTO api_keys (client_id, prefix, key_hash) VALUES (%(client_id)s, %(prefix)s, %(key_hash)s);
 
 -- name: list_api_keys
 SELECT c.name AS client_name, k.prefix, k.created_at, k.last_used_at, k.revoked_at
@@ -98,7 +99,7 @@ SELECT s.*, c.name AS client_name, chunksvc_session_status(s.status, s.expires_a
  WHERE s.id = %(id)s;
 
 -- name: list_parts
-SELECT part_number, size, sha256, created_at
+SELECT part_number, size, sha256, storage_key, created_at
   FROM upload_parts
  WHERE session_id = %(session_id)s AND part_number > %(after)s
  ORDER BY part_number
@@ -141,7 +142,7 @@ SELECT locked.effective_status,
   FROM locked LEFT JOIN counted ON true;
 
 -- name: get_part
-SELECT part_number, size, sha256, storage_key
+SELECT part_number, size, sha256, storage_key, created_at
   FROM upload_parts
  WHERE session_id = %(session_id)s AND part_number = %(part_number)s;
 
@@ -201,7 +202,8 @@ SELECT n AS part_number
  LIMIT %(limit)s;
 
 -- name: part_sources
-SELECT storage_key, size
+-- What an assembly reads, in order.
+SELECT part_number, size, sha256, storage_key, created_at
   FROM upload_parts
  WHERE session_id = %(session_id)s
  ORDER BY part_number;
@@ -232,7 +234,7 @@ UPDATE upload_sessions SET assembled_bytes = %(assembled)s
 -- name: pending_assemblies
 -- Completions accepted for the background (above the synchronous size), oldest first: the
 -- assembler of each host offers to take them; the completion lock lets one at a time run each.
-SELECT id, client_id
+SELECT id, client_id, updated_at
   FROM upload_sessions
  WHERE status = 'COMPLETING' AND size > %(sync_max)s
  ORDER BY updated_at

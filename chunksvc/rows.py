@@ -1,0 +1,163 @@
+"""The typed shape of every row a named statement returns: one frozen dataclass per shape.
+
+``dao`` builds these from result columns by name (``db.dataclass_row``), so each field is a
+column the statement must return: a renamed or missing column fails on the statement's first
+row, naming the statement and the column, instead of as a ``KeyError`` deep in a service. Services
+take and return these; the renderers in ``chunksvc.resources`` turn them into the contract's JSON.
+
+This module imports nothing of the service: every layer may use it, as every layer uses ``errors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from uuid import UUID
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionRow:
+    """A row of ``upload_sessions`` with ``effective_status``.
+
+    ``status`` is the status as stored; ``effective_status`` is the one clients see (an open
+    session past its expiry reads ``EXPIRED`` before the reaper stores it): every decision about
+    what a request may do, and every answer, goes by ``effective_status``.
+    """
+
+    id: UUID
+    client_id: int
+    status: str
+    filename: str
+    content_type: str
+    size: int
+    part_size: int
+    total_parts: int
+    received_parts: int
+    received_bytes: int
+    sha256: str | None
+    metadata: dict[str, str]
+    idempotency_key: str | None
+    request_fingerprint: bytes | None
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime
+    # The assembled object: all three set exactly when COMPLETED.
+    object_key: str | None
+    object_size: int | None
+    object_sha256: str | None
+    purged_at: datetime | None
+    assembled_bytes: int | None  # while COMPLETING: bytes of the object written so far
+    effective_status: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OpsSessionRow(SessionRow):
+    """A session with its client's name: the operator's view (``sessions list`` / ``show``)."""
+
+    client_name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthRow:
+    """``authenticate``: the client behind an unrevoked API key and, when one was asked for and
+    is that client's, the session (None otherwise)."""
+
+    client_id: int
+    client_name: str
+    session: SessionRow | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientRow:
+    """A row of ``clients``."""
+
+    id: int
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiKeyRow:
+    """An API key as ``keys list`` shows it (never its hash)."""
+
+    client_name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RevokedKeyRow:
+    """A key ``revoke_api_keys`` just revoked."""
+
+    client_name: str
+    prefix: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PartRow:
+    """A row of ``upload_parts`` (of a session the caller names)."""
+
+    part_number: int
+    size: int
+    sha256: str
+    storage_key: str
+    created_at: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedPartRow:
+    """What ``record_part`` did, and the session's counters under its row lock.
+
+    ``inserted``: the part is new (False: the number was taken, or the session takes no parts).
+    ``status``: the session's status after the part (``IN_PROGRESS`` once one was inserted).
+    """
+
+    effective_status: str
+    inserted: bool
+    received_parts: int
+    received_bytes: int
+    status: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionRow:
+    """A ``COMPLETING`` session to drive to its end (the background assembler, the reaper)."""
+
+    id: UUID
+    client_id: int
+    updated_at: datetime  # the keyset cursor of the reaper's scan
+
+
+@dataclasses.dataclass(frozen=True)
+class EndedSessionRow:
+    """An ended session whose stored bytes the reaper's purge removes."""
+
+    id: UUID
+    status: str
+    updated_at: datetime  # the keyset cursor of the purge's scan
+
+
+@dataclasses.dataclass(frozen=True)
+class SweptSessionRow:
+    """The owner of stored keys the orphan sweep found: its status and whether it was purged."""
+
+    id: UUID
+    status: str
+    purged: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class OverdueRow:
+    """An overdue open session, with how many there are in all."""
+
+    id: UUID
+    overdue: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CensusRow:
+    """One line of ``session_census``: a status (or ``overdue``, ``unpurged``) and its count."""
+
+    status: str
+    sessions: int

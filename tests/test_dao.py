@@ -1,0 +1,73 @@
+"""The data access boundary: every named statement has its one typed function in ``dao``, and rows
+become the dataclasses of ``chunksvc.rows`` by column name, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import uuid
+from collections import Counter
+
+import psycopg
+import pytest
+
+from chunksvc import dao
+from chunksvc.db import QUERIES, dataclass_row
+from chunksvc.rows import ClientRow, SessionRow
+
+RUNNERS = {"one", "all", "value", "values", "execute"}
+
+
+def statements_run_by_dao() -> Counter[str]:
+    """The statement names ``dao`` passes to ``Connection.one/all/value/values/execute``."""
+    names: Counter[str] = Counter()
+    for node in ast.walk(ast.parse(inspect.getsource(dao))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in RUNNERS:
+            first = node.args[0]
+            assert isinstance(first, ast.Constant) and isinstance(first.value, str), ast.unparse(node)
+            names[first.value] += 1
+    return names
+
+
+def test_every_statement_is_run_by_exactly_one_dao_function():
+    run = statements_run_by_dao()
+    assert sorted(name for name, count in run.items() if count > 1) == []
+    assert sorted(set(QUERIES) - set(run)) == [], "statements in queries.sql that dao never runs"
+    assert sorted(set(run) - set(QUERIES)) == [], "names dao runs that queries.sql does not define"
+
+
+def test_a_row_is_built_by_column_name_leaving_out_columns_it_does_not_declare(database_url):
+    with psycopg.connect(database_url) as conn, conn.cursor(row_factory=dataclass_row(ClientRow)) as cursor:
+        assert cursor.execute("SELECT 'x' AS name, 7 AS added_later, 1 AS id").fetchall() == [ClientRow(1, "x")]
+
+
+@pytest.mark.parametrize("select", ["SELECT 1 AS id", "SELECT 1 AS id, 'x' AS name, 'y' AS name"])
+def test_a_field_no_single_column_fills_fails_even_without_rows(database_url, select):
+    with (
+        psycopg.connect(database_url) as conn,
+        conn.cursor(row_factory=dataclass_row(ClientRow)) as cursor,
+        pytest.raises(TypeError, match=r"ClientRow: .* named name$"),
+    ):
+        cursor.execute(f"{select} WHERE false")
+
+
+def test_session_rows_survive_a_column_that_a_later_migration_adds(db, database_url):
+    """A release's migration runs while the previous release still serves: ``SELECT *`` then
+    returns a column the running code does not know, which it leaves out."""
+    with db.transaction() as conn:
+        client = dao.upsert_client(conn, "alice")
+        created = dao.insert_session(
+            conn, id=uuid.uuid4(), client_id=client.id, filename="f.bin", content_type="application/octet-stream",
+            size=10, part_size=10, total_parts=1, sha256=None, metadata={"k": "v"}, idempotency_key=None,
+            request_fingerprint=None, ttl=60,
+        )
+    assert isinstance(created, SessionRow)
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute("ALTER TABLE upload_sessions ADD COLUMN added_later text DEFAULT 'new'")
+    with db.connection() as conn:
+        assert dao.get_session(conn, created.id, client.id) == created
+
+
+def test_a_value_of_another_type_than_asked_is_refused(db):
+    with db.connection() as conn, pytest.raises(TypeError, match="ping returned 1, not a str"):
+        conn.value("ping", str)
