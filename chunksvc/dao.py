@@ -137,9 +137,7 @@ def insert_session(
 
 
 def get_session_by_idempotency_key(conn: Connection, client_id: int, idempotency_key: str) -> SessionRow | None:
-    return conn.one(
-        "get_session_by_idempotency_key", _SESSION, client_id=client_id, idempotency_key=idempotency_key
-    )
+    return conn.one("get_session_by_idempotency_key", _SESSION, client_id=client_id, idempotency_key=idempotency_key)
 
 
 def get_session(conn: Connection, session_id: UUID, client_id: int) -> SessionRow | None:
@@ -322,9 +320,7 @@ def overdue_sessions(conn: Connection, limit: int) -> tuple[int, list[UUID]]:
     return (rows[0].overdue if rows else 0), [row.id for row in rows]
 
 
-def claim_unpurged_sessions(
-    conn: Connection, after: tuple[datetime, UUID] | None, limit: int
-) -> list[EndedSessionRow]:
+def claim_unpurged_sessions(conn: Connection, after: tuple[datetime, UUID] | None, limit: int) -> list[EndedSessionRow]:
     after_updated_at, after_id = after if after else (None, None)
     return conn.all(
         "claim_unpurged_sessions",

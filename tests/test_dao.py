@@ -57,9 +57,19 @@ def test_session_rows_survive_a_column_that_a_later_migration_adds(db, database_
     with db.transaction() as conn:
         client = dao.upsert_client(conn, "alice")
         created = dao.insert_session(
-            conn, id=uuid.uuid4(), client_id=client.id, filename="f.bin", content_type="application/octet-stream",
-            size=10, part_size=10, total_parts=1, sha256=None, metadata={"k": "v"}, idempotency_key=None,
-            request_fingerprint=None, ttl=60,
+            conn,
+            id=uuid.uuid4(),
+            client_id=client.id,
+            filename="f.bin",
+            content_type="application/octet-stream",
+            size=10,
+            part_size=10,
+            total_parts=1,
+            sha256=None,
+            metadata={"k": "v"},
+            idempotency_key=None,
+            request_fingerprint=None,
+            ttl=60,
         )
     assert isinstance(created, SessionRow)
     with psycopg.connect(database_url, autocommit=True) as admin:
