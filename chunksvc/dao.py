@@ -17,11 +17,12 @@ a misspelt parameter, an argument of the wrong type or a row read the wrong way 
 by a request, not by ``mypy --strict``. Its record classes are built from every column by
 keyword, which breaks on a column a migration adds while the previous release still serves
 (see ``db.dataclass_row``). It would be one more dependency, and 39 statements would move to
-its ``:name`` parameter syntax. And a third of these functions do what no loader does: wrap a
-jsonb parameter, unpack a keyset cursor, turn rows into a value (a lock taken, a set of keys,
-counts by status). The rest are a few lines each; tests/test_dao.py keeps them and the file in
-step (every statement is run by exactly one function here, and every name run here is in the
-file), so neither side can drift.
+its ``:name`` parameters and operation suffixes (``^`` one row, ``$`` a value, ``!`` a count),
+which say in the file what each function's signature says here. And a third of these
+functions do what no loader does: wrap a jsonb parameter, unpack a keyset cursor, turn rows
+into a value (a lock taken, a set of keys, counts by status). The rest are a few lines each;
+tests/test_dao.py keeps them and the file in step (every statement is run by exactly one
+function here, and every name run here is in the file), so neither side can drift.
 """
 
 from __future__ import annotations
