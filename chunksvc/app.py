@@ -33,13 +33,16 @@ def build_database(config: Config) -> Database:
     return Database(config.database_url, config.pool_min_size, config.pool_max_size)
 
 
+WsgiApp = falcon.App[falcon.Request, falcon.Response]
+
+
 def create_app(
     config: Config,
     *,
     db: Database | None = None,
     storage: Storage | None = None,
     metrics: Metrics | None = None,
-) -> falcon.App:
+) -> WsgiApp:
     """The WSGI application. ``db``/``storage``/``metrics`` may be passed in to share them (tests, CLI)."""
     return build(config, db=db, storage=storage, metrics=metrics)[0]
 
@@ -50,7 +53,7 @@ def build(
     db: Database | None = None,
     storage: Storage | None = None,
     metrics: Metrics | None = None,
-) -> tuple[falcon.App, BackgroundAssembler, PeriodicReaper]:
+) -> tuple[WsgiApp, BackgroundAssembler, PeriodicReaper]:
     """The WSGI application, its background assembler and its periodic reaper (which the server
     starts in each worker: gunicorn.conf.py)."""
     if db is None:
@@ -62,7 +65,11 @@ def build(
     storage.validate_limits(config.limits)
 
     upload_service = UploadService(
-        db, storage, config.limits, config.block_size, events=metrics,
+        db,
+        storage,
+        config.limits,
+        config.block_size,
+        events=metrics,
         # Half the pool: completions hold a connection for their whole assembly.
         max_assemblies=max(1, config.pool_max_size // 2),
         sync_complete_max=config.sync_complete_max,
@@ -79,11 +86,11 @@ def build(
     metrics.session_gauges.census = SessionCensus(db).count
     router = CompiledRouter()
     app = falcon.App(
-        middleware=[
+        middleware=(
             RequestId(),
             RequestTelemetry(router, metrics, db.stats, config.trusted_proxies),
             BearerAuth(Authenticator(db)),
-        ],
+        ),
         router=router,
         # Bodies are read by the resources themselves (parts stream; JSON is parsed strictly).
         request_type=falcon.Request,

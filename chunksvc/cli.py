@@ -14,7 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -55,7 +55,8 @@ def warn_new_embedded_database(data_dir: Path) -> None:
         "chunksvc: WARNING: a server using another CHUNKSVC_VAR_DIR (or a DATABASE_URL) will not see"
         " anything done here (an API key created here is refused there with 401). Run this command"
         " with the server's CHUNKSVC_VAR_DIR (or DATABASE_URL) if that is what you meant.",
-        file=sys.stderr, flush=True,
+        file=sys.stderr,
+        flush=True,
     )
 
 
@@ -110,12 +111,15 @@ def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
             if args.action == "list":
                 with db.connection() as conn:
                     listed = dao.ops_list_sessions(conn, args.client, args.status, args.limit)
-                print(f"{'ID':<36}  {'CLIENT':<16} {'STATUS':<11} {'PARTS':>11} {'SIZE':>14}  {'UPDATED':<19}"
-                      "  FILENAME")
+                print(
+                    f"{'ID':<36}  {'CLIENT':<16} {'STATUS':<11} {'PARTS':>11} {'SIZE':>14}  {'UPDATED':<19}  FILENAME"
+                )
                 for s in listed:
                     parts = f"{s.received_parts}/{s.total_parts}"
-                    print(f"{s.id!s:<36}  {s.client_name:<16} {s.effective_status:<11} {parts:>11}"
-                          f" {s.size:>14}  {_when(s.updated_at):<19}  {s.filename}")
+                    print(
+                        f"{s.id!s:<36}  {s.client_name:<16} {s.effective_status:<11} {parts:>11}"
+                        f" {s.size:>14}  {_when(s.updated_at):<19}  {s.filename}"
+                    )
                 return 0
             session_id = rules.parse_session_id(args.id)
             with db.connection() as conn:
@@ -141,12 +145,18 @@ def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
 def _show_session(s: OpsSessionRow, missing: list[int]) -> None:
     absent = s.total_parts - s.received_parts
     fields: list[tuple[str, object]] = [
-        ("id", s.id), ("client", s.client_name), ("status", s.effective_status),
-        ("filename", s.filename), ("size", s.size), ("part size", s.part_size),
+        ("id", s.id),
+        ("client", s.client_name),
+        ("status", s.effective_status),
+        ("filename", s.filename),
+        ("size", s.size),
+        ("part size", s.part_size),
         ("parts", f"{s.received_parts} of {s.total_parts} received ({s.received_bytes} bytes)"),
         ("missing", (", ".join(map(str, missing)) + (" ..." if absent > len(missing) else "")) if absent else "none"),
-        ("sha256", s.sha256 or "-"), ("created", _when(s.created_at)),
-        ("updated", _when(s.updated_at)), ("expires", _when(s.expires_at)),
+        ("sha256", s.sha256 or "-"),
+        ("created", _when(s.created_at)),
+        ("updated", _when(s.updated_at)),
+        ("expires", _when(s.expires_at)),
     ]
     if s.effective_status == states.COMPLETING:
         done = s.assembled_bytes or 0
@@ -177,7 +187,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     with database_url(config) as url:
         migrations.migrate(url)
         env = dict(os.environ, DATABASE_URL=url, CHUNKSVC_STORAGE_URL=_storage_url(config))
-        if config.storage.kind == "file":
+        if config.storage.root is not None:  # local-disk storage
             config.storage.root.mkdir(parents=True, exist_ok=True)
         print(f"chunksvc: serving on http://{config.bind} (storage {config.storage.redacted()})")
         print("chunksvc: get an API key with `make api-key NAME=me` (or python -m chunksvc keys create me)")
@@ -279,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=cmd_sessions)
 
     psql = commands.add_parser(
-        "psql", help="psql on the database (the embedded one under CHUNKSVC_VAR_DIR if unset); further"
+        "psql",
+        help="psql on the database (the embedded one under CHUNKSVC_VAR_DIR if unset); further"
         " arguments go to psql, e.g. -c 'SELECT 1'",
     )
     psql.set_defaults(func=cmd_psql)
@@ -295,11 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     reap.add_argument("--dry-run", action="store_true", help="change nothing; report what would be done")
     reap.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="rows or keys per batch")
     reap.add_argument(
-        "--orphan-grace", type=_seconds, default=defaults.orphan_grace, metavar="SECONDS",
+        "--orphan-grace",
+        type=_seconds,
+        default=defaults.orphan_grace,
+        metavar="SECONDS",
         help="sweep orphaned keys and unfinished writes only when older than this",
     )
     reap.add_argument(
-        "--completing-lease", type=_seconds, default=defaults.completing_lease, metavar="SECONDS",
+        "--completing-lease",
+        type=_seconds,
+        default=defaults.completing_lease,
+        metavar="SECONDS",
         help="re-drive a completion with a dead assembler only when untouched this long",
     )
     reap.set_defaults(func=cmd_reap)
@@ -315,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         config = Config.from_env()
-        return args.func(config, args)
+        command: Callable[[Config, argparse.Namespace], int] = args.func
+        return command(config, args)
     except ChunksvcError as exc:
         print(f"chunksvc: {exc.detail}", file=sys.stderr)
         return 2

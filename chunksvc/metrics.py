@@ -12,10 +12,10 @@ import contextlib
 import glob
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -70,17 +70,20 @@ class SessionGauges:
     def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         return (
             GaugeMetricFamily(
-                "chunksvc_sessions_by_status", "Sessions not ended, by status as clients see it (an open session"
+                "chunksvc_sessions_by_status",
+                "Sessions not ended, by status as clients see it (an open session"
                 " past its expiry counts as awaiting the reaper instead), read from the database at this scrape",
                 labels=["status"],
             ),
             GaugeMetricFamily(
-                "chunksvc_sessions_awaiting_reaper", "Sessions with reaper work pending, by work: expire (open"
+                "chunksvc_sessions_awaiting_reaper",
+                "Sessions with reaper work pending, by work: expire (open"
                 " sessions past their expiry), purge (ended sessions whose stored bytes are not removed yet)",
                 labels=["work"],
             ),
             GaugeMetricFamily(
-                "chunksvc_session_gauges_up", "1 if the sessions gauges were read from the database at this scrape,"
+                "chunksvc_session_gauges_up",
+                "1 if the sessions gauges were read from the database at this scrape,"
                 " 0 if it did not answer in time (they are left out)",
             ),
         )
@@ -91,11 +94,16 @@ class _WorkerFilesCollector(MultiProcessCollector):
     workers: a file a new worker has created but not yet sized (0 bytes: reading it raises), and a
     file removed by ``mark_process_dead`` between the listing and the read (read again)."""
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    # prometheus_client leaves MultiProcessCollector unannotated: its calls are ignored by name.
+    def collect(self) -> Iterable[Metric]:
         try:
-            return self.merge(self._sized_files(), accumulate=True)
+            return self._merge()
         except FileNotFoundError:  # a dead worker's file went between the listing and the read
-            return self.merge(self._sized_files(), accumulate=True)
+            return self._merge()
+
+    def _merge(self) -> Iterable[Metric]:
+        merged: Iterable[Metric] = self.merge(self._sized_files(), accumulate=True)  # type: ignore[no-untyped-call]
+        return merged
 
     def _sized_files(self) -> list[str]:
         files = []
@@ -112,84 +120,123 @@ class Metrics(UploadEvents):
         self._exposition = registry if exposition is None else exposition
 
         self.http_requests = Counter(
-            "chunksvc_http_requests", "HTTP requests answered, by method, route template and status",
-            ["method", "route", "status"], registry=registry,
+            "chunksvc_http_requests",
+            "HTTP requests answered, by method, route template and status",
+            ["method", "route", "status"],
+            registry=registry,
         )
         self.http_duration = Histogram(
-            "chunksvc_http_request_duration_seconds", "Time from the request's arrival to its response",
-            ["method", "route", "status"], buckets=REQUEST_BUCKETS, registry=registry,
+            "chunksvc_http_request_duration_seconds",
+            "Time from the request's arrival to its response",
+            ["method", "route", "status"],
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
         )
         # livesum: requests in flight on the whole host; a dead worker's share disappears with it.
         self.http_in_progress = Gauge(
-            "chunksvc_http_requests_in_progress", "Requests being handled now",
-            registry=registry, multiprocess_mode="livesum",
+            "chunksvc_http_requests_in_progress",
+            "Requests being handled now",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.parts = Counter(
-            "chunksvc_parts", "Part uploads by outcome: accepted (new), duplicate (same bytes again), healed"
+            "chunksvc_parts",
+            "Part uploads by outcome: accepted (new), duplicate (same bytes again), healed"
             " (same bytes again, replacing recorded bytes lost from storage), conflicting (different bytes,"
             " 409 part_conflict) or rejected (any other error)",
-            ["outcome"], registry=registry,
+            ["outcome"],
+            registry=registry,
         )
         self.parts_rejected = Counter(
-            "chunksvc_parts_rejected", "Part uploads answered with an error other than part_conflict, by problem code",
-            ["code"], registry=registry,
+            "chunksvc_parts_rejected",
+            "Part uploads answered with an error other than part_conflict, by problem code",
+            ["code"],
+            registry=registry,
         )
         self.part_bytes = Counter(
-            "chunksvc_part_bytes_received", "Bytes of part bodies received whole and recorded, by outcome",
-            ["outcome"], registry=registry,
+            "chunksvc_part_bytes_received",
+            "Bytes of part bodies received whole and recorded, by outcome",
+            ["outcome"],
+            registry=registry,
         )
         self.sessions = Counter(
-            "chunksvc_sessions", "Upload session events: created, completed, aborted, expired (by the reaper), failed,"
+            "chunksvc_sessions",
+            "Upload session events: created, completed, aborted, expired (by the reaper), failed,"
             " reopened (a completion found parts lost from storage and asked for them again)",
-            ["event"], registry=registry,
+            ["event"],
+            registry=registry,
         )
         self.assemblies_running = Gauge(
-            "chunksvc_assemblies_in_progress", "Assemblies running now (in requests and in the background)",
-            registry=registry, multiprocess_mode="livesum",
+            "chunksvc_assemblies_in_progress",
+            "Assemblies running now (in requests and in the background)",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.parts_lost = Counter(
-            "chunksvc_parts_lost", "Recorded parts whose stored bytes were found missing at completion (and asked"
+            "chunksvc_parts_lost",
+            "Recorded parts whose stored bytes were found missing at completion (and asked"
             " for again); anything but 0 means storage lost bytes behind the service's back",
             registry=registry,
         )
         self.assembly_duration = Histogram(
-            "chunksvc_assembly_duration_seconds", "Time to assemble and verify an upload, by outcome",
-            ["outcome"], buckets=ASSEMBLY_BUCKETS, registry=registry,
+            "chunksvc_assembly_duration_seconds",
+            "Time to assemble and verify an upload, by outcome",
+            ["outcome"],
+            buckets=ASSEMBLY_BUCKETS,
+            registry=registry,
         )
         self.reaper_runs = Counter(
-            "chunksvc_reaper_runs", "Reaper runs by outcome (failed: something could not be cleaned)",
-            ["outcome"], registry=registry,
+            "chunksvc_reaper_runs",
+            "Reaper runs by outcome (failed: something could not be cleaned)",
+            ["outcome"],
+            registry=registry,
         )
         self.reaper_work = Counter(
-            "chunksvc_reaper_work", "What reaper runs did, by kind of work", ["kind"], registry=registry,
+            "chunksvc_reaper_work",
+            "What reaper runs did, by kind of work",
+            ["kind"],
+            registry=registry,
         )
         self.reaper_skips = Counter(
-            "chunksvc_reaper_skipped", "Turns of the server's periodic reaper this host's workers let pass because"
-            " another process (on any host) was running a pass", registry=registry,
+            "chunksvc_reaper_skipped",
+            "Turns of the server's periodic reaper this host's workers let pass because"
+            " another process (on any host) was running a pass",
+            registry=registry,
         )
         self.reaper_duration = Histogram(
-            "chunksvc_reaper_run_duration_seconds", "Time a reaper run took", buckets=ASSEMBLY_BUCKETS,
+            "chunksvc_reaper_run_duration_seconds",
+            "Time a reaper run took",
+            buckets=ASSEMBLY_BUCKETS,
             registry=registry,
         )
         # livesum: each worker has its own pool; the sums are the host's connections.
         self.pool_connections = Gauge(
-            "chunksvc_db_pool_connections", "Pooled PostgreSQL connections by state (in_use, idle)",
-            ["state"], registry=registry, multiprocess_mode="livesum",
+            "chunksvc_db_pool_connections",
+            "Pooled PostgreSQL connections by state (in_use, idle)",
+            ["state"],
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.pool_max = Gauge(
-            "chunksvc_db_pool_max_connections", "Most connections the pools may open",
-            registry=registry, multiprocess_mode="livesum",
+            "chunksvc_db_pool_max_connections",
+            "Most connections the pools may open",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.pool_waiting = Gauge(
-            "chunksvc_db_pool_requests_waiting", "Requests waiting for a pooled connection now",
-            registry=registry, multiprocess_mode="livesum",
+            "chunksvc_db_pool_requests_waiting",
+            "Requests waiting for a pooled connection now",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.pool_queued = Counter(
-            "chunksvc_db_pool_queued_requests", "Connection requests that had to wait for a free connection",
+            "chunksvc_db_pool_queued_requests",
+            "Connection requests that had to wait for a free connection",
             registry=registry,
         )
         self.pool_errors = Counter(
-            "chunksvc_db_pool_request_errors", "Connection requests that failed (timed out waiting)",
+            "chunksvc_db_pool_request_errors",
+            "Connection requests that failed (timed out waiting)",
             registry=registry,
         )
         # The pool's own counters are cumulative; these are the values last turned into increments.
@@ -220,7 +267,7 @@ class Metrics(UploadEvents):
             # prometheus_client chooses where values live when it is first imported.
             raise ConfigError("PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported")
         exposition = CollectorRegistry()
-        _WorkerFilesCollector(exposition, path=directory)
+        _WorkerFilesCollector(exposition, path=directory)  # type: ignore[no-untyped-call]
         # This process's values go to files only; registering them for exposition would count them twice.
         return cls(CollectorRegistry(), exposition)
 

@@ -56,7 +56,7 @@ def migrate(database_url: str) -> list[str]:
                 " version text PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            done = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
+            done: dict[str, str] = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
             for migration in available():
                 if migration.version in done:
                     if done[migration.version] != migration.checksum:

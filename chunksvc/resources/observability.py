@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import falcon
 from falcon.routing import CompiledRouter
@@ -59,12 +60,16 @@ class RequestTelemetry:
             part_number=_part_number(params.get("part_number")),
         )
 
-    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource, params) -> None:
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict[str, Any]
+    ) -> None:
         client = req.context.client
         if client is not None:
             logs.bind(client=client.name)
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
         if not hasattr(req.context, "started"):  # Falcon refused the request before any middleware ran
             self._begin(req)
         seconds = time.perf_counter() - req.context.started
@@ -126,6 +131,7 @@ def _declared_length(req: falcon.Request) -> int | None:
 
 def _body_length(resp: falcon.Response) -> int | None:
     if resp.stream is not None:
-        return resp.content_length
+        length = resp.content_length
+        return int(length) if length is not None else None
     body = resp.render_body()
     return len(body) if body is not None else 0

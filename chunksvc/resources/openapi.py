@@ -13,7 +13,7 @@ from chunksvc.config import Limits
 
 def document(limits: Limits) -> dict[str, Any]:
     """The OpenAPI document with the limits that depend on configuration filled in."""
-    doc = json.loads(resources.files("chunksvc").joinpath("openapi.json").read_text("utf-8"))
+    doc: dict[str, Any] = json.loads(resources.files("chunksvc").joinpath("openapi.json").read_text("utf-8"))
     schemas = doc["components"]["schemas"]
     schemas["UploadSize"]["maximum"] = limits.max_upload_size
     schemas["PartSize"]["minimum"] = limits.min_part_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import falcon
@@ -79,7 +80,9 @@ def render(resp: falcon.Response, status: int, code: str, title: str, detail: st
     )
 
 
-def handle_domain_error(req: falcon.Request, resp: falcon.Response, error: errors.ChunksvcError, params) -> None:
+def handle_domain_error(
+    req: falcon.Request, resp: falcon.Response, error: errors.ChunksvcError, params: dict[str, Any]
+) -> None:
     status = status_of(error)
     if status >= 500:
         log.error("%s: %s", error.code, error.detail, exc_info=error.__cause__ or error)
@@ -89,23 +92,26 @@ def handle_domain_error(req: falcon.Request, resp: falcon.Response, error: error
     render(resp, status, error.code, error.title, error.detail, **error.extra)
 
 
-def handle_http_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError, params) -> None:
+def handle_http_error(
+    req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError, params: dict[str, Any]
+) -> None:
     status = error.status_code
     code = _FALCON_CODES.get(status, "http_error")
     req.context.error_code = code
     render(resp, status, code, error.title or "HTTP error", error.description or error.title or "")
-    for name, value in (error.headers or {}).items():
+    headers = error.headers or {}
+    for name, value in headers.items() if isinstance(headers, Mapping) else headers:
         resp.set_header(name, value)
 
 
-def handle_unexpected(req: falcon.Request, resp: falcon.Response, error: Exception, params) -> None:
+def handle_unexpected(req: falcon.Request, resp: falcon.Response, error: Exception, params: dict[str, Any]) -> None:
     # Log everything, answer nothing internal.
     log.exception("unhandled error on %s %s", req.method, req.path)
     req.context.error_code = "internal_error"
     render(resp, 500, "internal_error", "Internal error", "the request failed; see the server log")
 
 
-def install(app: falcon.App) -> None:
+def install(app: falcon.App[falcon.Request, falcon.Response]) -> None:
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(falcon.HTTPError, handle_http_error)
     app.add_error_handler(errors.ChunksvcError, handle_domain_error)

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, TypeGuard
 from uuid import UUID
 
 from chunksvc.config import Limits, MiB
@@ -51,7 +51,6 @@ class NewSession:
     metadata: dict[str, str]
 
 
-
 def request_fingerprint(body: Any) -> bytes:
     """Identifies a create request for Idempotency-Key replays: same key, same body?"""
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -75,7 +74,7 @@ def parse_bounded_int(raw: str | None, name: str, default: int, low: int, high: 
     return int(raw)
 
 
-def _is_storable_text(value: Any) -> bool:
+def _is_storable_text(value: object) -> TypeGuard[str]:
     """A string PostgreSQL can store: no NUL, no lone surrogate (JSON allows both as escapes)."""
     if not isinstance(value, str) or "\x00" in value:
         return False
@@ -86,7 +85,7 @@ def _is_storable_text(value: Any) -> bool:
     return True
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -117,11 +116,7 @@ def validate_new_session(body: Any, limits: Limits) -> NewSession:
         raise UploadTooLarge(f"size {size} is above the maximum upload size {limits.max_upload_size}")
 
     content_type = body.get("content_type", DEFAULT_CONTENT_TYPE)
-    if (
-        not _is_storable_text(content_type)
-        or not 1 <= len(content_type) <= 255
-        or _CONTROL.search(content_type)
-    ):
+    if not _is_storable_text(content_type) or not 1 <= len(content_type) <= 255 or _CONTROL.search(content_type):
         raise InvalidRequest("content_type must be a string of 1 to 255 printable characters")
 
     sha256 = body.get("sha256")
