@@ -85,11 +85,12 @@ def build(
     # Sessions by status, counted from the database by whichever worker answers a scrape.
     metrics.session_gauges.census = SessionCensus(db).count
     router = CompiledRouter()
+    bearer_auth = BearerAuth(Authenticator(db))
     app = falcon.App(
         middleware=(
             RequestId(),
             RequestTelemetry(router, metrics, db.stats, config.trusted_proxies),
-            BearerAuth(Authenticator(db)),
+            bearer_auth,
         ),
         router=router,
         # Bodies are read by the resources themselves (parts stream; JSON is parsed strictly).
@@ -98,6 +99,8 @@ def build(
     app.req_options.auto_parse_form_urlencoded = False
     app.resp_options.default_media_type = falcon.MEDIA_JSON
     problems.install(app)
+    # Paths under /uploads that no route matches: 401 before their 404, as on the routes.
+    app.add_sink(bearer_auth.unrouted, bearer_auth.sink_prefix)
 
     app.add_route("/healthz", health.Healthz())
     app.add_route("/readyz", health.Readyz(HealthService(db, storage, min_free=config.storage_min_free)))

@@ -240,6 +240,34 @@ def test_bad_credentials_are_401(app, header):
     assert_problem(response, 401, "unauthorized")
 
 
+def test_401_comes_before_404_and_405_on_every_uploads_path(app, auth):
+    """A request under /uploads without a valid key learns nothing of the routes: not whether the
+    path exists, nor which methods it takes; the part route checks its key before all else too."""
+    sid = uuid.uuid4()
+    refused = [
+        ("GET", "/uploads"),
+        ("GET", "/uploads/"),
+        ("GET", "/uploads/nope"),
+        ("POST", f"/uploads/sessions/{sid}/complete/extra"),
+        ("PATCH", "/uploads/sessions"),
+        ("OPTIONS", "/uploads/sessions"),
+        ("GET", f"/uploads/sessions/{sid}/parts/1"),
+        ("PATCH", f"/uploads/sessions/{sid}/parts/1"),
+        ("PUT", f"/uploads/sessions/{sid}/parts/1"),
+    ]
+    for method, path in refused:
+        response = app.request(path, method=method, status=401)
+        assert_problem(response, 401, "unauthorized")
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    # With a key, the same requests get their 404 or 405.
+    assert_problem(app.get("/uploads/nope", headers=auth, status=404), 404, "not_found")
+    assert_problem(app.get("/uploads", headers=auth, status=404), 404, "not_found")
+    assert_problem(app.request(f"/uploads/sessions/{sid}/parts/1", method="PATCH", headers=auth, status=405),
+                   405, "method_not_allowed")
+    # Outside /uploads nothing asks for a key.
+    assert_problem(app.get("/uploadsx", status=404), 404, "not_found")
+
+
 def test_revoked_key_is_401(app, keys):
     key, prefix = keys.create("carol")
     headers = {"Authorization": f"Bearer {key}"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import falcon
 from falcon.routing import CompiledRouter
@@ -24,8 +23,9 @@ UNMATCHED = "unmatched"
 class RequestTelemetry:
     """Binds the request's fields to every log line, writes one access line and counts the request.
 
-    Goes after ``RequestId`` (it reads the request id) and before ``BearerAuth``, so that its
-    ``process_response`` sees the final status of every request, refused ones included.
+    Goes after ``RequestId`` (it reads the request id). The client is bound to the log lines by
+    whoever authenticates (``middleware.publish_client``); the access line reads it from
+    ``req.context.client``.
     """
 
     def __init__(
@@ -49,7 +49,7 @@ class RequestTelemetry:
             req.remote_addr, req.get_header("X-Forwarded-For")
         )
         self._metrics.request_started()
-        # Routed here, ahead of Falcon, so that requests refused before routing (401) still get
+        # Routed here, ahead of Falcon, so that requests Falcon refuses before routing still get
         # their route and ids in the log and the metrics.
         match = self._router.find(req.path)
         req.context.route = match[3] if match else UNMATCHED
@@ -59,13 +59,6 @@ class RequestTelemetry:
             session_id=params.get("session_id"),
             part_number=_part_number(params.get("part_number")),
         )
-
-    def process_resource(
-        self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict[str, Any]
-    ) -> None:
-        client = req.context.client
-        if client is not None:
-            logs.bind(client=client.name)
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import falcon
 
-from chunksvc import logs
 from chunksvc.errors import InvalidRequest
 from chunksvc.resources.body import part_body
+from chunksvc.resources.middleware import publish_client
 from chunksvc.rows import PartRow, SessionRow
 from chunksvc.services import states
 from chunksvc.services.assembler import BackgroundAssembler
@@ -158,13 +158,16 @@ class PartsResource:
 class PartResource:
     """/uploads/sessions/{session_id}/parts/{part_number}"""
 
+    # A part authenticates in the same database round trip that fetches its session (the hot
+    # path), still before every other check: BearerAuth leaves PUT to the responder.
+    auth_in_responder: ClassVar[frozenset[str]] = frozenset({"PUT"})
+
     def __init__(self, uploads: UploadService, body_timeout: float | None = None) -> None:
         self._uploads = uploads
         self._body_timeout = body_timeout
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, session_id: str, part_number: str) -> None:
-        # Every check, authentication included (BearerAuth leaves it to this call), runs before
-        # the first body byte is read.
+        # Every check, authentication first, runs before the first body byte is read.
         target = self._uploads.check_part(
             req.get_header("Authorization"),
             session_id,
@@ -172,8 +175,7 @@ class PartResource:
             req.get_header("Content-Length"),
             req.get_header("Content-Digest"),
         )
-        req.context.client = target.client
-        logs.bind(client=target.client.name)  # what RequestTelemetry does once BearerAuth has run
+        publish_client(req, target.client)
         result: PartResult = self._uploads.store_part(target, part_body(req, self._body_timeout))
         resp.status = falcon.HTTP_201 if result.created else falcon.HTTP_200
         resp.set_header("ETag", f'"{result.sha256}"')
