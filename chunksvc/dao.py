@@ -3,7 +3,8 @@
 Functions take a ``db.Connection``; callers decide the transaction boundaries. Each function is
 where a Python signature meets its statement's parameter names, and where the statement's
 result gets its type: a row dataclass (``db.dataclass_row``), or a checked value (a lock taken,
-a list of ids). Nothing above this module indexes a row by column name.
+a list of ids). Nothing above this module indexes a row by column name. The advisory locks
+also come as context managers (``completion_lock``, ``reaper_lock``) that give back what they took.
 
 Why these functions, and not a loader that turns the file into callables (aiosql reads exactly
 this ``-- name:`` format)? The loader the house needs is already here, and small:
@@ -27,7 +28,8 @@ function here, and every name run here is in the file), so neither side can drif
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -220,6 +222,25 @@ def release_completion_lock(conn: Connection, session_id: UUID) -> bool:
     return conn.value("release_completion_lock", bool, id=session_id)
 
 
+def completion_lock(conn: Connection, session_id: UUID) -> AbstractContextManager[bool]:
+    """``with completion_lock(conn, id) as held``: tries the session's completion lock (whoever
+    assembles the session holds it), says whether it was taken, and gives it back on leaving."""
+    return _try_lock(
+        lambda: try_completion_lock(conn, session_id), lambda: release_completion_lock(conn, session_id)
+    )
+
+
+@contextmanager
+def _try_lock(take: Callable[[], bool], give_back: Callable[[], object]) -> Iterator[bool]:
+    """An advisory lock tried on entry (never waited for), released on leaving if it was taken."""
+    taken = take()
+    try:
+        yield taken
+    finally:
+        if taken:
+            give_back()
+
+
 # --- parts ----------------------------------------------------------------------------------
 
 
@@ -364,3 +385,9 @@ def try_reaper_lock(conn: Connection, phase: str) -> bool:
 
 def release_reaper_lock(conn: Connection, phase: str) -> bool:
     return conn.value("release_reaper_lock", bool, phase=phase)
+
+
+def reaper_lock(conn: Connection, phase: str) -> AbstractContextManager[bool]:
+    """``with reaper_lock(conn, phase) as held``: tries the lock of a reaper phase (or of the
+    periodic run), says whether it was taken, and gives it back on leaving."""
+    return _try_lock(lambda: try_reaper_lock(conn, phase), lambda: release_reaper_lock(conn, phase))

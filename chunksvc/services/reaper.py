@@ -31,7 +31,6 @@ work is done (or counted) twice. Everything is idempotent: a second run finds no
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -267,7 +266,7 @@ class Reaper:
         now = self._clock()
         cutoff = now - timedelta(seconds=self._settings.orphan_grace)
         live_cutoff = now - timedelta(seconds=max(self._settings.orphan_grace, LIVE_KEY_MIN_AGE))
-        with self._db.connection() as conn, self._phase_lock(conn, "orphans") as held:
+        with self._db.connection() as conn, dao.reaper_lock(conn, "orphans") as held:
             if not held:
                 return  # another reaper is sweeping; listing the same keys again would gain nothing
             for prefix in layout.PREFIXES:
@@ -277,7 +276,7 @@ class Reaper:
 
     def sweep_incomplete(self, result: ReapResult) -> None:
         cutoff = self._clock() - timedelta(seconds=self._settings.orphan_grace)
-        with self._db.connection() as conn, self._phase_lock(conn, "incomplete") as held:
+        with self._db.connection() as conn, dao.reaper_lock(conn, "incomplete") as held:
             if held:
                 result.incomplete_swept += self._storage.sweep_incomplete(
                     layout.PREFIXES, cutoff, self._settings.dry_run,
@@ -289,10 +288,8 @@ class Reaper:
     @staticmethod
     def _assembler_is_dead(conn: Connection, session_id: UUID) -> bool:
         """Probe the completion lock: free means no live assembler (taken and given back at once)."""
-        if not dao.try_completion_lock(conn, session_id):
-            return False
-        dao.release_completion_lock(conn, session_id)
-        return True
+        with dao.completion_lock(conn, session_id) as free:
+            return free
 
     def _redrive(self, session_id: UUID, client_id: int, result: ReapResult) -> None:
         try:
@@ -399,15 +396,6 @@ class Reaper:
             return False
         return prefix == layout.PARTS or session.status != states.COMPLETED
 
-    @contextlib.contextmanager
-    def _phase_lock(self, conn: Connection, phase: str) -> Iterator[bool]:
-        held = dao.try_reaper_lock(conn, phase)
-        try:
-            yield held
-        finally:
-            if held:
-                dao.release_reaper_lock(conn, phase)
-
 
 class PeriodicReaper:
     """The reaper run by the server itself, every ``interval`` seconds (``CHUNKSVC_REAP_INTERVAL``).
@@ -454,14 +442,11 @@ class PeriodicReaper:
 
     def run_once(self) -> ReapResult | None:
         """One turn: a pass if this process takes the run lock; None if another process holds it."""
-        with self._db.connection() as conn:
-            if not dao.try_reaper_lock(conn, self.LOCK):
+        with self._db.connection() as conn, dao.reaper_lock(conn, self.LOCK) as held:
+            if not held:
                 self._events.reaper_skipped()
                 return None
-            try:
-                result = self._reaper.run()
-            finally:
-                dao.release_reaper_lock(conn, self.LOCK)
+            result = self._reaper.run()
         log.info("%s", result.summary())
         return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import enum
 import json
@@ -381,43 +382,38 @@ class UploadService:
             self._assembly_slots.release()
 
     def _complete_in_slot(self, session_id: UUID, client_id: int, sha256: str | None, resume: bool) -> SessionRow:
-        with self._db.connection() as conn:
-            locked = False
+        # The completion lock is taken under the session's row lock and given back (on leaving
+        # the ExitStack) once the transaction is over and the assembly done or failed.
+        with self._db.connection() as conn, contextlib.ExitStack() as lock:
+            with conn.transaction():
+                session = dao.lock_session(conn, session_id, client_id)
+                if session is None:
+                    raise SessionNotFound()
+                if resume and session.effective_status != states.COMPLETING:
+                    raise SessionNotActive(
+                        f"the session is {session.effective_status}; there is no completion to resume"
+                    )
+                if session.effective_status == states.COMPLETED:
+                    return session
+                if session.effective_status == states.COMPLETING:
+                    # The assembler holds the advisory lock while it lives; if we get it,
+                    # the assembler died and this call drives the completion to the end.
+                    if not lock.enter_context(dao.completion_lock(conn, session_id)):
+                        raise CompletionInProgress()
+                else:
+                    self._check_completable(conn, session, sha256)
+                    if not lock.enter_context(dao.completion_lock(conn, session_id)):
+                        raise CompletionInProgress()  # a crashed-and-taken-over assembler still running
+                    session = dao.mark_completing(conn, session_id, sha256)
+                sources = [PartSource(part.storage_key, part.size) for part in dao.part_sources(conn, session_id)]
+            # From here on, whatever fails (storage, database, this process) leaves the
+            # session COMPLETING with every part row and part byte in place, and the
+            # completion lock dies with the connection: calling complete again, or the
+            # reaper's re-drive, takes it up from the start. Nothing is lost by starting over.
             try:
-                with conn.transaction():
-                    session = dao.lock_session(conn, session_id, client_id)
-                    if session is None:
-                        raise SessionNotFound()
-                    if resume and session.effective_status != states.COMPLETING:
-                        raise SessionNotActive(
-                            f"the session is {session.effective_status}; there is no completion to resume"
-                        )
-                    if session.effective_status == states.COMPLETED:
-                        return session
-                    if session.effective_status == states.COMPLETING:
-                        # The assembler holds the advisory lock while it lives; if we get it,
-                        # the assembler died and this call drives the completion to the end.
-                        locked = dao.try_completion_lock(conn, session_id)
-                        if not locked:
-                            raise CompletionInProgress()
-                    else:
-                        self._check_completable(conn, session, sha256)
-                        locked = dao.try_completion_lock(conn, session_id)
-                        if not locked:  # a crashed-and-taken-over assembler still running
-                            raise CompletionInProgress()
-                        session = dao.mark_completing(conn, session_id, sha256)
-                    sources = [PartSource(part.storage_key, part.size) for part in dao.part_sources(conn, session_id)]
-                # From here on, whatever fails (storage, database, this process) leaves the
-                # session COMPLETING with every part row and part byte in place, and the
-                # completion lock dies with the connection: calling complete again, or the
-                # reaper's re-drive, takes it up from the start. Nothing is lost by starting over.
-                try:
-                    return self._assemble(conn, client_id, session, sources)
-                except ObjectMissing:
-                    raise self._reopen_lost_parts(conn, client_id, session, sources) from None
-            finally:
-                if locked:
-                    dao.release_completion_lock(conn, session_id)
+                return self._assemble(conn, client_id, session, sources)
+            except ObjectMissing:
+                raise self._reopen_lost_parts(conn, client_id, session, sources) from None
 
     @staticmethod
     def _completion_digest(body: Any) -> str | None:
@@ -534,24 +530,17 @@ class UploadService:
 
     def abort(self, client: Client, raw_id: str) -> None:
         session_id = rules.parse_session_id(raw_id)
-        with self._db.connection() as conn:
-            locked = False
-            try:
-                with conn.transaction():
-                    session = dao.lock_session(conn, session_id, client.id)
-                    if session is None:
-                        raise SessionNotFound()
-                    status = session.effective_status
-                    if not states.can_move(status, states.ABORTED):  # only COMPLETED cannot
-                        raise SessionCompleted("a completed upload cannot be aborted")
-                    if status == states.COMPLETING:
-                        locked = dao.try_completion_lock(conn, session_id)
-                        if not locked:
-                            raise CompletionInProgress()
-                    dao.mark_aborted(conn, session_id)
-            finally:
-                if locked:
-                    dao.release_completion_lock(conn, session_id)
+        # As in completion: the completion lock is taken under the row lock, given back after commit.
+        with self._db.connection() as conn, contextlib.ExitStack() as lock, conn.transaction():
+            session = dao.lock_session(conn, session_id, client.id)
+            if session is None:
+                raise SessionNotFound()
+            status = session.effective_status
+            if not states.can_move(status, states.ABORTED):  # only COMPLETED cannot
+                raise SessionCompleted("a completed upload cannot be aborted")
+            if status == states.COMPLETING and not lock.enter_context(dao.completion_lock(conn, session_id)):
+                raise CompletionInProgress()
+            dao.mark_aborted(conn, session_id)
         if status != states.ABORTED:
             self._events.session_aborted()
         # Bytes go only once ABORTED has committed: if its reply is lost, the error above
