@@ -44,8 +44,9 @@ test: $(INSTALLED)
 chaos: $(INSTALLED)
 	$(BIN)/python -m pytest tests/test_faults.py tests/test_reliability.py $(PYTEST_ARGS)
 
+## make lint: scripts/check: ruff check, ruff format --check (`ruff format .` fixes it), mypy --strict.
 lint: $(INSTALLED)
-	$(BIN)/ruff check .
+	BIN=$(BIN) scripts/check
 
 migrate: $(INSTALLED)
 	$(BIN)/python -m chunksvc migrate
