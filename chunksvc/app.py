@@ -18,6 +18,7 @@ from chunksvc.resources.observability import MetricsResource, RequestTelemetry
 from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.auth import Authenticator
 from chunksvc.services.census import SessionCensus
+from chunksvc.services.completion import CompletionService
 from chunksvc.services.health import HealthService
 from chunksvc.services.reaper import PeriodicReaper, Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
@@ -64,7 +65,8 @@ def build(
         storage = open_storage(config.storage)
     storage.validate_limits(config.limits)
 
-    upload_service = UploadService(
+    upload_service = UploadService(db, storage, config.limits, config.block_size, events=metrics)
+    completion = CompletionService(
         db,
         storage,
         config.limits,
@@ -75,12 +77,12 @@ def build(
         sync_complete_max=config.sync_complete_max,
     )
     assembler = BackgroundAssembler(
-        upload_service, db, config.sync_complete_max, config.background_assemblies, config.assembly_poll_interval
+        completion, db, config.sync_complete_max, config.background_assemblies, config.assembly_poll_interval
     )
     # The reaper pass every CHUNKSVC_REAP_INTERVAL seconds, by one process at a time across all
     # hosts, its figures in this worker's metrics (so in /metrics with no cron to set up).
     reaper = PeriodicReaper(
-        db, Reaper(db, storage, upload_service, ReaperSettings(), events=metrics), config.reap_interval, metrics
+        db, Reaper(db, storage, completion, ReaperSettings(), events=metrics), config.reap_interval, metrics
     )
     # Sessions by status, counted from the database by whichever worker answers a scrape.
     metrics.session_gauges.census = SessionCensus(db).count
@@ -114,6 +116,6 @@ def build(
         "/uploads/sessions/{session_id}/parts/{part_number}", uploads.PartResource(upload_service, config.body_timeout)
     )
     app.add_route(
-        "/uploads/sessions/{session_id}/complete", uploads.CompleteResource(upload_service, assembler, render_session)
+        "/uploads/sessions/{session_id}/complete", uploads.CompleteResource(completion, assembler, render_session)
     )
     return app, assembler, reaper

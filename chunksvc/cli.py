@@ -26,6 +26,7 @@ from chunksvc.metrics import Metrics
 from chunksvc.rows import OpsSessionRow
 from chunksvc.services import rules, states
 from chunksvc.services.auth import Client, KeyManager
+from chunksvc.services.completion import CompletionService
 from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import open_storage
@@ -222,8 +223,8 @@ def cmd_reap(config: Config, args: argparse.Namespace) -> int:
         try:
             # Counted in PROMETHEUS_MULTIPROC_DIR when it is set (the reaper on a serving host).
             metrics = Metrics.for_process()
-            uploads = UploadService(db, storage, config.limits, config.block_size, events=metrics)
-            result = Reaper(db, storage, uploads, settings, events=metrics).run()
+            completion = CompletionService(db, storage, config.limits, config.block_size, events=metrics)
+            result = Reaper(db, storage, completion, settings, events=metrics).run()
         finally:
             storage.close()
             db.close()

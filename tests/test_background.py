@@ -22,8 +22,8 @@ from chunksvc.app import build
 from chunksvc.config import StorageSpec
 from chunksvc.services import layout
 from chunksvc.services.assembler import BackgroundAssembler
+from chunksvc.services.completion import CompletionService
 from chunksvc.services.events import UploadEvents
-from chunksvc.services.uploads import UploadService
 from chunksvc_client import Client
 from tests.conftest import TEST_LIMITS
 from tests.faults import FaultProxy
@@ -120,8 +120,8 @@ class CountingEvents(UploadEvents):
 
 def test_background_assemblies_are_capped_per_process(app, auth, db, storage, database_url):
     events = CountingEvents()
-    uploads = UploadService(db, storage, TEST_LIMITS, 4096, events=events, sync_complete_max=SYNC_MAX)
-    assembler = BackgroundAssembler(uploads, db, SYNC_MAX, threads=1)
+    completion = CompletionService(db, storage, TEST_LIMITS, 4096, events=events, sync_complete_max=SYNC_MAX)
+    assembler = BackgroundAssembler(completion, db, SYNC_MAX, threads=1)
     sessions = [uploaded(app, auth, 20_000, seed=i) for i in range(6)]
     with psycopg.connect(database_url, autocommit=True) as conn:  # six completions accepted at once
         [(client_id,)] = conn.execute("SELECT id FROM clients WHERE name = 'alice'").fetchall()

@@ -30,8 +30,8 @@ from chunksvc.config import StorageSpec
 from chunksvc.db import Database
 from chunksvc.services import layout
 from chunksvc.services.auth import KeyManager
+from chunksvc.services.completion import CompletionService
 from chunksvc.services.reaper import Reaper, ReaperSettings
-from chunksvc.services.uploads import UploadService
 from chunksvc.storage import open_storage
 from chunksvc_client import ApiError
 from tests.chaos import Tally, client, finish, measure_invariants, query, record_fault, upload
@@ -83,9 +83,9 @@ def api_key(db) -> str:
 def reap(db: Database, spec: StorageSpec, **settings):
     storage = open_storage(spec)
     try:
-        uploads = UploadService(db, storage, TEST_LIMITS, 64 * 1024)
+        completion = CompletionService(db, storage, TEST_LIMITS, 64 * 1024)
         settings = {"orphan_grace": 0, "completing_lease": 0, **settings}
-        return Reaper(db, storage, uploads, ReaperSettings(**settings)).run()
+        return Reaper(db, storage, completion, ReaperSettings(**settings)).run()
     finally:
         storage.close()
 

@@ -36,6 +36,7 @@ from chunksvc.errors import ConfigError
 from chunksvc.metrics import Metrics
 from chunksvc.services import layout
 from chunksvc.services.auth import Authenticator, KeyManager
+from chunksvc.services.completion import CompletionService
 from chunksvc.services.reaper import (
     LIST_LIMIT,
     LIVE_KEY_MIN_AGE,
@@ -151,8 +152,8 @@ def done(result: ReapResult) -> dict[str, int]:
 
 
 def new_reaper(db: Database, storage: Storage, clock=None, **settings) -> Reaper:
-    uploads = UploadService(db, storage, TEST_LIMITS, 64 * 1024)
-    return Reaper(db, storage, uploads, ReaperSettings(**settings), **({"clock": clock} if clock else {}))
+    completion = CompletionService(db, storage, TEST_LIMITS, 64 * 1024)
+    return Reaper(db, storage, completion, ReaperSettings(**settings), **({"clock": clock} if clock else {}))
 
 
 @pytest.fixture
@@ -483,7 +484,8 @@ def test_storage_failures_are_counted_and_left_for_the_next_run(db, database_url
     session, _ = uploads.create_session(client, {"filename": "f.bin", "size": 10}, None)
     force_status(database_url, session.id, "ABORTED")
 
-    result = Reaper(db, storage, uploads, ReaperSettings(orphan_grace=0)).run()
+    completion = CompletionService(db, storage, TEST_LIMITS, 64 * 1024)
+    result = Reaper(db, storage, completion, ReaperSettings(orphan_grace=0)).run()
 
     # The session's purge, the orphan sweep and the unfinished-write sweep each failed.
     assert done(result) == {"errors": 3}
@@ -611,8 +613,8 @@ def test_the_periodic_reaper_runs_passes_on_its_turns_and_counts_them(app, auth,
     session_id, _ = uploaded(app, auth)
     make_overdue(database_url, session_id)
     metrics = Metrics(CollectorRegistry())
-    uploads = UploadService(db, storage, TEST_LIMITS, 64 * 1024)
-    periodic = PeriodicReaper(db, Reaper(db, storage, uploads, ReaperSettings(), events=metrics), 1, metrics)
+    completion = CompletionService(db, storage, TEST_LIMITS, 64 * 1024)
+    periodic = PeriodicReaper(db, Reaper(db, storage, completion, ReaperSettings(), events=metrics), 1, metrics)
     runs = lambda outcome: metrics.reaper_runs.labels(outcome)._value.get()  # noqa: E731
     assert (runs("succeeded"), runs("failed")) == (0, 0)  # there from the start, as 0
     periodic.start()

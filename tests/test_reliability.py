@@ -18,8 +18,8 @@ import webtest
 from chunksvc.app import create_app
 from chunksvc.config import Config, StorageSpec
 from chunksvc.services import layout
+from chunksvc.services.completion import CompletionService
 from chunksvc.services.reaper import Reaper, ReaperSettings
-from chunksvc.services.uploads import UploadService
 from chunksvc.storage import open_storage
 from tests.conftest import TEST_LIMITS
 from tests.faults import fill, small_disk
@@ -251,8 +251,8 @@ def test_a_completion_on_a_full_disk_finishes_by_itself_once_space_returns(full_
     assert (session["status"], session["received_parts"]) == ("COMPLETING", 6)
     assert leftovers(disk) == sorted(part_rows(database_url, session_id).values())  # no half object
     filler.unlink()
-    uploads = UploadService(db, storage, TEST_LIMITS, 64 * 1024)
-    result = Reaper(db, storage, uploads, ReaperSettings(completing_lease=0)).run()  # cron's next run
+    completion = CompletionService(db, storage, TEST_LIMITS, 64 * 1024)
+    result = Reaper(db, storage, completion, ReaperSettings(completing_lease=0)).run()  # cron's next run
 
     assert (result.completions_redriven, result.errors) == (1, 0)
     done = app.get(f"/uploads/sessions/{session_id}", headers=auth).json
@@ -286,9 +286,9 @@ def test_bytes_that_were_only_out_of_sight_are_never_swept(app, auth, database_u
     for key, content in saved.items():  # back again
         storage.write(key, io.BytesIO(content), len(content), 4096)
 
-    uploads = UploadService(db, storage, TEST_LIMITS, 64 * 1024)
+    completion = CompletionService(db, storage, TEST_LIMITS, 64 * 1024)
     much_later = lambda: datetime.now(UTC) + timedelta(days=30)  # noqa: E731
-    result = Reaper(db, storage, uploads, ReaperSettings(orphan_grace=0), clock=much_later).run()
+    result = Reaper(db, storage, completion, ReaperSettings(orphan_grace=0), clock=much_later).run()
 
     assert (result.orphans_removed, result.errors) == (0, 0)
     assert sorted(stored_part_keys(storage, session_id)) == sorted(saved)

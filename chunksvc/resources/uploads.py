@@ -14,7 +14,8 @@ from chunksvc.resources.middleware import publish_client
 from chunksvc.rows import PartRow, SessionRow
 from chunksvc.services import states
 from chunksvc.services.assembler import BackgroundAssembler
-from chunksvc.services.uploads import Completion, PartResult, UploadService
+from chunksvc.services.completion import Completion, CompletionService
+from chunksvc.services.uploads import PartResult, UploadService
 
 MAX_JSON_BODY = 64 * 1024
 # After a 202 from complete: how soon to look again. Assembly runs at hundreds of MB/s, so a
@@ -192,14 +193,14 @@ class PartResource:
 class CompleteResource:
     """/uploads/sessions/{session_id}/complete"""
 
-    def __init__(self, uploads: UploadService, assembler: BackgroundAssembler, render: SessionRenderer) -> None:
-        self._uploads = uploads
+    def __init__(self, completion: CompletionService, assembler: BackgroundAssembler, render: SessionRenderer) -> None:
+        self._completion = completion
         self._assembler = assembler
         self._render = render
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
         body = read_json(req, required=False)
-        session, completion = self._uploads.complete(req.context.client, session_id, body)
+        session, completion = self._completion.complete(req.context.client, session_id, body)
         if completion is Completion.BACKGROUND:
             self._assembler.submit(session.id, req.context.client.id)
         if completion is not Completion.DONE:  # assembling: complete again after Retry-After

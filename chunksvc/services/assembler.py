@@ -1,7 +1,7 @@
 """Assembling large uploads in the background, after ``complete`` answered 202.
 
 Each worker process has one ``BackgroundAssembler``: a few threads that run accepted completions
-(``UploadService.resume_completion``), handed over by the request that accepted them or found by
+(``CompletionService.resume``), handed over by the request that accepted them or found by
 a poller that looks for accepted completions nobody runs (their worker died, or they failed on
 full or unreachable storage and wait for another try). Any process on any host may take any of
 them: the session's completion lock lets one run at a time, and a crashed assembler's lock goes
@@ -19,7 +19,7 @@ from uuid import UUID
 from chunksvc import dao
 from chunksvc.db import Database
 from chunksvc.errors import ChecksumMismatch, ChunksvcError, CompletionInProgress, PartsMissing, SessionNotActive
-from chunksvc.services.uploads import UploadService
+from chunksvc.services.completion import CompletionService
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,10 @@ POLL_BATCH = 100
 
 class BackgroundAssembler:
     def __init__(
-        self, uploads: UploadService, db: Database, sync_complete_max: int, threads: int = 1,
+        self, completion: CompletionService, db: Database, sync_complete_max: int, threads: int = 1,
         poll_interval: float = 5.0,
     ) -> None:
-        self._uploads = uploads
+        self._completion = completion
         self._db = db
         self._sync_complete_max = sync_complete_max
         self._threads = threads
@@ -114,7 +114,7 @@ class BackgroundAssembler:
 
     def _run(self, session_id: UUID, client_id: int) -> None:
         try:
-            self._uploads.resume_completion(session_id, client_id)
+            self._completion.resume(session_id, client_id)
         except (CompletionInProgress, SessionNotActive):
             pass  # another assembler has it, or it ended meanwhile
         except (PartsMissing, ChecksumMismatch):

@@ -19,7 +19,7 @@ Phases, in this order (each one's output feeds the next):
 
 Where a storage call and a database change both happen, the bytes go only after the database
 says no row needs them, and a failure between the two leaves work for the next run, not loss:
-expire changes rows only; re-drive is ``complete`` (see ``UploadService._complete``); purge
+expire changes rows only; re-drive is ``complete`` (``CompletionService.resume``); purge
 removes bytes first and records ``purged_at`` after, so a lost commit means removing them again;
 the orphan sweep reads rows, then removes keys that no row names.
 
@@ -46,8 +46,8 @@ from chunksvc.db import Connection, Database
 from chunksvc.errors import ChecksumMismatch, ChunksvcError, CompletionInProgress, PartsMissing, SessionNotActive
 from chunksvc.rows import SweptSessionRow
 from chunksvc.services import layout, states
+from chunksvc.services.completion import CompletionService
 from chunksvc.services.events import UploadEvents
-from chunksvc.services.uploads import UploadService
 from chunksvc.storage import ListedKey, Storage
 
 T = TypeVar("T")
@@ -174,14 +174,14 @@ class Reaper:
         self,
         db: Database,
         storage: Storage,
-        uploads: UploadService,
+        completion: CompletionService,
         settings: ReaperSettings,
         events: UploadEvents | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._db = db
         self._storage = storage
-        self._uploads = uploads
+        self._completion = completion
         self._settings = settings
         self._events = events or UploadEvents()
         self._clock = clock
@@ -293,7 +293,7 @@ class Reaper:
 
     def _redrive(self, session_id: UUID, client_id: int, result: ReapResult) -> None:
         try:
-            session = self._uploads.resume_completion(session_id, client_id)
+            session = self._completion.resume(session_id, client_id)
         except (CompletionInProgress, SessionNotActive):
             return  # a live assembler, the client or another reaper has it (or finished it)
         except PartsMissing:
