@@ -68,7 +68,6 @@ class FaultProxy:
         self._hold_marker: bytes | None = None
         self.replies_dropped = 0
         self.requests_held = 0
-        self.connections = 0
         self._stopped = threading.Event()
         # The accepting thread owns the listening socket: closing it from another thread while
         # it waits in select() would keep it alive (and accepting) until that select() returns.
@@ -183,7 +182,6 @@ class FaultProxy:
         link = _Link(client, upstream)
         with self._lock:
             self._links.append(link)
-            self.connections += 1
         threading.Thread(target=self._pump, args=(link,), name="fault-proxy-link", daemon=True).start()
 
     def _pump(self, link: _Link) -> None:

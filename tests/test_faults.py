@@ -48,8 +48,6 @@ SERVER_ENV = {
     "CHUNKSVC_DB_POOL_MAX": "4",
 }
 
-pytestmark = pytest.mark.slow
-
 
 # --- fixtures ------------------------------------------------------------------------------------
 

@@ -39,9 +39,6 @@ class StreamBody:
         buffer[: len(data)] = data
         return len(data)
 
-    def abandon(self) -> None:
-        """A WSGI input cannot be interrupted; the server drains or drops the unread rest."""
-
 
 def part_body(req: falcon.Request, idle_timeout: float | None = None) -> StreamBody:
     """The body of ``req``, of which nothing was read yet."""

@@ -28,9 +28,6 @@ class PartBody(Protocol):
     def readinto(self, buffer: memoryview, /) -> int:
         """Fill the start of ``buffer``; return how many bytes (0: the body ended)."""
 
-    def abandon(self) -> None:
-        """The body will not be read to its end: stop receiving (called from another thread)."""
-
 
 class BufferPool:
     """Block buffers kept for reuse: fresh ones are zero-filled and faulted in for every part."""
@@ -56,7 +53,8 @@ class HashingBodyReader:
 
     A block returned by ``read`` is valid until the next call (its buffer is then reused). A body
     that ends early, or whose reading fails, raises ``IncompleteBody`` from ``read``. Use it as a
-    context manager: leaving it stops the helper threads and abandons an unfinished body.
+    context manager: leaving it stops the helper threads, which read no further into an
+    unfinished body (a WSGI server drains or drops the unread rest).
     """
 
     def __init__(
@@ -104,8 +102,7 @@ class HashingBodyReader:
 
     def close(self) -> None:
         if not self.complete:
-            self._body.abandon()  # lets a body that can be interrupted stop receiving
-            self._free.put(None)  # wakes a receiver waiting for a buffer
+            self._free.put(None)  # wakes a receiver waiting for a buffer: it stops receiving
         self._join()
         self._pool.give_back(self._buffers)
         self._buffers = []
