@@ -117,13 +117,11 @@ def s3_spec(
         secure=False,
     )
     if create:
-        from chunksvc.storage.s3 import S3Storage  # only S3 runs need minio
+        from minio import Minio  # only S3 runs need minio
 
-        storage = S3Storage(spec)
-        try:
-            storage.ensure_bucket()
-        finally:
-            storage.close()
+        client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=False, region=spec.region)
+        if not client.bucket_exists(spec.bucket):
+            client.make_bucket(spec.bucket)
     return spec
 
 

@@ -77,10 +77,6 @@ class Nginx:
     def access_log(self) -> Path:
         return self.directory / "logs" / "chunksvc.access.log"
 
-    @property
-    def error_log(self) -> Path:
-        return self.directory / "logs" / "error.log"
-
 
 @contextlib.contextmanager
 def nginx(

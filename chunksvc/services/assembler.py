@@ -81,7 +81,7 @@ class BackgroundAssembler:
         self._stopping.set()
 
     def wait_idle(self, timeout: float) -> bool:
-        """True once nothing is queued or running (tests, and a graceful stop)."""
+        """True once nothing is queued or running (for tests: ``stop`` does not wait)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:

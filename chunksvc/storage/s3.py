@@ -373,17 +373,6 @@ class S3Storage(Storage):
     def close(self) -> None:
         self._http.clear()
 
-    def ensure_bucket(self) -> None:
-        """Create the bucket if it is missing (tests and ops tooling; the service never does)."""
-        with _boundary(f"create bucket {self._bucket}", self._where):
-            if self._client.bucket_exists(self._bucket):
-                return
-            try:
-                self._client.make_bucket(self._bucket)
-            except S3Error as exc:
-                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                    raise
-
     # --- internals --------------------------------------------------------------------------
 
     def _make_client(self, http: urllib3.PoolManager) -> Minio:
