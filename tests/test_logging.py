@@ -14,7 +14,10 @@ import pytest
 
 from chunksvc import embedded, logs
 from chunksvc.config import StorageSpec
+from chunksvc.resources.middleware import publish_client
+from chunksvc.services.auth import Client
 from tests.helpers import create, payload, put_part
+from tests.test_api import assert_problem
 from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +108,27 @@ class Boom:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         logging.getLogger("chunksvc.test").warning("about to fail")
         raise RuntimeError("internal detail that must stay in the log")
+
+
+class SelfAuthenticating:
+    """A resource that authenticates GET itself, as the part route authenticates PUT."""
+
+    auth_in_responder = frozenset({"GET"})
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        assert req.context.client is None  # BearerAuth left the key to this responder
+        publish_client(req, Client(id=0, name="checked-here"))
+        logging.getLogger("chunksvc.test").warning("after the check")
+        resp.media = {}
+
+
+def test_a_client_the_responder_authenticated_is_in_every_later_line(wsgi_app, app, captured):
+    wsgi_app.add_route("/uploads/self", SelfAuthenticating())
+    app.get("/uploads/self")  # no key: the responder, not the middleware, decides
+    warning, access = captured.lines
+    assert (warning["msg"], warning["client"]) == ("after the check", "checked-here")
+    assert (access["route"], access["status"], access["client"]) == ("/uploads/self", 200, "checked-here")
+    assert_problem(app.delete("/uploads/self", status=401), 401, "unauthorized")  # other methods: the middleware
 
 
 def test_every_line_of_a_request_carries_its_ids_and_a_500_leaks_nothing(wsgi_app, app, auth, captured):
