@@ -85,9 +85,7 @@ class StorageSpec:
         if parts.scheme in ("s3", "s3+http"):
             bucket = parts.path.strip("/")
             if not parts.hostname or not bucket or "/" in bucket:
-                raise ConfigError(
-                    "CHUNKSVC_STORAGE_URL: expected s3://ACCESS_KEY:SECRET_KEY@host:port/bucket"
-                )
+                raise ConfigError("CHUNKSVC_STORAGE_URL: expected s3://ACCESS_KEY:SECRET_KEY@host:port/bucket")
             if not parts.username or parts.password is None:
                 raise ConfigError("CHUNKSVC_STORAGE_URL: the S3 URL needs ACCESS_KEY:SECRET_KEY@")
             if not _BUCKET_NAME.match(bucket):
@@ -241,9 +239,7 @@ class Config:
             background_assemblies=_int(env, "CHUNKSVC_BACKGROUND_ASSEMBLIES", 1),
             assembly_poll_interval=_int(env, "CHUNKSVC_ASSEMBLY_POLL", 5),
             reap_interval=_int(env, "CHUNKSVC_REAP_INTERVAL", 300),
-            trusted_proxies=TrustedProxies.parse(
-                env.get("CHUNKSVC_FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)
-            ),
+            trusted_proxies=TrustedProxies.parse(env.get("CHUNKSVC_FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)),
         )
         config.validate()
         return config

@@ -225,9 +225,7 @@ def release_completion_lock(conn: Connection, session_id: UUID) -> bool:
 def completion_lock(conn: Connection, session_id: UUID) -> AbstractContextManager[bool]:
     """``with completion_lock(conn, id) as held``: tries the session's completion lock (whoever
     assembles the session holds it), says whether it was taken, and gives it back on leaving."""
-    return _try_lock(
-        lambda: try_completion_lock(conn, session_id), lambda: release_completion_lock(conn, session_id)
-    )
+    return _try_lock(lambda: try_completion_lock(conn, session_id), lambda: release_completion_lock(conn, session_id))
 
 
 @contextmanager

@@ -76,7 +76,7 @@ def finish(chunksvc: Client, session_id: str, data: bytes, part_size: int) -> di
             if error.code != "parts_missing":
                 raise
             for number in error.problem["missing_parts"]:
-                chunksvc.put_part(session_id, number, data[(number - 1) * part_size: number * part_size])
+                chunksvc.put_part(session_id, number, data[(number - 1) * part_size : number * part_size])
         time.sleep(0.05)
     raise AssertionError(f"session {session_id} never completed")
 
@@ -111,11 +111,14 @@ def measure_invariants(database_url: str, storage: Storage, sources: dict[str, s
     lost_uploads = 0
     sessions = {
         str(row[0]): row[1:]
-        for row in query(database_url, """
+        for row in query(
+            database_url,
+            """
             SELECT s.id, s.status, s.received_parts, s.received_bytes, s.object_key, s.object_sha256,
                    count(p.part_number), COALESCE(sum(p.size), 0)
               FROM upload_sessions s LEFT JOIN upload_parts p ON p.session_id = s.id
-             GROUP BY s.id""")
+             GROUP BY s.id""",
+        )
     }
     for session_id, (_status, parts, size, _key, _sha, rows, row_bytes) in sessions.items():
         if (parts, size) != (rows, row_bytes):
@@ -132,9 +135,13 @@ def measure_invariants(database_url: str, storage: Storage, sources: dict[str, s
         if status == "COMPLETED" and not storage.exists(key):
             problems.append(f"{session_id}: COMPLETED without its object")
     live_parts = {
-        row[0] for row in query(database_url, """
+        row[0]
+        for row in query(
+            database_url,
+            """
             SELECT p.storage_key FROM upload_parts p JOIN upload_sessions s ON s.id = p.session_id
-             WHERE s.status IN ('INIT', 'IN_PROGRESS')""")
+             WHERE s.status IN ('INIT', 'IN_PROGRESS')""",
+        )
     }
     objects = {value[3] for value in sessions.values() if value[0] == "COMPLETED"}
     keys = stored_keys(storage)

@@ -54,9 +54,7 @@ def complete(app: webtest.TestApp, auth: dict, session_id: str, status: int = 20
 
 def raw_put(app: webtest.TestApp, auth: dict, session_id: str, number, stream, content_length, status):
     """A PUT whose body stream and Content-Length we control (None: no Content-Length)."""
-    request = webtest.TestRequest.blank(
-        f"/uploads/sessions/{session_id}/parts/{number}", method="PUT", headers=auth
-    )
+    request = webtest.TestRequest.blank(f"/uploads/sessions/{session_id}/parts/{number}", method="PUT", headers=auth)
     request.environ["wsgi.input"] = stream
     request.environ.pop("CONTENT_LENGTH", None)
     if content_length is not None:

@@ -27,6 +27,7 @@ ACCESS_KEY = "test-access-key"
 SECRET_KEY = "test-secret-key-never-logged"
 REGION = "us-east-1"
 
+
 def make_s3_spec(endpoint: str, bucket: str | None = None, create: bool = True) -> StorageSpec:
     """A spec for a new uniquely-named bucket at ``endpoint`` (created unless ``create`` is false)."""
     return harness.s3_spec(endpoint, bucket, access_key=ACCESS_KEY, secret_key=SECRET_KEY, create=create)

@@ -93,8 +93,21 @@ def test_session_object_fields(app, auth):
     session = response.json
     assert response.headers["Location"] == f"/uploads/sessions/{session['id']}"
     assert set(session) == {
-        "id", "status", "filename", "content_type", "size", "part_size", "total_parts", "received_parts",
-        "received_bytes", "sha256", "metadata", "created_at", "updated_at", "expires_at", "object",
+        "id",
+        "status",
+        "filename",
+        "content_type",
+        "size",
+        "part_size",
+        "total_parts",
+        "received_parts",
+        "received_bytes",
+        "sha256",
+        "metadata",
+        "created_at",
+        "updated_at",
+        "expires_at",
+        "object",
         "assembled_bytes",
     }
     assert session["assembled_bytes"] is None  # a number only while COMPLETING
@@ -135,7 +148,10 @@ def test_list_parts_pages_for_resuming(app, auth):
     assert [p["part_number"] for p in first["parts"]] == [2, 4, 7]
     assert first["next_after"] == 7
     assert first["parts"][0] == {
-        "part_number": 2, "size": 1, "sha256": sha(bytes([2])), "created_at": first["parts"][0]["created_at"],
+        "part_number": 2,
+        "size": 1,
+        "sha256": sha(bytes([2])),
+        "created_at": first["parts"][0]["created_at"],
     }
     rest = app.get(f"/uploads/sessions/{session['id']}/parts?after=7&limit=3", headers=auth).json
     assert [p["part_number"] for p in rest["parts"]] == [9] and rest["next_after"] is None
@@ -216,8 +232,9 @@ def test_expired_session_reads_expired_and_refuses_work(app, auth, database_url)
     session = create(app, auth, size=8, part_size=4).json
     put_part(app, auth, session["id"], 1, b"abcd")
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s",
-                     (session["id"],))
+        conn.execute(
+            "UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s", (session["id"],)
+        )
     assert app.get(f"/uploads/sessions/{session['id']}", headers=auth).json["status"] == "EXPIRED"
     listed = app.get("/uploads/sessions?status=EXPIRED", headers=auth).json["sessions"]
     assert [s["id"] for s in listed] == [session["id"]]
@@ -262,8 +279,11 @@ def test_401_comes_before_404_and_405_on_every_uploads_path(app, auth):
     # With a key, the same requests get their 404 or 405.
     assert_problem(app.get("/uploads/nope", headers=auth, status=404), 404, "not_found")
     assert_problem(app.get("/uploads", headers=auth, status=404), 404, "not_found")
-    assert_problem(app.request(f"/uploads/sessions/{sid}/parts/1", method="PATCH", headers=auth, status=405),
-                   405, "method_not_allowed")
+    assert_problem(
+        app.request(f"/uploads/sessions/{sid}/parts/1", method="PATCH", headers=auth, status=405),
+        405,
+        "method_not_allowed",
+    )
     # Outside /uploads nothing asks for a key.
     assert_problem(app.get("/uploadsx", status=404), 404, "not_found")
 
@@ -280,8 +300,7 @@ def test_other_clients_sessions_are_invisible(app, auth, other_auth):
     session = create(app, auth, size=4, part_size=4).json
     sid = session["id"]
     assert_problem(app.get(f"/uploads/sessions/{sid}", headers=other_auth, status=404), 404, "session_not_found")
-    assert_problem(app.get(f"/uploads/sessions/{sid}/parts", headers=other_auth, status=404),
-                   404, "session_not_found")
+    assert_problem(app.get(f"/uploads/sessions/{sid}/parts", headers=other_auth, status=404), 404, "session_not_found")
     assert_problem(complete(app, other_auth, sid, status=404), 404, "session_not_found")
     assert_problem(app.delete(f"/uploads/sessions/{sid}", headers=other_auth, status=404), 404, "session_not_found")
     assert app.get("/uploads/sessions", headers=other_auth).json["sessions"] == []
@@ -293,12 +312,21 @@ def test_other_clients_sessions_are_invisible(app, auth, other_auth):
 
 @pytest.mark.parametrize(
     "raw",
-    [b"{", b"[]", b'"x"', b'{"filename": "a", "size": 1, "extra": 1}', b'{"filename": "a", "size": NaN}',
-     b'{"filename": "a"}', b"", b'{"filename": "a", "size": 1, "part_size": 0}'],
+    [
+        b"{",
+        b"[]",
+        b'"x"',
+        b'{"filename": "a", "size": 1, "extra": 1}',
+        b'{"filename": "a", "size": NaN}',
+        b'{"filename": "a"}',
+        b"",
+        b'{"filename": "a", "size": 1, "part_size": 0}',
+    ],
 )
 def test_create_rejects_invalid_bodies(app, auth, raw):
-    response = app.post("/uploads/sessions", params=raw, headers={**auth, "Content-Type": "application/json"},
-                        status=400)
+    response = app.post(
+        "/uploads/sessions", params=raw, headers={**auth, "Content-Type": "application/json"}, status=400
+    )
     assert_problem(response, 400, "invalid_request")
     assert app.get("/uploads/sessions", headers=auth).json["sessions"] == []
 
@@ -319,8 +347,9 @@ def test_idempotency_key(app, auth, other_auth):
     # Keys are per client: another client's identical key creates its own session.
     assert create(app, other_auth, size=10, headers=headers).json["id"] != first.json["id"]
     assert len(app.get("/uploads/sessions", headers=auth).json["sessions"]) == 1
-    assert_problem(create(app, auth, size=10, headers={"Idempotency-Key": "x" * 256}, status=400),
-                   400, "invalid_request")
+    assert_problem(
+        create(app, auth, size=10, headers={"Idempotency-Key": "x" * 256}, status=400), 400, "invalid_request"
+    )
 
 
 def test_list_sessions_newest_first_with_cursor(app, auth):
@@ -360,8 +389,7 @@ def test_complete_twice_returns_the_same_result(app, auth):
     first = complete(app, auth, session["id"]).json
     assert complete(app, auth, session["id"]).json == first
     assert_problem(put_part(app, auth, session["id"], 1, b"abcd", status=409), 409, "session_not_active")
-    assert_problem(app.delete(f"/uploads/sessions/{session['id']}", headers=auth, status=409),
-                   409, "session_completed")
+    assert_problem(app.delete(f"/uploads/sessions/{session['id']}", headers=auth, status=409), 409, "session_completed")
 
 
 def test_whole_file_digest_mismatch_fails_the_session(app, auth, storage):
@@ -381,8 +409,9 @@ def test_whole_file_digest_mismatch_fails_the_session(app, auth, storage):
 def test_digest_given_at_complete_is_checked(app, auth):
     session = create(app, auth, size=4, part_size=4).json
     put_part(app, auth, session["id"], 1, b"abcd")
-    assert_problem(complete(app, auth, session["id"], body={"sha256": sha(b"nope")}, status=422),
-                   422, "checksum_mismatch")
+    assert_problem(
+        complete(app, auth, session["id"], body={"sha256": sha(b"nope")}, status=422), 422, "checksum_mismatch"
+    )
 
 
 def test_digest_disagreeing_with_creation_is_refused(app, auth):
@@ -406,8 +435,9 @@ def test_completion_in_progress_then_takeover_after_crash(app, auth, database_ur
     )
     busy = complete(app, auth, session["id"], status=202)
     assert busy.json["status"] == "COMPLETING" and busy.headers["Retry-After"] == "2"
-    assert_problem(app.delete(f"/uploads/sessions/{session['id']}", headers=auth, status=409),
-                   409, "completion_in_progress")
+    assert_problem(
+        app.delete(f"/uploads/sessions/{session['id']}", headers=auth, status=409), 409, "completion_in_progress"
+    )
     assert app.get(f"/uploads/sessions/{session['id']}", headers=auth).json["status"] == "COMPLETING"
     assembler.close()  # the worker died: its connection, and so its lock, is gone
     done = complete(app, auth, session["id"]).json
@@ -428,8 +458,7 @@ def test_abort_removes_parts_and_is_repeatable(app, auth, storage):
     assert app.get(f"/uploads/sessions/{session['id']}", headers=auth).json["status"] == "ABORTED"
     app.delete(f"/uploads/sessions/{session['id']}", headers=auth, status=204)
     assert_problem(complete(app, auth, session["id"], status=409), 409, "session_not_active")
-    assert_problem(app.delete(f"/uploads/sessions/{uuid.uuid4()}", headers=auth, status=404),
-                   404, "session_not_found")
+    assert_problem(app.delete(f"/uploads/sessions/{uuid.uuid4()}", headers=auth, status=404), 404, "session_not_found")
 
 
 # --- cross-cutting --------------------------------------------------------------------------------

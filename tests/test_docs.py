@@ -72,10 +72,7 @@ def app_error_table() -> dict[str, int]:
 
 def operations() -> set[tuple[str, str]]:
     return {
-        (method.upper(), path)
-        for path, item in OPENAPI["paths"].items()
-        for method in item
-        if method in HTTP_METHODS
+        (method.upper(), path) for path, item in OPENAPI["paths"].items() for method in item if method in HTTP_METHODS
     }
 
 

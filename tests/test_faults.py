@@ -101,8 +101,10 @@ def verdict(request, database_url: str, spec: StorageSpec, sources: dict[str, st
     counts["healed"] = int(sum(found["healed"] for found in REPAIRS))
     counts["reasked"] = int(sum(found["lost"] for found in REPAIRS))
     if counts["healed"] or counts["reasked"]:
-        problems.append(f"parts lost and repaired on the way: {counts['healed']} healed by a retry,"
-                        f" {counts['reasked']} dropped and asked for again")
+        problems.append(
+            f"parts lost and repaired on the way: {counts['healed']} healed by a retry,"
+            f" {counts['reasked']} dropped and asked for again"
+        )
     record_fault(request.node.name, tally, counts)
     assert not problems, "\n".join(problems)
     return counts
@@ -160,25 +162,29 @@ def test_a_part_whose_commit_reply_is_lost_is_not_lost(request, pg_proxy, databa
     proxy, proxied_url = pg_proxy
     data = payload(3 * PART - 5, seed=7)
     tally = Tally()
-    with serving(proxied_url, spec, tmp_path, CHUNKSVC_WORKERS="1") as server, \
-            client(server.url, api_key, tally) as chunksvc, client(server.url, api_key, tally, attempts=1) as once:
+    with (
+        serving(proxied_url, spec, tmp_path, CHUNKSVC_WORKERS="1") as server,
+        client(server.url, api_key, tally) as chunksvc,
+        client(server.url, api_key, tally, attempts=1) as once,
+    ):
         session_id = chunksvc.create_session("x", len(data), part_size=PART, sha256=sha(data))["id"]
         proxy.drop_reply_after(b"INSERT INTO upload_parts")
 
         with pytest.raises(ApiError) as first:
-            once.put_part(session_id, 2, data[PART:2 * PART])
+            once.put_part(session_id, 2, data[PART : 2 * PART])
 
         assert (first.value.status, first.value.code) == (503, "database_unavailable")
         assert proxy.replies_dropped == 1
-        [(recorded_key,)] = query(database_url, "SELECT storage_key FROM upload_parts WHERE session_id = %s",
-                                  (session_id,))
+        [(recorded_key,)] = query(
+            database_url, "SELECT storage_key FROM upload_parts WHERE session_id = %s", (session_id,)
+        )
         storage = open_storage(spec)
         assert storage.exists(recorded_key)  # the v1 bug deleted these bytes here
-        retry = chunksvc.put_part(session_id, 2, data[PART:2 * PART])
+        retry = chunksvc.put_part(session_id, 2, data[PART : 2 * PART])
         assert retry["received_parts"] == 1 and tally.statuses[200] == 1  # already accepted: 200, counted once
         assert storage.exists(recorded_key)  # and v1 deleted them here, too
         for number in (1, 3):
-            chunksvc.put_part(session_id, number, data[(number - 1) * PART:number * PART])
+            chunksvc.put_part(session_id, number, data[(number - 1) * PART : number * PART])
         done = finish(chunksvc, session_id, data, PART)
 
     assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
@@ -192,8 +198,14 @@ def test_a_part_whose_commit_reply_is_lost_is_not_lost(request, pg_proxy, databa
 # --- outages of PostgreSQL and of S3 --------------------------------------------------------------
 
 
-def chaos(proxy: FaultProxy, stop: threading.Event, steps: list[tuple[str, float]], marker: bytes,
-          reply_end: bytes, rounds: int = 3) -> None:
+def chaos(
+    proxy: FaultProxy,
+    stop: threading.Event,
+    steps: list[tuple[str, float]],
+    marker: bytes,
+    reply_end: bytes,
+    rounds: int = 3,
+) -> None:
     """Go through fault ``steps`` (mode, seconds) ``rounds`` times, or until ``stop``; once a round,
     drop the reply to the next request containing ``marker``. Then pass traffic: the faults are
     a bounded storm, after which every retry must get through."""
@@ -208,8 +220,16 @@ def chaos(proxy: FaultProxy, stop: threading.Event, steps: list[tuple[str, float
     proxy.set_mode(PASS)
 
 
-def uploads_through_faults(proxy: FaultProxy, steps: list[tuple[str, float]], marker: bytes, reply_end: bytes,
-                           server_port: int, api_key: str, tally: Tally, count: int) -> dict[str, str]:
+def uploads_through_faults(
+    proxy: FaultProxy,
+    steps: list[tuple[str, float]],
+    marker: bytes,
+    reply_end: bytes,
+    server_port: int,
+    api_key: str,
+    tally: Tally,
+    count: int,
+) -> dict[str, str]:
     """``count`` uploads by 4 threads with the contract's retries while ``proxy`` goes through
     ``steps``; the uploads' ids and their sources' digests."""
     stop = threading.Event()
@@ -221,8 +241,10 @@ def uploads_through_faults(proxy: FaultProxy, steps: list[tuple[str, float]], ma
 
     faults.start()
     try:
-        with client(f"http://127.0.0.1:{server_port}", api_key, tally) as chunksvc, \
-                ThreadPoolExecutor(max_workers=4) as pool:
+        with (
+            client(f"http://127.0.0.1:{server_port}", api_key, tally) as chunksvc,
+            ThreadPoolExecutor(max_workers=4) as pool,
+        ):
             return dict(pool.map(one, range(count)))
     finally:
         stop.set()
@@ -242,8 +264,9 @@ def test_database_outages_during_uploads_lose_nothing(request, pg_proxy, databas
     proxy, proxied_url = pg_proxy
     tally = Tally()
     with serving(proxied_url, spec, tmp_path, CHUNKSVC_WORKERS="2") as server:
-        sources = uploads_through_faults(proxy, DB_FAULTS, b"INSERT INTO upload_parts", PG_READY_FOR_QUERY,
-                                         server.port, api_key, tally, 24)
+        sources = uploads_through_faults(
+            proxy, DB_FAULTS, b"INSERT INTO upload_parts", PG_READY_FOR_QUERY, server.port, api_key, tally, 24
+        )
 
     assert tally.server_errors > 0 and proxy.replies_dropped > 0, f"no fault reached a request: {tally}"
     assert reap(db, spec).errors == 0
@@ -278,13 +301,17 @@ def test_a_worker_killed_mid_part_loses_nothing(request, database_url, db, spec,
     data = payload(2 * 1024 * 1024, seed=3)
     part_size = 1024 * 1024
     tally = Tally()
-    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="1", CHUNKSVC_BLOCK_SIZE="4096") as server, \
-            client(server.url, api_key, tally) as chunksvc:
+    with (
+        serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="1", CHUNKSVC_BLOCK_SIZE="4096") as server,
+        client(server.url, api_key, tally) as chunksvc,
+    ):
         session_id = chunksvc.create_session("k", len(data), part_size=part_size, sha256=sha(data))["id"]
         chunksvc.put_part(session_id, 2, data[part_size:])
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            sock.sendall(f"PUT /uploads/sessions/{session_id}/parts/1 HTTP/1.1\r\nHost: x\r\n"
-                         f"Authorization: Bearer {api_key}\r\nContent-Length: {part_size}\r\n\r\n".encode())
+            sock.sendall(
+                f"PUT /uploads/sessions/{session_id}/parts/1 HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {api_key}\r\nContent-Length: {part_size}\r\n\r\n".encode()
+            )
             sock.sendall(data[: part_size // 2])  # then nothing: the worker is mid-part
             time.sleep(0.3)
             [worker] = server.worker_pids()
@@ -327,12 +354,13 @@ def test_a_worker_killed_mid_assembly_loses_nothing(
         once = stack.enter_context(client(server.url, api_key, tally, attempts=1))
         session_id = chunksvc.create_session("k", len(data), part_size=part_size, sha256=sha(data))["id"]
         for number in range(1, parts + 1):
-            chunksvc.put_part(session_id, number, data[(number - 1) * part_size: number * part_size])
+            chunksvc.put_part(session_id, number, data[(number - 1) * part_size : number * part_size])
         [worker] = server.worker_pids()
         if moment == "recording":
             proxy.hold_after(b"SET status = 'COMPLETED'")
         elif spec.kind == "s3":
             s3_proxy.hold_after(f"/{spec.bucket}/{layout.object_key(session_id)}?partNumber=2".encode())
+
         def complete_once() -> None:
             with contextlib.suppress(ApiError):  # the worker dies under it: no answer
                 once.complete(session_id)
@@ -367,13 +395,15 @@ def test_sigterm_of_the_master_during_uploads_loses_nothing(request, database_ur
     data = payload(40 * PART - 11, seed=5)
     acknowledged: list[int] = []
     tally = Tally()
-    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2", CHUNKSVC_BLOCK_SIZE="4096") as server, \
-            client(server.url, api_key, tally, attempts=1) as once:
+    with (
+        serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2", CHUNKSVC_BLOCK_SIZE="4096") as server,
+        client(server.url, api_key, tally, attempts=1) as once,
+    ):
         session_id = once.create_session("t", len(data), part_size=PART, sha256=sha(data))["id"]
 
         def send(number: int) -> None:
             with contextlib.suppress(ApiError):  # refused once the master stops: not acknowledged
-                once.put_part(session_id, number, data[(number - 1) * PART: number * PART])
+                once.put_part(session_id, number, data[(number - 1) * PART : number * PART])
                 acknowledged.append(number)
 
         with ThreadPoolExecutor(max_workers=6) as pool:
@@ -384,12 +414,16 @@ def test_sigterm_of_the_master_during_uploads_loses_nothing(request, database_ur
                 future.result()
         assert server.process.wait(timeout=60) == 0
 
-    recorded = {row[0] for row in query(database_url, "SELECT part_number FROM upload_parts WHERE session_id = %s",
-                                        (session_id,))}
+    recorded = {
+        row[0]
+        for row in query(database_url, "SELECT part_number FROM upload_parts WHERE session_id = %s", (session_id,))
+    }
     assert set(acknowledged) <= recorded  # every 2xx survived the shutdown
     assert 5 <= len(acknowledged) < 40, acknowledged  # the shutdown really cut the upload short
-    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="1") as server, \
-            client(server.url, api_key, tally) as chunksvc:
+    with (
+        serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="1") as server,
+        client(server.url, api_key, tally) as chunksvc,
+    ):
         done = finish(chunksvc, session_id, data, PART)
     assert done["status"] == "COMPLETED"
     assert reap(db, spec).errors == 0
@@ -411,7 +445,7 @@ def test_load_on_two_hosts_keeps_every_invariant(request, database_url, db, spec
         data = payload(rng.randint(1, 5) * PART - rng.randint(0, 500), seed=5000 + index)
         count = -(-len(data) // PART)
         session_id = hosts[index % 2].create_session("l", len(data), part_size=PART, sha256=sha(data))["id"]
-        chunks = {n: data[(n - 1) * PART: n * PART] for n in range(1, count + 1)}
+        chunks = {n: data[(n - 1) * PART : n * PART] for n in range(1, count + 1)}
         rogue = rng.random() < 0.2 and count > 1  # another writer races one part with other bytes
         raced = rng.randint(1, count)
 
@@ -448,10 +482,13 @@ def test_load_on_two_hosts_keeps_every_invariant(request, database_url, db, spec
             outcomes["completed"] += 1
 
     sessions = 120 if spec.kind == "file" else 48
-    with serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2") as first, \
-            serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2") as second, \
-            client(first.url, api_key, tally) as one, client(second.url, api_key, tally) as other, \
-            ThreadPoolExecutor(max_workers=12) as pool:
+    with (
+        serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2") as first,
+        serving(database_url, spec, tmp_path, CHUNKSVC_WORKERS="2") as second,
+        client(first.url, api_key, tally) as one,
+        client(second.url, api_key, tally) as other,
+        ThreadPoolExecutor(max_workers=12) as pool,
+    ):
         for future in [pool.submit(session_work, index, [one, other]) for index in range(sessions)]:
             future.result()
 
@@ -477,8 +514,10 @@ def test_stalled_bodies_are_abandoned_and_free_their_threads(request, database_u
         stalled = []
         for number in (1, 2):
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
-            sock.sendall(f"PUT /uploads/sessions/{session_id}/parts/{number} HTTP/1.1\r\nHost: x\r\n"
-                         f"Authorization: Bearer {api_key}\r\nContent-Length: {PART}\r\n\r\n".encode())
+            sock.sendall(
+                f"PUT /uploads/sessions/{session_id}/parts/{number} HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {api_key}\r\nContent-Length: {PART}\r\n\r\n".encode()
+            )
             sock.sendall(data[:100])
             stalled.append(sock)
         try:

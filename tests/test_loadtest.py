@@ -52,8 +52,23 @@ def test_make_loadtest_prints_progress_while_it_runs():
     env = {**os.environ, "CHUNKSVC_MIN_PART_SIZE": "1"}  # the local server takes the small parts below
     env.pop("DATABASE_URL", None)
     command = [
-        sys.executable, "-m", "tools.loadtest", "--users", "2", "--file-size", "2MiB", "--part-size",
-        "1MiB", "--max-files", "0", "--run-time", "4", "--progress-every", "1", "--conflict-rate", "0",
+        sys.executable,
+        "-m",
+        "tools.loadtest",
+        "--users",
+        "2",
+        "--file-size",
+        "2MiB",
+        "--part-size",
+        "1MiB",
+        "--max-files",
+        "0",
+        "--run-time",
+        "4",
+        "--progress-every",
+        "1",
+        "--conflict-rate",
+        "0",
     ]
     child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: list[tuple[float, str]] = []

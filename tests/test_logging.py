@@ -189,7 +189,9 @@ def server(pg_admin_url, template_db, tmp_path_factory):
 def test_gunicorn_writes_json_access_and_error_logs(server):
     key = server["key"]
     status, response, _ = server["gunicorn"].request(
-        "POST", "/uploads/sessions", json.dumps({"filename": "f", "size": 5}).encode(),
+        "POST",
+        "/uploads/sessions",
+        json.dumps({"filename": "f", "size": 5}).encode(),
         {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "X-Request-ID": "e2e-42"},
     )
     assert status == 201 and response.getheader("X-Request-ID") == "e2e-42"
@@ -197,7 +199,10 @@ def test_gunicorn_writes_json_access_and_error_logs(server):
     access = [json.loads(line) for line in server["access"].read_text().splitlines()]
     line = next(line for line in access if line.get("request_id") == "e2e-42")
     assert (line["client"], line["route"], line["status"], line["method"]) == (
-        "ops-client", "/uploads/sessions", 201, "POST",
+        "ops-client",
+        "/uploads/sessions",
+        201,
+        "POST",
     )
     assert key not in server["access"].read_text()
 

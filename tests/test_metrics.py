@@ -80,13 +80,19 @@ def test_an_upload_is_counted_exactly(app, auth):
     after = scrape(app)
 
     assert deltas(before, after, "chunksvc_parts_total", "outcome") == {
-        "accepted": 3, "duplicate": 1, "conflicting": 1, "rejected": 3,
+        "accepted": 3,
+        "duplicate": 1,
+        "conflicting": 1,
+        "rejected": 3,
     }
     assert deltas(before, after, "chunksvc_parts_rejected_total", "code") == {
-        "invalid_part_number": 1, "part_size_mismatch": 1, "unauthorized": 1,
+        "invalid_part_number": 1,
+        "part_size_mismatch": 1,
+        "unauthorized": 1,
     }
     assert deltas(before, after, "chunksvc_part_bytes_received_total", "outcome") == {
-        "accepted": 3000, "duplicate": 1024,
+        "accepted": 3000,
+        "duplicate": 1024,
     }
     assert deltas(before, after, "chunksvc_sessions_total", "event") == {"created": 1, "completed": 1}
     assert value(after, "chunksvc_assembly_duration_seconds_count", outcome="completed") == 1
@@ -124,8 +130,11 @@ def test_lost_bytes_are_counted_when_healed_and_when_reopened(app, auth, storage
     for number, part in enumerate(parts, start=1):
         put_part(app, auth, session["id"], number, part)
     with psycopg.connect(database_url, autocommit=True) as conn:
-        keys = dict(conn.execute("SELECT part_number, storage_key FROM upload_parts WHERE session_id = %s",
-                                 (session["id"],)).fetchall())
+        keys = dict(
+            conn.execute(
+                "SELECT part_number, storage_key FROM upload_parts WHERE session_id = %s", (session["id"],)
+            ).fetchall()
+        )
     before = scrape(app)
     storage.delete([keys[1], keys[2], keys[3]])
     put_part(app, auth, session["id"], 1, parts[0], status=200)  # healed by the retry
@@ -139,17 +148,26 @@ def test_lost_bytes_are_counted_when_healed_and_when_reopened(app, auth, storage
 
 def session_gauges(samples: dict) -> dict[str, float]:
     return {
-        **{status: value(samples, "chunksvc_sessions_by_status", status=status)
-           for status in ("INIT", "IN_PROGRESS", "COMPLETING")},
-        **{f"awaiting {work}": value(samples, "chunksvc_sessions_awaiting_reaper", work=work)
-           for work in ("expire", "purge")},
+        **{
+            status: value(samples, "chunksvc_sessions_by_status", status=status)
+            for status in ("INIT", "IN_PROGRESS", "COMPLETING")
+        },
+        **{
+            f"awaiting {work}": value(samples, "chunksvc_sessions_awaiting_reaper", work=work)
+            for work in ("expire", "purge")
+        },
         "up": value(samples, "chunksvc_session_gauges_up"),
     }
 
 
 def test_sessions_by_status_are_counted_from_the_database_at_scrape_time(app, auth, database_url):
     assert session_gauges(scrape(app)) == {
-        "INIT": 0, "IN_PROGRESS": 0, "COMPLETING": 0, "awaiting expire": 0, "awaiting purge": 0, "up": 1
+        "INIT": 0,
+        "IN_PROGRESS": 0,
+        "COMPLETING": 0,
+        "awaiting expire": 0,
+        "awaiting purge": 0,
+        "up": 1,
     }
     fresh = [create(app, auth, size=10).json["id"] for _ in range(3)]
     started = [create(app, auth, size=2048, part_size=1024).json["id"] for _ in range(2)]
@@ -162,12 +180,16 @@ def test_sessions_by_status_are_counted_from_the_database_at_scrape_time(app, au
     with psycopg.connect(database_url, autocommit=True) as conn:
         # One open session past its expiry (clients see EXPIRED; the reaper has not marked it),
         # one COMPLETING, and the completed one's purge not done yet (no reaper ran).
-        conn.execute("UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s",
-                     (fresh[0],))
+        conn.execute("UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s", (fresh[0],))
         conn.execute("UPDATE upload_sessions SET status = 'COMPLETING' WHERE id = %s", (started[0],))
 
     assert session_gauges(scrape(app)) == {
-        "INIT": 2, "IN_PROGRESS": 1, "COMPLETING": 1, "awaiting expire": 1, "awaiting purge": 1, "up": 1
+        "INIT": 2,
+        "IN_PROGRESS": 1,
+        "COMPLETING": 1,
+        "awaiting expire": 1,
+        "awaiting purge": 1,
+        "up": 1,
     }
 
 
@@ -267,7 +289,9 @@ sys.stdout.write(metrics.exposition().decode())
 def test_a_file_a_starting_worker_has_not_sized_yet_does_not_fail_the_scrape(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", EXPOSE_BESIDE_A_NEW_WORKERS_FILE, str(tmp_path)],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     samples = parse(result.stdout)
@@ -295,8 +319,14 @@ def server(pg_admin_url, template_db, tmp_path_factory):
     try:
         with harness.gunicorn(url, storage, env=env, cwd=ROOT, stderr_path=workdir / "stderr.log") as gunicorn:
             key = harness.create_api_key(url, "metrics")
-            yield {"gunicorn": gunicorn, "dir": metrics_dir, "stale": stale, "key": key,
-                   "access_log": workdir / "access.log", "url": url}
+            yield {
+                "gunicorn": gunicorn,
+                "dir": metrics_dir,
+                "stale": stale,
+                "key": key,
+                "access_log": workdir / "access.log",
+                "url": url,
+            }
     finally:
         embedded.drop_database(pg_admin_url, name)
 

@@ -213,9 +213,10 @@ def test_nginx_errors_when_the_service_is_down_or_silent_are_problem_json(tmp_pa
             with _http(HONEST) as http:
                 response = http.get(f"{down.http_url}/uploads/sessions", headers={"X-Request-ID": "down-1"})
             retry = RetryPolicy(attempts=2, base_delay=0, max_delay=0)
-            with pytest.raises(ApiError) as refused, Client(
-                down.http_url, "k", retry=retry, on_attempt=attempts.append
-            ) as client:
+            with (
+                pytest.raises(ApiError) as refused,
+                Client(down.http_url, "k", retry=retry, on_attempt=attempts.append) as client,
+            ):
                 client.get_session(str(uuid.uuid4()))
         assert response.status_code == 502 and response.headers["X-Request-ID"] == "down-1"
         assert response.headers["Content-Type"] == "application/problem+json"
@@ -226,8 +227,12 @@ def test_nginx_errors_when_the_service_is_down_or_silent_are_problem_json(tmp_pa
         assert len(attempts) == 2
 
         overrides = {"proxy_read_timeout 120s;": "proxy_read_timeout 1s;"}
-        with nginx.nginx(tmp_path / "silent", silent.getsockname()[1], max_part_size=MAX_PART, overrides=overrides) \
-                as hung, _http(HONEST) as http:
+        with (
+            nginx.nginx(
+                tmp_path / "silent", silent.getsockname()[1], max_part_size=MAX_PART, overrides=overrides
+            ) as hung,
+            _http(HONEST) as http,
+        ):
             response = http.get(f"{hung.http_url}/healthz")
         assert response.status_code == 504 and response.headers["Content-Type"] == "application/problem+json"
         assert response.json()["code"] == "upstream_timeout" and response.headers["X-Request-ID"]

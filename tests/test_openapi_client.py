@@ -53,9 +53,24 @@ def api(server, tmp_path_factory) -> ModuleType:
     (work / "openapi.json").write_bytes(document)
     (work / "config.json").write_text(json.dumps(GENERATOR_CONFIG))
     generated = subprocess.run(
-        [sys.executable, "-m", "openapi_python_client", "generate", "--path", str(work / "openapi.json"),
-         "--config", str(work / "config.json"), "--meta", "none", "--output-path", str(work / PACKAGE)],
-        capture_output=True, text=True, timeout=120, cwd=work,
+        [
+            sys.executable,
+            "-m",
+            "openapi_python_client",
+            "generate",
+            "--path",
+            str(work / "openapi.json"),
+            "--config",
+            str(work / "config.json"),
+            "--meta",
+            "none",
+            "--output-path",
+            str(work / PACKAGE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=work,
     )
     output = generated.stdout + generated.stderr
     assert generated.returncode == 0, output
@@ -110,7 +125,9 @@ def create(client, data: bytes, part_size: int, **fields):
 
 def upload(client, session_id, number: int, chunk: bytes):
     return operation("upload_part").sync_detailed(
-        session_id=session_id, part_number=number, client=client,
+        session_id=session_id,
+        part_number=number,
+        client=client,
         body=importlib.import_module(f"{PACKAGE}.types").File(payload=io.BytesIO(chunk)),
     )
 
@@ -158,11 +175,13 @@ def test_completion_with_the_digest_in_the_body(client):
 
 def test_errors_come_through_as_typed_problems(api, client, server):
     m = models()
-    assert_problem(operation("get_session").sync_detailed(session_id=uuid.uuid4(), client=client), 404,
-                   "session_not_found")
+    assert_problem(
+        operation("get_session").sync_detailed(session_id=uuid.uuid4(), client=client), 404, "session_not_found"
+    )
     assert_problem(
         operation("create_session").sync_detailed(client=client, body=m.CreateSession(filename="x.bin", size=0)),
-        400, "invalid_request",
+        400,
+        "invalid_request",
     )
     with api.AuthenticatedClient(base_url=server["url"], token="csk_wrong", raise_on_unexpected_status=True) as wrong:
         assert_problem(operation("list_sessions").sync_detailed(client=wrong), 401, "unauthorized")
@@ -173,7 +192,10 @@ def test_errors_come_through_as_typed_problems(api, client, server):
     assert upload(client, session.id, 2, data[2:4]).status_code == 201
     conflict = assert_problem(upload(client, session.id, 2, b"zz"), 409, "part_conflict")
     assert conflict.additional_properties["sha256"] == hashlib.sha256(data[2:4]).hexdigest()
-    missing = assert_problem(operation("complete_session").sync_detailed(session_id=session.id, client=client), 409,
-                             "parts_missing")
+    missing = assert_problem(
+        operation("complete_session").sync_detailed(session_id=session.id, client=client), 409, "parts_missing"
+    )
     assert (missing.additional_properties["missing_parts"], missing.additional_properties["missing_count"]) == (
-        [1, 3], 2)
+        [1, 3],
+        2,
+    )

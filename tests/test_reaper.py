@@ -82,8 +82,9 @@ def part_keys(database_url: str, session_id) -> list[str]:
 
 
 def make_overdue(database_url: str, session_id) -> None:
-    query(database_url, "UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s",
-          (session_id,))
+    query(
+        database_url, "UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s", (session_id,)
+    )
 
 
 def force_status(database_url: str, session_id, new_status: str, age: str = "0 seconds") -> None:
@@ -179,7 +180,10 @@ def test_expire_stores_expired_on_overdue_open_sessions_only(app, auth, reap, da
     # The two newly EXPIRED sessions are purged in the same run; the abort purged its own.
     assert done(result) == {"expired": 2, "ended_bytes_removed": 2}
     assert [status(database_url, s) for s in (fresh, overdue_init, overdue_started, overdue_aborted)] == [
-        "INIT", "EXPIRED", "EXPIRED", "ABORTED"
+        "INIT",
+        "EXPIRED",
+        "EXPIRED",
+        "ABORTED",
     ]
     assert app.get(f"/uploads/sessions/{overdue_started}", headers=auth).json["status"] == "EXPIRED"
     assert stored(storage) == []
@@ -368,7 +372,11 @@ def test_dry_run_reports_and_changes_nothing(app, auth, reap, database_url, stor
     # Each phase is counted against the present state: the sessions this run would expire or
     # complete are not counted again as purged.
     assert done(dry) == {
-        "expired": 1, "ended_bytes_removed": 1, "orphans_removed": 1, "incomplete_swept": 1, "completions_redriven": 1
+        "expired": 1,
+        "ended_bytes_removed": 1,
+        "orphans_removed": 1,
+        "incomplete_swept": 1,
+        "completions_redriven": 1,
     }
     assert dry.summary().startswith(
         "reap (dry run, nothing changed), would be: 1 overdue session expired; stored parts removed for 1 ended"
@@ -384,8 +392,12 @@ def test_dry_run_reports_and_changes_nothing(app, auth, reap, database_url, stor
     assert sweep.startswith(".incoming/" if storage_spec.kind == "file" else f"{unfinished} (multipart upload ")
 
     assert done(reap(orphan_grace=0)) == {
-        "expired": 1, "ended_bytes_removed": 2, "completed_parts_removed": 1, "orphans_removed": 1,
-        "incomplete_swept": 1, "completions_redriven": 1,
+        "expired": 1,
+        "ended_bytes_removed": 2,
+        "completed_parts_removed": 1,
+        "orphans_removed": 1,
+        "incomplete_swept": 1,
+        "completions_redriven": 1,
     }
 
 
@@ -398,8 +410,8 @@ def test_a_listing_names_the_first_items_of_each_kind_and_counts_the_rest():
     lines = result.listing()
 
     assert lines[0] == "expire (overdue INIT/IN_PROGRESS sessions): 25"
-    assert lines[1:LIST_LIMIT + 1] == [f"  session-{number}" for number in range(LIST_LIMIT)]
-    assert lines[LIST_LIMIT + 1:] == [
+    assert lines[1 : LIST_LIMIT + 1] == [f"  session-{number}" for number in range(LIST_LIMIT)]
+    assert lines[LIST_LIMIT + 1 :] == [
         f"  ... and {25 - LIST_LIMIT} more",
         "purge the stored parts of COMPLETED sessions (their object is kept): 1",
         "  s COMPLETED: parts/s/ (3 keys) (objects/s kept)",
@@ -499,7 +511,11 @@ def test_storage_failures_are_counted_and_left_for_the_next_run(db, database_url
 def run_reap(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "chunksvc", "reap", *args],
-        cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -511,9 +527,7 @@ def file_app(database_url, db, file_spec):
     storage.close()
 
 
-def test_cli_lists_a_dry_run_prints_one_line_and_exits_0_when_all_was_cleaned(
-    file_app, auth, database_url, file_spec
-):
+def test_cli_lists_a_dry_run_prints_one_line_and_exits_0_when_all_was_cleaned(file_app, auth, database_url, file_spec):
     app, storage = file_app
     overdue, _ = uploaded(app, auth, seed=1)
     make_overdue(database_url, overdue)
@@ -524,26 +538,32 @@ def test_cli_lists_a_dry_run_prints_one_line_and_exits_0_when_all_was_cleaned(
     env = {"DATABASE_URL": database_url, "CHUNKSVC_STORAGE_URL": f"file://{file_spec.root}"}
 
     dry = run_reap(env, "--dry-run", "--orphan-grace", "0")
-    assert (dry.returncode, dry.stdout.splitlines()) == (0, [
-        "reap --dry-run: what a pass would do now (nothing was changed)",
-        "expire (overdue INIT/IN_PROGRESS sessions): 1",
-        f"  {overdue}",
-        "purge the stored parts of COMPLETED sessions (their object is kept): 1",
-        f"  {completed} COMPLETED: {layout.parts_prefix(completed)} (0 keys) ({layout.object_key(completed)} kept)",
-        "remove orphaned keys (no session needs them): 1",
-        f"  {ghost}",
-        "reap (dry run, nothing changed), would be: 1 overdue session expired; stored parts removed for 1 ended"
-        " session (1 completed, whose objects are kept; 0 aborted, expired or failed, with any object);"
-        " 1 orphaned key removed; 0 unfinished writes swept; 0 stalled completions re-driven; 0 errors",
-    ]), dry.stderr
+    assert (dry.returncode, dry.stdout.splitlines()) == (
+        0,
+        [
+            "reap --dry-run: what a pass would do now (nothing was changed)",
+            "expire (overdue INIT/IN_PROGRESS sessions): 1",
+            f"  {overdue}",
+            "purge the stored parts of COMPLETED sessions (their object is kept): 1",
+            f"  {completed} COMPLETED: {layout.parts_prefix(completed)} (0 keys) ({layout.object_key(completed)} kept)",
+            "remove orphaned keys (no session needs them): 1",
+            f"  {ghost}",
+            "reap (dry run, nothing changed), would be: 1 overdue session expired; stored parts removed for 1 ended"
+            " session (1 completed, whose objects are kept; 0 aborted, expired or failed, with any object);"
+            " 1 orphaned key removed; 0 unfinished writes swept; 0 stalled completions re-driven; 0 errors",
+        ],
+    ), dry.stderr
     assert status(database_url, overdue) == "IN_PROGRESS"
 
     real = run_reap(env, "--orphan-grace", "0", "--batch-size", "1", "--completing-lease", "60")
-    assert (real.returncode, real.stdout) == (0, (
-        "reap: 1 overdue session expired; stored parts removed for 2 ended sessions (1 completed, whose objects"
-        " are kept; 1 aborted, expired or failed, with any object); 1 orphaned key removed; 0 unfinished writes"
-        " swept; stalled completions re-driven: 0 completed, 0 reopened for lost parts, 0 failed; 0 errors\n"
-    )), real.stderr
+    assert (real.returncode, real.stdout) == (
+        0,
+        (
+            "reap: 1 overdue session expired; stored parts removed for 2 ended sessions (1 completed, whose objects"
+            " are kept; 1 aborted, expired or failed, with any object); 1 orphaned key removed; 0 unfinished writes"
+            " swept; stalled completions re-driven: 0 completed, 0 reopened for lost parts, 0 failed; 0 errors\n"
+        ),
+    ), real.stderr
     assert stored(storage) == [layout.object_key(completed)]
     assert read(storage, layout.object_key(completed)) == data
     assert status(database_url, overdue) == "EXPIRED"
@@ -632,10 +652,17 @@ def test_the_periodic_reaper_runs_passes_on_its_turns_and_counts_them(app, auth,
 @pytest.fixture
 def reaping_server(database_url, db, tmp_path):
     """gunicorn with three workers whose periodic reapers take a turn every second."""
-    env = {"CHUNKSVC_WORKERS": "3", "CHUNKSVC_REAP_INTERVAL": "1", "CHUNKSVC_ACCESS_LOG": "/dev/null",
-           "CHUNKSVC_MIN_PART_SIZE": "1"}
+    env = {
+        "CHUNKSVC_WORKERS": "3",
+        "CHUNKSVC_REAP_INTERVAL": "1",
+        "CHUNKSVC_ACCESS_LOG": "/dev/null",
+        "CHUNKSVC_MIN_PART_SIZE": "1",
+    }
     with harness.gunicorn(
-        database_url, StorageSpec(kind="file", root=tmp_path / "storage"), env=env, cwd=ROOT,
+        database_url,
+        StorageSpec(kind="file", root=tmp_path / "storage"),
+        env=env,
+        cwd=ROOT,
         stderr_path=tmp_path / "gunicorn.log",
     ) as gunicorn:
         yield gunicorn, KeyManager(db).create("periodic")[0]
@@ -646,22 +673,28 @@ def test_the_servers_own_reaper_lands_in_metrics_and_does_each_piece_of_work_onc
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     overdue = []
     for _ in range(3):
-        code, _, body = gunicorn.request("POST", "/uploads/sessions", json.dumps({"filename": "f", "size": 10}),
-                                         headers)
+        code, _, body = gunicorn.request(
+            "POST", "/uploads/sessions", json.dumps({"filename": "f", "size": 10}), headers
+        )
         assert code == 201
         overdue.append(json.loads(body)["id"])
         make_overdue(database_url, overdue[-1])
 
     def scrape() -> dict:
         text = gunicorn.request("GET", "/metrics")[2].decode()
-        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-                for family in text_string_to_metric_families(text) for sample in family.samples}
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
 
     def work(samples: dict, kind: str) -> float:
         return samples.get(("chunksvc_reaper_work_total", (("kind", kind),)), 0)
 
-    wait_for(lambda: all(status(database_url, s) == "EXPIRED" and purged(database_url, s) for s in overdue),
-             "the server's reaper to expire and purge the sessions")
+    wait_for(
+        lambda: all(status(database_url, s) == "EXPIRED" and purged(database_url, s) for s in overdue),
+        "the server's reaper to expire and purge the sessions",
+    )
     wait_for(lambda: work(scrape(), "ended_bytes_removed") >= 3, "the pass to be counted")
     time.sleep(2.5)  # a few more turns of three workers: none may do the work again
     samples = scrape()
@@ -691,7 +724,11 @@ def server(database_url, db, tmp_path):
         "CHUNKSVC_ACCESS_LOG": "/dev/null",
     }
     with harness.gunicorn(
-        database_url, StorageSpec(kind="file", root=root), env=env, cwd=ROOT, stderr_path=tmp_path / "gunicorn.log",
+        database_url,
+        StorageSpec(kind="file", root=root),
+        env=env,
+        cwd=ROOT,
+        stderr_path=tmp_path / "gunicorn.log",
         stop_signal=signal.SIGQUIT,  # quick shutdown: the test is over
     ) as gunicorn:
         key = KeyManager(db).create("crash")[0]
@@ -700,7 +737,9 @@ def server(database_url, db, tmp_path):
 
 def call(server, method: str, path: str, body: dict | None = None) -> tuple[int, dict | None]:
     status_code, response, data = server["gunicorn"].request(
-        method, path, None if body is None else json.dumps(body),
+        method,
+        path,
+        None if body is None else json.dumps(body),
         {"Authorization": f"Bearer {server['key']}", "Content-Type": "application/json"},
     )
     is_json = response.getheader("Content-Type", "").startswith(("application/json", "application/problem+json"))
@@ -708,8 +747,9 @@ def call(server, method: str, path: str, body: dict | None = None) -> tuple[int,
 
 
 def test_a_worker_killed_mid_upload_leaves_bytes_the_reaper_removes(server, db):
-    status_code, session = call(server, "POST", "/uploads/sessions",
-                                {"filename": "c.bin", "size": 1_000_000, "part_size": 500_000})
+    status_code, session = call(
+        server, "POST", "/uploads/sessions", {"filename": "c.bin", "size": 1_000_000, "part_size": 500_000}
+    )
     assert status_code == 201
     incoming = server["root"] / ".incoming"
 

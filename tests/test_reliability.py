@@ -167,7 +167,8 @@ def test_sha512_is_verified_like_sha256(app, auth, storage):
     one_wrong = f"{content_digest(b'abcd')}, {sha512_digest(b'abce')}"
     assert_problem(
         put_part(app, auth, session_id, 1, b"abcd", status=400, headers={"Content-Digest": one_wrong}),
-        400, "digest_mismatch",
+        400,
+        "digest_mismatch",
     )
     assert stored_part_keys(storage, session_id) == []
     both = f"{sha512_digest(b'abcd')}, {content_digest(b'abcd')}"
@@ -183,8 +184,13 @@ def test_a_digest_we_cannot_check_is_refused_before_the_body(app, auth, storage)
         raise AssertionError("the body was read")
 
     response = raw_put(
-        app, {**auth, "Content-Digest": "md5=:rL0Y20zC+Fzt72VPzMSk2A==:"}, session_id, 1,
-        ShortBody(b"abcd", on_first_read=body_read), 4, status=400,
+        app,
+        {**auth, "Content-Digest": "md5=:rL0Y20zC+Fzt72VPzMSk2A==:"},
+        session_id,
+        1,
+        ShortBody(b"abcd", on_first_read=body_read),
+        4,
+        status=400,
     )
     assert_problem(response, 400, "unsupported_digest")
     assert response.headers["Want-Content-Digest"] == "sha-256=10, sha-512=3"
@@ -201,7 +207,10 @@ def full_disk_app(tmp_path, database_url, db, keys):
         spec = StorageSpec(kind="file", root=disk / "storage")
         storage = open_storage(spec)
         config = Config(
-            database_url=database_url, storage=spec, limits=TEST_LIMITS, block_size=64 * 1024,
+            database_url=database_url,
+            storage=spec,
+            limits=TEST_LIMITS,
+            block_size=64 * 1024,
             storage_min_free=512 * 1024,
         )
         app = webtest.TestApp(create_app(config, db=db, storage=storage))
@@ -271,8 +280,14 @@ def test_storage_full_maps_from_s3s_insufficient_storage():
         status = 507
 
     with pytest.raises(StorageFull), _boundary("write parts/x", "minio"):
-        raise S3Error(Response(), "XMinioStorageFull", "Storage backend has reached its minimum free drive threshold.",
-                      "/bucket/parts/x", "req", "host")
+        raise S3Error(
+            Response(),
+            "XMinioStorageFull",
+            "Storage backend has reached its minimum free drive threshold.",
+            "/bucket/parts/x",
+            "req",
+            "host",
+        )
 
 
 def test_bytes_that_were_only_out_of_sight_are_never_swept(app, auth, database_url, db, storage):

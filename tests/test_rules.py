@@ -193,9 +193,7 @@ def test_other_spellings_of_a_session_id_are_not_found(raw):
         rules.parse_session_id(raw)
 
 
-@pytest.mark.parametrize(
-    ("raw", "expected"), [(None, 100), ("", 100), ("1", 1), ("1000", 1000)]
-)
+@pytest.mark.parametrize(("raw", "expected"), [(None, 100), ("", 100), ("1", 1), ("1000", 1000)])
 def test_bounded_int(raw, expected):
     assert rules.parse_bounded_int(raw, "limit", 100, 1, 1000) == expected
 
@@ -247,7 +245,12 @@ def test_config_from_env_defaults(tmp_path):
 def test_config_parses_s3_urls():
     spec = StorageSpec.from_url("s3+http://AK:S%2FK@minio.local:9000/uploads")
     assert (spec.kind, spec.endpoint, spec.access_key, spec.secret_key, spec.bucket, spec.secure) == (
-        "s3", "minio.local:9000", "AK", "S/K", "uploads", False,
+        "s3",
+        "minio.local:9000",
+        "AK",
+        "S/K",
+        "uploads",
+        False,
     )
     assert StorageSpec.from_url("s3://a:b@host/bkt").secure is True
     assert "S/K" not in spec.redacted()
@@ -275,8 +278,13 @@ def test_config_rejects_bad_storage_urls(url):
     [
         {"CHUNKSVC_MIN_PART_SIZE": "10", "CHUNKSVC_DEFAULT_PART_SIZE": "5"},
         {"CHUNKSVC_MAX_PARTS": "0"},
-        {"CHUNKSVC_MAX_PARTS": "10", "CHUNKSVC_MAX_PART_SIZE": "100", "CHUNKSVC_MAX_UPLOAD_SIZE": "1001",
-         "CHUNKSVC_MIN_PART_SIZE": "1", "CHUNKSVC_DEFAULT_PART_SIZE": "10"},
+        {
+            "CHUNKSVC_MAX_PARTS": "10",
+            "CHUNKSVC_MAX_PART_SIZE": "100",
+            "CHUNKSVC_MAX_UPLOAD_SIZE": "1001",
+            "CHUNKSVC_MIN_PART_SIZE": "1",
+            "CHUNKSVC_DEFAULT_PART_SIZE": "10",
+        },
         {"CHUNKSVC_SESSION_TTL": "nope"},
     ],
 )

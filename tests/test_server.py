@@ -53,7 +53,10 @@ def request(server, method, path, body=None, headers=None):
 def test_multi_part_upload_out_of_order_over_http(server):
     data = payload(3 * 65536 + 999)
     status, session, response = request(
-        server, "POST", "/uploads/sessions", json.dumps({"filename": "x.bin", "size": len(data)}),
+        server,
+        "POST",
+        "/uploads/sessions",
+        json.dumps({"filename": "x.bin", "size": len(data)}),
         {"Content-Type": "application/json"},
     )
     assert status == 201 and session["total_parts"] == 4
@@ -62,8 +65,12 @@ def test_multi_part_upload_out_of_order_over_http(server):
     # One keep-alive connection for all parts, out of order.
     conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
     for number in (4, 2, 3, 1):
-        conn.request("PUT", f"/uploads/sessions/{session['id']}/parts/{number}", body=parts[number - 1],
-                     headers={"Authorization": f"Bearer {server['key']}"})
+        conn.request(
+            "PUT",
+            f"/uploads/sessions/{session['id']}/parts/{number}",
+            body=parts[number - 1],
+            headers={"Authorization": f"Bearer {server['key']}"},
+        )
         response = conn.getresponse()
         assert response.status == 201, response.read()
         assert json.loads(response.read())["sha256"] == sha(parts[number - 1])
@@ -75,8 +82,10 @@ def test_multi_part_upload_out_of_order_over_http(server):
 
 def test_client_disconnect_mid_body_leaves_nothing(server):
     status, session, _ = request(
-        server, "POST", "/uploads/sessions", json.dumps({"filename": "y.bin", "size": 1_000_000,
-                                                         "part_size": 500_000}),
+        server,
+        "POST",
+        "/uploads/sessions",
+        json.dumps({"filename": "y.bin", "size": 1_000_000, "part_size": 500_000}),
         {"Content-Type": "application/json"},
     )
     assert status == 201
@@ -90,7 +99,7 @@ def test_client_disconnect_mid_body_leaves_nothing(server):
     deadline = time.monotonic() + 10
     while True:
         leftovers = [p for p in (server["root"]).rglob("*") if p.is_file()]
-        parts_dir = [p for p in leftovers if layout.parts_prefix(session['id']) in str(p)]
+        parts_dir = [p for p in leftovers if layout.parts_prefix(session["id"]) in str(p)]
         incoming = [p for p in leftovers if ".incoming" in p.parts]
         if not parts_dir and not incoming:
             break
@@ -105,7 +114,10 @@ def test_client_disconnect_mid_body_leaves_nothing(server):
 def test_rejection_comes_before_the_body_is_sent(server):
     """A bad part number is answered without the client sending a single body byte."""
     status, session, _ = request(
-        server, "POST", "/uploads/sessions", json.dumps({"filename": "z.bin", "size": 10}),
+        server,
+        "POST",
+        "/uploads/sessions",
+        json.dumps({"filename": "z.bin", "size": 10}),
         {"Content-Type": "application/json"},
     )
     assert status == 201
@@ -127,8 +139,12 @@ def test_gunicorn_refuses_a_bad_setting_by_name(tmp_path):
     gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or "gunicorn"
     env = {**os.environ, "CHUNKSVC_WORKERS": "0", "CHUNKSVC_BIND": f"127.0.0.1:{harness.free_port()}"}
     result = subprocess.run(
-        [gunicorn, "-c", "gunicorn.conf.py", "chunksvc.wsgi:app"], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=60,
+        [gunicorn, "-c", "gunicorn.conf.py", "chunksvc.wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0
     assert "chunksvc: CHUNKSVC_WORKERS must be at least 1, got 0" in result.stderr

@@ -416,8 +416,9 @@ def raw_upload_rate(server_url: str, key: str, data: bytes, parts: int, parallel
         creator.close()
 
 
-def client_rates(server_url: str, key: str, data: bytes, parts: int, parallel: int, rounds: int,
-                 work: Path) -> tuple[list[float], list[float], list[float], list[float]]:
+def client_rates(
+    server_url: str, key: str, data: bytes, parts: int, parallel: int, rounds: int, work: Path
+) -> tuple[list[float], list[float], list[float], list[float]]:
     """(ratios, client MB/s, raw MB/s, client CPU seconds per GiB): ``upload_file`` against the
     minimal clients, alternated in each round."""
     from chunksvc_client import Client as UploadClient
@@ -456,9 +457,20 @@ def client_peak_rss(server_url: str, key: str, size: int, part_size: int, parall
     env = {**os.environ, "CHUNKSVC_URL": server_url, "CHUNKSVC_API_KEY": key}
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "chunksvc_client.cli", "upload", str(path), "--part-size", str(part_size),
-             "--parallel", str(parallel), "--quiet"],
-            env=env, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "chunksvc_client.cli",
+                "upload",
+                str(path),
+                "--part-size",
+                str(part_size),
+                "--parallel",
+                str(parallel),
+                "--quiet",
+            ],
+            env=env,
+            stderr=subprocess.DEVNULL,
         )
         # The kernel's high-water mark of the process's own memory (VmHWM), read until it exits.
         # Not getrusage's ru_maxrss: across fork and exec it keeps the parent's (this bench's) peak.

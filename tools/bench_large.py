@@ -85,7 +85,9 @@ def run(backend: str, spec: StorageSpec, url: str, key: str, size: int, parallel
         with harness.gunicorn(url, spec, env=env, cwd=ROOT, unset=["PROMETHEUS_MULTIPROC_DIR"]) as server:
             answer = subprocess.run(
                 [sys.executable, "-c", _CLIENT, server.url, key, str(path), str(parallel)],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             timing = json.loads(answer.stdout)
             worker_mib = worker_peak_mib(server)
@@ -132,10 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{result['backend']}: {result['size_gib']:.1f} GiB, parallel {args.parallel}")
         print(f"  upload {result['upload_mib_s']:.0f} MiB/s; complete call to COMPLETED {result['complete_s']:.1f} s")
         rate = result["assembly_mib_s"]
-        print(f"  assembly (assemble, verify, fsync) {rate:.0f} MiB/s: 100 GiB in {100 * 1024 / rate / 60:.1f} min,"
-              f" 5 TiB in {5 * 1024 * 1024 / rate / 3600:.1f} h")
-        print(f"  peak RSS: busiest worker {result['worker_peak_mib']:.0f} MiB,"
-              f" client {result['client_peak_mib']:.0f} MiB")
+        print(
+            f"  assembly (assemble, verify, fsync) {rate:.0f} MiB/s: 100 GiB in {100 * 1024 / rate / 60:.1f} min,"
+            f" 5 TiB in {5 * 1024 * 1024 / rate / 3600:.1f} h"
+        )
+        print(
+            f"  peak RSS: busiest worker {result['worker_peak_mib']:.0f} MiB,"
+            f" client {result['client_peak_mib']:.0f} MiB"
+        )
     return 0
 
 

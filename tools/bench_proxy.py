@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nginx-workers", type=int, default=2)
     parser.add_argument(
-        "--storage-root", type=Path,
+        "--storage-root",
+        type=Path,
         help="where the stored parts go (default: the temporary directory); /dev/shm takes the disk out of it",
     )
     args = parser.parse_args(argv)
@@ -96,9 +97,20 @@ def main(argv: list[str] | None = None) -> int:
                     for name, route_url in routes.items():
                         before = cpu_seconds(proxy.process.pid)
                         result = subprocess.run(
-                            [sys.executable, "-c", _CLIENT, route_url, key, str(source), str(args.parallel),
-                             str(args.part_size * MiB), str(proxy.certificate)],
-                            check=True, capture_output=True, text=True,
+                            [
+                                sys.executable,
+                                "-c",
+                                _CLIENT,
+                                route_url,
+                                key,
+                                str(source),
+                                str(args.parallel),
+                                str(args.part_size * MiB),
+                                str(proxy.certificate),
+                            ],
+                            check=True,
+                            capture_output=True,
+                            text=True,
                         )
                         nginx_cpu[name] += cpu_seconds(proxy.process.pid) - before
                         outcome = json.loads(result.stdout)
@@ -112,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
     direct = statistics.median(rates["direct"])
     uploaded_gib = args.size * args.rounds / 1024
-    print(f"{args.size} MiB, {args.part_size} MiB parts, {args.parallel} in parallel, {args.rounds} rounds,"
-          f" storage under {args.storage_root or 'the temporary directory'}")
+    print(
+        f"{args.size} MiB, {args.part_size} MiB parts, {args.parallel} in parallel, {args.rounds} rounds,"
+        f" storage under {args.storage_root or 'the temporary directory'}"
+    )
     print(f"{'route':<11} {'median MiB/s':>12} {'range':>15} {'vs direct':>10} {'nginx CPU-s/GiB':>16}")
     for name, values in rates.items():
         median = statistics.median(values)

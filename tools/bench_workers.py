@@ -69,8 +69,12 @@ def upload(port: int, key: str, part: bytes, parts: int, latencies: list[float],
             if rate is None:
                 client.put_part(session, number, part)
             else:
-                client.request("PUT", f"/uploads/sessions/{session}/parts/{number}", paced(part, rate),
-                               {"Content-Length": str(len(part))})
+                client.request(
+                    "PUT",
+                    f"/uploads/sessions/{session}/parts/{number}",
+                    paced(part, rate),
+                    {"Content-Length": str(len(part))},
+                )
             latencies.append(time.perf_counter() - started)
         client.abort(session)  # removes the stored parts, so a long run does not fill the disk
     finally:
@@ -159,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         storage = StorageSpec(kind="file", root=Path(tmp) / "storage")
         for worker_class, workers, threads in args.configs or CONFIGS:
             with harness.gunicorn(
-                url, storage, config=ROOT / "gunicorn.conf.py", cwd=ROOT,
+                url,
+                storage,
+                config=ROOT / "gunicorn.conf.py",
+                cwd=ROOT,
                 env=server_env(worker_class, workers, threads),
                 # each master gets a metrics directory of its own (gunicorn.conf.py's default)
                 unset=("PROMETHEUS_MULTIPROC_DIR",),

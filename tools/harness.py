@@ -149,7 +149,11 @@ class Server:
         return [int(pid) for pid in children.read_text().split()]
 
     def request(
-        self, method: str, path: str, body: bytes | str | None = None, headers: Mapping[str, str] | None = None,
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | None = None,
+        headers: Mapping[str, str] | None = None,
         timeout: float = 30,
     ) -> tuple[int, http.client.HTTPResponse, bytes]:
         """One request on a fresh connection: ``(status, response, body)``."""

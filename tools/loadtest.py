@@ -102,8 +102,14 @@ def make_user(settings: Settings, api_key: str) -> type:
 
         def on_start(self) -> None:
             retry = RetryPolicy(attempts=settings.retries + 1, base_delay=0.2, max_delay=5.0)
-            self.client = Client(self.host, api_key, retry=retry, timeout=300.0, on_attempt=self.record,
-                                 max_connections=max(2, settings.parallel + 1))
+            self.client = Client(
+                self.host,
+                api_key,
+                retry=retry,
+                timeout=300.0,
+                on_attempt=self.record,
+                max_connections=max(2, settings.parallel + 1),
+            )
             self.template = bytearray(os.urandom(settings.part_size))
             self.user_tag = os.urandom(8)
 
@@ -117,14 +123,21 @@ def make_user(settings: Settings, api_key: str) -> type:
             name = endpoint(attempt.method, attempt.path)
             if expected is not None:
                 name = CONFLICT
-                error = None if error is not None and error.code == expected else (error or AssertionError(
-                    f"expected {expected}, got {attempt.status}"))
+                error = (
+                    None
+                    if error is not None and error.code == expected
+                    else (error or AssertionError(f"expected {expected}, got {attempt.status}"))
+                )
             exception = None
             if error is not None:
                 exception = f"{error.code} (retried)" if error.retryable else error.code
             self.environment.events.request.fire(
-                request_type=attempt.method, name=name, response_time=attempt.seconds * 1000,
-                response_length=attempt.response_bytes, exception=exception, context={},
+                request_type=attempt.method,
+                name=name,
+                response_time=attempt.seconds * 1000,
+                response_length=attempt.response_bytes,
+                exception=exception,
+                context={},
             )
 
         def part_bytes(self, file_number: int, part: int) -> bytes:
@@ -146,7 +159,9 @@ def make_user(settings: Settings, api_key: str) -> type:
                 digest.update(self.part_bytes(file_number, part))
             try:
                 session = self.client.create_session(
-                    f"load-{file_number}.bin", size, part_size=settings.part_size,
+                    f"load-{file_number}.bin",
+                    size,
+                    part_size=settings.part_size,
                     idempotency_key=f"load-{self.user_tag.hex()}-{file_number}",
                 )
                 pool = gevent.pool.Pool(max(1, settings.parallel))
@@ -156,8 +171,12 @@ def make_user(settings: Settings, api_key: str) -> type:
                 return  # recorded by ``record``, attempt by attempt
             if done["object"]["sha256"] != digest.hexdigest():
                 self.environment.events.request.fire(
-                    request_type="CHECK", name="assembled object SHA-256", response_time=0, response_length=0,
-                    exception=AssertionError("the assembled object's SHA-256 differs from the file's"), context={},
+                    request_type="CHECK",
+                    name="assembled object SHA-256",
+                    response_time=0,
+                    response_length=0,
+                    exception=AssertionError("the assembled object's SHA-256 differs from the file's"),
+                    context={},
                 )
             else:
                 self.totals["completed"] += 1
@@ -217,7 +236,12 @@ class Progress:
 
 
 def run_load(
-    url: str, api_key: str, settings: Settings, users: int, spawn_rate: float, run_time: float,
+    url: str,
+    api_key: str,
+    settings: Settings,
+    users: int,
+    spawn_rate: float,
+    run_time: float,
     progress_every: float = 5.0,
 ) -> int:
     """Run the load in this process, with a progress line on stderr every ``progress_every``
@@ -295,10 +319,12 @@ def smoke(args: argparse.Namespace) -> int:
         # Half the files above the synchronous completion limit: both completion paths are loaded.
         env = {"CHUNKSVC_LOG_LEVEL": "warning", "CHUNKSVC_SYNC_COMPLETE_MAX": str(args.file_size // 2)}
         with harness.gunicorn(url, spec, env=env) as server:
-            print(f"chunksvc started locally at {server.url} (embedded PostgreSQL, disk storage; uploads above"
-                  f" {args.file_size // 2} bytes complete in the background)", flush=True)
-            command = [sys.executable, "-m", "tools.loadtest", "--url", server.url, "--mixed-sizes",
-                       *sys.argv[1:]]
+            print(
+                f"chunksvc started locally at {server.url} (embedded PostgreSQL, disk storage; uploads above"
+                f" {args.file_size // 2} bytes complete in the background)",
+                flush=True,
+            )
+            command = [sys.executable, "-m", "tools.loadtest", "--url", server.url, "--mixed-sizes", *sys.argv[1:]]
             return subprocess.run(command, env={**os.environ, "CHUNKSVC_API_KEY": key}, check=False).returncode
 
 
@@ -321,11 +347,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conflict-rate", type=float, default=0.1, help="share of parts PUT again with other bytes")
     parser.add_argument("--run-time", type=float, default=20, help="seconds (default 20)")
     parser.add_argument("--max-files", type=int, default=20, help="files in all (0: until --run-time)")
-    parser.add_argument("--progress-every", type=float, default=5, metavar="SECONDS",
-                        help="a progress line on stderr this often while the load runs (default 5; 0: none)")
-    parser.add_argument("--mixed-sizes", action="store_true",
-                        help="every other file a quarter of --file-size (with a server's CHUNKSVC_SYNC_COMPLETE_MAX"
-                        " between the two, both completion paths)")
+    parser.add_argument(
+        "--progress-every",
+        type=float,
+        default=5,
+        metavar="SECONDS",
+        help="a progress line on stderr this often while the load runs (default 5; 0: none)",
+    )
+    parser.add_argument(
+        "--mixed-sizes",
+        action="store_true",
+        help="every other file a quarter of --file-size (with a server's CHUNKSVC_SYNC_COMPLETE_MAX"
+        " between the two, both completion paths)",
+    )
     args = parser.parse_args(argv)
     if not args.url:
         return smoke(args)

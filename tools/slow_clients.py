@@ -53,7 +53,8 @@ def stall_body(port: int, key: str, session_id: str, results: list[str]) -> sock
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(
         f"PUT /uploads/sessions/{session_id}/parts/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
-        f"Content-Length: {PART}\r\n\r\n".encode() + b"x" * 1000
+        f"Content-Length: {PART}\r\n\r\n".encode()
+        + b"x" * 1000
     )
 
     def watch() -> None:
@@ -99,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             with harness.gunicorn(url, spec, env=env, cwd=ROOT, unset=["PROMETHEUS_MULTIPROC_DIR"]) as server:
                 port = server.port
                 _status, _, body = server.request(
-                    "POST", "/uploads/sessions", json.dumps({"filename": "s", "size": PART}),
+                    "POST",
+                    "/uploads/sessions",
+                    json.dumps({"filename": "s", "size": PART}),
                     {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
                 )
                 session_id = json.loads(body)["id"]
@@ -109,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
                 sockets += [stall_head(port) for _ in range(args.stalled_heads)]
                 time.sleep(0.5)  # let the server take them all up
                 with ThreadPoolExecutor(max_workers=args.honest) as pool:
-                    outcomes = list(pool.map(
-                        lambda seed: honest_upload(server.url, key, seed, args.client_timeout), range(args.honest)
-                    ))
+                    outcomes = list(
+                        pool.map(
+                            lambda seed: honest_upload(server.url, key, seed, args.client_timeout), range(args.honest)
+                        )
+                    )
                 # Keep the stalled connections until they were answered or --hold passed.
                 while len(stalled_answers) < args.stalled_bodies and time.monotonic() - started < args.hold:
                     time.sleep(0.2)
@@ -121,12 +126,16 @@ def main(argv: list[str] | None = None) -> int:
 
     finished = [outcome for outcome in outcomes if isinstance(outcome, float)]
     failed = [outcome for outcome in outcomes if not isinstance(outcome, float)]
-    print(f"config: workers={args.workers} threads={args.threads or 'default'}"
-          f" body_timeout={args.body_timeout or 'default'}")
+    print(
+        f"config: workers={args.workers} threads={args.threads or 'default'}"
+        f" body_timeout={args.body_timeout or 'default'}"
+    )
     print(f"stalled: {args.stalled_bodies} bodies, {args.stalled_heads} heads, held {held:.0f} s")
-    print(f"honest uploads finished: {len(finished)} of {args.honest}"
-          + (f" (p50 {statistics.median(finished):.2f} s, max {max(finished):.2f} s)" if finished else "")
-          + (f"; failed: {', '.join(sorted(set(failed)))}" if failed else ""))
+    print(
+        f"honest uploads finished: {len(finished)} of {args.honest}"
+        + (f" (p50 {statistics.median(finished):.2f} s, max {max(finished):.2f} s)" if finished else "")
+        + (f"; failed: {', '.join(sorted(set(failed)))}" if failed else "")
+    )
     answers = {answer: stalled_answers.count(answer) for answer in sorted(set(stalled_answers))}
     print(f"stalled bodies answered: {answers or 'none'} ({args.stalled_bodies - len(stalled_answers)} never)")
     return 0

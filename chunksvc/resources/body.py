@@ -33,9 +33,7 @@ class StreamBody:
         try:
             data = self._stream.read(len(buffer))
         except TimeoutError:
-            raise IncompleteBody(
-                f"the request body stalled: no bytes arrived for {self._idle_timeout:g} s"
-            ) from None
+            raise IncompleteBody(f"the request body stalled: no bytes arrived for {self._idle_timeout:g} s") from None
         buffer[: len(data)] = data
         return len(data)
 

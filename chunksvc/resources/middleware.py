@@ -19,9 +19,7 @@ class RequestId:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         incoming = req.get_header("X-Request-ID")
-        req.context.request_id = (
-            incoming if incoming and _SANE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        )
+        req.context.request_id = incoming if incoming and _SANE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool

@@ -111,9 +111,7 @@ class SessionsResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = read_json(req, required=True)
-        session, created = self._uploads.create_session(
-            req.context.client, body, req.get_header("Idempotency-Key")
-        )
+        session, created = self._uploads.create_session(req.context.client, body, req.get_header("Idempotency-Key"))
         resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
         resp.location = f"/uploads/sessions/{session.id}"
         resp.media = self._render(session)

@@ -32,7 +32,11 @@ POLL_BATCH = 100
 
 class BackgroundAssembler:
     def __init__(
-        self, completion: CompletionService, db: Database, sync_complete_max: int, threads: int = 1,
+        self,
+        completion: CompletionService,
+        db: Database,
+        sync_complete_max: int,
+        threads: int = 1,
         poll_interval: float = 5.0,
     ) -> None:
         self._completion = completion

@@ -102,8 +102,14 @@ class ReapResult:
     touched: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     KINDS = (
-        "expired", "completions_redriven", "completions_reopened", "completions_failed",
-        "completed_parts_removed", "ended_bytes_removed", "orphans_removed", "incomplete_swept",
+        "expired",
+        "completions_redriven",
+        "completions_reopened",
+        "completions_failed",
+        "completed_parts_removed",
+        "ended_bytes_removed",
+        "orphans_removed",
+        "incomplete_swept",
     )
 
     def work(self) -> dict[str, int]:
@@ -119,18 +125,21 @@ class ReapResult:
     def summary(self) -> str:
         """The one line for cron mail and logs, in words that say what happened to what."""
         purged = self.completed_parts_removed + self.ended_bytes_removed
-        counts = "; ".join((
-            f"{_n(self.expired, 'overdue session')} expired",
-            f"stored parts removed for {_n(purged, 'ended session')} ({self.completed_parts_removed} completed,"
-            f" whose objects are kept; {self.ended_bytes_removed} aborted, expired or failed, with any object)",
-            f"{_n(self.orphans_removed, 'orphaned key')} removed",
-            f"{_n(self.incomplete_swept, 'unfinished write')} swept",
-            # A dry run only knows which completions it would take over, not how each would end.
-            f"{_n(self.completions_redriven, 'stalled completion')} re-driven" if self.dry_run else
-            f"stalled completions re-driven: {self.completions_redriven} completed, {self.completions_reopened}"
-            f" reopened for lost parts, {self.completions_failed} failed",
-            _n(self.errors, "error"),
-        ))
+        counts = "; ".join(
+            (
+                f"{_n(self.expired, 'overdue session')} expired",
+                f"stored parts removed for {_n(purged, 'ended session')} ({self.completed_parts_removed} completed,"
+                f" whose objects are kept; {self.ended_bytes_removed} aborted, expired or failed, with any object)",
+                f"{_n(self.orphans_removed, 'orphaned key')} removed",
+                f"{_n(self.incomplete_swept, 'unfinished write')} swept",
+                # A dry run only knows which completions it would take over, not how each would end.
+                f"{_n(self.completions_redriven, 'stalled completion')} re-driven"
+                if self.dry_run
+                else f"stalled completions re-driven: {self.completions_redriven} completed,"
+                f" {self.completions_reopened} reopened for lost parts, {self.completions_failed} failed",
+                _n(self.errors, "error"),
+            )
+        )
         return f"reap (dry run, nothing changed), would be: {counts}" if self.dry_run else f"reap: {counts}"
 
     def listing(self) -> list[str]:
@@ -279,7 +288,9 @@ class Reaper:
         with self._db.connection() as conn, dao.reaper_lock(conn, "incomplete") as held:
             if held:
                 result.incomplete_swept += self._storage.sweep_incomplete(
-                    layout.PREFIXES, cutoff, self._settings.dry_run,
+                    layout.PREFIXES,
+                    cutoff,
+                    self._settings.dry_run,
                     found=lambda item: result.note("incomplete_swept", item),
                 )
 
@@ -416,7 +427,11 @@ class PeriodicReaper:
     LOCK = "periodic"
 
     def __init__(
-        self, db: Database, reaper: Reaper, interval: float, events: UploadEvents | None = None,
+        self,
+        db: Database,
+        reaper: Reaper,
+        interval: float,
+        events: UploadEvents | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._db = db

@@ -230,7 +230,9 @@ class UploadService:
         except BaseException:
             log.warning(
                 "part %d of session %s: unknown whether its record committed; its bytes stay under %s",
-                target.part_number, target.session_id, key,
+                target.part_number,
+                target.session_id,
+                key,
             )
             raise
         self._events.part_stored(
@@ -295,16 +297,23 @@ class UploadService:
             if self._storage.exists(recorded_key):
                 return False
         except ChunksvcError:
-            log.warning("could not check the stored bytes of part %d of session %s",
-                        target.part_number, target.session_id, exc_info=True)
+            log.warning(
+                "could not check the stored bytes of part %d of session %s",
+                target.part_number,
+                target.session_id,
+                exc_info=True,
+            )
             return False
         with self._db.connection() as conn:
             healed = dao.heal_part(
                 conn, target.session_id, target.client.id, target.part_number, sha256, recorded_key, new_key
             )
         if healed:
-            log.warning("part %d of session %s: its stored bytes were missing; healed with the retry's copy",
-                        target.part_number, target.session_id)
+            log.warning(
+                "part %d of session %s: its stored bytes were missing; healed with the retry's copy",
+                target.part_number,
+                target.session_id,
+            )
         return healed
 
     # --- abort --------------------------------------------------------------------------------

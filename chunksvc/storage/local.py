@@ -65,7 +65,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_all(fd: int, data: memoryview) -> None:
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 class _Flusher:

@@ -6,7 +6,14 @@ from chunksvc_client.progress import BarProgress, LineProgress, NoProgress, Prog
 from chunksvc_client.retry import RetryPolicy
 
 __all__ = [
-    "ApiError", "Attempt", "BarProgress", "Client", "FileRange", "LineProgress", "NoProgress", "Progress",
+    "ApiError",
+    "Attempt",
+    "BarProgress",
+    "Client",
+    "FileRange",
+    "LineProgress",
+    "NoProgress",
+    "Progress",
     "RetryPolicy",
 ]
 __version__ = "0.1.0"

@@ -22,10 +22,14 @@ PROG = "chunksvc-client"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description="Upload files to chunksvc, resumably.")
-    parser.add_argument("--url", default=os.environ.get("CHUNKSVC_URL"),
-                        help="the service's base URL (default: $CHUNKSVC_URL)")
-    parser.add_argument("--api-key", default=os.environ.get("CHUNKSVC_API_KEY"),
-                        help="the API key (default: $CHUNKSVC_API_KEY; prefer the variable: arguments show in ps)")
+    parser.add_argument(
+        "--url", default=os.environ.get("CHUNKSVC_URL"), help="the service's base URL (default: $CHUNKSVC_URL)"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("CHUNKSVC_API_KEY"),
+        help="the API key (default: $CHUNKSVC_API_KEY; prefer the variable: arguments show in ps)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     upload = commands.add_parser("upload", help="upload a file (run it again to resume)")
@@ -33,8 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     upload.add_argument("--parallel", type=int, default=4, help="parts sent at once (default 4)")
     upload.add_argument("--part-size", type=int, default=None, help="bytes per part (default: the server's)")
     upload.add_argument("--content-type", default=None)
-    upload.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
-                        help="a metadata entry (repeatable)")
+    upload.add_argument(
+        "--metadata", action="append", default=[], metavar="KEY=VALUE", help="a metadata entry (repeatable)"
+    )
     upload.add_argument("--json", action="store_true", help="print the completed session object on stdout")
     upload.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -89,15 +94,21 @@ def run(client: Client, args: argparse.Namespace) -> int:
         label = os.path.basename(args.file)
         progress = None if args.quiet else BarProgress(label) if sys.stderr.isatty() else LineProgress(label)
         session = client.upload_file(
-            args.file, part_size=args.part_size, parallel=args.parallel, content_type=args.content_type,
-            metadata=args.metadata or None, progress=progress,
+            args.file,
+            part_size=args.part_size,
+            parallel=args.parallel,
+            content_type=args.content_type,
+            metadata=args.metadata or None,
+            progress=progress,
         )
         if args.json:
             print_json(session)
         else:
             stored = session["object"]
-            print(f"{session['id']} COMPLETED {stored['size']} bytes sha256 {stored['sha256']} key {stored['key']}",
-                  file=sys.stderr)
+            print(
+                f"{session['id']} COMPLETED {stored['size']} bytes sha256 {stored['sha256']} key {stored['key']}",
+                file=sys.stderr,
+            )
     elif args.command == "status":
         print_json(client.get_session(args.id))
     elif args.command == "list":
@@ -105,8 +116,11 @@ def run(client: Client, args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(session), flush=True)
             else:
-                print(f"{session['id']}  {session['status']:<11}  {session['received_parts']:>5}/"
-                      f"{session['total_parts']:<5}  {session['size']:>14}  {session['filename']}", flush=True)
+                print(
+                    f"{session['id']}  {session['status']:<11}  {session['received_parts']:>5}/"
+                    f"{session['total_parts']:<5}  {session['size']:>14}  {session['filename']}",
+                    flush=True,
+                )
     elif args.command == "abort":
         client.abort(args.id)
     return 0

@@ -205,8 +205,9 @@ class Client:
                         on_sent(len(block))
 
             try:
-                return self._request("PUT", f"/uploads/sessions/{session_id}/parts/{part_number}",
-                                     content=blocks(), headers=headers)
+                return self._request(
+                    "PUT", f"/uploads/sessions/{session_id}/parts/{part_number}", content=blocks(), headers=headers
+                )
             except ApiError:
                 if on_sent and sent:
                     on_sent(-sent)
@@ -241,8 +242,13 @@ class Client:
                 if error.code == "session_not_active":
                     session = self.get_session(session_id)
                     if session["status"] == "FAILED":  # found out in the background
-                        raise ApiError(422, "checksum_mismatch", "the assembled upload did not match its size"
-                                       " or SHA-256", problem=session, request_id=error.request_id) from None
+                        raise ApiError(
+                            422,
+                            "checksum_mismatch",
+                            "the assembled upload did not match its size or SHA-256",
+                            problem=session,
+                            request_id=error.request_id,
+                        ) from None
                 raise
             session = response.json()
             if not wait or response.status_code != 202:
@@ -277,8 +283,9 @@ class Client:
         after a crash continues the same session and sends only the parts the server lacks. A
         session that expired, was aborted or failed is replaced by a fresh one.
         """
-        upload = _FileUpload(self, Path(path), part_size, parallel, content_type, metadata,
-                             progress or NoProgress(), filename)
+        upload = _FileUpload(
+            self, Path(path), part_size, parallel, content_type, metadata, progress or NoProgress(), filename
+        )
         try:
             return upload.run()
         finally:
@@ -317,8 +324,9 @@ class Client:
             raise error from exc
         failure = _error_from(response) if response.status_code >= 400 else None
         if self._on_attempt:
-            self._on_attempt(Attempt(method, path, response.status_code, time.monotonic() - started,
-                                     len(response.content), failure))
+            self._on_attempt(
+                Attempt(method, path, response.status_code, time.monotonic() - started, len(response.content), failure)
+            )
         if failure is not None:
             raise failure
         return response
@@ -342,15 +350,30 @@ def _error_from(response: httpx.Response) -> ApiError:
             problem = {}
     code = problem.get("code") or f"http_{response.status_code}"
     detail = problem.get("detail") or response.reason_phrase or "error"
-    return ApiError(response.status_code, str(code), str(detail), problem=problem,
-                    request_id=response.headers.get("X-Request-ID"), retry_after=_retry_after(response))
+    return ApiError(
+        response.status_code,
+        str(code),
+        str(detail),
+        problem=problem,
+        request_id=response.headers.get("X-Request-ID"),
+        retry_after=_retry_after(response),
+    )
 
 
 class _FileUpload:
     """One ``upload_file`` run: find or create the session, send what is missing, complete."""
 
-    def __init__(self, client: Client, path: Path, part_size: int | None, parallel: int, content_type: str | None,
-                 metadata: dict[str, str] | None, progress: Progress, filename: str | None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        path: Path,
+        part_size: int | None,
+        parallel: int,
+        content_type: str | None,
+        metadata: dict[str, str] | None,
+        progress: Progress,
+        filename: str | None,
+    ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
         self.client = client
@@ -371,15 +394,21 @@ class _FileUpload:
     def resume_key(self, generation: int) -> str:
         """The ``Idempotency-Key`` of this file's upload: the same for the same file and options,
         so a rerun finds its session; ``generation`` moves on past a session that is dead."""
-        identity = json.dumps([str(self.path), self.size, self.mtime_ns, self.part_size, self.content_type,
-                               self.metadata, self.filename], sort_keys=True)
+        identity = json.dumps(
+            [str(self.path), self.size, self.mtime_ns, self.part_size, self.content_type, self.metadata, self.filename],
+            sort_keys=True,
+        )
         return f"chunksvc-client-{hashlib.sha256(identity.encode()).hexdigest()[:40]}-{generation}"
 
     def run(self) -> dict[str, Any]:
         for generation in range(MAX_FRESH_STARTS):
             session = self.client.create_session(
-                self.filename, self.size, part_size=self.part_size, content_type=self.content_type,
-                metadata=self.metadata, idempotency_key=self.resume_key(generation),
+                self.filename,
+                self.size,
+                part_size=self.part_size,
+                content_type=self.content_type,
+                metadata=self.metadata,
+                idempotency_key=self.resume_key(generation),
             )
             if session["status"] in DEAD:
                 continue  # an earlier run's session ended without completing: start afresh
@@ -400,7 +429,8 @@ class _FileUpload:
         for _ in range(MAX_REPAIR_ROUNDS):
             try:
                 return self.client.complete(
-                    session_id, self._file_sha256,
+                    session_id,
+                    self._file_sha256,
                     on_assembling=lambda s: self.progress.assembling(s.get("assembled_bytes"), self.size),
                 )
             except ApiError as error:
@@ -424,8 +454,12 @@ class _FileUpload:
             for number, digest in self._hash_parts(part_size, total_parts):
                 if number in present:
                     if present[number] != digest.hex():
-                        raise ApiError(409, "part_conflict", f"part {number} on the server differs from"
-                                       f" {self.path}: the file changed since this upload began")
+                        raise ApiError(
+                            409,
+                            "part_conflict",
+                            f"part {number} on the server differs from"
+                            f" {self.path}: the file changed since this upload began",
+                        )
                     continue
                 # At most `parallel` parts queued beyond those being sent: the hashing pass
                 # waits for a sender to finish one, so nothing piles up in memory.
@@ -442,8 +476,9 @@ class _FileUpload:
             raise
         pool.shutdown(wait=True)
 
-    def _put(self, session_id: str, number: int, part_size: int, total_parts: int, digest: bytes,
-             stop: threading.Event) -> None:
+    def _put(
+        self, session_id: str, number: int, part_size: int, total_parts: int, digest: bytes, stop: threading.Event
+    ) -> None:
         if stop.is_set():
             return  # another part failed: the upload is ending
         part = FileRange(self.path, (number - 1) * part_size, self._length(number, part_size, total_parts))

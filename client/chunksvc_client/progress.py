@@ -52,8 +52,14 @@ class BarProgress:
 
         self.close()  # a second start (parts sent again after a completion asked for them)
         self._bar = tqdm(
-            total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=self._description, file=self._stream, dynamic_ncols=True,
+            total=total,
+            initial=done,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=self._description,
+            file=self._stream,
+            dynamic_ncols=True,
         )
 
     def advance(self, count: int) -> None:
