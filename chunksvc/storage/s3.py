@@ -11,6 +11,8 @@ import contextlib
 import hashlib
 import io
 import os
+import queue
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
@@ -38,6 +40,9 @@ from chunksvc.storage.base import (
     check_prefix,
     read_exact_blocks,
 )
+
+# Blocks read back ahead of the hash when verifying an assembled object (see S3Storage._digest).
+_READ_AHEAD = 4
 
 # S3 (and MinIO) multipart rules.
 MIN_PART_SIZE = 5 * MiB  # every part but the last
@@ -472,13 +477,40 @@ class S3Storage(Storage):
                         progress(done)
 
     def _digest(self, key: str, block_size: int) -> StoredObject:
-        """Size and SHA-256 of the object as stored, by reading it back."""
+        """Size and SHA-256 of the object as stored, by reading it back.
+
+        A reader thread fetches the next blocks while this one hashes the last (both release the
+        GIL), so the check takes about as long as the slower of network and hash, not their sum.
+        At most ``_READ_AHEAD`` blocks wait between them: memory stays flat whatever the size.
+        """
+        blocks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=_READ_AHEAD)
+        stop = threading.Event()
+
+        def read_back() -> None:
+            try:
+                with self.open(key) as stored:
+                    while not stop.is_set() and (block := stored.read(block_size)):
+                        blocks.put(block)
+                blocks.put(None)
+            except BaseException as exc:  # handed to the hashing thread, which raises it
+                blocks.put(exc)
+
+        reader = threading.Thread(target=read_back, name=f"read back {key}", daemon=True)
+        reader.start()
         digest = hashlib.sha256()
         size = 0
-        with self.open(key) as stored:
-            while block := stored.read(block_size):
-                digest.update(block)
-                size += len(block)
+        try:
+            while (item := blocks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                digest.update(item)
+                size += len(item)
+        finally:
+            stop.set()
+            while reader.is_alive():  # unblock a reader waiting to put, then let it finish
+                with contextlib.suppress(queue.Empty):
+                    blocks.get(timeout=0.05)
+            reader.join()
         return StoredObject(key, size, digest.hexdigest())
 
     def _multipart_uploads(self, prefix: str) -> Iterator[Upload]:
