@@ -172,10 +172,11 @@ class Database:
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Connection]:
         """A pooled connection; ``timeout`` caps the wait for one (default: the pool's)."""
-        if not self._opened:
-            self.open()
-        with translate_errors(), self._pool.connection(timeout=timeout) as conn:
-            yield Connection(conn)
+        with translate_errors():
+            if not self._opened:
+                self.open()  # a pool closed at shutdown cannot reopen: PoolClosed, translated
+            with self._pool.connection(timeout=timeout) as conn:
+                yield Connection(conn)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:

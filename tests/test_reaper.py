@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -601,10 +602,31 @@ class BlockingReaper:
         self.running = threading.Event()
         self.finish = threading.Event()
 
-    def run(self) -> ReapResult:
+    def run(self, stopping: Callable[[], bool] = lambda: False) -> ReapResult:
         self.running.set()
         assert self.finish.wait(60)
         return ReapResult()
+
+
+def test_a_pass_cut_short_by_shutdown_is_not_counted_as_failed(database_url, storage):
+    """worker_exit stops the reaper, then closes the pool under a pass still running: the phases
+    that fail then are no fault to alert on (chunksvc_reaper_runs_total{outcome="failed"})."""
+    closed = Database(database_url, max_size=1)
+    closed.open()
+    closed.close()  # as worker_exit leaves it
+
+    def reap(stopping: Callable[[], bool]) -> tuple[int, tuple[float, float]]:
+        metrics = Metrics(CollectorRegistry())
+        completion = CompletionService(closed, storage, TEST_LIMITS, 64 * 1024)
+        result = Reaper(closed, storage, completion, ReaperSettings(), events=metrics).run(stopping=stopping)
+        return result.errors, tuple(metrics.reaper_runs.labels(o)._value.get() for o in ("succeeded", "failed"))
+
+    asked = []
+    # The shutdown comes while the first phase runs (and fails): the pass ends there, uncounted.
+    assert reap(lambda: asked.append(1) or len(asked) > 1) == (1, (0, 0))
+    # The same failures without a shutdown are a failed run.
+    errors, runs = reap(lambda: False)
+    assert errors >= 1 and runs == (0, 1)
 
 
 def test_one_periodic_pass_at_a_time_across_processes_the_others_skip_their_turn(database_url):
