@@ -173,6 +173,23 @@ def test_requests_nginx_refuses_get_problem_json(stack, request_bytes, status):
     assert problem["status"] == status and problem["code"] == ("not_found" if status == 404 else "invalid_request")
 
 
+def test_metrics_and_readiness_only_for_the_monitoring_hosts(stack):
+    """They cost the service database work: through nginx, only the allowed hosts (here loopback's
+    127.0.0.1) may ask; anyone else gets 403 problem+json. /healthz stays open."""
+    proxy = stack["nginx"]
+    with _http(HONEST) as http:
+        refused = [http.get(f"{proxy.http_url}{path}") for path in ("/metrics", "/readyz")]
+        health = http.get(f"{proxy.http_url}/healthz")
+    with _http("127.0.0.1") as http:
+        allowed = [http.get(f"{proxy.http_url}{path}") for path in ("/metrics", "/readyz")]
+    for response in refused:
+        assert response.status_code == 403 and response.headers["Content-Type"] == "application/problem+json"
+        assert response.json()["code"] == "forbidden" and response.headers["X-Request-ID"]
+    assert health.status_code == 200
+    assert [response.status_code for response in allowed] == [200, 200]
+    assert b"chunksvc_http_requests_total" in allowed[0].content
+
+
 def test_a_part_of_the_largest_size_passes(stack):
     proxy = stack["nginx"]
     with Client(proxy.http_url, stack["key"]) as client:
