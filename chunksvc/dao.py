@@ -58,6 +58,14 @@ _SESSION = dataclass_row(SessionRow)
 _OPS_SESSION = dataclass_row(OpsSessionRow)
 _PART = dataclass_row(PartRow)
 _COMPLETION = dataclass_row(CompletionRow)
+_CLIENT = dataclass_row(ClientRow)
+_API_KEY = dataclass_row(ApiKeyRow)
+_REVOKED_KEY = dataclass_row(RevokedKeyRow)
+_RECORDED_PART = dataclass_row(RecordedPartRow)
+_CENSUS = dataclass_row(CensusRow)
+_OVERDUE = dataclass_row(OverdueRow)
+_ENDED_SESSION = dataclass_row(EndedSessionRow)
+_SWEPT_SESSION = dataclass_row(SweptSessionRow)
 
 
 # --- clients and keys -----------------------------------------------------------------------
@@ -84,7 +92,7 @@ def authenticate(conn: Connection, key_hash: bytes, session_id: UUID | None = No
 
 
 def upsert_client(conn: Connection, name: str) -> ClientRow:
-    client = conn.one("upsert_client", dataclass_row(ClientRow), name=name)
+    client = conn.one("upsert_client", _CLIENT, name=name)
     assert client is not None  # INSERT ... ON CONFLICT DO UPDATE ... RETURNING always returns it
     return client
 
@@ -94,11 +102,11 @@ def insert_api_key(conn: Connection, client_id: int, prefix: str, key_hash: byte
 
 
 def list_api_keys(conn: Connection) -> list[ApiKeyRow]:
-    return conn.all("list_api_keys", dataclass_row(ApiKeyRow))
+    return conn.all("list_api_keys", _API_KEY)
 
 
 def revoke_api_keys(conn: Connection, target: str) -> list[RevokedKeyRow]:
-    return conn.all("revoke_api_keys", dataclass_row(RevokedKeyRow), target=target)
+    return conn.all("revoke_api_keys", _REVOKED_KEY, target=target)
 
 
 # --- sessions -------------------------------------------------------------------------------
@@ -257,7 +265,7 @@ def record_part(
 ) -> RecordedPartRow | None:
     return conn.one(
         "record_part",
-        dataclass_row(RecordedPartRow),
+        _RECORDED_PART,
         session_id=session_id,
         client_id=client_id,
         part_number=part_number,
@@ -324,7 +332,7 @@ def set_local_statement_timeout(conn: Connection, seconds: float) -> None:
 def session_census(conn: Connection) -> dict[str, int]:
     """Sessions by status (INIT, IN_PROGRESS, COMPLETING) and awaiting the reaper (``overdue``:
     open past expiry; ``unpurged``: ended, stored bytes not removed yet). Absent keys are 0."""
-    return {row.status: row.sessions for row in conn.all("session_census", dataclass_row(CensusRow))}
+    return {row.status: row.sessions for row in conn.all("session_census", _CENSUS)}
 
 
 # --- reaper ---------------------------------------------------------------------------------
@@ -336,7 +344,7 @@ def expire_overdue_sessions(conn: Connection, limit: int) -> list[UUID]:
 
 def overdue_sessions(conn: Connection, limit: int) -> tuple[int, list[UUID]]:
     """How many open sessions are overdue, and the first ``limit`` of them."""
-    rows = conn.all("overdue_sessions", dataclass_row(OverdueRow), limit=limit)
+    rows = conn.all("overdue_sessions", _OVERDUE, limit=limit)
     return (rows[0].overdue if rows else 0), [row.id for row in rows]
 
 
@@ -344,7 +352,7 @@ def claim_unpurged_sessions(conn: Connection, after: tuple[datetime, UUID] | Non
     after_updated_at, after_id = after if after else (None, None)
     return conn.all(
         "claim_unpurged_sessions",
-        dataclass_row(EndedSessionRow),
+        _ENDED_SESSION,
         after_updated_at=after_updated_at,
         after_id=after_id,
         limit=limit,
@@ -370,7 +378,7 @@ def stale_completions(
 
 
 def sessions_for_sweep(conn: Connection, session_ids: list[UUID]) -> list[SweptSessionRow]:
-    return conn.all("sessions_for_sweep", dataclass_row(SweptSessionRow), ids=session_ids)
+    return conn.all("sessions_for_sweep", _SWEPT_SESSION, ids=session_ids)
 
 
 def referenced_part_keys(conn: Connection, session_ids: list[UUID], storage_keys: list[str]) -> set[str]:

@@ -65,11 +65,16 @@ def dataclass_row(cls: type[D]) -> RowFactory[D]:
     execution of the statement, even one that returns no row.
     """
     fields = [field.name for field in dataclasses.fields(cls)]
+    # One maker per result shape, checked and built once: the part path runs these per request.
+    makers: dict[tuple[str, ...], RowMaker[D]] = {}
 
     def factory(cursor: psycopg.Cursor[Any]) -> RowMaker[D]:
         if cursor.description is None:
             return no_result  # a statement that returns no rows (not a SELECT or RETURNING)
-        columns = [column.name for column in cursor.description]
+        columns = tuple(column.name for column in cursor.description)
+        maker = makers.get(columns)
+        if maker is not None:
+            return maker
         unfilled = [name for name in fields if columns.count(name) != 1]
         if unfilled:
             raise TypeError(f"{cls.__name__}: the statement returns no column, or several, named {', '.join(unfilled)}")
@@ -78,6 +83,7 @@ def dataclass_row(cls: type[D]) -> RowFactory[D]:
         def make(values: Sequence[Any]) -> D:
             return cls(**{name: values[position] for name, position in positions})
 
+        makers[columns] = make
         return make
 
     return factory
