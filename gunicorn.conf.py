@@ -104,7 +104,7 @@ def on_starting(server):
 def post_worker_init(worker):
     """Open this worker's own connection pool (a pool must never cross a fork), so that its
     connections are being made before the first request needs one; start the worker's background
-    assembler and periodic reaper (threads: made after the fork, as they must be).
+    assembler, periodic reaper and webhook deliverer (threads: made after the fork, as they must be).
 
     Not post_fork: without preload_app the application is not imported yet there, and importing
     it there would run before the worker installs its signal handlers (a SIGTERM during boot was
@@ -116,12 +116,14 @@ def post_worker_init(worker):
     wsgi.db.open()
     wsgi.assembler.start()
     wsgi.reaper.start()
+    wsgi.deliverer.start()
 
 
 def worker_exit(server, worker):
     """Close the pool on the way out, so PostgreSQL sees the connections end rather than drop."""
     wsgi = sys.modules.get("chunksvc.wsgi")
     if wsgi is not None:
+        wsgi.deliverer.stop()
         wsgi.reaper.stop()
         wsgi.assembler.stop()
         wsgi.db.close()

@@ -5,6 +5,8 @@ No module-level state: tests build as many independent apps as they like.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import falcon
 from falcon.routing import CompiledRouter
 
@@ -19,9 +21,11 @@ from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.auth import Authenticator
 from chunksvc.services.census import SessionCensus
 from chunksvc.services.completion import CompletionService
+from chunksvc.services.events import Observers
 from chunksvc.services.health import HealthService
 from chunksvc.services.reaper import PeriodicReaper, Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
+from chunksvc.services.webhooks import DeliverySettings, SigningKey, WebhookDeliverer
 from chunksvc.storage import Storage, open_storage
 
 
@@ -45,7 +49,17 @@ def create_app(
     metrics: Metrics | None = None,
 ) -> WsgiApp:
     """The WSGI application. ``db``/``storage``/``metrics`` may be passed in to share them (tests, CLI)."""
-    return build(config, db=db, storage=storage, metrics=metrics)[0]
+    return build(config, db=db, storage=storage, metrics=metrics).app
+
+
+class Service(NamedTuple):
+    """The WSGI application and the threads each server process runs beside it (gunicorn.conf.py
+    starts and stops them in every worker)."""
+
+    app: WsgiApp
+    assembler: BackgroundAssembler
+    reaper: PeriodicReaper
+    deliverer: WebhookDeliverer
 
 
 def build(
@@ -54,9 +68,8 @@ def build(
     db: Database | None = None,
     storage: Storage | None = None,
     metrics: Metrics | None = None,
-) -> tuple[WsgiApp, BackgroundAssembler, PeriodicReaper]:
-    """The WSGI application, its background assembler and its periodic reaper (which the server
-    starts in each worker: gunicorn.conf.py)."""
+) -> Service:
+    """The WSGI application with its background assembler, periodic reaper and webhook deliverer."""
     if db is None:
         db = build_database(config)
     if metrics is None:
@@ -65,13 +78,28 @@ def build(
         storage = open_storage(config.storage)
     storage.validate_limits(config.limits)
 
-    upload_service = UploadService(db, storage, config.limits, config.block_size, events=metrics)
+    render_session = uploads.SessionRenderer(storage.bucket)
+    # Completion events: delivered from the outbox by this thread pool, woken at once when a
+    # session ends in this process (the services report endings to it as to the metrics).
+    deliverer = WebhookDeliverer(
+        db,
+        SigningKey.load(config.webhook_key, config.webhook_key_file, create=False),
+        uploads.EventRenderer(render_session),
+        DeliverySettings(
+            concurrency=config.webhook_concurrency,
+            poll_interval=config.webhook_poll_interval,
+            retry_for=config.webhook_retry_for,
+        ),
+        events=metrics,
+    )
+    events = Observers([metrics, deliverer])
+    upload_service = UploadService(db, storage, config.limits, config.block_size, events=events)
     completion = CompletionService(
         db,
         storage,
         config.limits,
         config.block_size,
-        events=metrics,
+        events=events,
         # Half the pool: completions hold a connection for their whole assembly.
         max_assemblies=max(1, config.pool_max_size // 2),
         sync_complete_max=config.sync_complete_max,
@@ -82,7 +110,7 @@ def build(
     # The reaper pass every CHUNKSVC_REAP_INTERVAL seconds, by one process at a time across all
     # hosts, its figures in this worker's metrics (so in /metrics with no cron to set up).
     reaper = PeriodicReaper(
-        db, Reaper(db, storage, completion, ReaperSettings(), events=metrics), config.reap_interval, metrics
+        db, Reaper(db, storage, completion, ReaperSettings(), events=events), config.reap_interval, metrics
     )
     # Sessions by status, counted from the database by whichever worker answers a scrape.
     metrics.session_gauges.census = SessionCensus(db).count
@@ -108,7 +136,6 @@ def build(
     app.add_route("/readyz", health.Readyz(HealthService(db, storage, min_free=config.storage_min_free)))
     app.add_route("/metrics", MetricsResource(metrics, db.stats))
     app.add_route("/openapi.json", openapi.OpenApi(config.limits))
-    render_session = uploads.SessionRenderer(storage.bucket)
     app.add_route("/uploads/sessions", uploads.SessionsResource(upload_service, render_session))
     app.add_route("/uploads/sessions/{session_id}", uploads.SessionResource(upload_service, render_session))
     app.add_route("/uploads/sessions/{session_id}/parts", uploads.PartsResource(upload_service))
@@ -118,4 +145,4 @@ def build(
     app.add_route(
         "/uploads/sessions/{session_id}/complete", uploads.CompleteResource(completion, assembler, render_session)
     )
-    return app, assembler, reaper
+    return Service(app, assembler, reaper, deliverer)

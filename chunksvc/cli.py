@@ -1,4 +1,4 @@
-"""``python -m chunksvc``: the ops interface (migrate, keys, sessions, psql, serve, reap).
+"""``python -m chunksvc``: the ops interface (migrate, keys, sessions, webhooks, deliver, psql, serve, reap).
 
 With no ``DATABASE_URL`` every command uses the embedded PostgreSQL under ``CHUNKSVC_VAR_DIR``
 (``./var``), started on demand and stopped when the last process using it exits.
@@ -21,14 +21,16 @@ from pathlib import Path
 from chunksvc import dao, embedded, migrations
 from chunksvc.config import Config
 from chunksvc.db import Database
-from chunksvc.errors import ChunksvcError
+from chunksvc.errors import ChunksvcError, ConfigError
 from chunksvc.metrics import Metrics
+from chunksvc.resources.uploads import EventRenderer, SessionRenderer
 from chunksvc.rows import OpsSessionRow
 from chunksvc.services import rules, states
 from chunksvc.services.auth import Client, KeyManager
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
+from chunksvc.services.webhooks import DeliverySettings, SigningKey, WebhookDeliverer, WebhookRegistry
 from chunksvc.storage import open_storage
 
 
@@ -168,6 +170,77 @@ def _show_session(s: OpsSessionRow, missing: list[int]) -> None:
         print(f"{name + ':':<11} {value}")
 
 
+def _signing_key(config: Config) -> SigningKey:
+    """The webhook signing key. Made (in the key file) only on the embedded default, where one
+    host serves; with a DATABASE_URL ops give every host the same CHUNKSVC_WEBHOOK_KEY."""
+    key = SigningKey.load(config.webhook_key, config.webhook_key_file, create=config.database_url is None)
+    if key is None:
+        raise ConfigError(
+            f"no webhook signing key: set CHUNKSVC_WEBHOOK_KEY (`openssl rand -hex 32`, the same on every"
+            f" host) or put one in {config.webhook_key_file} (CHUNKSVC_WEBHOOK_KEY_FILE)"
+        )
+    return key
+
+
+def cmd_webhooks(config: Config, args: argparse.Namespace) -> int:
+    """A client's webhook endpoints: add (prints the secret), list (with delivery state), remove,
+    rotate (a new secret; the old one signs beside it for a while), redeliver an event."""
+    with database_url(config) as url:
+        migrations.migrate(url)
+        db = Database(url, min_size=1, max_size=1)
+        try:
+            registry = WebhookRegistry(db, _signing_key(config))
+            if args.action == "add":
+                endpoint, secret = registry.add(args.client, args.url)
+                print(f"webhook endpoint {endpoint.id} for client {endpoint.client_name!r}: {endpoint.url}")
+                print("its signing secret (verify Chunksvc-Signature with it); it is shown only once:")
+                print(secret)  # the last line is the secret alone, for scripts
+            elif args.action == "list":
+                print(f"{'ID':>5}  {'CLIENT':<20} {'PENDING':>8} {'FAILING':>8} {'DEAD':>6}  {'CREATED':<19}  URL")
+                for row in registry.endpoints(args.client):
+                    roll = f"  (secret roll until {_when(row.previous_until)})" if row.previous_until else ""
+                    print(
+                        f"{row.id:>5}  {row.client_name:<20} {row.pending:>8} {row.failing:>8} {row.dead:>6}"
+                        f"  {_when(row.created_at):<19}  {row.url}{roll}"
+                    )
+            elif args.action == "remove":
+                dropped = registry.remove(args.id)
+                print(f"removed webhook endpoint {args.id} ({dropped} undelivered events dropped)")
+            elif args.action == "rotate":
+                endpoint, secret = registry.rotate(args.id, round(args.overlap))
+                until = f"until {_when(endpoint.previous_until)} UTC" if endpoint.previous_until else "no longer"
+                print(f"webhook endpoint {endpoint.id}: new signing secret; the previous one also signs {until}")
+                print(secret)
+            else:
+                endpoints = registry.redeliver(rules.parse_session_id(args.event_id))
+                print(f"event {args.event_id} due again to endpoint(s) {', '.join(map(str, endpoints))}")
+        finally:
+            db.close()
+    return 0
+
+
+def cmd_deliver(config: Config, args: argparse.Namespace) -> int:
+    """Deliver the webhook events due now, then exit (the server's deliverers do this all along)."""
+    logging.basicConfig(level=logging.WARNING, format="chunksvc: %(levelname)s %(message)s")
+    with database_url(config) as url:
+        migrations.migrate(url)
+        settings = DeliverySettings(concurrency=config.webhook_concurrency, retry_for=config.webhook_retry_for)
+        db = Database(url, min_size=1, max_size=settings.concurrency + 1)
+        try:
+            deliverer = WebhookDeliverer(
+                db,
+                _signing_key(config),
+                EventRenderer(SessionRenderer(config.storage.bucket)),
+                settings,
+                events=Metrics.for_process(),
+            )
+            counts = deliverer.deliver_due()
+        finally:
+            db.close()
+    print(f"delivered {counts.delivered}, failed {counts.failed} (to be retried), dead {counts.dead}")
+    return 1 if counts.failed else 0
+
+
 def cmd_psql(config: Config, args: argparse.Namespace) -> int:
     """psql on the configured database, or on the embedded one (started for the session)."""
     psql = shutil.which("psql")
@@ -187,6 +260,8 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     """Migrate, then run gunicorn exactly as ops do, on the embedded defaults where unset."""
     with database_url(config) as url:
         migrations.migrate(url)
+        # Before the workers start, so each finds the signing key (made here on the embedded default).
+        SigningKey.load(config.webhook_key, config.webhook_key_file, create=config.database_url is None)
         env = dict(os.environ, DATABASE_URL=url, CHUNKSVC_STORAGE_URL=_storage_url(config))
         if config.storage.root is not None:  # local-disk storage
             config.storage.root.mkdir(parents=True, exist_ok=True)
@@ -288,6 +363,36 @@ def build_parser() -> argparse.ArgumentParser:
     abort.add_argument("id")
     for sub in sessions.choices.values():
         sub.set_defaults(func=cmd_sessions)
+
+    webhooks = commands.add_parser(
+        "webhooks", help="clients' webhook endpoints: add, list, remove, rotate, redeliver"
+    ).add_subparsers(dest="action", required=True)
+    add = webhooks.add_parser("add", help="register an endpoint for a client (prints its signing secret, once)")
+    add.add_argument("client", help="client name")
+    add.add_argument("url", help="http:// or https:// URL the events are POSTed to")
+    webhook_list = webhooks.add_parser("list", help="endpoints with their deliveries: pending, failing, dead")
+    webhook_list.add_argument("client", nargs="?", help="only this client's")
+    remove = webhooks.add_parser("remove", help="stop sending to an endpoint (its undelivered events are dropped)")
+    remove.add_argument("id", type=_positive_int)
+    rotate = webhooks.add_parser("rotate", help="a new signing secret; the old one signs beside it for --overlap")
+    rotate.add_argument("id", type=_positive_int)
+    rotate.add_argument(
+        "--overlap",
+        type=_seconds,
+        default=24 * 3600,
+        metavar="SECONDS",
+        help="how long the previous secret keeps signing too (default a day; 0: stop at once)",
+    )
+    redeliver = webhooks.add_parser("redeliver", help="send an event again (a dead one, say), now")
+    redeliver.add_argument("event_id")
+    for sub in webhooks.choices.values():
+        sub.set_defaults(func=cmd_webhooks)
+
+    deliver = commands.add_parser("deliver", help="deliver the webhook events due now")
+    deliver.add_argument(
+        "--once", action="store_true", required=True, help="deliver what is due, then exit (the server runs it always)"
+    )
+    deliver.set_defaults(func=cmd_deliver)
 
     psql = commands.add_parser(
         "psql",

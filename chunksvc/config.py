@@ -205,6 +205,16 @@ class Config:
     # Seconds between the reaper passes the server runs itself (one process at a time across all
     # hosts; the others skip that turn); 0: none, reap from cron only. See the README, Reaper.
     reap_interval: float = 300.0
+    # Completion events. The signing key every endpoint's secret is derived from: hex in
+    # CHUNKSVC_WEBHOOK_KEY (the same on every host), else read from this file, made on first use
+    # (one host). Outside the database, so a dump of it cannot sign (README, Webhooks).
+    webhook_key: str | None = None
+    webhook_key_file: Path = Path("var/webhook-signing.key")
+    # Delivery attempts at once per worker process, seconds between looks for events other
+    # processes produced, and how long a failing delivery is retried before it is dead.
+    webhook_concurrency: int = 4
+    webhook_poll_interval: float = 1.0
+    webhook_retry_for: float = 24 * 3600.0
     # Proxies whose X-Forwarded-For names the client in logs (default: the same host).
     trusted_proxies: TrustedProxies = dataclasses.field(
         default_factory=lambda: TrustedProxies.parse(DEFAULT_FORWARDED_ALLOW_IPS)
@@ -240,6 +250,11 @@ class Config:
             assembly_poll_interval=_int(env, "CHUNKSVC_ASSEMBLY_POLL", 5),
             reap_interval=_int(env, "CHUNKSVC_REAP_INTERVAL", 300),
             trusted_proxies=TrustedProxies.parse(env.get("CHUNKSVC_FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)),
+            webhook_key=env.get("CHUNKSVC_WEBHOOK_KEY") or None,
+            webhook_key_file=Path(env.get("CHUNKSVC_WEBHOOK_KEY_FILE") or var_dir / "webhook-signing.key").resolve(),
+            webhook_concurrency=_int(env, "CHUNKSVC_WEBHOOK_CONCURRENCY", 4),
+            webhook_poll_interval=_int(env, "CHUNKSVC_WEBHOOK_POLL", 1),
+            webhook_retry_for=_int(env, "CHUNKSVC_WEBHOOK_RETRY_FOR", 24 * 3600),
         )
         config.validate()
         return config
@@ -260,6 +275,17 @@ class Config:
             raise ConfigError("CHUNKSVC_REAP_INTERVAL must not be negative (0 turns the server's own reaper off)")
         if self.storage_min_free < 0:
             raise ConfigError("CHUNKSVC_STORAGE_MIN_FREE must not be negative")
+        if self.webhook_concurrency < 1 or self.webhook_poll_interval < 1 or self.webhook_retry_for < 1:
+            raise ConfigError(
+                "CHUNKSVC_WEBHOOK_CONCURRENCY, CHUNKSVC_WEBHOOK_POLL and CHUNKSVC_WEBHOOK_RETRY_FOR must be at least 1"
+            )
+        if self.webhook_key is not None:
+            try:
+                key = bytes.fromhex(self.webhook_key.strip())
+            except ValueError:
+                key = b""
+            if len(key) < 32:
+                raise ConfigError("CHUNKSVC_WEBHOOK_KEY must be at least 64 hex digits (`openssl rand -hex 32`)")
 
 
 _WORKER_CLASSES = ("gthread", "sync")

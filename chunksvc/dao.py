@@ -42,9 +42,11 @@ from chunksvc.rows import (
     ApiKeyRow,
     AuthRow,
     CensusRow,
+    ClaimedDeliveryRow,
     ClientRow,
     CompletionRow,
     EndedSessionRow,
+    EventSessionRow,
     OpsSessionRow,
     OverdueRow,
     PartRow,
@@ -52,6 +54,9 @@ from chunksvc.rows import (
     RevokedKeyRow,
     SessionRow,
     SweptSessionRow,
+    WebhookCensusRow,
+    WebhookEndpointRow,
+    WebhookEndpointStateRow,
 )
 
 _SESSION = dataclass_row(SessionRow)
@@ -66,6 +71,11 @@ _CENSUS = dataclass_row(CensusRow)
 _OVERDUE = dataclass_row(OverdueRow)
 _ENDED_SESSION = dataclass_row(EndedSessionRow)
 _SWEPT_SESSION = dataclass_row(SweptSessionRow)
+_WEBHOOK_ENDPOINT = dataclass_row(WebhookEndpointRow)
+_WEBHOOK_ENDPOINT_STATE = dataclass_row(WebhookEndpointStateRow)
+_CLAIMED_DELIVERY = dataclass_row(ClaimedDeliveryRow)
+_EVENT_SESSION = dataclass_row(EventSessionRow)
+_WEBHOOK_CENSUS = dataclass_row(WebhookCensusRow)
 
 
 # --- clients and keys -----------------------------------------------------------------------
@@ -397,3 +407,111 @@ def reaper_lock(conn: Connection, phase: str) -> AbstractContextManager[bool]:
     """``with reaper_lock(conn, phase) as held``: tries the lock of a reaper phase (or of the
     periodic run), says whether it was taken, and gives it back on leaving."""
     return _try_lock(lambda: try_reaper_lock(conn, phase), lambda: release_reaper_lock(conn, phase))
+
+
+# --- webhooks -------------------------------------------------------------------------------
+
+
+def insert_webhook_endpoint(
+    conn: Connection, client_name: str, url: str, secret_nonce: bytes, key_id: str
+) -> WebhookEndpointRow | None:
+    """The new endpoint; None when no client has that name."""
+    return conn.one(
+        "insert_webhook_endpoint",
+        _WEBHOOK_ENDPOINT,
+        client_name=client_name,
+        url=url,
+        secret_nonce=secret_nonce,
+        key_id=key_id,
+    )
+
+
+def get_webhook_endpoint(conn: Connection, endpoint_id: int) -> WebhookEndpointRow | None:
+    return conn.one("get_webhook_endpoint", _WEBHOOK_ENDPOINT, id=endpoint_id)
+
+
+def list_webhook_endpoints(conn: Connection, client_name: str | None) -> list[WebhookEndpointStateRow]:
+    return conn.all("list_webhook_endpoints", _WEBHOOK_ENDPOINT_STATE, client_name=client_name)
+
+
+def remove_webhook_endpoint(conn: Connection, endpoint_id: int) -> bool:
+    """True when the endpoint was in use (and now is not)."""
+    return bool(conn.values("remove_webhook_endpoint", int, id=endpoint_id))
+
+
+def drop_pending_deliveries(conn: Connection, endpoint_id: int) -> int:
+    return conn.execute("drop_pending_deliveries", endpoint_id=endpoint_id)
+
+
+def rotate_webhook_secret(
+    conn: Connection, endpoint_id: int, secret_nonce: bytes, key_id: str, overlap: int
+) -> WebhookEndpointRow | None:
+    return conn.one(
+        "rotate_webhook_secret",
+        _WEBHOOK_ENDPOINT,
+        id=endpoint_id,
+        secret_nonce=secret_nonce,
+        key_id=key_id,
+        overlap=overlap,
+    )
+
+
+def redeliver_webhook_event(conn: Connection, event_id: UUID) -> list[int]:
+    """The endpoints the event is due to again (none: no such event, or its endpoints are gone)."""
+    return conn.values("redeliver_webhook_event", int, event_id=event_id)
+
+
+def claim_webhook_deliveries(
+    conn: Connection, limit: int, lease: float, busy_endpoints: Sequence[int], key_id: str
+) -> list[ClaimedDeliveryRow]:
+    return conn.all(
+        "claim_webhook_deliveries",
+        _CLAIMED_DELIVERY,
+        limit=limit,
+        lease=lease,
+        busy_endpoints=list(busy_endpoints),
+        key_id=key_id,
+    )
+
+
+def event_sessions(conn: Connection, event_ids: Sequence[UUID]) -> dict[UUID, EventSessionRow]:
+    return {row.event_id: row for row in conn.all("event_sessions", _EVENT_SESSION, event_ids=list(event_ids))}
+
+
+def record_webhook_delivered(conn: Connection, event_id: UUID, endpoint_id: int, status: int) -> float | None:
+    """Seconds from the event's state change to this delivery; None if it was delivered before."""
+    latencies = conn.values(
+        "record_webhook_delivered", float, event_id=event_id, endpoint_id=endpoint_id, status=status
+    )
+    return latencies[0] if latencies else None
+
+
+def record_webhook_failed(
+    conn: Connection,
+    event_id: UUID,
+    endpoint_id: int,
+    *,
+    status: int | None,
+    error: str,
+    retry_in: float,
+    retry_for: float,
+) -> str | None:
+    """The delivery's state after the failure (``pending`` or ``dead``); None when it was no
+    longer pending (delivered meanwhile by another deliverer)."""
+    states = conn.values(
+        "record_webhook_failed",
+        str,
+        event_id=event_id,
+        endpoint_id=endpoint_id,
+        status=status,
+        error=error,
+        retry_in=retry_in,
+        retry_for=retry_for,
+    )
+    return states[0] if states else None
+
+
+def webhook_census(conn: Connection) -> WebhookCensusRow:
+    census = conn.one("webhook_census", _WEBHOOK_CENSUS)
+    assert census is not None  # an aggregate without GROUP BY always returns its one row
+    return census

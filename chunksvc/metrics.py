@@ -35,6 +35,11 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPT
 # Sessions not ended yet, by status as clients see it (see SessionGauges).
 LIVE_STATUSES = ("INIT", "IN_PROGRESS", "COMPLETING")
 REAPER_OUTCOMES = ("succeeded", "failed")
+WEBHOOK_OUTCOMES = ("delivered", "failed", "dead")
+# From a delivery on the first try (milliseconds) to one after a day of retries.
+WEBHOOK_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600, 21600, 86400)
+# Webhook deliveries by state (see SessionGauges), as the census names them.
+WEBHOOK_STATES = (("pending", "webhooks_pending"), ("failing", "webhooks_failing"), ("dead", "webhooks_dead"))
 
 Census = Callable[[], Mapping[str, int] | None]
 
@@ -56,7 +61,7 @@ class SessionGauges:
         if self.census is None:
             return []
         counts = self.census()
-        by_status, awaiting, up = self._families()
+        by_status, awaiting, up, deliveries = self._families()
         up.add_metric([], 0 if counts is None else 1)
         if counts is None:
             return [up]
@@ -64,10 +69,12 @@ class SessionGauges:
             by_status.add_metric([status], counts.get(status, 0))
         awaiting.add_metric(["expire"], counts.get("overdue", 0))
         awaiting.add_metric(["purge"], counts.get("unpurged", 0))
-        return [by_status, awaiting, up]
+        for state, key in WEBHOOK_STATES:
+            deliveries.add_metric([state], counts.get(key, 0))
+        return [by_status, awaiting, up, deliveries]
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         return (
             GaugeMetricFamily(
                 "chunksvc_sessions_by_status",
@@ -85,6 +92,12 @@ class SessionGauges:
                 "chunksvc_session_gauges_up",
                 "1 if the sessions gauges were read from the database at this scrape,"
                 " 0 if it did not answer in time (they are left out)",
+            ),
+            GaugeMetricFamily(
+                "chunksvc_webhook_deliveries",
+                "Webhook deliveries by state, read from the database at this scrape: pending (not"
+                " tried yet or under way), failing (pending after a failed attempt), dead (given up)",
+                labels=["state"],
             ),
         )
 
@@ -209,6 +222,19 @@ class Metrics(UploadEvents):
             buckets=ASSEMBLY_BUCKETS,
             registry=registry,
         )
+        self.webhook_attempts = Counter(
+            "chunksvc_webhook_attempts",
+            "Webhook delivery attempts by outcome: delivered (a 2xx), failed (to be retried), dead"
+            " (failed and given up: counted in failed too)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.webhook_latency = Histogram(
+            "chunksvc_webhook_delivery_latency_seconds",
+            "Time from a session's state change to its event's delivery (retries included)",
+            buckets=WEBHOOK_LATENCY_BUCKETS,
+            registry=registry,
+        )
         # livesum: each worker has its own pool; the sums are the host's connections.
         self.pool_connections = Gauge(
             "chunksvc_db_pool_connections",
@@ -256,6 +282,8 @@ class Metrics(UploadEvents):
             self.part_bytes.labels(outcome)
         for event in SESSION_EVENTS:
             self.sessions.labels(event)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_attempts.labels(outcome)
 
     @classmethod
     def for_process(cls, environ: Mapping[str, str] = os.environ) -> Metrics:
@@ -346,3 +374,13 @@ class Metrics(UploadEvents):
 
     def reaper_skipped(self) -> None:
         self.reaper_skips.inc()
+
+    def webhook_delivered(self, latency: float | None) -> None:
+        self.webhook_attempts.labels("delivered").inc()
+        if latency is not None:
+            self.webhook_latency.observe(latency)
+
+    def webhook_failed(self, *, dead: bool) -> None:
+        self.webhook_attempts.labels("failed").inc()
+        if dead:
+            self.webhook_attempts.labels("dead").inc()

@@ -161,3 +161,72 @@ class CensusRow:
 
     status: str
     sessions: int
+
+
+# --- webhooks -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookEndpointRow:
+    """A client's webhook endpoint. Its secret is derived from ``secret_nonce`` and the signing
+    key ``key_id`` names (``chunksvc.services.webhooks``); ``previous_nonce`` signs beside it
+    during a secret roll, until ``previous_until``."""
+
+    id: int
+    client_id: int
+    client_name: str
+    url: str
+    secret_nonce: bytes
+    key_id: str
+    previous_nonce: bytes | None
+    previous_until: datetime | None
+    created_at: datetime
+    removed_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookEndpointStateRow:
+    """An endpoint in use, with its deliveries: ``pending`` (of which ``failing`` have failed at
+    least once) and ``dead``."""
+
+    id: int
+    client_name: str
+    url: str
+    created_at: datetime
+    previous_until: datetime | None
+    pending: int
+    failing: int
+    dead: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimedDeliveryRow:
+    """A delivery a deliverer has claimed (leased) and is about to attempt: the event, the
+    endpoint, and the nonces of the secrets that sign it (``previous_nonce`` only during a roll)."""
+
+    event_id: UUID
+    endpoint_id: int
+    session_id: UUID
+    attempts: int  # this attempt included
+    type: str
+    event_created_at: datetime
+    url: str
+    key_id: str
+    secret_nonce: bytes
+    previous_nonce: bytes | None
+
+
+@dataclasses.dataclass(frozen=True)
+class EventSessionRow(SessionRow):
+    """The session an event carries, as the change that made the event left it."""
+
+    event_id: UUID
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookCensusRow:
+    """The delivery gauges: pending deliveries not yet failed, pending ones that have, dead ones."""
+
+    pending_new: int
+    failing: int
+    dead: int

@@ -2,7 +2,8 @@
 
 Each gunicorn worker imports this after forking; gunicorn.conf.py then opens (``post_worker_init``)
 and closes (``worker_exit``) ``db``, the worker's own connection pool, and starts and stops
-``assembler``, the worker's background assembler, and ``reaper``, its periodic reaper.
+``assembler``, the worker's background assembler, ``reaper``, its periodic reaper, and
+``deliverer``, its webhook deliverer.
 """
 
 from chunksvc.app import build, build_database
@@ -10,4 +11,4 @@ from chunksvc.config import Config
 
 config = Config.from_env()
 db = build_database(config)
-app, assembler, reaper = build(config, db=db)
+app, assembler, reaper, deliverer = build(config, db=db)

@@ -39,7 +39,7 @@ SYNC_MAX = 2000  # bytes: anything larger completes in the background here
 @pytest.fixture
 def background(config, db, storage):
     """The app with a small synchronous limit, and its background assembler."""
-    app, assembler, _ = build(dataclasses.replace(config, sync_complete_max=SYNC_MAX), db=db, storage=storage)
+    app, assembler, *_ = build(dataclasses.replace(config, sync_complete_max=SYNC_MAX), db=db, storage=storage)
     yield webtest.TestApp(app), assembler
     assembler.stop()
 

@@ -11,7 +11,7 @@ import falcon
 from chunksvc.errors import InvalidRequest
 from chunksvc.resources.body import part_body
 from chunksvc.resources.middleware import publish_client
-from chunksvc.rows import PartRow, SessionRow
+from chunksvc.rows import ClaimedDeliveryRow, PartRow, SessionRow
 from chunksvc.services import states
 from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.completion import Completion, CompletionService
@@ -90,6 +90,23 @@ class SessionRenderer:
         if self._bucket is not None:
             stored["bucket"] = self._bucket
         return stored
+
+
+class EventRenderer:
+    """A completion event's body, as its webhook POST sends it (the same bytes on every try):
+    ``{"id", "type", "created_at", "session"}``, the session as ``GET`` renders it."""
+
+    def __init__(self, render_session: SessionRenderer) -> None:
+        self._render_session = render_session
+
+    def __call__(self, delivery: ClaimedDeliveryRow, session: SessionRow) -> bytes:
+        event = {
+            "id": str(delivery.event_id),
+            "type": delivery.type,
+            "created_at": rfc3339(delivery.event_created_at),
+            "session": self._render_session(session),
+        }
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def render_part(part: PartRow) -> dict[str, Any]:

@@ -1,10 +1,12 @@
-"""How many sessions are in each status now, read from PostgreSQL when ``/metrics`` is scraped.
+"""How many sessions are in each status now (and webhook deliveries in each state), read from
+PostgreSQL when ``/metrics`` is scraped.
 
-One statement (``session_census``) that reads only the partial indexes of sessions not ended,
-with a short timeout on both the wait for a pooled connection and the statement: a slow or
-absent database costs a scrape at most about twice ``timeout``, and the scrape still answers
-(without these gauges, and with ``chunksvc_session_gauges_up`` 0). A pool whose connections are
-all in use is left to the requests: the scrape skips the gauges instead of waiting.
+Two statements (``session_census``, ``webhook_census``) that read only partial indexes (sessions
+not ended, deliveries pending or dead), with a short timeout on both the wait for a pooled
+connection and the statements: a slow or absent database costs a scrape at most about twice
+``timeout``, and the scrape still answers (without these gauges, and with
+``chunksvc_session_gauges_up`` 0). A pool whose connections are all in use is left to the
+requests: the scrape skips the gauges instead of waiting.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class SessionCensus:
         self._timeout = timeout
 
     def count(self) -> dict[str, int] | None:
-        """``dao.session_census``'s counts, or None when the database did not answer in time."""
+        """``dao.session_census``'s counts with ``webhooks_pending``/``_failing``/``_dead``, or None
+        when the database did not answer in time."""
         stats = self._db.stats()
         if stats and stats.get("pool_available", 0) == 0 and stats.get("pool_size", 0) >= stats.get("pool_max", 1):
             # Every connection is serving requests: the gauges wait for a scrape that finds one
@@ -34,7 +37,12 @@ class SessionCensus:
         try:
             with self._db.connection(timeout=self._timeout) as conn, conn.transaction():
                 dao.set_local_statement_timeout(conn, self._timeout)
-                return dao.session_census(conn)
+                counts = dao.session_census(conn)
+                webhooks = dao.webhook_census(conn)
         except ChunksvcError as exc:
             log.warning("metrics: sessions not counted within %ss: %s", self._timeout, exc.detail)
             return None
+        counts["webhooks_pending"] = webhooks.pending_new + webhooks.failing
+        counts["webhooks_failing"] = webhooks.failing
+        counts["webhooks_dead"] = webhooks.dead
+        return counts

@@ -7,7 +7,7 @@ Each method is called after the change it reports has been committed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 
 class UploadEvents:
@@ -44,3 +44,65 @@ class UploadEvents:
 
     def reaper_skipped(self) -> None:
         """The server's periodic reaper let a turn pass: another process held the run lock."""
+
+    def webhook_delivered(self, latency: float | None) -> None:
+        """An event was delivered (a 2xx); ``latency``: seconds since the state change that made
+        it (None when another deliverer had recorded it delivered first)."""
+
+    def webhook_failed(self, *, dead: bool) -> None:
+        """An attempt to deliver an event failed; ``dead`` when it will not be tried again."""
+
+
+class Observers(UploadEvents):
+    """Several observers as one: each event goes to each, in order."""
+
+    def __init__(self, observers: Sequence[UploadEvents]) -> None:
+        self._observers = tuple(observers)
+
+    def session_created(self) -> None:
+        for observer in self._observers:
+            observer.session_created()
+
+    def part_stored(self, *, created: bool, size: int, healed: bool = False) -> None:
+        for observer in self._observers:
+            observer.part_stored(created=created, size=size, healed=healed)
+
+    def session_completed(self, assembly_seconds: float) -> None:
+        for observer in self._observers:
+            observer.session_completed(assembly_seconds)
+
+    def session_failed(self, assembly_seconds: float) -> None:
+        for observer in self._observers:
+            observer.session_failed(assembly_seconds)
+
+    def session_reopened(self, lost_parts: int) -> None:
+        for observer in self._observers:
+            observer.session_reopened(lost_parts)
+
+    def assembly_running(self, change: int) -> None:
+        for observer in self._observers:
+            observer.assembly_running(change)
+
+    def session_aborted(self) -> None:
+        for observer in self._observers:
+            observer.session_aborted()
+
+    def sessions_expired(self, count: int) -> None:
+        for observer in self._observers:
+            observer.sessions_expired(count)
+
+    def reaper_run(self, *, succeeded: bool, counts: Mapping[str, int], seconds: float) -> None:
+        for observer in self._observers:
+            observer.reaper_run(succeeded=succeeded, counts=counts, seconds=seconds)
+
+    def reaper_skipped(self) -> None:
+        for observer in self._observers:
+            observer.reaper_skipped()
+
+    def webhook_delivered(self, latency: float | None) -> None:
+        for observer in self._observers:
+            observer.webhook_delivered(latency)
+
+    def webhook_failed(self, *, dead: bool) -> None:
+        for observer in self._observers:
+            observer.webhook_failed(dead=dead)

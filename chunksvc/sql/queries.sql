@@ -367,3 +367,150 @@ SELECT pg_try_advisory_lock(hashtextextended('chunksvc.reap:' || %(phase)s::text
 
 -- name: release_reaper_lock
 SELECT pg_advisory_unlock(hashtextextended('chunksvc.reap:' || %(phase)s::text, 0)) AS released;
+
+-- webhooks ----------------------------------------------------------------------------------
+-- Endpoints are managed by ops (`python -m chunksvc webhooks ...`); events are written by the
+-- trigger of migration 0005 in the transaction of each session's ending change; deliverers (a
+-- thread in every server process, or `deliver --once`) claim due deliveries with SKIP LOCKED
+-- and a lease, POST them with no transaction open, then record the outcome.
+
+-- name: insert_webhook_endpoint
+-- Only for a client that exists (one with an API key): a misspelt name is refused, not created.
+INSERT INTO webhook_endpoints (client_id, url, secret_nonce, key_id)
+SELECT id, %(url)s, %(secret_nonce)s, %(key_id)s
+  FROM clients
+ WHERE name = %(client_name)s
+RETURNING id, client_id, %(client_name)s AS client_name, url, secret_nonce, key_id, previous_nonce,
+          previous_until, created_at, removed_at;
+
+-- name: get_webhook_endpoint
+SELECT e.id, e.client_id, c.name AS client_name, e.url, e.secret_nonce, e.key_id, e.previous_nonce,
+       e.previous_until, e.created_at, e.removed_at
+  FROM webhook_endpoints e
+  JOIN clients c ON c.id = e.client_id
+ WHERE e.id = %(id)s;
+
+-- name: list_webhook_endpoints
+-- Endpoints in use (of one client, or all), each with its deliveries' state: pending (failing:
+-- those of them that have failed at least once) and dead, read through the partial indexes.
+SELECT e.id, c.name AS client_name, e.url, e.created_at, e.previous_until,
+       (SELECT count(*) FROM webhook_deliveries d
+         WHERE d.endpoint_id = e.id AND d.state = 'pending') AS pending,
+       (SELECT count(*) FROM webhook_deliveries d
+         WHERE d.endpoint_id = e.id AND d.state = 'pending' AND d.last_error IS NOT NULL) AS failing,
+       (SELECT count(*) FROM webhook_deliveries d
+         WHERE d.endpoint_id = e.id AND d.state = 'dead') AS dead
+  FROM webhook_endpoints e
+  JOIN clients c ON c.id = e.client_id
+ WHERE e.removed_at IS NULL AND (%(client_name)s::text IS NULL OR c.name = %(client_name)s)
+ ORDER BY c.name, e.id;
+
+-- name: remove_webhook_endpoint
+-- Kept on record (its deliveries' history stays readable); no new event is addressed to it.
+UPDATE webhook_endpoints SET removed_at = now()
+ WHERE id = %(id)s AND removed_at IS NULL
+RETURNING id;
+
+-- name: drop_pending_deliveries
+-- A removed endpoint's undelivered events: nobody will send them (dead ones stay on record).
+DELETE FROM webhook_deliveries WHERE endpoint_id = %(endpoint_id)s AND state = 'pending';
+
+-- name: rotate_webhook_secret
+-- A new secret; the current one keeps signing beside it for `overlap` seconds (a roll), unless
+-- overlap is 0. A roll begun before is cut short: at most two secrets sign at once.
+UPDATE webhook_endpoints
+   SET previous_nonce = CASE WHEN %(overlap)s > 0 THEN secret_nonce END,
+       previous_until = CASE WHEN %(overlap)s > 0 THEN now() + make_interval(secs => %(overlap)s) END,
+       secret_nonce = %(secret_nonce)s,
+       key_id = %(key_id)s
+ WHERE id = %(id)s AND removed_at IS NULL
+RETURNING id, client_id, (SELECT name FROM clients WHERE id = client_id) AS client_name, url, secret_nonce,
+          key_id, previous_nonce, previous_until, created_at, removed_at;
+
+-- name: redeliver_webhook_event
+-- The event again to each endpoint still in use, whatever its deliveries' state: a new round of
+-- retries, due now (an event's own endpoints only; a newer endpoint never had it).
+UPDATE webhook_deliveries d
+   SET state = 'pending', next_attempt_at = now(), pending_since = now(), delivered_at = NULL,
+       last_error = NULL
+  FROM webhook_endpoints e
+ WHERE d.event_id = %(event_id)s AND e.id = d.endpoint_id AND e.removed_at IS NULL
+RETURNING d.endpoint_id;
+
+-- name: claim_webhook_deliveries
+-- Due deliveries, at most one per endpoint per claim (a slow endpoint takes one slot at a time,
+-- never a whole batch), none to the endpoints this deliverer is already busy with, and only to
+-- endpoints whose secret this deliverer's signing key derived (`key_id`); only the
+-- earliest pending event of each session and endpoint (in order: a later event waits for the
+-- earlier one to be delivered or dead). Rows another deliverer holds are skipped, not waited on.
+-- The claim pushes next_attempt_at past the attempt (the lease): committed before the POST, it
+-- keeps every other deliverer off the row while the attempt runs, and makes it due again if the
+-- attempt's deliverer dies.
+WITH candidates AS (
+    SELECT DISTINCT ON (d.endpoint_id) d.event_id, d.endpoint_id, d.next_attempt_at
+      FROM webhook_deliveries d
+      JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.removed_at IS NULL AND e.key_id = %(key_id)s
+     WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+       AND d.endpoint_id <> ALL(%(busy_endpoints)s::bigint[])
+       AND NOT EXISTS (
+           SELECT 1 FROM webhook_deliveries earlier
+            WHERE earlier.endpoint_id = d.endpoint_id AND earlier.session_id = d.session_id
+              AND earlier.event_seq < d.event_seq AND earlier.state = 'pending')
+     ORDER BY d.endpoint_id, d.next_attempt_at
+), claimed AS (
+    SELECT d.event_id, d.endpoint_id
+      FROM webhook_deliveries d
+      JOIN candidates c ON c.event_id = d.event_id AND c.endpoint_id = d.endpoint_id
+     WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+     ORDER BY c.next_attempt_at
+     LIMIT %(limit)s
+       FOR UPDATE OF d SKIP LOCKED
+)
+UPDATE webhook_deliveries d
+   SET next_attempt_at = now() + make_interval(secs => %(lease)s), attempts = d.attempts + 1,
+       last_attempt_at = now()
+  FROM claimed, webhook_events ev, webhook_endpoints e
+ WHERE d.event_id = claimed.event_id AND d.endpoint_id = claimed.endpoint_id
+   AND ev.id = d.event_id AND e.id = d.endpoint_id AND e.removed_at IS NULL
+RETURNING d.event_id, d.endpoint_id, d.session_id, d.attempts, ev.type, ev.created_at AS event_created_at,
+          e.url, e.key_id, e.secret_nonce,
+          CASE WHEN e.previous_until > now() THEN e.previous_nonce END AS previous_nonce;
+
+-- name: event_sessions
+-- The session each event carries, as its change left it, in the columns of upload_sessions (so
+-- the body is rendered as GET renders a session).
+SELECT ev.id AS event_id, s.*, s.status AS effective_status
+  FROM webhook_events ev
+ CROSS JOIN LATERAL jsonb_populate_record(NULL::upload_sessions, ev.session) s
+ WHERE ev.id = ANY(%(event_ids)s::uuid[]);
+
+-- name: record_webhook_delivered
+-- A 2xx. Also when this attempt's lease had run out and another deliverer took the row: it was
+-- delivered either way. Returns the seconds from the state change to now (the metrics' latency;
+-- the database's clock on both ends), none when it was delivered before.
+UPDATE webhook_deliveries d
+   SET state = 'delivered', delivered_at = now(), last_status = %(status)s, last_error = NULL
+  FROM webhook_events ev
+ WHERE d.event_id = %(event_id)s AND d.endpoint_id = %(endpoint_id)s AND d.state = 'pending'
+   AND ev.id = d.event_id
+RETURNING extract(epoch FROM clock_timestamp() - ev.created_at)::float8 AS latency;
+
+-- name: record_webhook_failed
+-- Anything but a 2xx (`error` says what: never NULL, it marks the delivery as failing): due again after `retry_in` seconds, or dead once it has been pending for
+-- `retry_for` seconds. Only while still pending (a late failure never undoes a delivery).
+UPDATE webhook_deliveries
+   SET last_status = %(status)s, last_error = %(error)s,
+       next_attempt_at = now() + make_interval(secs => %(retry_in)s),
+       state = CASE WHEN pending_since <= now() - make_interval(secs => %(retry_for)s)
+                    THEN 'dead' ELSE 'pending' END
+ WHERE event_id = %(event_id)s AND endpoint_id = %(endpoint_id)s AND state = 'pending'
+RETURNING state;
+
+-- name: webhook_census
+-- The delivery gauges, counted when /metrics is scraped, through the partial indexes (pending
+-- rows follow the backlog; dead ones stay until redelivered). Failing: pending after a failure.
+SELECT count(*) FILTER (WHERE last_error IS NULL) AS pending_new,
+       count(*) FILTER (WHERE last_error IS NOT NULL) AS failing,
+       (SELECT count(*) FROM webhook_deliveries WHERE state = 'dead') AS dead
+  FROM webhook_deliveries
+ WHERE state = 'pending';
