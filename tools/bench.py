@@ -17,7 +17,15 @@ a busy or slow machine moves both sides alike:
   (``parallel`` connections PUTting the same parts from memory, then complete), alternated in
   each round; and the client CLI's peak RSS uploading a 1 GiB file at ``--parallel 4``;
 - assembly (disk): ``LocalStorage.assemble`` of 8 MiB parts into one object (hashed, fsynced)
-  in MB/s, divided by ``cat parts > object && sync`` of the same parts, alternated in each round.
+  in MB/s, divided by ``cat parts > object && sync`` of the same parts, alternated in each round;
+- server CPU: with stream and small, the CPU time (utime+stime in /proc) of gunicorn's master and
+  workers and of the PostgreSQL server's processes while the parts were sent, per GiB of 8 MiB
+  parts and per 4 KiB part (S3: moto's is not counted);
+- peer (``--peer tus``, file backend): chunksvc side by side with tus-node-server
+  (``tools/peer_tus.py`` installs and starts it) in interleaved rounds, one Python client each:
+  MiB/s with 8 MiB parts for 1, 4 and 16 clients, 4 KiB parts per second, and the servers' CPU
+  per GiB and per 4 KiB part (tus: its Node process), each as the ratio chunksvc/tus.
+  ``--figures peer`` without ``--peer`` prints chunksvc's side alone.
 """
 
 from __future__ import annotations
@@ -36,20 +44,25 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
+import psycopg
 from minio import Minio
 
-from chunksvc.config import KiB, MiB, StorageSpec
-from tools import harness
+from chunksvc.config import GiB, KiB, MiB, StorageSpec
+from tools import harness, peer_tus
 from tools.client import Client
 
 STREAM_PART = 8 * MiB
 SMALL_PART = 4 * KiB
 MEMORY_PART = 64 * MiB
-FIGURES = ("stream", "small", "concurrency", "memory", "s3path", "client", "assembly")
+FIGURES = ("stream", "small", "concurrency", "memory", "s3path", "client", "assembly", "peer")
+# "peer" runs by default only with --peer (without it, it prints chunksvc's side alone).
+DEFAULT_FIGURES = tuple(name for name in FIGURES if name != "peer")
+PEER_CLIENTS = (4, 16)
 CLIENT_PARALLEL = (1, 4, 8)
 
 
@@ -92,9 +105,14 @@ def hash_rate(data: bytes, repeat: int = 4) -> float:
     return repeat * len(data) / (time.perf_counter() - started) / 1e6
 
 
-def upload_parts(client: Client, data: bytes, count: int, latencies: list[float] | None = None) -> float:
-    """PUT ``count`` parts of ``data`` into a new session; return the seconds the PUTs took."""
+def upload_parts(
+    client: Client, data: bytes, count: int, latencies: list[float] | None = None, meter: CpuMeter | None = None
+) -> float:
+    """PUT ``count`` parts of ``data`` into a new session; return the seconds the PUTs took (and,
+    given ``meter``, measure the servers' CPU over exactly those PUTs: ``meter.last``)."""
     session = client.create_session(len(data) * count, len(data))
+    if meter is not None:
+        meter.start()
     started = time.perf_counter()
     for number in range(1, count + 1):
         sent = time.perf_counter()
@@ -102,23 +120,153 @@ def upload_parts(client: Client, data: bytes, count: int, latencies: list[float]
         if latencies is not None:
             latencies.append(time.perf_counter() - sent)
     elapsed = time.perf_counter() - started
+    if meter is not None:
+        meter.stop()
     client.abort(session)  # frees the disk (or moto's memory) for the next round
     return elapsed
 
 
-def stream(client: Client, data: bytes, rounds: int, parts: int, disk: Path | None) -> dict[str, list[float]]:
-    """Per round: the ratio, the service's MB/s, SHA-256 MB/s and (given ``disk``) the disk's."""
+# Server CPU: utime+stime of process trees from /proc/<pid>/stat, in clock ticks.
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    ppid: int
+    start: int  # starttime (ticks after boot): tells a reused pid from the process it replaced
+    ticks: int  # utime + stime: all of the process's threads
+    child_ticks: int  # cutime + cstime: children it has waited for (and theirs)
+
+
+def parse_proc_stat(text: str) -> ProcStat:
+    """The fields of one ``/proc/<pid>/stat`` line that CPU accounting needs. The command name
+    (field 2, in parentheses) may itself hold spaces and parentheses: fields are counted from the
+    last ``)``."""
+    pid = int(text[: text.index("(")])
+    fields = text[text.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state): field n is fields[n - 3].
+    return ProcStat(
+        pid=pid,
+        ppid=int(fields[1]),
+        start=int(fields[19]),
+        ticks=int(fields[11]) + int(fields[12]),
+        child_ticks=int(fields[13]) + int(fields[14]),
+    )
+
+
+def process_tree(root: int) -> dict[int, ProcStat]:
+    """``root`` and its descendants now (one that exits while it is read is left out)."""
+    tree: dict[int, ProcStat] = {}
+    pending = [root]
+    while pending:
+        pid = pending.pop()
+        try:
+            tree[pid] = parse_proc_stat(Path(f"/proc/{pid}/stat").read_text())
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            if pid == root:
+                raise RuntimeError(f"process {root} is gone") from None
+    return tree
+
+
+def cpu_ticks_between(before: Mapping[int, ProcStat], after: Mapping[int, ProcStat]) -> tuple[int, int]:
+    """``(ticks, missed)``: the CPU a process tree used between two snapshots.
+
+    A process in both counts its growth; a new one all of its ticks. One that exited was counted by
+    the kernel into its parent's cutime/cstime when the parent waited for it (gunicorn's master
+    for a recycled worker, the postmaster for a backend): so the growth of those of every process
+    in both counts, less what exited children had used before the first snapshot. ``missed``: the
+    processes that exited whose parent is not in both snapshots (their last ticks are lost), and
+    children exited but not yet waited for when the interval ended are counted in the next one.
+    """
+
+    def same(pid: int) -> bool:
+        return pid in before and pid in after and before[pid].start == after[pid].start
+
+    ticks, missed = 0, 0
+    for pid, now in after.items():
+        if same(pid):
+            ticks += now.ticks - before[pid].ticks + now.child_ticks - before[pid].child_ticks
+        else:
+            ticks += now.ticks + now.child_ticks
+    for pid, then in before.items():
+        if same(pid):
+            continue
+        if same(then.ppid):
+            ticks -= then.ticks + then.child_ticks
+        else:
+            missed += 1
+    return ticks, missed
+
+
+@dataclasses.dataclass
+class CpuReading:
+    seconds: dict[str, float]  # group -> CPU seconds
+    missed: int = 0
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+class CpuMeter:
+    """CPU seconds used by named process trees (e.g. gunicorn's master, the postmaster) between
+    ``start()`` and ``stop()``; the last reading stays in ``last``."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, roots: Mapping[str, int]) -> None:
+        self.roots = dict(roots)
+        self._before: dict[str, dict[int, ProcStat]] = {}
+        self.last = CpuReading({})
+
+    def start(self) -> None:
+        self._before = {name: process_tree(pid) for name, pid in self.roots.items()}
+
+    def stop(self) -> CpuReading:
+        seconds, missed = {}, 0
+        for name, pid in self.roots.items():
+            ticks, lost = cpu_ticks_between(self._before[name], process_tree(pid))
+            seconds[name] = ticks / self.TICK
+            missed += lost
+        self.last = CpuReading(seconds, missed)
+        return self.last
+
+
+def postmaster_pid(database_url: str) -> int | None:
+    """The PostgreSQL server's main process, when it runs on this machine (the bench's embedded
+    one does): the parent of the backend serving a connection."""
+    try:
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        backend = int(row[0]) if row else 0
+        parent = parse_proc_stat(Path(f"/proc/{backend}/stat").read_text()).ppid
+        # On another machine that pid would be some unrelated local process, or none.
+        return parent if "postgres" in Path(f"/proc/{parent}/comm").read_text() else None
+    except (psycopg.Error, OSError, ValueError):
+        return None
+
+
+def stream(
+    client: Client, data: bytes, rounds: int, parts: int, disk: Path | None, meter: CpuMeter | None = None
+) -> tuple[dict[str, list[float]], list[CpuReading]]:
+    """Per round: the ratio, the service's MB/s, SHA-256 MB/s and (given ``disk``) the disk's; and
+    (given ``meter``) the servers' CPU over each round's parts."""
     figures: dict[str, list[float]] = {"ratio": [], "service": [], "sha256": [], "disk": []}
+    cpu: list[CpuReading] = []
     upload_parts(client, data, 2)  # warm-up: connections, page cache, code paths
     for _ in range(rounds):
         sha = hash_rate(data)
-        service = parts * len(data) / upload_parts(client, data, parts) / 1e6
+        service = parts * len(data) / upload_parts(client, data, parts, meter=meter) / 1e6
+        if meter is not None:
+            cpu.append(meter.last)
         figures["ratio"].append(service / sha)
         figures["service"].append(service)
         figures["sha256"].append(sha)
         if disk is not None:
             figures["disk"].append(disk_write_rate(disk, data, parts))
-    return figures
+    return figures, cpu
 
 
 def disk_write_rate(directory: Path, data: bytes, count: int) -> float:
@@ -138,21 +286,26 @@ def disk_write_rate(directory: Path, data: bytes, count: int) -> float:
     return rate
 
 
-def small_parts(client: Client, rounds: int, count: int) -> tuple[list[float], list[float], list[float]]:
-    """(ratios, parts per second, healthz per second), one value per round."""
+def small_parts(
+    client: Client, rounds: int, count: int, meter: CpuMeter | None = None
+) -> tuple[list[float], list[float], list[float], list[CpuReading]]:
+    """(ratios, parts per second, healthz per second, the servers' CPU over the parts), one value
+    per round."""
     data = os.urandom(SMALL_PART)
-    ratios, part_rates, health_rates = [], [], []
+    ratios, part_rates, health_rates, cpu = [], [], [], []
     upload_parts(client, data, 20)
     for _ in range(rounds):
         started = time.perf_counter()
         for _ in range(count):
             client.healthz()
         health_rate = count / (time.perf_counter() - started)
-        part_rate = count / upload_parts(client, data, count)
+        part_rate = count / upload_parts(client, data, count, meter=meter)
+        if meter is not None:
+            cpu.append(meter.last)
         ratios.append(part_rate / health_rate)
         part_rates.append(part_rate)
         health_rates.append(health_rate)
-    return ratios, part_rates, health_rates
+    return ratios, part_rates, health_rates, cpu
 
 
 def concurrent(server_url: str, key: str, data: bytes, clients: int, parts: int, rounds: int) -> tuple[list, list]:
@@ -167,15 +320,89 @@ def concurrent(server_url: str, key: str, data: bytes, clients: int, parts: int,
 
 def concurrent_round(server_url: str, key: str, data: bytes, clients: int, parts: int, latencies: list[float]) -> float:
     """``clients`` threads, each PUTting ``parts`` parts at once; the seconds until all are done."""
+    return parallel_uploads(lambda: ChunksvcUploader(server_url, key), data, clients, parts, latencies)
+
+
+class Uploader(Protocol):
+    """One client on one keep-alive connection, to chunksvc or to the peer."""
+
+    def connect(self) -> None:
+        """Open the connection with one cheap request (before a clock starts)."""
+
+    def upload(
+        self, data: bytes, count: int, latencies: list[float] | None = None, meter: CpuMeter | None = None
+    ) -> float:
+        """A new upload of ``count`` parts of ``data``, removed afterwards; the seconds the parts took."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ChunksvcUploader:
+    def __init__(self, server_url: str, key: str) -> None:
+        self.client = Client(server_url, key)
+
+    def connect(self) -> None:
+        self.client.healthz()
+
+    def upload(
+        self, data: bytes, count: int, latencies: list[float] | None = None, meter: CpuMeter | None = None
+    ) -> float:
+        return upload_parts(self.client, data, count, latencies, meter)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class TusUploader:
+    """tus: POST with Upload-Length, a PATCH per part at its Upload-Offset, DELETE."""
+
+    def __init__(self, server_url: str) -> None:
+        self.client = peer_tus.TusClient(server_url)
+
+    def connect(self) -> None:
+        self.client.options()
+
+    def upload(
+        self, data: bytes, count: int, latencies: list[float] | None = None, meter: CpuMeter | None = None
+    ) -> float:
+        upload = self.client.create(len(data) * count)
+        body = memoryview(data)
+        offset = 0
+        if meter is not None:
+            meter.start()
+        started = time.perf_counter()
+        for _ in range(count):
+            sent = time.perf_counter()
+            offset = self.client.patch(upload, offset, body)
+            if latencies is not None:
+                latencies.append(time.perf_counter() - sent)
+        elapsed = time.perf_counter() - started
+        if meter is not None:
+            meter.stop()
+        self.client.delete(upload)
+        if offset != len(data) * count:
+            raise RuntimeError(f"tus: upload ended at offset {offset}, not {len(data) * count}")
+        return elapsed
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def parallel_uploads(
+    connect: Callable[[], Uploader], data: bytes, clients: int, parts: int, latencies: list[float] | None = None
+) -> float:
+    """``clients`` threads, each with its own connection and upload of ``parts`` parts, at once;
+    the seconds until all are done."""
     barrier = threading.Barrier(clients + 1)
     errors: list[BaseException] = []
 
     def run() -> None:
-        client = Client(server_url, key)
+        client = connect()
         try:
-            client.healthz()  # connected before the clock starts
+            client.connect()  # connected before the clock starts
             barrier.wait()
-            upload_parts(client, data, parts, latencies)
+            client.upload(data, parts, latencies)
         except BaseException as exc:
             errors.append(exc)
             barrier.abort()
@@ -262,16 +489,142 @@ def s3_path(client: Client, spec: StorageSpec, data: bytes, rounds: int, parts: 
     return ratios, service, direct
 
 
+@dataclasses.dataclass
+class PeerSide:
+    """One server of the peer comparison: how to reach it, its CPU meter, its values per round."""
+
+    name: str
+    connect: Callable[[], Uploader]
+    meter: CpuMeter
+    values: dict[str, list[float]] = dataclasses.field(default_factory=lambda: defaultdict(list))
+    missed: int = 0  # exited processes whose CPU could not be counted
+
+    def record_cpu(self, key: str, reading: CpuReading, scale: float) -> None:
+        self.values[key].append(reading.total * scale)
+        for group, seconds in reading.seconds.items():
+            self.values[f"{key}:{group}"].append(seconds * scale)
+        self.missed += reading.missed
+
+
+@contextlib.contextmanager
+def _uploader(connect: Callable[[], Uploader]) -> Iterator[Uploader]:
+    client = connect()
+    try:
+        client.connect()
+        yield client
+    finally:
+        client.close()
+
+
+def peer_rounds(sides: list[PeerSide], rounds: int, stream_parts: int, small_count: int) -> None:
+    """Each figure of each side, in ``rounds`` rounds; within a round the sides take turns figure by
+    figure, and which goes first alternates from round to round."""
+    big, small = os.urandom(STREAM_PART), os.urandom(SMALL_PART)
+    stream_bytes = stream_parts * STREAM_PART
+    for side in sides:  # warm-up: connections, page cache, code paths, Node's JIT
+        with _uploader(side.connect) as client:
+            client.upload(big, 4)
+            client.upload(small, 100)
+    for round_number in range(rounds):
+        order = sides if round_number % 2 == 0 else sides[::-1]
+        for side in order:
+            with _uploader(side.connect) as client:
+                elapsed = client.upload(big, stream_parts, meter=side.meter)
+            side.values["stream"].append(stream_bytes / MiB / elapsed)
+            side.record_cpu("cpu_gib", side.meter.last, GiB / stream_bytes)
+        for clients in PEER_CLIENTS:
+            per_client = max(1, stream_parts // clients)
+            for side in order:
+                elapsed = parallel_uploads(side.connect, big, clients, per_client)
+                side.values[f"clients{clients}"].append(clients * per_client * STREAM_PART / MiB / elapsed)
+        for side in order:
+            with _uploader(side.connect) as client:
+                elapsed = client.upload(small, small_count, meter=side.meter)
+            side.values["small"].append(small_count / elapsed)
+            side.record_cpu("cpu_part", side.meter.last, 1000 / small_count)
+
+
+# key, row name, unit, goal of chunksvc/tus (issue 13): "higher" rates, "lower" CPU.
+PEER_METRICS = (
+    ("stream", "8 MiB parts, 1 client", "MiB/s", ">=", 1.5),
+    *((f"clients{n}", f"8 MiB parts, {n} clients", "MiB/s", ">=", 1.0) for n in PEER_CLIENTS),
+    ("small", "4 KiB parts, 1 client", "parts/s", ">=", 1.0),
+    ("cpu_gib", "server CPU per GiB, 8 MiB parts", "s", "<=", 0.8),
+    ("cpu_part", "server CPU per 4 KiB part", "ms", "<=", 1.0),
+)
+GROUP_NAMES = {"gunicorn": "gunicorn", "postgres": "PostgreSQL", "node": "node"}
+
+
+def _spread(values: list[float]) -> str:
+    """median (min-max)."""
+    return f"{_fmt(statistics.median(values))} ({_fmt(min(values))}-{_fmt(max(values))})"
+
+
+def _groups_note(side: PeerSide, key: str) -> str:
+    """For a CPU figure: the median of each process tree's share, and what could not be counted."""
+    groups = [
+        f"{GROUP_NAMES.get(name.split(':', 1)[1], name)} {_fmt(statistics.median(values))}"
+        for name, values in side.values.items()
+        if name.startswith(key + ":")
+    ]
+    note = f" [{' + '.join(groups)}]" if len(groups) > 1 else ""
+    if groups and side.missed:
+        note += f" ({side.missed} exited processes not counted)"
+    return note
+
+
+def peer_figures(backend: str, chunksvc: PeerSide, tus: PeerSide | None) -> Iterator[Figure]:
+    """chunksvc/tus per round (median, min-max) against the goal; without the peer, chunksvc's own."""
+    for key, name, unit, op, goal in PEER_METRICS:
+        ours = chunksvc.values[key]
+        note = f"chunksvc {_spread(ours)} {unit}{_groups_note(chunksvc, key)}"
+        if tus is None:
+            yield Figure(f"peer {name}", backend, ours, unit=f" {unit}", note=note)
+            continue
+        theirs = tus.values[key]
+        ratios = [a / b if b else float("inf") for a, b in zip(ours, theirs, strict=True)]
+        median = statistics.median(ratios)
+        yield Figure(
+            f"peer {name}, chunksvc/tus",
+            backend,
+            ratios,
+            target=f"{op} {goal}",
+            met=median >= goal if op == ">=" else median <= goal,
+            note=f"{note}; tus {_spread(theirs)} {unit}{_groups_note(tus, key)}",
+        )
+
+
+def _cpu_note(readings: list[CpuReading], scale: float, unit: str) -> str:
+    """The median of each process tree's share, e.g. ``gunicorn 2.10 + PostgreSQL 0.15 s``."""
+    groups = [
+        f"{GROUP_NAMES.get(name, name)} {_fmt(statistics.median(r.seconds[name] * scale for r in readings))}"
+        for name in readings[0].seconds
+    ]
+    missed = sum(r.missed for r in readings)
+    return " + ".join(groups) + f" {unit}" + (f" ({missed} exited processes not counted)" if missed else "")
+
+
 def bench_backend(
-    backend: str, spec: StorageSpec, url: str, key: str, args: argparse.Namespace, env: dict[str, str]
+    backend: str,
+    spec: StorageSpec,
+    url: str,
+    key: str,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    postmaster: int | None = None,
+    peer: peer_tus.Installation | None = None,
 ) -> Iterator[Figure]:
     part = os.urandom(STREAM_PART)
     wanted = set(args.figures.split(","))
     with harness.gunicorn(url, spec, config=args.gunicorn_config, env=env) as server:
+        # The service's CPU: gunicorn's master and workers, and the PostgreSQL server's processes.
+        roots = {"gunicorn": server.process.pid, **({"postgres": postmaster} if postmaster else {})}
+        meter = CpuMeter(roots)
+        not_counted = "" if spec.kind == "file" else " (moto's not counted)"
         # A fresh connection per phase: an idle keep-alive connection is closed by the server.
         if "stream" in wanted:
             with _connected(server, key) as client:
-                figures = stream(client, part, args.rounds, args.stream_parts, spec.root)
+                figures, cpu = stream(client, part, args.rounds, args.stream_parts, spec.root, meter)
             note = (
                 f"service {statistics.median(figures['service']):.0f} MB/s,"
                 f" sha256 {statistics.median(figures['sha256']):.0f} MB/s"
@@ -286,10 +639,18 @@ def bench_backend(
                 met=statistics.median(figures["ratio"]) >= 0.5,
                 note=note,
             )
+            per_gib = GiB / (args.stream_parts * STREAM_PART)
+            yield Figure(
+                "server CPU per GiB, 8 MiB parts",
+                backend,
+                [reading.total * per_gib for reading in cpu],
+                unit=" s",
+                note=_cpu_note(cpu, per_gib, "s") + not_counted + "; goal vs tus <= 0.8x (--peer tus)",
+            )
 
         if "small" in wanted:
             with _connected(server, key) as client:
-                ratios, part_rates, health_rates = small_parts(client, args.rounds, args.small_parts)
+                ratios, part_rates, health_rates, cpu = small_parts(client, args.rounds, args.small_parts, meter)
             yield Figure(
                 "small 4 KiB parts / healthz",
                 backend,
@@ -297,6 +658,14 @@ def bench_backend(
                 target=">= 0.35",
                 met=statistics.median(ratios) >= 0.35,
                 note=f"{statistics.median(part_rates):.0f} parts/s, {statistics.median(health_rates):.0f} healthz/s",
+            )
+            per_part = 1000 / args.small_parts
+            yield Figure(
+                "server CPU per 4 KiB part",
+                backend,
+                [reading.total * per_part for reading in cpu],
+                unit=" ms",
+                note=_cpu_note(cpu, per_part, "ms") + not_counted + "; goal vs tus <= 1.0x (--peer tus)",
             )
 
         if "concurrency" in wanted:
@@ -348,6 +717,23 @@ def bench_backend(
                 met=rss < 64,
                 note="the whole CLI process (Python, httpx, tqdm included)",
             )
+
+        if "peer" in wanted and spec.kind == "file" and spec.root is not None:
+            chunksvc_side = PeerSide("chunksvc", lambda: ChunksvcUploader(server.url, key), meter)
+            tus_side: PeerSide | None = None
+            with contextlib.ExitStack() as peer_stack:
+                if peer is not None:
+                    try:
+                        # Its FileStore beside chunksvc's storage root: the same filesystem.
+                        tus = peer_stack.enter_context(peer_tus.serve(peer, spec.root.parent / "tus"))
+                    except peer_tus.PeerUnavailable as exc:
+                        print(f"peer tus skipped: {exc}", flush=True)
+                    else:
+                        tus_side = PeerSide("tus", lambda: TusUploader(tus.url), CpuMeter({"node": tus.pid}))
+                sides = [chunksvc_side] if tus_side is None else [chunksvc_side, tus_side]
+                stream_parts = max(1, args.peer_stream_mib * MiB // STREAM_PART)
+                peer_rounds(sides, args.peer_rounds, stream_parts, args.peer_small_parts)
+            yield from peer_figures(backend, chunksvc_side, tus_side)
 
     if "assembly" in wanted and spec.kind == "file" and spec.root is not None:
         ratios, assembled, baseline = assembly_rates(spec.root, part, args.assembly_parts, args.rounds)
@@ -568,11 +954,28 @@ def _status_kib_meminfo(field: str) -> int:
     return 0
 
 
+def prepare_peer(args: argparse.Namespace, wanted: list[str], backends: list[str]) -> peer_tus.Installation | None:
+    """The installed peer, or None after printing why not (a missing peer never fails the bench)."""
+    if args.peer != "tus" or "peer" not in wanted:
+        return None
+    if "file" not in backends:
+        print("peer tus skipped: it is compared on the file backend only")
+        return None
+    try:
+        peer = peer_tus.prepare(args.peer_cache)
+    except peer_tus.PeerUnavailable as exc:
+        print(f"peer tus skipped: {exc}")
+        return None
+    print(f"peer: {peer.describe()}, from {peer.directory}")
+    return peer
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="file,s3", help="comma-separated: file, s3 (default both)")
     parser.add_argument(
-        "--figures", default=",".join(FIGURES), help=f"comma-separated subset of {', '.join(FIGURES)} (default all)"
+        "--figures",
+        help=f"comma-separated subset of {', '.join(FIGURES)} (default all but peer; --peer adds it)",
     )
     parser.add_argument("--rounds", type=int, default=7, help="rounds per ratio (default 7)")
     parser.add_argument("--stream-parts", type=int, default=16, help="8 MiB parts per stream round")
@@ -592,10 +995,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", help="CHUNKSVC_THREADS for this run")
     parser.add_argument("--worker-class", help="CHUNKSVC_WORKER_CLASS for this run")
     parser.add_argument("--block-size", help="CHUNKSVC_BLOCK_SIZE for this run")
+    parser.add_argument(
+        "--peer",
+        choices=["tus"],
+        help="also measure tus-node-server side by side (file backend; needs node and npm, else skipped)",
+    )
+    parser.add_argument("--peer-rounds", type=int, default=3, help="interleaved rounds of the peer figures (default 3)")
+    parser.add_argument("--peer-stream-mib", type=int, default=512, help="MiB per 8 MiB-part upload (default 512)")
+    parser.add_argument("--peer-small-parts", type=int, default=2000, help="4 KiB parts per round (default 2000)")
+    parser.add_argument(
+        "--peer-cache",
+        type=Path,
+        help="where the peer is installed and reused (default $XDG_CACHE_HOME or ~/.cache, /chunksvc-bench)",
+    )
     args = parser.parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not set(backends) <= {"file", "s3"}:
         parser.error("--backends takes file and/or s3")
+    wanted = [f.strip() for f in (args.figures or ",".join(DEFAULT_FIGURES)).split(",") if f.strip()]
+    if unknown := sorted(set(wanted) - set(FIGURES)):
+        parser.error(f"unknown --figures: {', '.join(unknown)} (choose from {', '.join(FIGURES)})")
+    if args.peer and "peer" not in wanted:
+        wanted.append("peer")
+    args.figures = ",".join(wanted)
 
     env = {
         "CHUNKSVC_MIN_PART_SIZE": str(SMALL_PART),
@@ -612,12 +1034,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"chunksvc bench on {machine()}")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(env.items())) + " (others from the config file)")
+    peer = prepare_peer(args, wanted, backends)
     started = time.monotonic()
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="chunksvc-bench-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         url = stack.enter_context(harness.embedded_database(work))
         key = harness.create_api_key(url, "bench")
+        postmaster = postmaster_pid(url)
+        if postmaster is None:
+            print("server CPU: PostgreSQL's processes not found, not counted")
         for backend in backends:
             spec: StorageSpec
             if backend == "file":
@@ -625,13 +1051,26 @@ def main(argv: list[str] | None = None) -> int:
                 spec = StorageSpec(kind="file", root=root / "storage")
             else:
                 spec = harness.s3_spec(stack.enter_context(harness.moto_s3()))
-            for figure in bench_backend(backend, spec, url, key, args, env):
+            for figure in bench_backend(backend, spec, url, key, args, env, postmaster, peer):
                 figures.append(figure)
                 print(f"  measured: {figure.name} ({backend})", file=sys.stderr, flush=True)
     print()
     print_table(figures)
     missed = [f"{figure.name} ({figure.backend})" for figure in figures if figure.met is False]
     print(f"\n{args.rounds} rounds per ratio; total {time.monotonic() - started:.0f} s")
+    compared = peer is not None and any(figure.name.endswith(", chunksvc/tus") for figure in figures)
+    if {"stream", "small", "peer"} & set(wanted):
+        print(
+            "server CPU: utime+stime (/proc/<pid>/stat) over the parts sent; chunksvc: gunicorn's master and"
+            " workers and PostgreSQL's postmaster and its processes (exited ones through their parent's cutime)"
+            + ("; tus: its Node process" if compared else "")
+        )
+    if "peer" in wanted and "file" in backends:
+        print(
+            f"peer: {args.peer_rounds} interleaved rounds, {args.peer_stream_mib} MiB per 8 MiB-part upload,"
+            f" {args.peer_small_parts} 4 KiB parts; "
+            + (peer.describe() if peer and compared else "chunksvc alone (tus-node-server: --peer tus)")
+        )
     if missed:
         print(f"targets missed: {', '.join(missed)}")
     # --check: for CI jobs or release gates that must fail when a target is missed.
