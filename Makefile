@@ -71,6 +71,7 @@ reap: $(INSTALLED)
 	$(BIN)/python -m chunksvc reap $(ARGS)
 
 ## make bench [ARGS="--backends file --rounds 7"]: the part path's figures, a few minutes (README, Performance).
+## ARGS="--peer tus" adds tus-node-server side by side (npm installs it under ~/.cache; skipped without Node).
 bench: $(BENCH_INSTALLED)
 	$(BIN)/python -m tools.bench $(ARGS)
 
