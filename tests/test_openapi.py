@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from importlib import resources
 
 import pytest
@@ -28,8 +29,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from chunksvc import dao
 from chunksvc.config import StorageSpec
 from chunksvc.resources import problems
+from chunksvc.resources.uploads import EventRenderer, SessionRenderer
+from chunksvc.services.webhooks import SigningKey, WebhookRegistry, sign
 from tests.conftest import TEST_LIMITS
 from tests.helpers import complete, create, put_part, sha
 
@@ -163,6 +167,28 @@ def test_unknown_routes_and_methods_answer_the_documented_problems(app, served):
 
 
 # --- inputs the fuzzing found mishandled (500, or 400 for a documented value) --------------------
+
+
+def test_a_delivered_event_is_what_the_webhooks_section_describes(app, auth, db):
+    """The body and headers a webhook endpoint receives, as the deliverer builds them, validate
+    against the document's ``webhooks`` operation."""
+    key = SigningKey(b"k" * 32)
+    _, secret = WebhookRegistry(db, key).add("alice", "http://127.0.0.1:9/events")
+    session = create(app, auth, size=3, part_size=3).json
+    put_part(app, auth, session["id"], 1, b"abc")
+    complete(app, auth, session["id"])
+    with db.transaction() as conn:
+        (delivery,) = dao.claim_webhook_deliveries(conn, 1, 60, [], key.key_id)
+        carried = dao.event_sessions(conn, [delivery.event_id])[delivery.event_id]
+    body = EventRenderer(SessionRenderer(None))(delivery, carried)
+    operation = STATIC["webhooks"]["sessionEvent"]["post"]
+    schema_pointer = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].removeprefix("#")
+    errors = list(validator(STATIC, schema_pointer).iter_errors(json.loads(body)))
+    assert not errors, errors
+    assert json.loads(body)["session"] == app.get(f"/uploads/sessions/{session['id']}", headers=auth).json
+    header = next(p for p in operation["parameters"] if p["name"] == "Chunksvc-Signature")
+    assert re.fullmatch(header["schema"]["pattern"], sign([secret], 1700000000, body))
+    assert re.fullmatch(header["schema"]["pattern"], sign([secret, secret], 1700000000, body))
 
 
 def test_deeply_nested_json_body_is_invalid_request(app, auth):
