@@ -183,8 +183,9 @@ def _signing_key(config: Config) -> SigningKey:
 
 
 def cmd_webhooks(config: Config, args: argparse.Namespace) -> int:
-    """A client's webhook endpoints: add (prints the secret), list (with delivery state), remove,
-    rotate (a new secret; the old one signs beside it for a while), redeliver an event."""
+    """A client's webhook endpoints: add (prints the secret), list (with delivery state), events
+    (deliveries, to find one to redeliver), remove, rotate (a new secret; the old one signs beside
+    it for a while), redeliver an event."""
     with database_url(config) as url:
         migrations.migrate(url)
         db = Database(url, min_size=1, max_size=1)
@@ -202,6 +203,21 @@ def cmd_webhooks(config: Config, args: argparse.Namespace) -> int:
                     print(
                         f"{row.id:>5}  {row.client_name:<20} {row.pending:>8} {row.failing:>8} {row.dead:>6}"
                         f"  {_when(row.created_at):<19}  {row.url}{roll}"
+                    )
+            elif args.action == "events":
+                session_id = rules.parse_session_id(args.session) if args.session else None
+                listed = registry.deliveries(
+                    endpoint_id=args.endpoint, session_id=session_id, state=args.state, limit=args.limit
+                )
+                print(
+                    f"{'EVENT':<36}  {'TYPE':<17} {'SESSION':<36}  {'ENDPOINT':>8} {'STATE':<9}"
+                    f" {'TRIES':>5}  {'CREATED':<19}  LAST ERROR"
+                )
+                for d in listed:
+                    state = "failing" if d.state == "pending" and d.last_error else d.state
+                    print(
+                        f"{d.event_id!s:<36}  {d.type:<17} {d.session_id!s:<36}  {d.endpoint_id:>8} {state:<9}"
+                        f" {d.attempts:>5}  {_when(d.event_created_at):<19}  {d.last_error or '-'}"
                     )
             elif args.action == "remove":
                 dropped = registry.remove(args.id)
@@ -365,13 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=cmd_sessions)
 
     webhooks = commands.add_parser(
-        "webhooks", help="clients' webhook endpoints: add, list, remove, rotate, redeliver"
+        "webhooks", help="clients' webhook endpoints: add, list, events, remove, rotate, redeliver"
     ).add_subparsers(dest="action", required=True)
     add = webhooks.add_parser("add", help="register an endpoint for a client (prints its signing secret, once)")
     add.add_argument("client", help="client name")
     add.add_argument("url", help="http:// or https:// URL the events are POSTed to")
     webhook_list = webhooks.add_parser("list", help="endpoints with their deliveries: pending, failing, dead")
     webhook_list.add_argument("client", nargs="?", help="only this client's")
+    events = webhooks.add_parser("events", help="deliveries, newest first: find an event to redeliver, see failures")
+    events.add_argument("--endpoint", type=_positive_int, help="only to this endpoint")
+    events.add_argument("--session", help="only of this session")
+    events.add_argument("--state", choices=("pending", "failing", "dead", "delivered"), help="only in this state")
+    events.add_argument("--limit", type=_positive_int, default=50)
     remove = webhooks.add_parser("remove", help="stop sending to an endpoint (its undelivered events are dropped)")
     remove.add_argument("id", type=_positive_int)
     rotate = webhooks.add_parser("rotate", help="a new signing secret; the old one signs beside it for --overlap")

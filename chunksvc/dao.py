@@ -55,6 +55,7 @@ from chunksvc.rows import (
     SessionRow,
     SweptSessionRow,
     WebhookCensusRow,
+    WebhookDeliveryRow,
     WebhookEndpointRow,
     WebhookEndpointStateRow,
 )
@@ -76,6 +77,7 @@ _WEBHOOK_ENDPOINT_STATE = dataclass_row(WebhookEndpointStateRow)
 _CLAIMED_DELIVERY = dataclass_row(ClaimedDeliveryRow)
 _EVENT_SESSION = dataclass_row(EventSessionRow)
 _WEBHOOK_CENSUS = dataclass_row(WebhookCensusRow)
+_WEBHOOK_DELIVERY = dataclass_row(WebhookDeliveryRow)
 
 
 # --- clients and keys -----------------------------------------------------------------------
@@ -515,3 +517,16 @@ def webhook_census(conn: Connection) -> WebhookCensusRow:
     census = conn.one("webhook_census", _WEBHOOK_CENSUS)
     assert census is not None  # an aggregate without GROUP BY always returns its one row
     return census
+
+
+def list_webhook_deliveries(
+    conn: Connection, *, endpoint_id: int | None, session_id: UUID | None, state: str | None, limit: int
+) -> list[WebhookDeliveryRow]:
+    return conn.all(
+        "list_webhook_deliveries",
+        _WEBHOOK_DELIVERY,
+        endpoint_id=endpoint_id,
+        session_id=session_id,
+        state=state,
+        limit=limit,
+    )

@@ -230,3 +230,20 @@ class WebhookCensusRow:
     pending_new: int
     failing: int
     dead: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookDeliveryRow:
+    """One event to one endpoint, as ``webhooks events`` lists it."""
+
+    event_id: UUID
+    type: str
+    event_created_at: datetime
+    session_id: UUID
+    endpoint_id: int
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    last_status: int | None
+    last_error: str | None
+    delivered_at: datetime | None

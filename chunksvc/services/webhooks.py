@@ -44,7 +44,13 @@ from uuid import UUID
 from chunksvc import dao
 from chunksvc.db import Database
 from chunksvc.errors import ChunksvcError, ConfigError, InvalidRequest
-from chunksvc.rows import ClaimedDeliveryRow, SessionRow, WebhookEndpointRow, WebhookEndpointStateRow
+from chunksvc.rows import (
+    ClaimedDeliveryRow,
+    SessionRow,
+    WebhookDeliveryRow,
+    WebhookEndpointRow,
+    WebhookEndpointStateRow,
+)
 from chunksvc.services.events import UploadEvents
 
 log = logging.getLogger(__name__)
@@ -170,6 +176,20 @@ class WebhookRegistry:
         if endpoint is None:
             raise InvalidRequest(f"no webhook endpoint {endpoint_id} in use")
         return endpoint, self._key.secret(nonce)
+
+    def deliveries(
+        self,
+        *,
+        endpoint_id: int | None = None,
+        session_id: UUID | None = None,
+        state: str | None = None,
+        limit: int = 50,
+    ) -> list[WebhookDeliveryRow]:
+        """Deliveries, newest event first (``state``: pending, failing, dead or delivered)."""
+        with self._db.connection() as conn:
+            return dao.list_webhook_deliveries(
+                conn, endpoint_id=endpoint_id, session_id=session_id, state=state, limit=limit
+            )
 
     def redeliver(self, event_id: UUID) -> list[int]:
         """Send the event again to its endpoints still in use, now; their ids."""

@@ -514,3 +514,19 @@ SELECT count(*) FILTER (WHERE last_error IS NULL) AS pending_new,
        (SELECT count(*) FROM webhook_deliveries WHERE state = 'dead') AS dead
   FROM webhook_deliveries
  WHERE state = 'pending';
+
+-- name: list_webhook_deliveries
+-- The operator's view of deliveries, newest event first: of one endpoint, one session, in one
+-- state (`failing`: pending after a failed attempt), to find an event to redeliver or see why
+-- an endpoint fails.
+SELECT d.event_id, ev.type, ev.created_at AS event_created_at, d.session_id, d.endpoint_id, d.state, d.attempts,
+       d.next_attempt_at, d.last_status, d.last_error, d.delivered_at
+  FROM webhook_deliveries d
+  JOIN webhook_events ev ON ev.id = d.event_id
+ WHERE (%(endpoint_id)s::bigint IS NULL OR d.endpoint_id = %(endpoint_id)s)
+   AND (%(session_id)s::uuid IS NULL OR d.session_id = %(session_id)s)
+   AND (%(state)s::text IS NULL
+        OR d.state = %(state)s
+        OR (%(state)s = 'failing' AND d.state = 'pending' AND d.last_error IS NOT NULL))
+ ORDER BY ev.seq DESC, d.endpoint_id
+ LIMIT %(limit)s;
