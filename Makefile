@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install lock run test chaos lint migrate api-key keys sessions psql reap bench bench-large bench-proxy loadtest clean
+.PHONY: install lock run test chaos lint migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes. (PYTHONWARNINGS: setuptools' notice
 # about editable installs, printed by every build, is noise; pip's errors still show.)
@@ -65,6 +65,17 @@ sessions: $(INSTALLED)
 
 psql: $(INSTALLED)
 	$(BIN)/python -m chunksvc psql $(ARGS)
+
+## make webhooks [ARGS="add alice https://hooks.example/chunksvc"]: clients' completion-event endpoints
+## (default: list; also events [--state dead], remove ID, rotate ID [--overlap S], redeliver EVENT_ID); add, rotate
+## print the signing secret as their last line (make -s webhooks ARGS=... | tail -n 1).
+webhooks: $(INSTALLED)
+	$(BIN)/python -m chunksvc webhooks $(or $(ARGS),list)
+
+## make deliver: deliver the webhook events due now, then exit (the server's workers deliver all along;
+## this drains what is due, say from cron where no server runs). Exit status 1 if an attempt failed.
+deliver: $(INSTALLED)
+	$(BIN)/python -m chunksvc deliver --once
 
 ## make reap [ARGS="--dry-run --orphan-grace 3600"]: one cleanup pass (cron: */5 * * * *).
 reap: $(INSTALLED)
