@@ -238,10 +238,10 @@ def postmaster_pid(database_url: str) -> int | None:
     """The PostgreSQL server's main process, when it runs on this machine (the bench's embedded
     one does): the parent of the backend serving a connection."""
     try:
-        with psycopg.connect(database_url) as conn:
+        with psycopg.connect(database_url) as conn:  # the backend exits with the connection: read it first
             row = conn.execute("SELECT pg_backend_pid()").fetchone()
-        backend = int(row[0]) if row else 0
-        parent = parse_proc_stat(Path(f"/proc/{backend}/stat").read_text()).ppid
+            backend = int(row[0]) if row else 0
+            parent = parse_proc_stat(Path(f"/proc/{backend}/stat").read_text()).ppid
         # On another machine that pid would be some unrelated local process, or none.
         return parent if "postgres" in Path(f"/proc/{parent}/comm").read_text() else None
     except (psycopg.Error, OSError, ValueError):
