@@ -199,11 +199,16 @@ def cmd_webhooks(config: Config, args: argparse.Namespace) -> int:
             elif args.action == "list":
                 print(f"{'ID':>5}  {'CLIENT':<20} {'PENDING':>8} {'FAILING':>8} {'DEAD':>6}  {'CREATED':<19}  URL")
                 for row in registry.endpoints(args.client):
-                    roll = f"  (secret roll until {_when(row.previous_until)})" if row.previous_until else ""
+                    notes = [f"secret roll until {_when(row.previous_until)}"] if row.previous_until else []
+                    if row.key_id != registry.key_id:
+                        notes.append("its secret comes from another signing key: hosts with this key do not send")
                     print(
                         f"{row.id:>5}  {row.client_name:<20} {row.pending:>8} {row.failing:>8} {row.dead:>6}"
-                        f"  {_when(row.created_at):<19}  {row.url}{roll}"
+                        f"  {_when(row.created_at):<19}  {row.url}" + "".join(f"  ({note})" for note in notes)
                     )
+            elif args.action == "set-url":
+                endpoint = registry.set_url(args.id, args.url)
+                print(f"webhook endpoint {endpoint.id} now sends to {endpoint.url} (same secret, pending events kept)")
             elif args.action == "events":
                 session_id = rules.parse_session_id(args.session) if args.session else None
                 listed = registry.deliveries(
@@ -253,7 +258,10 @@ def cmd_deliver(config: Config, args: argparse.Namespace) -> int:
             counts = deliverer.deliver_due()
         finally:
             db.close()
-    print(f"delivered {counts.delivered}, failed {counts.failed} (to be retried), dead {counts.dead}")
+    print(
+        f"delivered {counts.delivered}, failed {counts.failed - counts.dead} (to be retried),"
+        f" dead {counts.dead} (failed, not to be retried)"
+    )
     return 1 if counts.failed else 0
 
 
@@ -381,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=cmd_sessions)
 
     webhooks = commands.add_parser(
-        "webhooks", help="clients' webhook endpoints: add, list, events, remove, rotate, redeliver"
+        "webhooks", help="clients' webhook endpoints: add, list, events, set-url, remove, rotate, redeliver"
     ).add_subparsers(dest="action", required=True)
     add = webhooks.add_parser("add", help="register an endpoint for a client (prints its signing secret, once)")
     add.add_argument("client", help="client name")
@@ -395,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--limit", type=_positive_int, default=50)
     remove = webhooks.add_parser("remove", help="stop sending to an endpoint (its undelivered events are dropped)")
     remove.add_argument("id", type=_positive_int)
+    set_url = webhooks.add_parser("set-url", help="move an endpoint to a new URL (secret and pending events kept)")
+    set_url.add_argument("id", type=_positive_int)
+    set_url.add_argument("url")
     rotate = webhooks.add_parser("rotate", help="a new signing secret; the old one signs beside it for --overlap")
     rotate.add_argument("id", type=_positive_int)
     rotate.add_argument(

@@ -210,9 +210,10 @@ class Config:
     # (one host). Outside the database, so a dump of it cannot sign (README, Webhooks).
     webhook_key: str | None = None
     webhook_key_file: Path = Path("var/webhook-signing.key")
-    # Delivery attempts at once per worker process, seconds between looks for events other
-    # processes produced, and how long a failing delivery is retried before it is dead.
-    webhook_concurrency: int = 4
+    # Delivery attempts at once per worker process (failing endpoints share at most half), seconds
+    # between looks for events other processes produced, and how long a failing delivery is
+    # retried (from its first try) before it is dead.
+    webhook_concurrency: int = 8
     webhook_poll_interval: float = 1.0
     webhook_retry_for: float = 24 * 3600.0
     # Proxies whose X-Forwarded-For names the client in logs (default: the same host).
@@ -252,7 +253,7 @@ class Config:
             trusted_proxies=TrustedProxies.parse(env.get("CHUNKSVC_FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)),
             webhook_key=env.get("CHUNKSVC_WEBHOOK_KEY") or None,
             webhook_key_file=Path(env.get("CHUNKSVC_WEBHOOK_KEY_FILE") or var_dir / "webhook-signing.key").resolve(),
-            webhook_concurrency=_int(env, "CHUNKSVC_WEBHOOK_CONCURRENCY", 4),
+            webhook_concurrency=_int(env, "CHUNKSVC_WEBHOOK_CONCURRENCY", 8),
             webhook_poll_interval=_int(env, "CHUNKSVC_WEBHOOK_POLL", 1),
             webhook_retry_for=_int(env, "CHUNKSVC_WEBHOOK_RETRY_FOR", 24 * 3600),
         )

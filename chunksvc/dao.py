@@ -464,7 +464,12 @@ def redeliver_webhook_event(conn: Connection, event_id: UUID) -> list[int]:
 
 
 def claim_webhook_deliveries(
-    conn: Connection, limit: int, lease: float, busy_endpoints: Sequence[int], key_id: str
+    conn: Connection,
+    limit: int,
+    lease: float,
+    busy_endpoints: Sequence[int],
+    key_id: str,
+    only_endpoints: Sequence[int] | None = None,
 ) -> list[ClaimedDeliveryRow]:
     return conn.all(
         "claim_webhook_deliveries",
@@ -473,6 +478,7 @@ def claim_webhook_deliveries(
         lease=lease,
         busy_endpoints=list(busy_endpoints),
         key_id=key_id,
+        only_endpoints=None if only_endpoints is None else list(only_endpoints),
     )
 
 
@@ -530,3 +536,7 @@ def list_webhook_deliveries(
         state=state,
         limit=limit,
     )
+
+
+def set_webhook_url(conn: Connection, endpoint_id: int, url: str) -> WebhookEndpointRow | None:
+    return conn.one("set_webhook_url", _WEBHOOK_ENDPOINT, id=endpoint_id, url=url)

@@ -192,6 +192,7 @@ class WebhookEndpointStateRow:
     id: int
     client_name: str
     url: str
+    key_id: str  # the signing key its secret was derived from
     created_at: datetime
     previous_until: datetime | None
     pending: int

@@ -59,8 +59,6 @@ SIGNATURE_HEADER = "Chunksvc-Signature"
 SECRET_PREFIX = "whsec_"
 KEY_BYTES = 32
 MAX_URL_LENGTH = 2048
-# A receiver's answer body is read only this far (for the log line), then the connection closes.
-MAX_ANSWER_READ = 4096
 
 # (delivery, the session it carries) -> the event's JSON body, as bytes. Rendering is the HTTP
 # representation's business (chunksvc.resources); the app hands the deliverer its renderer.
@@ -147,6 +145,7 @@ class WebhookRegistry:
     def __init__(self, db: Database, signing_key: SigningKey) -> None:
         self._db = db
         self._key = signing_key
+        self.key_id = signing_key.key_id
 
     def add(self, client_name: str, url: str) -> tuple[WebhookEndpointRow, str]:
         """The new endpoint and its secret (shown once: it is not stored)."""
@@ -177,6 +176,14 @@ class WebhookRegistry:
             raise InvalidRequest(f"no webhook endpoint {endpoint_id} in use")
         return endpoint, self._key.secret(nonce)
 
+    def set_url(self, endpoint_id: int, url: str) -> WebhookEndpointRow:
+        """Move the endpoint: its secret and its undelivered events go with it."""
+        with self._db.connection() as conn:
+            endpoint = dao.set_webhook_url(conn, endpoint_id, validate_url(url))
+        if endpoint is None:
+            raise InvalidRequest(f"no webhook endpoint {endpoint_id} in use")
+        return endpoint
+
     def deliveries(
         self,
         *,
@@ -202,7 +209,7 @@ class WebhookRegistry:
 
 @dataclasses.dataclass(frozen=True)
 class DeliverySettings:
-    concurrency: int = 4  # attempts at once in this process
+    concurrency: int = 8  # attempts at once in this process
     per_endpoint: int = 2  # of which at most this many to one endpoint
     timeout: float = 10.0  # seconds for the whole attempt: connect, send, the answer's head
     lease: float = 60.0  # a claimed delivery is due again after this (its deliverer died)
@@ -210,6 +217,12 @@ class DeliverySettings:
     retry_for: float = 24 * 3600.0  # retried this long (from the first try), then dead
     first_retry: float = 10.0  # backoff: about this after the first failure, doubling ...
     max_retry: float = 3600.0  # ... up to this; each with +-20% jitter
+
+    @property
+    def failing_share(self) -> int:
+        """Slots endpoints that are failing may hold at once (one each); the rest are kept for
+        endpoints that answer."""
+        return max(1, self.concurrency // 2)
 
     def retry_in(self, attempts: int) -> float:
         """Seconds until the next try after ``attempts`` failed ones (jittered, so the retries
@@ -244,6 +257,7 @@ class WebhookDeliverer(UploadEvents):
         self._events = events or UploadEvents()
         self._slots = threading.Condition()
         self._in_flight: dict[int, int] = {}  # endpoint -> attempts running in this process
+        self._failing: set[int] = set()  # endpoints whose last attempt here failed
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -254,7 +268,10 @@ class WebhookDeliverer(UploadEvents):
 
     def start(self) -> None:
         if self._key is None:
-            log.info("webhooks: no signing key on this host; it delivers no events")
+            log.warning(
+                "webhooks: no signing key on this host (CHUNKSVC_WEBHOOK_KEY): it delivers no events;"
+                " `python -m chunksvc webhooks list` shows what waits"
+            )
             return
         if self._thread is None:
             self._pool = ThreadPoolExecutor(self._settings.concurrency, thread_name_prefix="chunksvc-webhook")
@@ -331,17 +348,37 @@ class WebhookDeliverer(UploadEvents):
     # --- claiming and attempting ------------------------------------------------------------
 
     def _claim_and_start(self) -> int:
-        """Claim as many due deliveries as there are free slots and start them; how many."""
+        """Claim as many due deliveries as there are free slots and start them; how many.
+
+        Endpoints whose last attempt here failed (down, hanging, answering 5xx) share at most
+        ``failing_share`` of the slots, one attempt each at a time: however many endpoints hang,
+        the rest of the slots stay with endpoints that answer, so other clients' events go on.
+        """
         assert self._key is not None and self._pool is not None
+        settings = self._settings
         with self._slots:
-            while sum(self._in_flight.values()) >= self._settings.concurrency and not self._stopping.is_set():
+            while sum(self._in_flight.values()) >= settings.concurrency and not self._stopping.is_set():
                 self._slots.wait()
             if self._stopping.is_set():
                 return 0
-            free = self._settings.concurrency - sum(self._in_flight.values())
-            busy = [endpoint for endpoint, running in self._in_flight.items() if running >= self._settings.per_endpoint]
+            free = settings.concurrency - sum(self._in_flight.values())
+            failing_running = sum(self._in_flight.get(endpoint, 0) for endpoint in self._failing)
+            failing_free = min(free, settings.failing_share - failing_running)
+            busy = [endpoint for endpoint, running in self._in_flight.items() if running >= settings.per_endpoint]
+            failing = list(self._failing)
+            failing_idle = [endpoint for endpoint in failing if endpoint not in self._in_flight]
         with self._db.transaction() as conn:
-            claimed = dao.claim_webhook_deliveries(conn, free, self._settings.lease, busy, self._key.key_id)
+            # Endpoints that answer first, then what is left of the failing endpoints' share.
+            claimed = dao.claim_webhook_deliveries(conn, free, settings.lease, busy + failing, self._key.key_id)
+            if failing_idle and failing_free > 0 and len(claimed) < free:
+                claimed += dao.claim_webhook_deliveries(
+                    conn,
+                    min(failing_free, free - len(claimed)),
+                    settings.lease,
+                    busy,
+                    self._key.key_id,
+                    only_endpoints=failing_idle,
+                )
             sessions = dao.event_sessions(conn, [delivery.event_id for delivery in claimed]) if claimed else {}
         with self._slots:
             for delivery in claimed:
@@ -381,6 +418,8 @@ class WebhookDeliverer(UploadEvents):
         with self._db.connection() as conn:
             if status is not None and 200 <= status < 300:
                 latency = dao.record_webhook_delivered(conn, delivery.event_id, delivery.endpoint_id, status)
+                with self._slots:
+                    self._failing.discard(delivery.endpoint_id)
                 self._count("delivered")
                 self._events.webhook_delivered(latency)
                 return
@@ -393,6 +432,8 @@ class WebhookDeliverer(UploadEvents):
                 retry_in=self._settings.retry_in(delivery.attempts),
                 retry_for=self._settings.retry_for,
             )
+        with self._slots:
+            self._failing.add(delivery.endpoint_id)
         self._count("failed")
         self._events.webhook_failed(dead=state == "dead")
         if state == "dead":
@@ -434,8 +475,20 @@ def post(url: str, body: bytes, signature: str, event_id: UUID, timeout: float) 
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
+    late = f"no answer within {timeout:g} s"
+
+    def within_deadline() -> None:
+        """Each step's socket timeout is what is left of the attempt's ``timeout``."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(late)
+        if connection.sock is not None:
+            connection.sock.settimeout(remaining)
+
     try:
         with _closing(connection):
+            connection.connect()
+            within_deadline()
             connection.request(
                 "POST",
                 target,
@@ -445,20 +498,18 @@ def post(url: str, body: bytes, signature: str, event_id: UUID, timeout: float) 
                     SIGNATURE_HEADER: signature,
                     "Chunksvc-Event-Id": str(event_id),
                     "User-Agent": "chunksvc-webhooks/1",
+                    "Connection": "close",
                 },
             )
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None, f"no answer within {timeout:g} s"
-            if connection.sock is not None:
-                connection.sock.settimeout(remaining)
-            answer = connection.getresponse()
+            within_deadline()
+            # The status decides; the answer's body is not read (a receiver that sends a 2xx
+            # head and then holds the connection has still answered).
+            status = connection.getresponse().status
             if time.monotonic() > deadline:
-                return None, f"no answer within {timeout:g} s"
-            answer.read(MAX_ANSWER_READ)
-            return answer.status, None
+                return None, late
+            return status, None
     except TimeoutError:
-        return None, f"no answer within {timeout:g} s"
+        return None, late
     except (OSError, http.client.HTTPException) as exc:
         return None, f"{type(exc).__name__}: {exc}"[:500]
 

@@ -393,7 +393,7 @@ SELECT e.id, e.client_id, c.name AS client_name, e.url, e.secret_nonce, e.key_id
 -- name: list_webhook_endpoints
 -- Endpoints in use (of one client, or all), each with its deliveries' state: pending (failing:
 -- those of them that have failed at least once) and dead, read through the partial indexes.
-SELECT e.id, c.name AS client_name, e.url, e.created_at, e.previous_until,
+SELECT e.id, c.name AS client_name, e.url, e.key_id, e.created_at, e.previous_until,
        (SELECT count(*) FROM webhook_deliveries d
          WHERE d.endpoint_id = e.id AND d.state = 'pending') AS pending,
        (SELECT count(*) FROM webhook_deliveries d
@@ -431,7 +431,7 @@ RETURNING id, client_id, (SELECT name FROM clients WHERE id = client_id) AS clie
 -- The event again to each endpoint still in use, whatever its deliveries' state: a new round of
 -- retries, due now (an event's own endpoints only; a newer endpoint never had it).
 UPDATE webhook_deliveries d
-   SET state = 'pending', next_attempt_at = now(), pending_since = now(), delivered_at = NULL,
+   SET state = 'pending', next_attempt_at = now(), attempts = 0, first_attempt_at = NULL, delivered_at = NULL,
        last_error = NULL
   FROM webhook_endpoints e
  WHERE d.event_id = %(event_id)s AND e.id = d.endpoint_id AND e.removed_at IS NULL
@@ -439,7 +439,8 @@ RETURNING d.endpoint_id;
 
 -- name: claim_webhook_deliveries
 -- Due deliveries, at most one per endpoint per claim (a slow endpoint takes one slot at a time,
--- never a whole batch), none to the endpoints this deliverer is already busy with, and only to
+-- never a whole batch), none to the endpoints this deliverer is already busy with (or only to
+-- `only_endpoints`, when given: the deliverer's share for failing endpoints), and only to
 -- endpoints whose secret this deliverer's signing key derived (`key_id`); only the
 -- earliest pending event of each session and endpoint (in order: a later event waits for the
 -- earlier one to be delivered or dead). Rows another deliverer holds are skipped, not waited on.
@@ -452,6 +453,7 @@ WITH candidates AS (
       JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.removed_at IS NULL AND e.key_id = %(key_id)s
      WHERE d.state = 'pending' AND d.next_attempt_at <= now()
        AND d.endpoint_id <> ALL(%(busy_endpoints)s::bigint[])
+       AND (%(only_endpoints)s::bigint[] IS NULL OR d.endpoint_id = ANY(%(only_endpoints)s::bigint[]))
        AND NOT EXISTS (
            SELECT 1 FROM webhook_deliveries earlier
             WHERE earlier.endpoint_id = d.endpoint_id AND earlier.session_id = d.session_id
@@ -468,7 +470,7 @@ WITH candidates AS (
 )
 UPDATE webhook_deliveries d
    SET next_attempt_at = now() + make_interval(secs => %(lease)s), attempts = d.attempts + 1,
-       last_attempt_at = now()
+       last_attempt_at = now(), first_attempt_at = COALESCE(d.first_attempt_at, now())
   FROM claimed, webhook_events ev, webhook_endpoints e
  WHERE d.event_id = claimed.event_id AND d.endpoint_id = claimed.endpoint_id
    AND ev.id = d.event_id AND e.id = d.endpoint_id AND e.removed_at IS NULL
@@ -496,12 +498,13 @@ UPDATE webhook_deliveries d
 RETURNING extract(epoch FROM clock_timestamp() - ev.created_at)::float8 AS latency;
 
 -- name: record_webhook_failed
--- Anything but a 2xx (`error` says what: never NULL, it marks the delivery as failing): due again after `retry_in` seconds, or dead once it has been pending for
--- `retry_for` seconds. Only while still pending (a late failure never undoes a delivery).
+-- Anything but a 2xx (`error` says what: never NULL, it marks the delivery as failing): due
+-- again after `retry_in` seconds, or dead once `retry_for` seconds have passed since its first
+-- try. Only while still pending (a late failure never undoes a delivery).
 UPDATE webhook_deliveries
    SET last_status = %(status)s, last_error = %(error)s,
        next_attempt_at = now() + make_interval(secs => %(retry_in)s),
-       state = CASE WHEN pending_since <= now() - make_interval(secs => %(retry_for)s)
+       state = CASE WHEN first_attempt_at <= now() - make_interval(secs => %(retry_for)s)
                     THEN 'dead' ELSE 'pending' END
  WHERE event_id = %(event_id)s AND endpoint_id = %(endpoint_id)s AND state = 'pending'
 RETURNING state;
@@ -530,3 +533,10 @@ SELECT d.event_id, ev.type, ev.created_at AS event_created_at, d.session_id, d.e
         OR (%(state)s = 'failing' AND d.state = 'pending' AND d.last_error IS NOT NULL))
  ORDER BY ev.seq DESC, d.endpoint_id
  LIMIT %(limit)s;
+
+-- name: set_webhook_url
+-- The endpoint moves: its secret, its undelivered events and its history stay with it.
+UPDATE webhook_endpoints SET url = %(url)s
+ WHERE id = %(id)s AND removed_at IS NULL
+RETURNING id, client_id, (SELECT name FROM clients WHERE id = client_id) AS client_name, url, secret_nonce,
+          key_id, previous_nonce, previous_until, created_at, removed_at;

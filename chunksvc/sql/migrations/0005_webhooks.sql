@@ -37,7 +37,8 @@ CREATE TABLE webhook_events (
 );
 
 -- One event to one endpoint. `pending` until a 2xx (`delivered`) or until retrying has lasted
--- long enough since `pending_since` (`dead`; `webhooks redeliver` starts a new round). A claim
+-- long enough since its first try, `first_attempt_at` (then `dead`; `webhooks redeliver` starts a
+-- new round: an event that waited behind an earlier one of its session gets its full time). A claim
 -- pushes `next_attempt_at` past the attempt's end (a lease): a deliverer that dies mid-attempt
 -- leaves the delivery due again once the lease runs out. `session_id` and `event_seq` are copied
 -- from the event for the in-order rule (one session's next event waits while an earlier one is
@@ -49,7 +50,7 @@ CREATE TABLE webhook_deliveries (
     event_seq       bigint NOT NULL,
     state           text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'dead')),
     attempts        integer NOT NULL DEFAULT 0,
-    pending_since   timestamptz NOT NULL DEFAULT now(),
+    first_attempt_at timestamptz,
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
     last_attempt_at timestamptz,
     last_status     integer,
