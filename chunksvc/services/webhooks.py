@@ -32,6 +32,7 @@ import logging
 import os
 import random
 import secrets
+import socket
 import ssl
 import threading
 import time
@@ -476,6 +477,7 @@ def post(url: str, body: bytes, signature: str, event_id: UUID, timeout: float) 
     if parts.query:
         target += "?" + parts.query
     late = f"no answer within {timeout:g} s"
+    cleanup = contextlib.ExitStack()
 
     def within_deadline() -> None:
         """Each step's socket timeout is what is left of the attempt's ``timeout``."""
@@ -489,6 +491,12 @@ def post(url: str, body: bytes, signature: str, event_id: UUID, timeout: float) 
         with _closing(connection):
             connection.connect()
             within_deadline()
+            # A receiver that trickles its answer a byte at a time stays within every socket
+            # timeout; at the deadline the socket is shut, which ends any read or write on it.
+            stopwatch = threading.Timer(deadline - time.monotonic(), _shut, (connection,))
+            stopwatch.daemon = True
+            stopwatch.start()
+            cleanup.callback(stopwatch.cancel)
             connection.request(
                 "POST",
                 target,
@@ -511,7 +519,17 @@ def post(url: str, body: bytes, signature: str, event_id: UUID, timeout: float) 
     except TimeoutError:
         return None, late
     except (OSError, http.client.HTTPException) as exc:
+        if time.monotonic() >= deadline:
+            return None, late  # the stopwatch shut the socket
         return None, f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        cleanup.close()
+
+
+def _shut(connection: http.client.HTTPConnection) -> None:
+    with contextlib.suppress(OSError):
+        if connection.sock is not None:
+            connection.sock.shutdown(socket.SHUT_RDWR)
 
 
 @contextlib.contextmanager
