@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install lock run test chaos lint migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy loadtest clean
+.PHONY: install lock run test chaos lint migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes. (PYTHONWARNINGS: setuptools' notice
 # about editable installs, printed by every build, is noise; pip's errors still show.)
@@ -95,6 +95,11 @@ bench-large: $(BENCH_INSTALLED)
 ## shipped nginx config over HTTP and over TLS (needs nginx installed).
 bench-proxy: $(BENCH_INSTALLED)
 	$(BIN)/python -m tools.bench_proxy $(ARGS)
+
+## make bench-webhooks [ARGS="--uploads 300 --rounds 5"]: completion events' latency (complete ->
+## receiver, p50/p99) and part throughput with a hanging endpoint vs none; a few minutes.
+bench-webhooks: $(BENCH_INSTALLED)
+	$(BIN)/python -m tools.bench_webhooks $(ARGS)
 
 ## make loadtest: a short smoke load on a chunksvc started locally. Against a deployment:
 ## CHUNKSVC_URL=https://host CHUNKSVC_API_KEY=csk_... make loadtest ARGS="--users 50 --run-time 300 --max-files 0"
