@@ -3,16 +3,22 @@
 Every object is written to ``<root>/.incoming/<uuid>``, fsynced, then renamed into place and
 its directory fsynced, so after a crash a key holds either nothing or all of its bytes.
 Leftovers of a crash stay in ``.incoming`` (never listed as keys).
+
+While a body streams in, the kernel is asked to start writing each block to disk as soon as it
+is written (``sync_file_range``, see ``_WriteBehind``), so the fsync that makes the file durable
+finds little left to write. Durability rests on that fsync alone, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import io
 import os
 import queue
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,6 +45,12 @@ INCOMING = ".incoming"
 # Assembly moves blocks of at least this size: fewer system calls per byte, memory still flat.
 _MIN_ASSEMBLY_BLOCK = 1024 * 1024
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
+# Write-behind asks for at least this many written bytes at a time.
+_WRITE_BEHIND_MIN = 1024 * 1024
+# sync_file_range's answers that mean "not for this file or system" (no such call, a file system
+# or file type it does not apply to): nothing was started, nothing is lost by going on without it.
+_WRITE_BEHIND_UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE})
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pages, wait for none
 
 T = TypeVar("T")
 
@@ -66,6 +78,73 @@ def _fsync_dir(path: Path) -> None:
 def _write_all(fd: int, data: memoryview) -> None:
     while data:
         data = data[os.write(fd, data) :]
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
+    """``start(fd, offset, nbytes)``: Linux's ``sync_file_range(..., SYNC_FILE_RANGE_WRITE)``
+    through libc (``os`` has no such call), raising ``OSError`` on failure; None elsewhere."""
+    if sys.platform != "linux":
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # no libc to load, or one without the call
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, nbytes: int) -> None:
+        if function(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return start
+
+
+#: None where the call does not exist; a test may replace it.
+_start_writeback = _libc_sync_file_range()
+
+
+class _WriteBehind:
+    """Starts the kernel writing a file's bytes to disk while the rest is still being written,
+    so the final fsync finds little left and the disk works while the body streams.
+
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` queues the written range for writeback and returns:
+    unlike a periodic ``fdatasync`` (``_Flusher``) it waits for no device and flushes no metadata
+    and no disk cache, so it promises nothing; durability rests on the final fsync, which still
+    runs. The last bytes are left to that fsync (it follows at once). Where the call is missing
+    or refused for this file (``_WRITE_BEHIND_UNSUPPORTED``) the file is written without it. Any
+    other failure (EIO, ENOSPC...) stops the write-behind and is kept for ``check``, which the
+    writer calls right after the final fsync: it is reported as that fsync's failure, even when
+    the fsync itself succeeded, so no write error is ever lost.
+    """
+
+    def __init__(self, fd: int, length: int) -> None:
+        self._fd = fd
+        self._length = length  # bytes the file will hold: the last ones are the fsync's
+        self._written = 0
+        self._started = 0  # bytes before this offset were handed to writeback
+        self._on = _start_writeback is not None
+        self._error: OSError | None = None
+
+    def written(self, count: int) -> None:
+        self._written += count
+        pending = self._written - self._started
+        if not self._on or pending < _WRITE_BEHIND_MIN or self._written >= self._length:
+            return
+        assert _start_writeback is not None
+        try:
+            _start_writeback(self._fd, self._started, pending)
+        except OSError as exc:
+            self._on = False
+            if exc.errno not in _WRITE_BEHIND_UNSUPPORTED:
+                self._error = exc
+            return
+        self._started = self._written
+
+    def check(self) -> None:
+        """Raise the write-behind's failure, if it had one (after the final fsync)."""
+        if self._error is not None:
+            raise self._error
 
 
 class _Flusher:
@@ -179,13 +258,14 @@ class LocalStorage(Storage):
         """A directory has no part-count or object-size limit of its own."""
 
     def write(self, key: str, reader: Readable, length: int, block_size: int) -> None:
-        def fill(f: BinaryIO) -> None:
+        def fill(fd: int, behind: _WriteBehind) -> None:
             # Only the file writes are translated: the reader's own exceptions propagate as-is.
             for block in read_exact_blocks(reader, length, block_size):
                 with _fs_errors(f"write {key}"):
-                    f.write(block)
+                    _write_all(fd, memoryview(block))
+                behind.written(len(block))
 
-        self._store(check_key(key), fill)
+        self._store(check_key(key), length, fill)
 
     def assemble(
         self, sources: Sequence[PartSource], key: str, block_size: int, progress: Progress | None = None
@@ -194,14 +274,14 @@ class LocalStorage(Storage):
             raise ValueError(f"block_size must be positive, got {block_size}")
         paths = [(src, self._path(src.key)) for src in sources]
 
-        def fill(f: BinaryIO) -> tuple[int, str]:
+        def fill(fd: int, behind: _WriteBehind) -> tuple[int, str]:
             # One pass: each block is read from its part and written to the object by this
             # thread while the ring's thread hashes the block before it, so reading, writing and
             # hashing overlap. The digest is of exactly the bytes written. Once all is written,
             # the object is flushed to disk while the hash catches up (_store's own fsync then
             # finds nothing left to flush).
             ring = _HashingRing(max(block_size, _MIN_ASSEMBLY_BLOCK), progress)
-            flusher = _Flusher(f.fileno())
+            flusher = _Flusher(fd)
             try:
                 for src, path in paths:
                     copied = 0
@@ -213,7 +293,7 @@ class LocalStorage(Storage):
                             if not count:
                                 ring.give_back(buffer)
                                 break
-                            _write_all(f.fileno(), buffer[:count])
+                            _write_all(fd, buffer[:count])
                             ring.hashed_later(buffer, count)
                             copied += count
                             flusher.written(count)
@@ -221,7 +301,7 @@ class LocalStorage(Storage):
                         raise StorageError(f"assemble {key}: part {src.key} has {copied} bytes, expected {src.size}")
                 with _fs_errors(f"write {key}"):
                     flusher.finish()
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
             except BaseException:
                 with contextlib.suppress(BaseException):  # the first failure is the one to report
                     flusher.finish()
@@ -229,7 +309,7 @@ class LocalStorage(Storage):
                 raise
             return ring.finish()
 
-        size, sha256 = self._store(check_key(key), fill)
+        size, sha256 = self._store(check_key(key), sum(src.size for src in sources), fill)
         return StoredObject(key, size, sha256)
 
     def open(self, key: str) -> BinaryIO:
@@ -352,21 +432,32 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self._root / check_key(key)
 
-    def _store(self, key: str, fill: Callable[[BinaryIO], T]) -> T:
-        """Run ``fill`` on a fresh temporary file, then make it durable and move it to ``key``."""
+    def _store(self, key: str, length: int, fill: Callable[[int, _WriteBehind], T]) -> T:
+        """Run ``fill`` on a fresh temporary file (its descriptor, and a write-behind for the
+        ``length`` bytes it will write), then make it durable and move it to ``key``.
+
+        The order is what makes a stored key durable: the file's bytes (fsync) before its name
+        (rename, then fsync of the directory), and both before this returns, so before the caller
+        records the key anywhere.
+        """
         dest = self._root / key
         tmp = self._incoming / uuid.uuid4().hex
         try:
             with _fs_errors(f"write {key}"):
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with open(fd, "wb") as f:
-                result = fill(f)
+            try:
+                behind = _WriteBehind(fd, length)
+                result = fill(fd, behind)
                 with _fs_errors(f"write {key}"):
-                    f.flush()
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+                    behind.check()
+            except BaseException:
+                with contextlib.suppress(OSError):  # do not hide the original failure
+                    os.close(fd)
+                raise
             with _fs_errors(f"write {key}"):
-                self._make_dirs(dest.parent)
-                os.replace(tmp, dest)
+                os.close(fd)
+                self._rename(tmp, dest)
                 try:
                     _fsync_dir(dest.parent)
                 except OSError:
@@ -378,6 +469,15 @@ class LocalStorage(Storage):
                 tmp.unlink(missing_ok=True)
             raise
         return result
+
+    def _rename(self, tmp: Path, dest: Path) -> None:
+        """Move ``tmp`` to ``dest``, creating ``dest``'s missing directories when the first try
+        says they are missing (so the common case, a directory that exists, costs no lookup)."""
+        try:
+            os.replace(tmp, dest)
+        except FileNotFoundError:
+            self._make_dirs(dest.parent)
+            os.replace(tmp, dest)  # a missing tmp (swept) fails again, as it should
 
     def _make_dirs(self, directory: Path) -> None:
         """Create missing directories below the root, fsyncing each parent so they survive a crash."""
