@@ -1,6 +1,6 @@
 """Storage in a local directory: ``<root>/<key>``, written crash-safely.
 
-Every object is written to ``<root>/.incoming/<uuid>``, fsynced, then renamed into place and
+Every object is written to ``<root>/.incoming/<random name>``, fsynced, then renamed into place and
 its directory fsynced, so after a crash a key holds either nothing or all of its bytes.
 Leftovers of a crash stay in ``.incoming`` (never listed as keys).
 
@@ -55,19 +55,27 @@ _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pa
 T = TypeVar("T")
 
 
-@contextlib.contextmanager
-def _fs_errors(action: str) -> Iterator[None]:
+class _fs_errors:
     """Turn file-system failures into ``StorageError`` (messages name keys, not server paths),
-    or ``StorageFull`` when the disk or a quota has no room left."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in _NO_ROOM:
-            raise StorageFull(f"{action}: no space left on the storage") from exc
-        raise StorageError(f"{action}: {exc.strerror or exc}") from exc
+    or ``StorageFull`` when the disk or a quota has no room left. A class, not a generator: it is
+    entered several times per stored part."""
+
+    __slots__ = ("_action",)
+
+    def __init__(self, action: str) -> None:
+        self._action = action
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
+        if isinstance(exc, OSError):
+            if exc.errno in _NO_ROOM:
+                raise StorageFull(f"{self._action}: no space left on the storage") from exc
+            raise StorageError(f"{self._action}: {exc.strerror or exc}") from exc
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -244,6 +252,9 @@ class LocalStorage(Storage):
     def __init__(self, root: Path) -> None:
         self._root = Path(root)
         self._incoming = self._root / INCOMING
+        # As text too: the part path joins them with a key per request (pathlib costs more).
+        self._root_text = str(self._root)
+        self._incoming_text = str(self._incoming)
         try:
             self._incoming.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -440,44 +451,48 @@ class LocalStorage(Storage):
         (rename, then fsync of the directory), and both before this returns, so before the caller
         records the key anywhere.
         """
-        dest = self._root / key
-        tmp = self._incoming / uuid.uuid4().hex
+        dest = os.path.join(self._root_text, key)
+        tmp = os.path.join(self._incoming_text, os.urandom(16).hex())
+        action = f"write {key}"
         try:
-            with _fs_errors(f"write {key}"):
+            with _fs_errors(action):
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
                 behind = _WriteBehind(fd, length)
                 result = fill(fd, behind)
-                with _fs_errors(f"write {key}"):
+                with _fs_errors(action):
                     os.fsync(fd)
                     behind.check()
             except BaseException:
                 with contextlib.suppress(OSError):  # do not hide the original failure
                     os.close(fd)
                 raise
-            with _fs_errors(f"write {key}"):
+            with _fs_errors(action):
                 os.close(fd)
-                self._rename(tmp, dest)
+                directory = self._rename(tmp, dest)
                 try:
-                    _fsync_dir(dest.parent)
+                    _fsync_dir(directory)
                 except OSError:
                     # Not durable, so not stored: keep "nothing under key on failure" true.
-                    dest.unlink(missing_ok=True)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(dest)
                     raise
         except BaseException:
             with contextlib.suppress(OSError):  # do not hide the original failure
-                tmp.unlink(missing_ok=True)
+                os.unlink(tmp)
             raise
         return result
 
-    def _rename(self, tmp: Path, dest: Path) -> None:
-        """Move ``tmp`` to ``dest``, creating ``dest``'s missing directories when the first try
-        says they are missing (so the common case, a directory that exists, costs no lookup)."""
+    def _rename(self, tmp: str, dest: str) -> str:
+        """Move ``tmp`` to ``dest``; return ``dest``'s directory. Missing directories are created
+        when the first try says they are missing (so the common case costs no lookup)."""
+        directory = os.path.dirname(dest)
         try:
             os.replace(tmp, dest)
         except FileNotFoundError:
-            self._make_dirs(dest.parent)
+            self._make_dirs(Path(directory))
             os.replace(tmp, dest)  # a missing tmp (swept) fails again, as it should
+        return directory
 
     def _make_dirs(self, directory: Path) -> None:
         """Create missing directories below the root, fsyncing each parent so they survive a crash."""
