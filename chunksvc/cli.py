@@ -190,7 +190,14 @@ def cmd_webhooks(config: Config, args: argparse.Namespace) -> int:
         migrations.migrate(url)
         db = Database(url, min_size=1, max_size=1)
         try:
-            registry = WebhookRegistry(db, _signing_key(config))
+            # Only a new secret needs the key (add, rotate); the rest work on any host.
+            making_secret = args.action in ("add", "rotate")
+            registry = WebhookRegistry(
+                db,
+                _signing_key(config)
+                if making_secret
+                else SigningKey.load(config.webhook_key, config.webhook_key_file, create=False),
+            )
             if args.action == "add":
                 endpoint, secret = registry.add(args.client, args.url)
                 print(f"webhook endpoint {endpoint.id} for client {endpoint.client_name!r}: {endpoint.url}")
@@ -200,7 +207,7 @@ def cmd_webhooks(config: Config, args: argparse.Namespace) -> int:
                 print(f"{'ID':>5}  {'CLIENT':<20} {'PENDING':>8} {'FAILING':>8} {'DEAD':>6}  {'CREATED':<19}  URL")
                 for row in registry.endpoints(args.client):
                     notes = [f"secret roll until {_when(row.previous_until)}"] if row.previous_until else []
-                    if row.key_id != registry.key_id:
+                    if registry.key_id is not None and row.key_id != registry.key_id:
                         notes.append("its secret comes from another signing key: hosts with this key do not send")
                     print(
                         f"{row.id:>5}  {row.client_name:<20} {row.pending:>8} {row.failing:>8} {row.dead:>6}"
@@ -233,7 +240,7 @@ def cmd_webhooks(config: Config, args: argparse.Namespace) -> int:
                 print(f"webhook endpoint {endpoint.id}: new signing secret; the previous one also signs {until}")
                 print(secret)
             else:
-                endpoints = registry.redeliver(rules.parse_session_id(args.event_id))
+                endpoints = registry.redeliver(args.event_id)
                 print(f"event {args.event_id} due again to endpoint(s) {', '.join(map(str, endpoints))}")
         finally:
             db.close()
@@ -313,16 +320,19 @@ def cmd_reap(config: Config, args: argparse.Namespace) -> int:
         orphan_grace=args.orphan_grace,
         completing_lease=args.completing_lease,
         dry_run=args.dry_run,
+        lease=config.lease,
     )
     with database_url(config) as url:
         migrations.migrate(url)
-        # Two connections: a sweep holds one for its phase lock while re-driving needs another.
+        # Two connections: a sweep holds one while its lease is renewed on the other.
         db = Database(url, min_size=1, max_size=2)
         storage = open_storage(config.storage)
         try:
             # Counted in PROMETHEUS_MULTIPROC_DIR when it is set (the reaper on a serving host).
             metrics = Metrics.for_process()
-            completion = CompletionService(db, storage, config.limits, config.block_size, events=metrics)
+            completion = CompletionService(
+                db, storage, config.limits, config.block_size, events=metrics, lease=config.lease
+            )
             result = Reaper(db, storage, completion, settings, events=metrics).run()
         finally:
             storage.close()

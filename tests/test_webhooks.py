@@ -1112,11 +1112,6 @@ def test_ops_without_a_signing_key_are_refused(database_url, tmp_path, keys):
     assert bad.returncode == 2 and "at least 64 hex digits" in bad.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: `webhooks redeliver` parses its EVENT_ID with rules.parse_session_id, so a malformed"
-    " id says 'Upload session not found' (chunksvc/cli.py)",
-)
 def test_redeliver_with_a_malformed_event_id_says_so(ops):
     code, _, err = ops("webhooks", "redeliver", "not-an-event-id")
     assert code == 2

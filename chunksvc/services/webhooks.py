@@ -141,21 +141,28 @@ def validate_url(raw: str) -> str:
 
 
 class WebhookRegistry:
-    """The ops commands: endpoints and their secrets, and redelivery of events."""
+    """The ops commands: endpoints and their secrets, and redelivery of events. Only making a
+    secret (``add``, ``rotate``) needs the signing key; looking and managing do not."""
 
-    def __init__(self, db: Database, signing_key: SigningKey) -> None:
+    def __init__(self, db: Database, signing_key: SigningKey | None) -> None:
         self._db = db
         self._key = signing_key
-        self.key_id = signing_key.key_id
+        self.key_id = signing_key.key_id if signing_key else None
+
+    def _signing_key(self) -> SigningKey:
+        if self._key is None:
+            raise ConfigError("no webhook signing key (CHUNKSVC_WEBHOOK_KEY): a secret cannot be made without it")
+        return self._key
 
     def add(self, client_name: str, url: str) -> tuple[WebhookEndpointRow, str]:
         """The new endpoint and its secret (shown once: it is not stored)."""
+        key = self._signing_key()
         nonce = secrets.token_bytes(KEY_BYTES)
         with self._db.connection() as conn:
-            endpoint = dao.insert_webhook_endpoint(conn, client_name, validate_url(url), nonce, self._key.key_id)
+            endpoint = dao.insert_webhook_endpoint(conn, client_name, validate_url(url), nonce, key.key_id)
         if endpoint is None:
             raise InvalidRequest(f"no client named {client_name!r} (a client exists once it has an API key)")
-        return endpoint, self._key.secret(nonce)
+        return endpoint, key.secret(nonce)
 
     def endpoints(self, client_name: str | None = None) -> list[WebhookEndpointStateRow]:
         with self._db.connection() as conn:
@@ -170,12 +177,13 @@ class WebhookRegistry:
 
     def rotate(self, endpoint_id: int, overlap: int) -> tuple[WebhookEndpointRow, str]:
         """A new secret for the endpoint; the old one signs beside it for ``overlap`` seconds."""
+        key = self._signing_key()
         nonce = secrets.token_bytes(KEY_BYTES)
         with self._db.connection() as conn:
-            endpoint = dao.rotate_webhook_secret(conn, endpoint_id, nonce, self._key.key_id, overlap)
+            endpoint = dao.rotate_webhook_secret(conn, endpoint_id, nonce, key.key_id, overlap)
         if endpoint is None:
             raise InvalidRequest(f"no webhook endpoint {endpoint_id} in use")
-        return endpoint, self._key.secret(nonce)
+        return endpoint, key.secret(nonce)
 
     def set_url(self, endpoint_id: int, url: str) -> WebhookEndpointRow:
         """Move the endpoint: its secret and its undelivered events go with it."""
@@ -199,8 +207,13 @@ class WebhookRegistry:
                 conn, endpoint_id=endpoint_id, session_id=session_id, state=state, limit=limit
             )
 
-    def redeliver(self, event_id: UUID) -> list[int]:
+    def redeliver(self, event_id: UUID | str) -> list[int]:
         """Send the event again to its endpoints still in use, now; their ids."""
+        if isinstance(event_id, str):
+            try:
+                event_id = UUID(event_id)
+            except ValueError:
+                raise InvalidRequest(f"an event id is a UUID (as in Chunksvc-Event-Id), got {event_id!r}") from None
         with self._db.connection() as conn:
             endpoints = dao.redeliver_webhook_event(conn, event_id)
         if not endpoints:

@@ -39,7 +39,7 @@ def verify_event(
     signatures: list[str] = []
     for item in header.split(","):
         name, _, value = item.strip().partition("=")
-        if name == "t" and value.isdigit():
+        if name == "t" and value.isascii() and value.isdigit():  # isdigit alone takes "²"
             timestamp = int(value)
         elif name == "v1":
             signatures.append(value)
