@@ -103,6 +103,7 @@ def build(
         # Half the pool: completions hold a connection for their whole assembly.
         max_assemblies=max(1, config.pool_max_size // 2),
         sync_complete_max=config.sync_complete_max,
+        lease=config.lease,
     )
     assembler = BackgroundAssembler(
         completion, db, config.sync_complete_max, config.background_assemblies, config.assembly_poll_interval
@@ -110,7 +111,11 @@ def build(
     # The reaper pass every CHUNKSVC_REAP_INTERVAL seconds, by one process at a time across all
     # hosts, its figures in this worker's metrics (so in /metrics with no cron to set up).
     reaper = PeriodicReaper(
-        db, Reaper(db, storage, completion, ReaperSettings(), events=events), config.reap_interval, metrics
+        db,
+        Reaper(db, storage, completion, ReaperSettings(lease=config.lease), events=events),
+        config.reap_interval,
+        metrics,
+        lease=config.lease,
     )
     # Sessions by status, counted from the database by whichever worker answers a scrape.
     metrics.session_gauges.census = SessionCensus(db).count

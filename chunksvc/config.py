@@ -188,6 +188,10 @@ class Config:
     bind: str = "127.0.0.1:8000"
     pool_min_size: int = 1
     pool_max_size: int = 8
+    # Seconds a claim on shared work outlives its holder's last renewal: a completion's lease on
+    # its session (a crashed assembler is taken over after it), and the reaper's on a sweep or on
+    # the periodic run. Holders renew about once a second (completions) or every third of it.
+    lease: int = 30
     # Request bodies are read and written in blocks of this size.
     block_size: int = 1 * MiB
     # Seconds a part body may send nothing before it is abandoned (a stalled client's thread is
@@ -243,6 +247,7 @@ class Config:
             bind=env.get("CHUNKSVC_BIND", "127.0.0.1:8000"),
             pool_min_size=_int(env, "CHUNKSVC_DB_POOL_MIN", 1),
             pool_max_size=_int(env, "CHUNKSVC_DB_POOL_MAX", 8),
+            lease=_int(env, "CHUNKSVC_LEASE", 30),
             block_size=_int(env, "CHUNKSVC_BLOCK_SIZE", 1 * MiB),
             body_timeout=_int(env, "CHUNKSVC_BODY_TIMEOUT", 60),
             storage_min_free=_int(env, "CHUNKSVC_STORAGE_MIN_FREE", 256 * MiB),
@@ -264,6 +269,8 @@ class Config:
         self.limits.validate()
         if not 1 <= self.pool_min_size <= self.pool_max_size:
             raise ConfigError("need 1 <= CHUNKSVC_DB_POOL_MIN <= CHUNKSVC_DB_POOL_MAX")
+        if self.lease < 1:
+            raise ConfigError("CHUNKSVC_LEASE must be at least 1 second")
         if not 4 * KiB <= self.block_size <= 64 * MiB:
             raise ConfigError("CHUNKSVC_BLOCK_SIZE must be between 4 KiB and 64 MiB")
         if self.body_timeout < 1:

@@ -2,9 +2,9 @@
 
 Functions take a ``db.Connection``; callers decide the transaction boundaries. Each function is
 where a Python signature meets its statement's parameter names, and where the statement's
-result gets its type: a row dataclass (``db.dataclass_row``), or a checked value (a lock taken,
-a list of ids). Nothing above this module indexes a row by column name. The advisory locks
-also come as context managers (``completion_lock``, ``reaper_lock``) that give back what they took.
+result gets its type: a row dataclass (``db.dataclass_row``), or a checked value (a lease taken,
+a list of ids). Nothing above this module indexes a row by column name. Leases (rows with an owner
+and an expiry) are taken, renewed and given back here; ``services.leases`` keeps them alive.
 
 Why these functions, and not a loader that turns the file into callables (aiosql reads exactly
 this ``-- name:`` format)? The loader the house needs is already here, and small:
@@ -21,15 +21,14 @@ keyword, which breaks on a column a migration adds while the previous release st
 its ``:name`` parameters and operation suffixes (``^`` one row, ``$`` a value, ``!`` a count),
 which say in the file what each function's signature says here. And a third of these
 functions do what no loader does: wrap a jsonb parameter, unpack a keyset cursor, turn rows
-into a value (a lock taken, a set of keys, counts by status). The rest are a few lines each;
+into a value (a lease taken, a set of keys, counts by status). The rest are a few lines each;
 tests/test_dao.py keeps them and the file in step (every statement is run by exactly one
 function here, and every name run here is in the file), so neither side can drift.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -206,24 +205,42 @@ def mark_completing(conn: Connection, session_id: UUID, sha256: str | None) -> S
 
 
 def mark_completed(
-    conn: Connection, session_id: UUID, object_key: str, object_size: int, object_sha256: str
+    conn: Connection, session_id: UUID, owner: UUID, object_key: str, object_size: int, object_sha256: str
 ) -> SessionRow | None:
+    """The completed session; None when ``owner`` no longer holds its completion lease on a
+    COMPLETING session (nothing changed)."""
     return conn.one(
         "mark_completed",
         _SESSION,
         id=session_id,
+        owner=owner,
         object_key=object_key,
         object_size=object_size,
         object_sha256=object_sha256,
     )
 
 
-def mark_failed(conn: Connection, session_id: UUID) -> int:
-    return conn.execute("mark_failed", id=session_id)
+def mark_failed(conn: Connection, session_id: UUID, owner: UUID) -> bool:
+    """Whether the session is now FAILED (False: ``owner`` no longer held its completion lease)."""
+    return conn.execute("mark_failed", id=session_id, owner=owner) > 0
 
 
-def set_assembled_bytes(conn: Connection, session_id: UUID, assembled: int) -> int:
-    return conn.execute("set_assembled_bytes", id=session_id, assembled=assembled)
+def take_completion_lease(conn: Connection, session_id: UUID, owner: UUID, seconds: float) -> bool:
+    """Whether ``owner`` now holds the session's completion lease for ``seconds`` (False: a live
+    holder has it). The caller holds the session's row lock (``lock_session``)."""
+    return bool(conn.values("take_completion_lease", UUID, id=session_id, owner=owner, seconds=seconds))
+
+
+def renew_completion_lease(conn: Connection, session_id: UUID, owner: UUID, seconds: float, assembled: int) -> bool:
+    """Whether ``owner`` still holds the lease (now for ``seconds`` more, progress recorded)."""
+    return bool(
+        conn.values("renew_completion_lease", UUID, id=session_id, owner=owner, seconds=seconds, assembled=assembled)
+    )
+
+
+def release_completion_lease(conn: Connection, session_id: UUID, owner: UUID) -> bool:
+    """Whether ``owner`` held the lease (and has now given it back)."""
+    return conn.execute("release_completion_lease", id=session_id, owner=owner) > 0
 
 
 def pending_assemblies(conn: Connection, sync_max: int, limit: int) -> list[CompletionRow]:
@@ -232,31 +249,6 @@ def pending_assemblies(conn: Connection, sync_max: int, limit: int) -> list[Comp
 
 def mark_aborted(conn: Connection, session_id: UUID) -> int:
     return conn.execute("mark_aborted", id=session_id)
-
-
-def try_completion_lock(conn: Connection, session_id: UUID) -> bool:
-    return conn.value("try_completion_lock", bool, id=session_id)
-
-
-def release_completion_lock(conn: Connection, session_id: UUID) -> bool:
-    return conn.value("release_completion_lock", bool, id=session_id)
-
-
-def completion_lock(conn: Connection, session_id: UUID) -> AbstractContextManager[bool]:
-    """``with completion_lock(conn, id) as held``: tries the session's completion lock (whoever
-    assembles the session holds it), says whether it was taken, and gives it back on leaving."""
-    return _try_lock(lambda: try_completion_lock(conn, session_id), lambda: release_completion_lock(conn, session_id))
-
-
-@contextmanager
-def _try_lock(take: Callable[[], bool], give_back: Callable[[], object]) -> Iterator[bool]:
-    """An advisory lock tried on entry (never waited for), released on leaving if it was taken."""
-    taken = take()
-    try:
-        yield taken
-    finally:
-        if taken:
-            give_back()
 
 
 # --- parts ----------------------------------------------------------------------------------
@@ -313,9 +305,12 @@ def heal_part(
     return healed > 0
 
 
-def drop_lost_parts(conn: Connection, session_id: UUID, storage_keys: list[str], ttl: int) -> SessionRow | None:
-    """The reopened session; None when it was not COMPLETING (nothing changed)."""
-    return conn.one("drop_lost_parts", _SESSION, id=session_id, storage_keys=storage_keys, ttl=ttl)
+def drop_lost_parts(
+    conn: Connection, session_id: UUID, owner: UUID, storage_keys: list[str], ttl: int
+) -> SessionRow | None:
+    """The reopened session; None when it was not COMPLETING under ``owner``'s completion lease
+    (nothing changed)."""
+    return conn.one("drop_lost_parts", _SESSION, id=session_id, owner=owner, storage_keys=storage_keys, ttl=ttl)
 
 
 def missing_parts(conn: Connection, session_id: UUID, total_parts: int, limit: int) -> list[int]:
@@ -397,18 +392,20 @@ def referenced_part_keys(conn: Connection, session_ids: list[UUID], storage_keys
     return set(conn.values("referenced_part_keys", str, session_ids=session_ids, storage_keys=storage_keys))
 
 
-def try_reaper_lock(conn: Connection, phase: str) -> bool:
-    return conn.value("try_reaper_lock", bool, phase=phase)
+def take_reaper_lease(conn: Connection, name: str, owner: UUID, seconds: float) -> bool:
+    """Whether ``owner`` now holds the lease ``name`` (a reaper phase, or the periodic run) for
+    ``seconds`` (False: another reaper holds it)."""
+    return bool(conn.values("take_reaper_lease", UUID, name=name, owner=owner, seconds=seconds))
 
 
-def release_reaper_lock(conn: Connection, phase: str) -> bool:
-    return conn.value("release_reaper_lock", bool, phase=phase)
+def renew_reaper_lease(conn: Connection, name: str, owner: UUID, seconds: float) -> bool:
+    """Whether ``owner`` still holds the lease (now for ``seconds`` more)."""
+    return bool(conn.values("renew_reaper_lease", UUID, name=name, owner=owner, seconds=seconds))
 
 
-def reaper_lock(conn: Connection, phase: str) -> AbstractContextManager[bool]:
-    """``with reaper_lock(conn, phase) as held``: tries the lock of a reaper phase (or of the
-    periodic run), says whether it was taken, and gives it back on leaving."""
-    return _try_lock(lambda: try_reaper_lock(conn, phase), lambda: release_reaper_lock(conn, phase))
+def release_reaper_lease(conn: Connection, name: str, owner: UUID) -> bool:
+    """Whether ``owner`` held the lease (and has now given it back)."""
+    return conn.execute("release_reaper_lease", name=name, owner=owner) > 0
 
 
 # --- webhooks -------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ import base64
 import hashlib
 import io
 import time
+import uuid
 
+import psycopg
 import webtest
 
 
@@ -86,3 +88,28 @@ def wait_for(what, describe: str, timeout: float = 60, interval: float = 0.01):
         assert time.monotonic() < deadline, f"gave up waiting for {describe}"
         time.sleep(interval)
     return value
+
+
+def hold_completion_lease(database_url: str, session_id, seconds: float, status: str | None = None) -> uuid.UUID:
+    """What a live assembler holds on ``session_id``: its completion lease, for ``seconds`` from now
+    (nobody renews it: it runs out then, as a dead assembler's does); optionally a status too."""
+    owner = uuid.uuid4()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE upload_sessions SET status = COALESCE(%s, status), completion_owner = %s,"
+            " completion_lease_until = clock_timestamp() + make_interval(secs => %s) WHERE id = %s",
+            (status, owner, seconds, session_id),
+        )
+    return owner
+
+
+def completion_lease_ran_out(database_url: str, session_id) -> bool:
+    """Whether the session's completion lease is free (never taken, given back, or run out)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT completion_lease_until IS NULL OR completion_lease_until <= clock_timestamp()"
+            " FROM upload_sessions WHERE id = %s",
+            (session_id,),
+        ).fetchone()
+    assert row is not None
+    return bool(row[0])

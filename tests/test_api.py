@@ -14,13 +14,16 @@ from chunksvc.storage import Storage
 from tests.helpers import (
     ShortBody,
     complete,
+    completion_lease_ran_out,
     content_digest,
     create,
+    hold_completion_lease,
     payload,
     put_part,
     raw_put,
     sha,
     split,
+    wait_for,
 )
 
 
@@ -423,23 +426,22 @@ def test_digest_disagreeing_with_creation_is_refused(app, auth):
 
 
 def test_completion_in_progress_then_takeover_after_crash(app, auth, database_url, storage):
-    """A COMPLETING session whose assembler is alive answers 202 (poll GET); once the assembler is
-    gone, complete finishes it. Abort waits with 409 completion_in_progress."""
+    """A COMPLETING session whose assembler is alive (its completion lease has not run out)
+    answers 202 (poll GET); once the assembler is gone and its lease has run out, complete
+    finishes it. Abort waits with 409 completion_in_progress."""
     session = create(app, auth, size=8, part_size=4).json
     put_part(app, auth, session["id"], 1, b"abcd")
     put_part(app, auth, session["id"], 2, b"efgh")
-    assembler = psycopg.connect(database_url, autocommit=True)  # stands in for a live assembler
-    assembler.execute("UPDATE upload_sessions SET status = 'COMPLETING' WHERE id = %s", (session["id"],))
-    assembler.execute(
-        "SELECT pg_advisory_lock(hashtextextended('chunksvc.complete:' || %s::text, 0))", (session["id"],)
-    )
+    # A live assembler, as the database sees it; it dies at once: nobody renews its lease.
+    hold_completion_lease(database_url, session["id"], 3, status="COMPLETING")
     busy = complete(app, auth, session["id"], status=202)
     assert busy.json["status"] == "COMPLETING" and busy.headers["Retry-After"] == "2"
     assert_problem(
         app.delete(f"/uploads/sessions/{session['id']}", headers=auth, status=409), 409, "completion_in_progress"
     )
     assert app.get(f"/uploads/sessions/{session['id']}", headers=auth).json["status"] == "COMPLETING"
-    assembler.close()  # the worker died: its connection, and so its lock, is gone
+    assert not completion_lease_ran_out(database_url, session["id"])  # all of that within the lease
+    wait_for(lambda: completion_lease_ran_out(database_url, session["id"]), "the dead assembler's lease to run out")
     done = complete(app, auth, session["id"]).json
     assert done["status"] == "COMPLETED"
     assert read_object(storage, done["object"]["key"]) == b"abcdefgh"

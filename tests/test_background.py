@@ -27,7 +27,17 @@ from chunksvc.services.events import UploadEvents
 from chunksvc_client import Client
 from tests.conftest import TEST_LIMITS
 from tests.faults import FaultProxy
-from tests.helpers import complete, create, payload, put_part, sha, split, wait_for
+from tests.helpers import (
+    complete,
+    completion_lease_ran_out,
+    create,
+    hold_completion_lease,
+    payload,
+    put_part,
+    sha,
+    split,
+    wait_for,
+)
 from tests.test_api import assert_problem, read_object, stored_part_keys
 from tests.test_faults import pg_socket
 from tools import harness
@@ -79,19 +89,21 @@ def test_small_uploads_still_complete_in_the_request(background, auth):
 def test_complete_on_an_accepted_session_answers_the_same_202(background, auth, database_url):
     app, assembler = background
     session_id, _ = uploaded(app, auth, 5000)
-    with psycopg.connect(database_url, autocommit=True) as holder:  # stands in for a running assembler
-        holder.execute("SELECT pg_advisory_lock(hashtextextended('chunksvc.complete:' || %s::text, 0))", (session_id,))
-        first = complete(app, auth, session_id, status=202)
-        second = complete(app, auth, session_id, status=202)
-        assert first.json["status"] == second.json["status"] == "COMPLETING"
-        # Abort waits for the assembly, as the contract says.
-        assert_problem(
-            app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=409), 409, "completion_in_progress"
-        )
-        assert assembler.wait_idle(30)  # it tried, found the lock taken, and left it
-        assert app.get(f"/uploads/sessions/{session_id}", headers=auth).json["status"] == "COMPLETING"
+    # Stands in for a running assembler: its completion lease, which runs out in a few seconds.
+    hold_completion_lease(database_url, session_id, 3)
+    first = complete(app, auth, session_id, status=202)
+    second = complete(app, auth, session_id, status=202)
+    assert first.json["status"] == second.json["status"] == "COMPLETING"
+    # Abort waits for the assembly, as the contract says.
+    assert_problem(
+        app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=409), 409, "completion_in_progress"
+    )
+    assert assembler.wait_idle(30)  # it tried, found the lease taken, and left it
+    assert app.get(f"/uploads/sessions/{session_id}", headers=auth).json["status"] == "COMPLETING"
+    assert not completion_lease_ran_out(database_url, session_id)  # all of that within the lease
     with psycopg.connect(database_url) as conn:
         [(client_id,)] = conn.execute("SELECT id FROM clients WHERE name = 'alice'").fetchall()
+    wait_for(lambda: completion_lease_ran_out(database_url, session_id), "the holder's lease to run out")
     assembler.submit(uuid.UUID(session_id), client_id)  # the poller's offer, once the holder is gone
     assert assembler.wait_idle(30)
     assert app.get(f"/uploads/sessions/{session_id}", headers=auth).json["status"] == "COMPLETED"
@@ -153,6 +165,7 @@ def test_a_killed_assembling_worker_is_replaced_and_the_assembly_finished(pg_adm
         "CHUNKSVC_ACCESS_LOG": "/dev/null",
         "CHUNKSVC_SYNC_COMPLETE_MAX": "1000000",
         "CHUNKSVC_ASSEMBLY_POLL": "1",
+        "CHUNKSVC_LEASE": "2",  # the killed worker's lease runs out 2 s after its last renewal
     }
     data = payload(3 * 1024 * 1024 + 17, seed=9)
     path = tmp_path / "big.bin"

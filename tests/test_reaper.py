@@ -29,7 +29,6 @@ import webtest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from chunksvc import dao
 from chunksvc.app import create_app
 from chunksvc.config import Config, StorageSpec
 from chunksvc.db import Database
@@ -49,7 +48,7 @@ from chunksvc.services.reaper import (
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import Storage, open_storage
 from tests.conftest import TEST_LIMITS
-from tests.helpers import complete, create, payload, put_part, sha, split, wait_for
+from tests.helpers import complete, create, hold_completion_lease, payload, put_part, sha, split, wait_for
 from tests.storage_fixtures import make_s3_spec, s3_admin
 from tools import harness
 
@@ -98,8 +97,14 @@ def force_status(database_url: str, session_id, new_status: str, age: str = "0 s
 
 
 def stall_completion(database_url: str, session_id) -> None:
-    """COMPLETING for an hour, with no assembler holding the completion lock: it died."""
+    """COMPLETING for an hour, and its assembler died: the completion lease it left has run out."""
     force_status(database_url, session_id, "COMPLETING", "1 hour")
+    query(
+        database_url,
+        "UPDATE upload_sessions SET completion_owner = gen_random_uuid(),"
+        " completion_lease_until = now() - interval '59 minutes' WHERE id = %s",
+        (session_id,),
+    )
 
 
 def uploaded(app: webtest.TestApp, auth: dict, parts: int = 2, seed: int = 0) -> tuple[str, bytes]:
@@ -309,12 +314,8 @@ def test_a_completion_whose_assembler_died_is_driven_to_the_end(app, auth, reap,
     busy, _ = uploaded(app, auth, seed=3)
     stall_completion(database_url, busy)
 
-    with db.connection() as assembler:  # a live assembler holds the completion lock
-        assert dao.try_completion_lock(assembler, busy)
-        try:
-            result = reap()
-        finally:
-            dao.release_completion_lock(assembler, busy)
+    hold_completion_lease(database_url, busy, 60)  # a live assembler holds the completion lease
+    result = reap()
 
     assert done(result) == {"completions_redriven": 1, "completed_parts_removed": 1}
     session = app.get(f"/uploads/sessions/{stuck}", headers=auth).json

@@ -4,8 +4,10 @@ Each worker process has one ``BackgroundAssembler``: a few threads that run acce
 (``CompletionService.resume``), handed over by the request that accepted them or found by
 a poller that looks for accepted completions nobody runs (their worker died, or they failed on
 full or unreachable storage and wait for another try). Any process on any host may take any of
-them: the session's completion lock lets one run at a time, and a crashed assembler's lock goes
-with its database connection, so the next poll picks the work up.
+them: the session's completion lease lets one run at a time. The poll offers only completions
+whose lease is free, and a crashed assembler's lease runs out ``CHUNKSVC_LEASE`` seconds after its
+last renewal (before leases, its advisory lock went with its database connection at once), so the
+first poll after that picks the work up.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class BackgroundAssembler:
 
     def stop(self) -> None:
         """Stop taking work; an assembly under way is abandoned with its process (another takes
-        it over once this process's connection, and so its completion lock, is gone)."""
+        it over once its completion lease, no longer renewed, has run out)."""
         self._stopping.set()
 
     def wait_idle(self, timeout: float) -> bool:
@@ -107,8 +109,8 @@ class BackgroundAssembler:
         while not self._stopping.wait(self._poll_interval):
             try:
                 with self._db.connection() as conn:
-                    # Enough to see past sessions that run elsewhere or wait out a backoff here
-                    # (submit skips those); each one's completion lock settles who runs it.
+                    # Enough to see past sessions that wait out a backoff here (submit skips
+                    # those); each one's completion lease settles who runs it.
                     pending = dao.pending_assemblies(conn, self._sync_complete_max, POLL_BATCH)
             except ChunksvcError as exc:
                 log.warning("assembler: cannot look for pending completions: %s", exc.detail)

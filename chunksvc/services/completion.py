@@ -9,19 +9,39 @@ Two entry points, one per caller:
 - ``CompletionService.resume``: the background assembler and the reaper, for a completion
   already accepted (``COMPLETING``), whose assembler may have died.
 
-Either way the assembly runs under the session's completion lock (``dao.completion_lock``), an
-advisory lock on the assembling connection that dies with it, so one assembly runs at a time and
-a crashed one is taken over from the start. Parts whose stored bytes are gone are dropped and the
-session reopened for the client to send them again (``PartsMissing``), never failed.
+Either way the assembly runs under the session's completion lease: ``completion_owner`` (one
+fresh id per attempt) and ``completion_lease_until`` on the session's row, taken under the row
+lock in the transaction that checks the session (``dao.take_completion_lease``), so one assembly
+runs at a time. A ``LeaseKeeper`` renews it about once a second while the storage works, in the
+same write as the progress (``assembled_bytes``); the assembly stops (``CompletionInProgress``)
+when a renewal finds it lost. The outcome (``COMPLETED``, ``FAILED``, or reopened for lost parts)
+is recorded only by the lease's holder and ends the lease in the same statement; an attempt that
+ends without one (storage full or down, an error) gives it back at once. A crashed assembler's
+lease runs out ``lease`` seconds after its last renewal (``CHUNKSVC_LEASE``, 30 s by default), and
+then completing again, the background assembler's poll or the reaper's re-drive takes it over from
+the start. Parts whose stored bytes are gone are dropped and the session reopened for the client
+to send them again (``PartsMissing``), never failed.
+
+Why a lease and not, as before, a session-level advisory lock on the assembling connection: such
+a lock belongs to a server connection, and behind a PgBouncer in transaction pooling mode every
+transaction may run on another one (``services.leases``). What that changes: a crashed assembler
+was taken over as soon as PostgreSQL saw its connection close; now it is taken over once its lease
+has run out. A live assembler that stalls longer than the lease (a paused process, a database it
+cannot reach) may be taken over while it still runs; it finds out at its next renewal or, at the
+latest, when it tries to record its outcome, which is refused (``mark_completed`` and the others
+check the owner), and it removes nothing another assembler may need. Two assemblies of the same
+session write the same bytes under the same key, so the object stays whole whichever finishes last.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import UUID
@@ -46,6 +66,7 @@ from chunksvc.rows import SessionRow
 from chunksvc.services import layout, rules, states
 from chunksvc.services.auth import Client
 from chunksvc.services.events import UploadEvents
+from chunksvc.services.leases import LeaseKeeper
 from chunksvc.services.uploads import discard
 from chunksvc.storage import PartSource, Storage
 
@@ -53,7 +74,21 @@ log = logging.getLogger(__name__)
 
 MAX_MISSING_LISTED = 100
 ASSEMBLY_SLOT_WAIT = 30.0  # seconds a completion waits for a free assembly slot, then 503
-PROGRESS_INTERVAL = 1.0  # seconds between writes of an assembly's progress
+PROGRESS_INTERVAL = 1.0  # seconds between renewals of an assembly's lease, which write its progress
+COMPLETION_LEASE = 30.0  # seconds a crashed assembler's lease outlives its last renewal
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lease:
+    """One attempt's claim on a session's completion: its owner id, and when (monotonic) the take
+    was sent (the database dates the lease from no earlier than that)."""
+
+    owner: UUID
+    taken_at: float
+
+    @classmethod
+    def new(cls) -> _Lease:
+        return cls(uuid.uuid4(), time.monotonic())
 
 
 class Completion(enum.Enum):
@@ -72,16 +107,22 @@ class CompletionService:
         events: UploadEvents | None = None,
         max_assemblies: int = 4,
         sync_complete_max: int = 256 * 1024 * 1024,
+        lease: float = COMPLETION_LEASE,
     ) -> None:
         self._db = db
         self._storage = storage
         self._limits = limits
         self._block_size = block_size
         self._events = events or UploadEvents()
-        # An assembly holds its pooled connection (and the completion lock on it) from start to
-        # end: at most this many at once per process, so parts and reads keep connections.
+        # An assembly holds its pooled connection from start to end (its lease is renewed on it:
+        # a renewal never waits for the pool): at most this many at once per process, so parts
+        # and reads keep connections. Behind a transaction-pooling PgBouncer the connection it
+        # holds is PgBouncer's; a server connection is used only while a statement runs.
         self._assembly_slots = threading.BoundedSemaphore(max_assemblies)
         self._sync_complete_max = sync_complete_max
+        if lease <= 0:
+            raise ValueError(f"the completion lease must be positive, got {lease}")
+        self._lease_seconds = lease
 
     def complete(self, client: Client, raw_id: str, body: Any) -> tuple[SessionRow, Completion]:
         """Complete the session: ``DONE`` once assembled here; ``BACKGROUND`` when it was accepted
@@ -112,16 +153,17 @@ class CompletionService:
         bytes are gone the session is reopened without them (``PartsMissing``), as for the
         client's own complete.
         """
-        with self._assembly_slot(), self._db.connection() as conn, contextlib.ExitStack() as lock:
+        with self._assembly_slot(), self._db.connection() as conn:
+            lease = _Lease.new()
             with conn.transaction():
                 session = self._lock_session(conn, session_id, client_id)
                 if session.effective_status != states.COMPLETING:
                     raise SessionNotActive(
                         f"the session is {session.effective_status}; there is no completion to resume"
                     )
-                self._take_completion_lock(lock, conn, session_id)
+                self._take_lease(conn, session_id, lease)
                 sources = self._sources(conn, session_id)
-            return self._assemble_or_reopen(conn, client_id, session, sources)
+            return self._assemble_or_reopen(conn, client_id, session, sources, lease)
 
     # --- internals --------------------------------------------------------------------------
 
@@ -139,7 +181,8 @@ class CompletionService:
 
     def _complete_now(self, session_id: UUID, client_id: int, sha256: str | None) -> SessionRow:
         """The request's own assembly (or the finished session, if it is)."""
-        with self._assembly_slot(), self._db.connection() as conn, contextlib.ExitStack() as lock:
+        with self._assembly_slot(), self._db.connection() as conn:
+            lease = _Lease.new()
             with conn.transaction():
                 session = self._lock_session(conn, session_id, client_id)
                 if session.effective_status == states.COMPLETED:
@@ -147,11 +190,11 @@ class CompletionService:
                 accepted = session.effective_status == states.COMPLETING
                 if not accepted:
                     self._check_completable(conn, session, sha256)
-                self._take_completion_lock(lock, conn, session_id)
+                self._take_lease(conn, session_id, lease)
                 if not accepted:
                     session = dao.mark_completing(conn, session_id, sha256)
                 sources = self._sources(conn, session_id)
-            return self._assemble_or_reopen(conn, client_id, session, sources)
+            return self._assemble_or_reopen(conn, client_id, session, sources, lease)
 
     @contextlib.contextmanager
     def _assembly_slot(self) -> Iterator[None]:
@@ -169,12 +212,12 @@ class CompletionService:
             raise SessionNotFound()
         return session
 
-    @staticmethod
-    def _take_completion_lock(lock: contextlib.ExitStack, conn: Connection, session_id: UUID) -> None:
-        """Taken under the session's row lock, held until ``lock`` is left (after the transaction
-        and the assembly). A live assembler holds it: ``CompletionInProgress``. A ``COMPLETING``
-        session whose lock is free lost its assembler, and this call drives it to the end."""
-        if not lock.enter_context(dao.completion_lock(conn, session_id)):
+    def _take_lease(self, conn: Connection, session_id: UUID, lease: _Lease) -> None:
+        """Taken under the session's row lock, in the caller's transaction; held until an outcome
+        ends it or ``_assemble_or_reopen`` gives it back. A live assembler holds it:
+        ``CompletionInProgress``. A ``COMPLETING`` session whose lease is free lost its assembler
+        (or it gave up), and this call drives it to the end."""
+        if not dao.take_completion_lease(conn, session_id, lease.owner, self._lease_seconds):
             raise CompletionInProgress()
 
     @staticmethod
@@ -182,16 +225,40 @@ class CompletionService:
         return [PartSource(part.storage_key, part.size) for part in dao.part_sources(conn, session_id)]
 
     def _assemble_or_reopen(
-        self, conn: Connection, client_id: int, session: SessionRow, sources: list[PartSource]
+        self, conn: Connection, client_id: int, session: SessionRow, sources: list[PartSource], lease: _Lease
     ) -> SessionRow:
         # Whatever fails here (storage, database, this process) leaves the session COMPLETING
-        # with every part row and part byte in place, and the completion lock dies with the
-        # connection: calling complete again, or the reaper's re-drive, takes it up from the
-        # start. Nothing is lost by starting over.
+        # with every part row and part byte in place. The lease is given back on the way out (a
+        # no-op after an outcome, which ended it); if this process dies instead, it runs out.
+        # Then calling complete again, the background assembler or the reaper's re-drive takes
+        # the completion up from the start. Nothing is lost by starting over.
         try:
-            return self._assemble(conn, client_id, session, sources)
-        except ObjectMissing:
-            raise self._reopen_lost_parts(conn, client_id, session, sources) from None
+            try:
+                return self._assemble(conn, client_id, session, sources, lease)
+            except ObjectMissing:
+                pass
+            return self._reopen_lost_parts(conn, client_id, session, sources, lease)
+        except BaseException:
+            self._give_back(conn, session.id, lease)
+            raise
+
+    def _give_back(self, conn: Connection, session_id: UUID, lease: _Lease) -> None:
+        """The lease back, on the assembler's connection or, when that one broke (the usual
+        reason to be here without an outcome), on a fresh one: a database that is back at once
+        should not make the next attempt wait the lease out. If neither works, it runs out."""
+        try:
+            dao.release_completion_lease(conn, session_id, lease.owner)
+            return
+        except DatabaseUnavailable:
+            pass
+        except ChunksvcError as exc:
+            log.warning("session %s: completion lease not given back (it runs out): %s", session_id, exc.detail)
+            return
+        try:
+            with self._db.connection(timeout=ASSEMBLY_SLOT_WAIT / 10) as fresh:
+                dao.release_completion_lease(fresh, session_id, lease.owner)
+        except ChunksvcError as exc:
+            log.warning("session %s: completion lease not given back (it runs out): %s", session_id, exc.detail)
 
     @staticmethod
     def _completion_digest(body: Any) -> str | None:
@@ -216,25 +283,27 @@ class CompletionService:
             )
 
     def _reopen_lost_parts(
-        self, conn: Connection, client_id: int, session: SessionRow, sources: list[PartSource]
-    ) -> ChunksvcError:
-        """Parts whose stored bytes are gone are dropped and the session reopened: the error to raise.
+        self, conn: Connection, client_id: int, session: SessionRow, sources: list[PartSource], lease: _Lease
+    ) -> SessionRow:
+        """Parts whose stored bytes are gone are dropped and the session reopened: raises
+        ``PartsMissing`` (or returns the session that another assembler, which took the lease
+        over, completed meanwhile: it removed the parts this one found gone).
 
         Lost bytes are not the client's fault and it can repair them: the usual answer to
-        ``parts_missing`` (re-send the listed parts, complete again) does. The caller holds the
-        completion lock; the session's row lock orders this against everything else.
+        ``parts_missing`` (re-send the listed parts, complete again) does. Only the holder of the
+        completion lease drops parts (``drop_lost_parts`` checks it); the session's row lock
+        orders this against everything else.
         """
         lost = [source.key for source in sources if not self._storage.exists(source.key)]
         if not lost:  # the storage said "missing", then "there": not a verdict to act on
-            return StorageError("a part was briefly missing from storage during assembly; complete again")
+            raise StorageError("a part was briefly missing from storage during assembly; complete again")
         with conn.transaction():
-            locked = dao.lock_session(conn, session.id, client_id)
-            if locked is None or locked.status != states.COMPLETING:
-                # Cannot happen while we hold the completion lock; say so rather than guess.
-                raise CompletionInProgress("the session changed while its completion ran")
-            reopened = dao.drop_lost_parts(conn, session.id, lost, self._limits.session_ttl)
-            assert reopened is not None  # COMPLETING under the row lock just taken: it reopens
-            missing = dao.missing_parts(conn, session.id, session.total_parts, MAX_MISSING_LISTED)
+            locked = self._lock_session(conn, session.id, client_id)
+            reopened = dao.drop_lost_parts(conn, session.id, lease.owner, lost, self._limits.session_ttl)
+            if reopened is not None:
+                missing = dao.missing_parts(conn, session.id, session.total_parts, MAX_MISSING_LISTED)
+        if reopened is None:
+            return self._not_ours(locked)
         self._events.session_reopened(len(lost))
         log.warning(
             "session %s: %d parts' stored bytes are missing; reopened for the client to re-send them",
@@ -242,33 +311,52 @@ class CompletionService:
             len(lost),
         )
         count = reopened.total_parts - reopened.received_parts
-        return PartsMissing(
+        raise PartsMissing(
             f"{count} of {session.total_parts} parts are missing ({len(lost)} lost from storage; upload them again)",
             missing_parts=missing,
             missing_count=count,
         )
 
-    def _assemble(self, conn: Connection, client_id: int, session: SessionRow, sources: list[PartSource]) -> SessionRow:
+    @staticmethod
+    def _not_ours(session: SessionRow) -> SessionRow:
+        """This attempt's outcome was refused: its lease was lost. ``session`` (read under the row
+        lock) says why: another assembler completed it (its outcome is the answer), still runs it
+        (``CompletionInProgress``), or the session ended otherwise (``SessionNotActive``)."""
+        if session.effective_status == states.COMPLETED:
+            return session
+        if session.effective_status == states.COMPLETING:
+            raise CompletionInProgress("another assembler took this completion over after its lease ran out")
+        raise SessionNotActive(f"the session became {session.effective_status} while its completion ran")
+
+    def _assemble(
+        self, conn: Connection, client_id: int, session: SessionRow, sources: list[PartSource], lease: _Lease
+    ) -> SessionRow:
         """Assemble, verify, record the outcome, then remove what is no longer needed.
 
-        Each removal follows the commit that makes it safe: the parts go only after COMPLETED
-        (or FAILED) committed, so a lost commit reply leaves the session COMPLETING with its
-        parts, and assembling again rebuilds the same object under the same key.
+        Each removal follows the commit that makes it safe: the parts (and a mismatched object)
+        go only after COMPLETED (or FAILED) committed, so a lost commit reply leaves the session
+        COMPLETING with its parts, and assembling again rebuilds the same object under the same
+        key. An attempt whose outcome is refused (its lease was lost) removes nothing: the
+        assembler that took over needs the parts, and the object under the key may be its own.
         """
         key = layout.object_key(session.id)
         started = time.monotonic()
         self._events.assembly_running(1)
         try:
-            stored = self._storage.assemble(sources, key, self._block_size, self._progress_reporter(conn, session.id))
+            with self._lease_keeper(conn, session.id, lease) as progress:
+                stored = self._storage.assemble(sources, key, self._block_size, progress)
         finally:
             self._events.assembly_running(-1)
         assembly_seconds = time.monotonic() - started
         if stored.size != session.size or (session.sha256 and stored.sha256 != session.sha256):
-            discard(self._storage, [key])
             with conn.transaction():
-                dao.mark_failed(conn, session.id)
+                failed = dao.mark_failed(conn, session.id, lease.owner)
+                now = None if failed else self._lock_session(conn, session.id, client_id)
+            if now is not None:
+                return self._not_ours(now)
             self._events.session_failed(assembly_seconds)
-            # A FAILED session cannot be resumed, so its parts are of no further use.
+            # A FAILED session cannot be resumed, so its object and parts are of no further use.
+            discard(self._storage, [key])
             discard(self._storage, [source.key for source in sources])
             raise ChecksumMismatch(
                 f"assembled {stored.size} bytes with SHA-256 {stored.sha256};"
@@ -277,32 +365,49 @@ class CompletionService:
                 actual_sha256=stored.sha256,
             )
         with conn.transaction():
-            outcome = dao.mark_completed(conn, session.id, key, stored.size, stored.sha256)
-            completed = outcome is not None
-            if outcome is None:  # another caller finished first; report its outcome
-                outcome = dao.get_session(conn, session.id, client_id)
-        assert outcome is not None  # sessions are never deleted
-        if completed:
-            self._events.session_completed(assembly_seconds)
+            outcome = dao.mark_completed(conn, session.id, lease.owner, key, stored.size, stored.sha256)
+            now = outcome or self._lock_session(conn, session.id, client_id)
+        if outcome is None:
+            return self._not_ours(now)
+        self._events.session_completed(assembly_seconds)
         discard(self._storage, [source.key for source in sources])
         return outcome
 
-    @staticmethod
-    def _progress_reporter(conn: Connection, session_id: UUID) -> Callable[[int], None]:
-        """Writes ``assembled_bytes`` at most once a second, on the assembler's own connection
-        (it is idle while the storage works: autocommit, the completion lock held on it)."""
-        last = time.monotonic()
+    @contextlib.contextmanager
+    def _lease_keeper(self, conn: Connection, session_id: UUID, lease: _Lease) -> Iterator[Callable[[int], None]]:
+        """The lease kept alive while the storage assembles; yields the storage's progress callback.
 
-        def report(assembled: int) -> None:
-            nonlocal last
-            now = time.monotonic()
-            if now - last >= PROGRESS_INTERVAL:
-                last = now
-                try:
-                    dao.set_assembled_bytes(conn, session_id, assembled)
-                except DatabaseUnavailable:
-                    raise  # the connection, and the completion lock on it, are gone: stop here
-                except ChunksvcError:  # progress is a courtesy: nothing else stops the assembly
-                    log.debug("could not record the progress of session %s", session_id, exc_info=True)
+        The keeper's thread renews the lease about once a second on the assembler's own connection
+        (idle while the storage works: autocommit, no transaction open), writing the latest
+        progress with it. A thread, not the progress callback itself, because some storage
+        reports no progress for long stretches (S3's server-side compose and the read-back that
+        verifies it), and the lease must outlive them. The callback only notes the bytes, and
+        stops the assembly (raising) once a renewal was refused (the lease is lost) or the
+        connection broke. Storage that reports no progress runs to its end either way; its
+        outcome is then refused if the lease was lost (the statements check the owner). The thread
+        is joined when the block ends, before the connection records the outcome.
+        """
+        assembled = 0
 
-        return report
+        def renew() -> bool:
+            return dao.renew_completion_lease(conn, session_id, lease.owner, self._lease_seconds, assembled)
+
+        def progress(count: int) -> None:
+            nonlocal assembled
+            assembled = count
+            if keeper.failure is not None:
+                raise keeper.failure
+            if keeper.lost:
+                raise CompletionInProgress("this assembly lost its completion lease to another assembler")
+
+        keeper = LeaseKeeper(
+            renew,
+            self._lease_seconds,
+            min(PROGRESS_INTERVAL, self._lease_seconds / 3),
+            taken_at=lease.taken_at,
+            what=f"the completion of session {session_id}",
+            # The connection, and so any outcome recorded on it, is gone: stop here.
+            fatal=(DatabaseUnavailable,),
+        )
+        with keeper:
+            yield progress

@@ -4,8 +4,9 @@
 Phases, in this order (each one's output feeds the next):
 
 1. expire: overdue ``INIT``/``IN_PROGRESS`` sessions get ``EXPIRED`` stored.
-2. re-drive: ``COMPLETING`` sessions older than the lease whose assembler is dead (its
-   completion lock is free) are completed through the same code as ``POST .../complete``;
+2. re-drive: ``COMPLETING`` sessions older than the re-drive's grace (``completing_lease``) whose
+   assembler is dead (its completion lease is free: given back, or run out) are completed
+   through the same code as ``POST .../complete``;
    when parts' bytes are gone the session is reopened without them (``IN_PROGRESS``, the
    client re-sends them), never failed; storage that is full or down leaves it for next time.
 3. purge: the stored bytes of ended sessions are removed once (``purged_at``): everything under
@@ -24,9 +25,19 @@ removes bytes first and records ``purged_at`` after, so a lost commit means remo
 the orphan sweep reads rows, then removes keys that no row names.
 
 Several reapers may run at once: expire and purge claim rows with ``FOR UPDATE SKIP LOCKED``,
-re-drive relies on the per-session completion lock, and the two storage sweeps are each held by
-one reaper at a time (a try-advisory-lock; the others skip them). Nobody waits, and no piece of
-work is done (or counted) twice. Everything is idempotent: a second run finds nothing to do.
+re-drive relies on the per-session completion lease, and the two storage sweeps are each held by
+one reaper at a time (a lease in ``reaper_leases``, tried and never waited for: the others skip
+them). Nobody waits, and no piece of work is done (or counted) twice. Everything is idempotent: a
+second run finds nothing to do.
+
+The sweeps' and the periodic run's claims are leases (``services.leases``), not session-level
+advisory locks as before, so that the reaper is correct behind a PgBouncer in transaction pooling
+mode, where a lock held by "the session" is held by whichever server connection ran the statement.
+What that changes: a crashed reaper's claim used to vanish with its connection; now it runs out
+``lease`` seconds after its last renewal (``CHUNKSVC_LEASE``), and until then the other reapers skip
+that sweep (or the periodic turn). A live sweeper renews its lease while it works and checks that
+it still holds it before each batch it removes, so a reaper that stalled past its lease stops
+rather than sweep alongside the one that took over.
 """
 
 from __future__ import annotations
@@ -46,8 +57,9 @@ from chunksvc.db import Connection, Database
 from chunksvc.errors import ChecksumMismatch, ChunksvcError, CompletionInProgress, PartsMissing, SessionNotActive
 from chunksvc.rows import SweptSessionRow
 from chunksvc.services import layout, states
-from chunksvc.services.completion import CompletionService
+from chunksvc.services.completion import COMPLETION_LEASE, CompletionService
 from chunksvc.services.events import UploadEvents
+from chunksvc.services.leases import reaper_lease
 from chunksvc.storage import ListedKey, Storage
 
 T = TypeVar("T")
@@ -69,14 +81,16 @@ class ReaperSettings:
     # of them, while orphans come only from crashes, so keeping them a day costs little.
     orphan_grace: float = 24 * 3600
     # Seconds a COMPLETING session must be untouched before the reaper re-drives it. The
-    # completion lock already tells a dead assembler from a live one; the lease leaves a client
+    # completion lease already tells a dead assembler from a live one; this grace leaves a client
     # whose completion failed the time to retry it itself.
     completing_lease: float = 600
     dry_run: bool = False
+    # Seconds a crashed reaper's claim on a sweep outlives its last renewal (CHUNKSVC_LEASE).
+    lease: float = COMPLETION_LEASE
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.orphan_grace < 0 or self.completing_lease < 0:
-            raise ValueError(f"need batch_size >= 1 and non-negative grace and lease, got {self}")
+        if self.batch_size < 1 or self.orphan_grace < 0 or self.completing_lease < 0 or self.lease <= 0:
+            raise ValueError(f"need batch_size >= 1, non-negative graces and a positive lease, got {self}")
 
 
 # A dry run lists what each kind of work would touch, up to this many items per kind.
@@ -243,13 +257,13 @@ class Reaper:
         after = None
         while True:
             with self._db.connection() as conn:
+                # Only those whose completion lease is free: no live assembler holds them.
                 stale = dao.stale_completions(conn, self._settings.completing_lease, after, self._settings.batch_size)
-                if self._settings.dry_run:
-                    for completion in stale:
-                        if self._assembler_is_dead(conn, completion.id):
-                            result.completions_redriven += 1
-                            result.note("completions_redriven", str(completion.id))
-            if not self._settings.dry_run:
+            if self._settings.dry_run:
+                for completion in stale:
+                    result.completions_redriven += 1
+                    result.note("completions_redriven", str(completion.id))
+            else:
                 for completion in stale:
                     self._redrive(completion.id, completion.client_id, result)
             if len(stale) < self._settings.batch_size:
@@ -282,18 +296,25 @@ class Reaper:
         now = self._clock()
         cutoff = now - timedelta(seconds=self._settings.orphan_grace)
         live_cutoff = now - timedelta(seconds=max(self._settings.orphan_grace, LIVE_KEY_MIN_AGE))
-        with self._db.connection() as conn, dao.reaper_lock(conn, "orphans") as held:
-            if not held:
+        with reaper_lease(self._db, "orphans", self._settings.lease) as lease:
+            if lease is None:
                 return  # another reaper is sweeping; listing the same keys again would gain nothing
-            for prefix in layout.PREFIXES:
-                old = (listed for listed in self._storage.list_keys(prefix) if listed.last_modified < cutoff)
-                for listed in batched(old, self._settings.batch_size):
-                    self._sweep_batch(conn, prefix, listed, live_cutoff, result)
+            with self._db.connection() as conn:
+                for prefix in layout.PREFIXES:
+                    old = (listed for listed in self._storage.list_keys(prefix) if listed.last_modified < cutoff)
+                    for listed in batched(old, self._settings.batch_size):
+                        if not lease.held():
+                            # Stalled past the lease: another reaper may be sweeping now. What was
+                            # removed so far stands; the rest is that reaper's (or the next run's).
+                            log.warning("reap: orphan sweep stopped: its lease ran out or was lost")
+                            return
+                        self._sweep_batch(conn, prefix, listed, live_cutoff, result)
 
     def sweep_incomplete(self, result: ReapResult) -> None:
         cutoff = self._clock() - timedelta(seconds=self._settings.orphan_grace)
-        with self._db.connection() as conn, dao.reaper_lock(conn, "incomplete") as held:
-            if held:
+        # One storage call: the lease is checked before it, and kept alive while it runs.
+        with reaper_lease(self._db, "incomplete", self._settings.lease) as lease:
+            if lease is not None:
                 result.incomplete_swept += self._storage.sweep_incomplete(
                     layout.PREFIXES,
                     cutoff,
@@ -302,12 +323,6 @@ class Reaper:
                 )
 
     # --- internals --------------------------------------------------------------------------
-
-    @staticmethod
-    def _assembler_is_dead(conn: Connection, session_id: UUID) -> bool:
-        """Probe the completion lock: free means no live assembler (taken and given back at once)."""
-        with dao.completion_lock(conn, session_id) as free:
-            return free
 
     def _redrive(self, session_id: UUID, client_id: int, result: ReapResult) -> None:
         try:
@@ -419,16 +434,18 @@ class PeriodicReaper:
     """The reaper run by the server itself, every ``interval`` seconds (``CHUNKSVC_REAP_INTERVAL``).
 
     Each gunicorn worker on each host has one, started like the background assembler. At every
-    turn each of them offers to run a pass; the first to take the run lock (a try-advisory-lock,
-    held on one connection for the whole pass) runs it, and every other process skips that turn
+    turn each of them offers to run a pass; the first to take the run's lease (``reaper_leases``
+    row ``periodic``, renewed for the whole pass) runs it, and every other process skips that turn
     (counted as ``chunksvc_reaper_skipped_total``) instead of waiting: one pass at a time across
     all hosts. Turns fall on whole multiples of ``interval`` of the wall clock, so the offers of
     all processes arrive together and one of them reaps per turn, wherever the hosts' workers
     started. A pass that outlasts the interval makes the turns it covers skip.
 
-    ``python -m chunksvc reap`` from cron works alongside: it does not take the run lock, and
-    several reapers never do the same work twice (see ``Reaper``). A crashed runner's lock goes
-    with its connection.
+    ``python -m chunksvc reap`` from cron works alongside: it does not take the run's lease, and
+    several reapers never do the same work twice (see ``Reaper``). A crashed runner's lease runs
+    out ``lease`` seconds after its last renewal (it used to go with its connection, at once); the
+    turns until then are skipped. A runner that stalls past its lease may see another pass start
+    beside its own: harmless, as with cron's (each phase is safe alongside another reaper).
     """
 
     LOCK = "periodic"
@@ -440,10 +457,12 @@ class PeriodicReaper:
         interval: float,
         events: UploadEvents | None = None,
         clock: Callable[[], float] = time.time,
+        lease: float = COMPLETION_LEASE,
     ) -> None:
         self._db = db
         self._reaper = reaper
         self._interval = interval
+        self._lease = lease
         self._events = events or UploadEvents()
         self._clock = clock
         self._stopping = threading.Event()
@@ -463,9 +482,9 @@ class PeriodicReaper:
         self._stopping.set()
 
     def run_once(self) -> ReapResult | None:
-        """One turn: a pass if this process takes the run lock; None if another process holds it."""
-        with self._db.connection() as conn, dao.reaper_lock(conn, self.LOCK) as held:
-            if not held:
+        """One turn: a pass if this process takes the run's lease; None if another process holds it."""
+        with reaper_lease(self._db, self.LOCK, self._lease) as lease:
+            if lease is None:
                 self._events.reaper_skipped()
                 return None
             result = self._reaper.run(stopping=self._stopping.is_set)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import dataclasses
 import json
 import logging
@@ -320,16 +319,17 @@ class UploadService:
 
     def abort(self, client: Client, raw_id: str) -> None:
         session_id = rules.parse_session_id(raw_id)
-        # As in completion: the completion lock is taken under the row lock, given back after
-        # commit; while a live assembler holds it, the abort is refused (CompletionInProgress).
-        with self._db.connection() as conn, contextlib.ExitStack() as lock, conn.transaction():
+        # As in completion: a COMPLETING session's completion lease is taken under the row lock,
+        # and ends with ABORTED in the same transaction (mark_aborted clears it: no time needed);
+        # while a live assembler holds it, the abort is refused (CompletionInProgress).
+        with self._db.transaction() as conn:
             session = dao.lock_session(conn, session_id, client.id)
             if session is None:
                 raise SessionNotFound()
             status = session.effective_status
             if not states.can_move(status, states.ABORTED):  # only COMPLETED cannot
                 raise SessionCompleted("a completed upload cannot be aborted")
-            if status == states.COMPLETING and not lock.enter_context(dao.completion_lock(conn, session_id)):
+            if status == states.COMPLETING and not dao.take_completion_lease(conn, session_id, uuid.uuid4(), 0):
                 raise CompletionInProgress()
             dao.mark_aborted(conn, session_id)
         if status != states.ABORTED:

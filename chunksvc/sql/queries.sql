@@ -172,11 +172,12 @@ RETURNING p.part_number;
 -- least a full TTL left (the client needs the time to re-send; it did nothing wrong). The
 -- dropped keys are remembered in lost_parts, so bytes that were only out of sight are never
 -- swept as orphans. The caller holds the session's row lock (lock_session, same transaction);
--- every part of the statement repeats its COMPLETING check, so nothing changes otherwise.
+-- every part of the statement repeats its check (COMPLETING, and the completion lease is the
+-- caller's: `owner`), so nothing changes otherwise; the reopened session's lease is cleared.
 WITH dropped AS (
     DELETE FROM upload_parts p
      USING upload_sessions s
-     WHERE s.id = %(id)s AND s.status = 'COMPLETING'
+     WHERE s.id = %(id)s AND s.status = 'COMPLETING' AND s.completion_owner = %(owner)s
        AND p.session_id = s.id AND p.storage_key = ANY(%(storage_keys)s::text[])
     RETURNING p.session_id, p.part_number, p.size, p.sha256, p.storage_key
 ), remembered AS (
@@ -190,8 +191,10 @@ UPDATE upload_sessions s
        status = 'IN_PROGRESS',
        assembled_bytes = NULL,
        expires_at = GREATEST(s.expires_at, now() + make_interval(secs => %(ttl)s)),
-       updated_at = now()
- WHERE s.id = %(id)s AND s.status = 'COMPLETING'
+       updated_at = now(),
+       completion_owner = NULL,
+       completion_lease_until = NULL
+ WHERE s.id = %(id)s AND s.status = 'COMPLETING' AND s.completion_owner = %(owner)s
 RETURNING *, chunksvc_session_status(status, expires_at) AS effective_status;
 
 -- name: missing_parts
@@ -215,42 +218,78 @@ UPDATE upload_sessions
 RETURNING *, chunksvc_session_status(status, expires_at) AS effective_status;
 
 -- name: mark_completed
--- Only from COMPLETING: a completer that lost its lock must not overwrite another's outcome.
+-- Only from COMPLETING and only by the holder of the completion lease (`owner`): an assembler
+-- that lost its lease (it stalled past its expiry and another took over, or the session ended)
+-- must not record an outcome over the new holder's. The lease ends with the outcome. No row:
+-- not ours to record (the caller reads the session to see what became of it).
 UPDATE upload_sessions
    SET status = 'COMPLETED', object_key = %(object_key)s, object_size = %(object_size)s,
-       object_sha256 = %(object_sha256)s, assembled_bytes = NULL, updated_at = now()
- WHERE id = %(id)s AND status = 'COMPLETING'
+       object_sha256 = %(object_sha256)s, assembled_bytes = NULL, updated_at = now(),
+       completion_owner = NULL, completion_lease_until = NULL
+ WHERE id = %(id)s AND status = 'COMPLETING' AND completion_owner = %(owner)s
 RETURNING *, chunksvc_session_status(status, expires_at) AS effective_status;
 
 -- name: mark_failed
-UPDATE upload_sessions SET status = 'FAILED', assembled_bytes = NULL, updated_at = now()
- WHERE id = %(id)s AND status = 'COMPLETING';
+-- As mark_completed: only the lease's holder records the outcome, and the lease ends with it.
+UPDATE upload_sessions
+   SET status = 'FAILED', assembled_bytes = NULL, updated_at = now(),
+       completion_owner = NULL, completion_lease_until = NULL
+ WHERE id = %(id)s AND status = 'COMPLETING' AND completion_owner = %(owner)s;
 
--- name: set_assembled_bytes
--- Progress of a running assembly (updated_at stays: it dates state changes, not progress).
-UPDATE upload_sessions SET assembled_bytes = %(assembled)s
- WHERE id = %(id)s AND status = 'COMPLETING';
+-- name: take_completion_lease
+-- The completion lease: who assembles the session (`owner`, one per attempt), and until when.
+-- Run in the transaction that holds the session's row lock (lock_session) and checks its status,
+-- so the check and the claim are one decision. Taken only when free: never taken, given back, or
+-- run out (its holder died, or stalled past it). Rows, not a session-level advisory lock: behind
+-- a transaction-pooling PgBouncer consecutive statements of one client run on different server
+-- connections, so a lock on "the session" would be taken on one, given back on another, and
+-- shared with every client the first serves next. The lease's times are the database's clock,
+-- as each statement runs (clock_timestamp(): a take that waited for the row lock dates the lease
+-- from the take, not from its transaction's start). No row: a live holder has it.
+UPDATE upload_sessions
+   SET completion_owner = %(owner)s,
+       completion_lease_until = clock_timestamp() + make_interval(secs => %(seconds)s)
+ WHERE id = %(id)s
+   AND (completion_lease_until IS NULL OR completion_lease_until <= clock_timestamp())
+RETURNING completion_owner;
+
+-- name: renew_completion_lease
+-- About once a second while the assembly runs (services.leases.LeaseKeeper): push the lease on
+-- and record the assembly's progress in the same write (updated_at stays: it dates state
+-- changes, not progress). Only while `owner` still holds it on a COMPLETING session. No row: the
+-- lease was lost (it ran out and another took over, or the session ended), and the assembly
+-- must stop; an owner whose lease ran out with nobody taking it over renews it (nothing else ran).
+UPDATE upload_sessions
+   SET completion_lease_until = clock_timestamp() + make_interval(secs => %(seconds)s),
+       assembled_bytes = %(assembled)s
+ WHERE id = %(id)s AND status = 'COMPLETING' AND completion_owner = %(owner)s
+RETURNING id;
+
+-- name: release_completion_lease
+-- An assembly that ends without an outcome (storage full or down, an error): the lease goes
+-- back at once, so completing again, the background assembler or the reaper's re-drive need not
+-- wait for it to run out. The outcomes (mark_completed, mark_failed, drop_lost_parts, and
+-- mark_aborted) clear it in their own statement.
+UPDATE upload_sessions SET completion_owner = NULL, completion_lease_until = NULL
+ WHERE id = %(id)s AND completion_owner = %(owner)s;
 
 -- name: pending_assemblies
--- Completions accepted for the background (above the synchronous size), oldest first: the
--- assembler of each host offers to take them; the completion lock lets one at a time run each.
+-- Completions accepted for the background (above the synchronous size), oldest first, that no
+-- live assembler holds (their completion lease is free: never taken, given back, or run out):
+-- the assembler of each host offers to take them; the lease lets one at a time run each.
 SELECT id, client_id, updated_at
   FROM upload_sessions
  WHERE status = 'COMPLETING' AND size > %(sync_max)s
+   AND (completion_lease_until IS NULL OR completion_lease_until <= clock_timestamp())
  ORDER BY updated_at
  LIMIT %(limit)s;
 
 -- name: mark_aborted
-UPDATE upload_sessions SET status = 'ABORTED', updated_at = now()
+-- The caller holds the row lock and, for a COMPLETING session, took its free completion lease
+-- in the same transaction (take_completion_lease): the lease ends here.
+UPDATE upload_sessions
+   SET status = 'ABORTED', updated_at = now(), completion_owner = NULL, completion_lease_until = NULL
  WHERE id = %(id)s;
-
--- name: try_completion_lock
--- A session-level advisory lock held by the connection that assembles: it vanishes with a
--- crashed worker's connection, so a COMPLETING session whose lock is free was abandoned.
-SELECT pg_try_advisory_lock(hashtextextended('chunksvc.complete:' || %(id)s::text, 0)) AS locked;
-
--- name: release_completion_lock
-SELECT pg_advisory_unlock(hashtextextended('chunksvc.complete:' || %(id)s::text, 0)) AS released;
 
 -- name: ping
 SELECT 1 AS ok;
@@ -287,7 +326,7 @@ SELECT 'unpurged', count(*)
 
 -- reaper ------------------------------------------------------------------------------------
 -- Several reapers may run at once (cron on several hosts): row claims use SKIP LOCKED, so each
--- takes rows no other holds and none waits; whole phases take a try-advisory-lock.
+-- takes rows no other holds and none waits; whole phases take a lease (reaper_leases).
 
 -- name: expire_overdue_sessions
 -- Stores EXPIRED on open sessions past their expiry (clients already read them as EXPIRED).
@@ -332,11 +371,13 @@ SELECT id, status, updated_at
 UPDATE upload_sessions SET purged_at = now() WHERE id = ANY(%(ids)s::uuid[]);
 
 -- name: stale_completions
--- COMPLETING sessions untouched for longer than the lease (their assembler may be dead; the
--- completion lock says for sure), oldest first from a keyset cursor.
+-- COMPLETING sessions untouched for longer than `lease` (the re-drive's grace, which leaves a
+-- client the time to retry its completion itself) whose completion lease is free (never taken,
+-- given back, or run out: no live assembler), oldest first from a keyset cursor.
 SELECT id, client_id, updated_at
   FROM upload_sessions
  WHERE status = 'COMPLETING' AND updated_at <= now() - make_interval(secs => %(lease)s)
+   AND (completion_lease_until IS NULL OR completion_lease_until <= clock_timestamp())
    AND (%(after_updated_at)s::timestamptz IS NULL
         OR (updated_at, id) > (%(after_updated_at)s::timestamptz, %(after_id)s::uuid))
  ORDER BY updated_at, id
@@ -361,12 +402,27 @@ SELECT storage_key
   FROM lost_parts
  WHERE session_id = ANY(%(session_ids)s::uuid[]) AND storage_key = ANY(%(storage_keys)s::text[]);
 
--- name: try_reaper_lock
--- Held on the reaper's connection for a whole phase; it vanishes with a crashed reaper.
-SELECT pg_try_advisory_lock(hashtextextended('chunksvc.reap:' || %(phase)s::text, 0)) AS locked;
+-- name: take_reaper_lease
+-- The lease on a whole reaper phase (or on the periodic run), held by `owner` for `seconds`
+-- and renewed while it runs. Taken when nobody has it, or when its holder's lease ran out (that
+-- reaper died or stalled): ON CONFLICT locks the existing row and checks `until` on its latest
+-- version, so of two reapers that try at once exactly one gets it. Rows, not a session-level
+-- advisory lock, for the same reason as take_completion_lease. No row: another reaper has it.
+INSERT INTO reaper_leases (name, owner, until)
+VALUES (%(name)s, %(owner)s, clock_timestamp() + make_interval(secs => %(seconds)s))
+ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, until = EXCLUDED.until
+ WHERE reaper_leases.until <= clock_timestamp()
+RETURNING owner;
 
--- name: release_reaper_lock
-SELECT pg_advisory_unlock(hashtextextended('chunksvc.reap:' || %(phase)s::text, 0)) AS released;
+-- name: renew_reaper_lease
+-- Only while `owner` still holds it (an UPDATE, never an insert: a lease that another took
+-- and gave back meanwhile is not ours again). No row: lost.
+UPDATE reaper_leases SET until = clock_timestamp() + make_interval(secs => %(seconds)s)
+ WHERE name = %(name)s AND owner = %(owner)s
+RETURNING owner;
+
+-- name: release_reaper_lease
+DELETE FROM reaper_leases WHERE name = %(name)s AND owner = %(owner)s;
 
 -- webhooks ----------------------------------------------------------------------------------
 -- Endpoints are managed by ops (`python -m chunksvc webhooks ...`); events are written by the
