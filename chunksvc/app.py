@@ -35,7 +35,12 @@ def build_database(config: Config) -> Database:
         raise ConfigError(
             "DATABASE_URL is not set; `make run` (python -m chunksvc serve) starts an embedded PostgreSQL"
         )
-    return Database(config.database_url, config.pool_min_size, config.pool_max_size)
+    return Database(
+        config.database_url,
+        config.pool_min_size,
+        config.pool_max_size,
+        prepare_threshold=config.db_prepare_threshold,
+    )
 
 
 WsgiApp = falcon.App[falcon.Request, falcon.Response]

@@ -188,6 +188,18 @@ class Config:
     bind: str = "127.0.0.1:8000"
     pool_min_size: int = 1
     pool_max_size: int = 8
+    # psycopg's prepare_threshold for the pool's connections (CHUNKSVC_DB_PREPARE_THRESHOLD):
+    # None, the default, never prepares a statement on the server. Server-side prepared statements
+    # belong to a server connection, and behind a PgBouncer in transaction pooling mode (before
+    # 1.21's max_prepared_statements; Debian 12 ships 1.18) the next execution may run on another
+    # one ("prepared statement "_pg3_0" does not exist", or "already exists"). A number n prepares
+    # each statement on its n-th execution on a connection (psycopg's default is 5): for direct
+    # connections, or a PgBouncer that keeps prepared statements. What it costs to go without: the
+    # part path's two statements are planned on every part, about 1.1 ms more PostgreSQL CPU per
+    # 4 KiB part on the 2-core bench box (2.2 ms instead of 1.0-1.1 ms; server CPU per part 6.3 ms
+    # instead of 5.1-5.3 ms: python -m tools.bench --backends file --figures small, with this unset
+    # and then 5, twice each; python -m tools.bench_pgbouncer --figures prepared isolates it).
+    db_prepare_threshold: int | None = None
     # Seconds a claim on shared work outlives its holder's last renewal: a completion's lease on
     # its session (a crashed assembler is taken over after it), and the reaper's on a sweep or on
     # the periodic run. Holders renew about once a second (completions) or every third of it.
@@ -247,6 +259,7 @@ class Config:
             bind=env.get("CHUNKSVC_BIND", "127.0.0.1:8000"),
             pool_min_size=_int(env, "CHUNKSVC_DB_POOL_MIN", 1),
             pool_max_size=_int(env, "CHUNKSVC_DB_POOL_MAX", 8),
+            db_prepare_threshold=_optional_int(env, "CHUNKSVC_DB_PREPARE_THRESHOLD"),
             lease=_int(env, "CHUNKSVC_LEASE", 30),
             block_size=_int(env, "CHUNKSVC_BLOCK_SIZE", 1 * MiB),
             body_timeout=_int(env, "CHUNKSVC_BODY_TIMEOUT", 60),
@@ -269,6 +282,8 @@ class Config:
         self.limits.validate()
         if not 1 <= self.pool_min_size <= self.pool_max_size:
             raise ConfigError("need 1 <= CHUNKSVC_DB_POOL_MIN <= CHUNKSVC_DB_POOL_MAX")
+        if self.db_prepare_threshold is not None and self.db_prepare_threshold < 0:
+            raise ConfigError("CHUNKSVC_DB_PREPARE_THRESHOLD must be unset (never prepare) or at least 0")
         if self.lease < 1:
             raise ConfigError("CHUNKSVC_LEASE must be at least 1 second")
         if not 4 * KiB <= self.block_size <= 64 * MiB:
@@ -364,6 +379,14 @@ class ServerSettings:
         if problems:
             raise ConfigError("; ".join(problems))
         return settings
+
+
+def _optional_int(env: Mapping[str, str], name: str) -> int | None:
+    """An integer setting that may be left unset (or empty, or ``none``): None."""
+    raw = env.get(name)
+    if raw is None or raw.strip().lower() in ("", "none"):
+        return None
+    return _int(env, name, 0)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -146,16 +146,36 @@ class Connection:
 class Database:
     """The pool. It opens on first use so that each gunicorn worker opens its own after fork."""
 
-    def __init__(self, url: str, min_size: int = 1, max_size: int = 8, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        min_size: int = 1,
+        max_size: int = 8,
+        timeout: float = 10.0,
+        prepare_threshold: int | None = None,
+    ) -> None:
         self._pool = psycopg_pool.ConnectionPool(
             url,
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
             open=False,
-            # Autocommit: nothing stays "idle in transaction" between explicit transactions,
-            # which matters while a completion holds its connection during assembly.
-            kwargs={"autocommit": True, "connect_timeout": 5},
+            kwargs={
+                # Autocommit: nothing stays "idle in transaction" between explicit transactions,
+                # which matters while a completion holds its connection during assembly. Behind a
+                # transaction-pooling PgBouncer it is also what lets each statement outside a
+                # transaction run on whichever server connection is free.
+                "autocommit": True,
+                "connect_timeout": 5,
+                # None: never a server-side prepared statement (psycopg prepares a statement on its
+                # 5th execution by default). A prepared statement lives on one server connection,
+                # and through a transaction-pooling PgBouncer older than 1.21 the next execution
+                # may land on another ("prepared statement "_pg3_0" does not exist"), or a later
+                # client on the same one may try to prepare the name again ("already exists").
+                # Nothing here depends on connection state, so the pool works the same through
+                # PgBouncer or direct. Config.db_prepare_threshold says what turning it on buys.
+                "prepare_threshold": prepare_threshold,
+            },
             name="chunksvc",
         )
         self._opened = False

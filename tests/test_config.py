@@ -83,3 +83,21 @@ def test_server_settings_default_to_cores_plus_one_gthread_workers():
 def test_a_bad_server_setting_is_refused_by_name(name, raw, message):
     with pytest.raises(ConfigError, match=message):
         ServerSettings.from_env({name: raw})
+
+
+def test_prepared_statements_are_off_unless_asked_for():
+    """Off by default: behind a transaction-pooling PgBouncer (1.18) they break (chunksvc.db)."""
+    base = {"CHUNKSVC_VAR_DIR": "/tmp/x"}
+    assert Config.from_env(base).db_prepare_threshold is None
+    assert Config.from_env({**base, "CHUNKSVC_DB_PREPARE_THRESHOLD": "none"}).db_prepare_threshold is None
+    assert Config.from_env({**base, "CHUNKSVC_DB_PREPARE_THRESHOLD": "5"}).db_prepare_threshold == 5
+    with pytest.raises(ConfigError, match="CHUNKSVC_DB_PREPARE_THRESHOLD"):
+        Config.from_env({**base, "CHUNKSVC_DB_PREPARE_THRESHOLD": "-1"})
+
+
+def test_the_lease_is_30_seconds_unless_set():
+    base = {"CHUNKSVC_VAR_DIR": "/tmp/x"}
+    assert Config.from_env(base).lease == 30
+    assert Config.from_env({**base, "CHUNKSVC_LEASE": "2"}).lease == 2
+    with pytest.raises(ConfigError, match="CHUNKSVC_LEASE"):
+        Config.from_env({**base, "CHUNKSVC_LEASE": "0"})
