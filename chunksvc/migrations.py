@@ -1,7 +1,20 @@
 """Schema migrations: apply ``sql/migrations/NNNN_name.sql`` in order, once each.
 
-Two hosts migrating at once is safe: the whole run holds a PostgreSQL advisory lock, and each
-file is applied in its own transaction together with its row in ``schema_migrations``.
+Two hosts migrating at once is safe: each file is applied in its own transaction, together with
+its row in ``schema_migrations``, under a transaction-level advisory lock
+(``pg_advisory_xact_lock``) taken first in that transaction; whoever gets the lock second finds
+the row there and skips the file. Each process walks the files in order, so they are applied in
+order, each once, though two processes may share the work between them.
+
+Why a transaction-level lock and not, as before, a session-level one held for the whole run:
+every command migrates first (``serve``, ``reap`` from cron, ``keys``, ``sessions``...), with the
+same ``DATABASE_URL`` the service uses, which behind a PgBouncer in transaction pooling mode is
+PgBouncer's. There a session-level lock is taken on one server connection and "released" on
+whichever runs the unlock (which does not hold it): the lock would stay on the first connection,
+and the next migration anywhere would wait for it forever. A transaction-level lock lives and ends
+with the transaction, which PgBouncer keeps on one server connection, so ``migrate`` needs no
+direct connection to PostgreSQL. (A migration file still runs in one transaction: no
+``CREATE INDEX CONCURRENTLY`` and the like, as before.)
 """
 
 from __future__ import annotations
@@ -48,29 +61,34 @@ def available() -> list[Migration]:
 def migrate(database_url: str) -> list[str]:
     """Apply pending migrations; return the names of those applied by this call."""
     applied_now = []
-    with translate_errors(), psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_ID,))
-        try:
+    # prepare_threshold=None: no server-side prepared statements (see db.Database), which a
+    # transaction-pooling PgBouncer cannot keep; the lock statement runs once per file.
+    with translate_errors(), psycopg.connect(database_url, autocommit=True, prepare_threshold=None) as conn:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_ID,))
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " version text PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
             done: dict[str, str] = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
-            for migration in available():
-                if migration.version in done:
-                    if done[migration.version] != migration.checksum:
-                        raise MigrationError(
-                            f"{migration.name} changed after it was applied; add a new migration instead"
-                        )
-                    continue
+        for migration in available():
+            if migration.version not in done:
                 with conn.transaction():
-                    conn.execute(migration.sql)
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
-                        (migration.version, migration.name, migration.checksum),
-                    )
-                applied_now.append(migration.name)
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_ID,))
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_ID,))
+                    # Under the lock: another process may have applied it since we looked.
+                    row = conn.execute(
+                        "SELECT checksum FROM schema_migrations WHERE version = %s", (migration.version,)
+                    ).fetchone()
+                    if row is None:
+                        conn.execute(migration.sql)
+                        conn.execute(
+                            "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                            (migration.version, migration.name, migration.checksum),
+                        )
+                        applied_now.append(migration.name)
+                        continue
+                done[migration.version] = row[0]
+            if done[migration.version] != migration.checksum:
+                raise MigrationError(f"{migration.name} changed after it was applied; add a new migration instead")
     return applied_now
