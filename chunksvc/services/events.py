@@ -43,7 +43,7 @@ class UploadEvents:
         (e.g. ``{"orphans_removed": 3}``) and ``succeeded`` is false when something was left."""
 
     def reaper_skipped(self) -> None:
-        """The server's periodic reaper let a turn pass: another process held the run lock."""
+        """The server's periodic reaper let a turn pass: another process held the run's lease."""
 
     def webhook_delivered(self, latency: float | None) -> None:
         """An event was delivered (a 2xx); ``latency``: seconds since the state change that made
