@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install lock run test chaos lint migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks loadtest clean
+.PHONY: install lock run test chaos lint migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks bench-pgbouncer loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes. (PYTHONWARNINGS: setuptools' notice
 # about editable installs, printed by every build, is noise; pip's errors still show.)
@@ -100,6 +100,12 @@ bench-proxy: $(BENCH_INSTALLED)
 ## receiver, p50/p99) and part throughput with a hanging endpoint vs none; a few minutes.
 bench-webhooks: $(BENCH_INSTALLED)
 	$(BIN)/python -m tools.bench_webhooks $(ARGS)
+
+## make bench-pgbouncer [ARGS="--rounds 3"]: PostgreSQL connections of 4 hosts x 3 workers under 16
+## parallel uploads, direct and through PgBouncer in transaction mode (needs pgbouncer installed),
+## and the part path's cost without server-side prepared statements; a few minutes.
+bench-pgbouncer: $(INSTALLED)
+	$(BIN)/python -m tools.bench_pgbouncer $(ARGS)
 
 ## make loadtest: a short smoke load on a chunksvc started locally. Against a deployment:
 ## CHUNKSVC_URL=https://host CHUNKSVC_API_KEY=csk_... make loadtest ARGS="--users 50 --run-time 300 --max-files 0"
