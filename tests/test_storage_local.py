@@ -9,6 +9,7 @@ import io
 import os
 import stat
 import sys
+import time
 
 import pytest
 
@@ -159,3 +160,131 @@ def test_a_write_into_a_new_directory_creates_it(tmp_path):
     storage.delete_prefix("parts/s/")
     storage.write("parts/s/p3", io.BytesIO(b"c"), 1, MiB)  # and again after it was removed
     assert [k.key for k in storage.list_keys("parts/")] == ["parts/s/p3"]
+
+
+# --- spare inodes ---------------------------------------------------------------------------
+
+
+def spares_ready(storage: LocalStorage, count: int = 1) -> None:
+    """Until the storage's thread has made ``count`` spare inodes (no timing is asserted)."""
+    spares = storage._spares
+    assert spares is not None
+    deadline = time.monotonic() + 30
+    while len(spares._ready) < count:
+        assert time.monotonic() < deadline, "no spare inode was made"
+        time.sleep(0.01)
+
+
+def recording_links(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> list[str]:
+    """Names given to spare inodes (each link fails with EPERM when ``fail``)."""
+    names: list[str] = []
+    real = local._link_descriptor
+    assert real is not None
+
+    def link(fd: int, path: str) -> None:
+        names.append(os.path.basename(path))
+        if fail:
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM), path)
+        real(fd, path)
+
+    monkeypatch.setattr(local, "_link_descriptor", link)
+    return names
+
+
+needs_spares = pytest.mark.skipif(local._link_descriptor is None, reason="no O_TMPFILE and linkat here")
+
+
+@needs_spares
+def test_writes_after_the_first_take_a_spare_inode_and_leave_nothing_behind(tmp_path, monkeypatch):
+    names = recording_links(monkeypatch)
+    storage = LocalStorage(tmp_path / "storage")
+    storage.write("parts/s/p1", io.BytesIO(b"first"), 5, MiB)  # no spare yet: made in place
+    assert names == []
+    spares_ready(storage)
+    data = payload(3 * MiB)
+    storage.write("parts/s/p2", io.BytesIO(data), len(data), MiB)
+    assert len(names) == 1  # named in .incoming, then renamed to the key as any temporary file
+    with storage.open("parts/s/p2") as stored:
+        assert stored.read() == data
+    storage.close()
+    assert storage._spares is not None and not storage._spares._ready
+    assert os.listdir(tmp_path / "storage" / ".incoming") == []
+    assert sorted(k.key for k in storage.list_keys("")) == ["parts/s/p1", "parts/s/p2"]
+
+
+@needs_spares
+def test_a_spare_that_cannot_be_named_gives_way_to_a_file_made_in_place(tmp_path, monkeypatch):
+    names = recording_links(monkeypatch, fail=True)
+    storage = LocalStorage(tmp_path / "storage")
+    storage.write("parts/s/p0", io.BytesIO(b"x"), 1, MiB)
+    for number in range(1, local._SPARE_LINK_FAILURES + 2):
+        if number <= local._SPARE_LINK_FAILURES:
+            spares_ready(storage)
+        storage.write(f"parts/s/p{number}", io.BytesIO(b"y" * number), number, MiB)
+        with storage.open(f"parts/s/p{number}") as stored:
+            assert stored.read() == b"y" * number
+    # Given up after the third failure in a row: the last write did not try a spare.
+    assert len(names) == local._SPARE_LINK_FAILURES
+    assert storage._spares is not None and storage._spares.take() is None
+    assert os.listdir(tmp_path / "storage" / ".incoming") == []
+
+
+@needs_spares
+def test_a_file_system_without_o_tmpfile_gets_files_made_in_place(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def refusing_open(path: str, flags: int, *args: int, **kwargs: int) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    names = recording_links(monkeypatch)
+    storage = LocalStorage(tmp_path / "storage")
+    spares = storage._spares
+    assert spares is not None
+    for number in range(3):
+        storage.write(f"parts/s/p{number}", io.BytesIO(b"z"), 1, MiB)
+    deadline = time.monotonic() + 30
+    while not spares._closed:  # the thread saw the refusal and gave up
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert names == [] and spares.take() is None
+    assert len(list(storage.list_keys("parts/"))) == 3
+
+
+@needs_spares
+def test_old_spares_are_not_used(tmp_path, monkeypatch):
+    """A spare's times are those of its making, and sweeps of .incoming judge files by them."""
+    names = recording_links(monkeypatch)
+    storage = LocalStorage(tmp_path / "storage")
+    storage.write("parts/s/p0", io.BytesIO(b"x"), 1, MiB)
+    spares_ready(storage)
+    monkeypatch.setattr(local, "_SPARE_MAX_AGE", -1.0)
+    storage.write("parts/s/p1", io.BytesIO(b"x"), 1, MiB)
+    assert names == []
+
+
+@needs_spares
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_use_its_parents_spares(tmp_path):
+    storage = LocalStorage(tmp_path / "storage")
+    storage.write("parts/s/p0", io.BytesIO(b"x"), 1, MiB)
+    spares_ready(storage)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running the parent's cleanup
+        try:
+            spares = storage._spares
+            inherited = len(spares._ready) if spares is not None else -1
+            storage.write("parts/s/child", io.BytesIO(b"child"), 5, MiB)
+            os.write(write_end, str(inherited).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as report:
+        assert report.read() == b"0"
+    storage.write("parts/s/parent", io.BytesIO(b"parent"), 6, MiB)  # the parent's spares are its own
+    with storage.open("parts/s/child") as child, storage.open("parts/s/parent") as parent:
+        assert (child.read(), parent.read()) == (b"child", b"parent")

@@ -7,10 +7,15 @@ Leftovers of a crash stay in ``.incoming`` (never listed as keys).
 While a body streams in, the kernel is asked to start writing each block to disk as soon as it
 is written (``sync_file_range``, see ``_WriteBehind``), so the fsync that makes the file durable
 finds little left to write. Durability rests on that fsync alone, as before.
+
+Where the system allows, the temporary file's inode is made ahead of need by a thread of its own
+(an unnamed ``O_TMPFILE`` file, see ``_SpareInodes``) and given its ``.incoming`` name when a
+write starts: allocating an inode waits on the file system's journal, naming one does much less.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -20,7 +25,9 @@ import os
 import queue
 import sys
 import threading
+import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +58,13 @@ _WRITE_BEHIND_MIN = 1024 * 1024
 # or file type it does not apply to): nothing was started, nothing is lost by going on without it.
 _WRITE_BEHIND_UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE})
 _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pages, wait for none
+# Spare inodes: how many are kept ready, and how old one may be when it is used (its times are
+# those of its making, and a sweep of .incoming judges a file by them: far below any sane grace).
+_SPARES = 4
+_SPARE_MAX_AGE = 10.0
+_SPARE_LINK_FAILURES = 3  # consecutive failures to name a spare before spares are given up
+_AT_FDCWD = -100  # <fcntl.h>
+_AT_SYMLINK_FOLLOW = 0x400
 
 T = TypeVar("T")
 
@@ -110,6 +124,131 @@ def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
 
 #: None where the call does not exist; a test may replace it.
 _start_writeback = _libc_sync_file_range()
+
+
+def _libc_link_descriptor() -> Callable[[int, str], None] | None:
+    """``link(fd, path)``: give the file open as ``fd`` (an unnamed ``O_TMPFILE`` one) the name
+    ``path``, through ``linkat`` on ``/proc/self/fd/<fd>`` (``os.link`` does not follow that
+    link); None where there is no such call, no ``O_TMPFILE`` or no ``/proc``."""
+    if sys.platform != "linux" or not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).linkat
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int)
+    function.restype = ctypes.c_int
+
+    def link(fd: int, path: str) -> None:
+        source = f"/proc/self/fd/{fd}".encode()
+        if function(_AT_FDCWD, source, _AT_FDCWD, os.fsencode(path), _AT_SYMLINK_FOLLOW) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+
+    return link
+
+
+#: None where unnamed files cannot be named later; a test may replace it.
+_link_descriptor = _libc_link_descriptor()
+
+
+class _SpareInodes:
+    """Empty unnamed files (``O_TMPFILE``) in a directory, made ahead of need by a thread.
+
+    ``take`` hands one out (its descriptor, open for writing) or None when none is ready; the
+    thread then makes another. An unnamed file is invisible: nothing lists or sweeps it, and a
+    crash leaves nothing (the file system frees it as it mounts). Only a process's own spares
+    are used: after a fork the child drops the ones it inherited (two processes writing through
+    one inode would mix their bytes; see ``_forget_spares_after_fork``), and spares older than
+    ``_SPARE_MAX_AGE`` are dropped too.
+    Where the directory refuses ``O_TMPFILE`` the thread gives up and ``take`` answers None.
+    """
+
+    def __init__(self, directory: str, keep: int = _SPARES) -> None:
+        self._directory = directory
+        self._keep = keep
+        self._ready: collections.deque[tuple[int, float]] = collections.deque()
+        self._stale: list[int] = []
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._link_failures = 0
+
+    def take(self) -> int | None:
+        found = None
+        with self._lock:
+            if self._closed:
+                return None
+            while self._ready:
+                fd, made = self._ready.popleft()
+                if time.monotonic() - made <= _SPARE_MAX_AGE:
+                    found = fd
+                    break
+                self._stale.append(fd)  # closed by the thread: freeing an inode waits too
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="spare-inodes", daemon=True)
+                self._thread.start()
+        self._wanted.set()
+        return found
+
+    def linked(self, ok: bool) -> None:
+        """Whether naming the spare just taken worked; spares are given up after a few failures."""
+        with self._lock:
+            self._link_failures = 0 if ok else self._link_failures + 1
+            if self._link_failures >= _SPARE_LINK_FAILURES:
+                self._close_locked()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        self._closed = True
+        self._wanted.set()
+        while self._ready:
+            self._stale.append(self._ready.popleft()[0])
+        while self._stale:
+            os.close(self._stale.pop())
+
+    def after_fork(self) -> None:
+        """In a forked child, before it has other threads: the parent's spares stay the parent's
+        (closing the child's copies of them is harmless), its lock and thread are not ours."""
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+        self._thread = None
+        while self._ready:
+            self._stale.append(self._ready.popleft()[0])
+        while self._stale:
+            os.close(self._stale.pop())
+
+    def _run(self) -> None:
+        wanted = self._wanted
+        while True:
+            wanted.wait()
+            wanted.clear()
+            while True:
+                with self._lock:
+                    if self._closed or wanted is not self._wanted:
+                        return
+                    stale, self._stale = self._stale, []
+                    enough = len(self._ready) >= self._keep
+                for fd in stale:
+                    os.close(fd)
+                if enough:
+                    break
+                try:
+                    fd = os.open(self._directory, os.O_WRONLY | os.O_TMPFILE, 0o666)
+                except OSError as exc:
+                    if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                        self.close()  # not on this file system: writers make their own files
+                        return
+                    break  # no room, or no directory: writers make their own files meanwhile
+                with self._lock:
+                    if self._closed:
+                        os.close(fd)
+                        return
+                    self._ready.append((fd, time.monotonic()))
 
 
 class _WriteBehind:
@@ -248,6 +387,18 @@ class _HashingRing:
                 self._free.put(buffer)
 
 
+_ALL_SPARES: weakref.WeakSet[_SpareInodes] = weakref.WeakSet()
+
+
+def _forget_spares_after_fork() -> None:
+    for spares in list(_ALL_SPARES):
+        spares.after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_spares_after_fork)
+
+
 class LocalStorage(Storage):
     def __init__(self, root: Path) -> None:
         self._root = Path(root)
@@ -255,6 +406,11 @@ class LocalStorage(Storage):
         # As text too: the part path joins them with a key per request (pathlib costs more).
         self._root_text = str(self._root)
         self._incoming_text = str(self._incoming)
+        self._spares: _SpareInodes | None = None
+        if _link_descriptor is not None:
+            self._spares = _SpareInodes(self._incoming_text)
+            _ALL_SPARES.add(self._spares)
+            weakref.finalize(self, self._spares.close)
         try:
             self._incoming.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -456,7 +612,7 @@ class LocalStorage(Storage):
         action = f"write {key}"
         try:
             with _fs_errors(action):
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                fd = self._open_temporary(tmp)
             try:
                 behind = _WriteBehind(fd, length)
                 result = fill(fd, behind)
@@ -482,6 +638,27 @@ class LocalStorage(Storage):
                 os.unlink(tmp)
             raise
         return result
+
+    def _open_temporary(self, path: str) -> int:
+        """A new, empty file at ``path`` open for writing: a spare inode named ``path`` when one
+        is ready (see ``_SpareInodes``), else a file created there now."""
+        spares = self._spares
+        fd = spares.take() if spares is not None else None
+        if fd is not None:
+            assert spares is not None and _link_descriptor is not None
+            try:
+                _link_descriptor(fd, path)
+            except OSError:
+                os.close(fd)  # unnamed: nothing to clean up; the file made below takes its place
+                spares.linked(False)
+            else:
+                spares.linked(True)
+                return fd
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+
+    def close(self) -> None:
+        if self._spares is not None:
+            self._spares.close()
 
     def _rename(self, tmp: str, dest: str) -> str:
         """Move ``tmp`` to ``dest``; return ``dest``'s directory. Missing directories are created
