@@ -155,8 +155,8 @@ _link_descriptor = _libc_link_descriptor()
 class _SpareInodes:
     """Empty unnamed files (``O_TMPFILE``) in a directory, made ahead of need by a thread.
 
-    ``take`` hands one out (its descriptor, open for writing) or None when none is ready; the
-    thread then makes another. An unnamed file is invisible: nothing lists or sweeps it, and a
+    ``take`` hands one out (its descriptor, open for writing) or None when none is ready; once
+    half of them are taken, the thread makes more. An unnamed file is invisible: nothing lists or sweeps it, and a
     crash leaves nothing (the file system frees it as it mounts). Only a process's own spares
     are used: after a fork the child drops the ones it inherited (two processes writing through
     one inode would mix their bytes; see ``_forget_spares_after_fork``), and spares older than
@@ -189,7 +189,10 @@ class _SpareInodes:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="spare-inodes", daemon=True)
                 self._thread.start()
-        self._wanted.set()
+            # Woken once half are used, not at every take: it then makes several at a time.
+            wake = len(self._ready) <= self._keep // 2
+        if wake:
+            self._wanted.set()
         return found
 
     def linked(self, ok: bool) -> None:
