@@ -155,12 +155,12 @@ _link_descriptor = _libc_link_descriptor()
 class _SpareInodes:
     """Empty unnamed files (``O_TMPFILE``) in a directory, made ahead of need by a thread.
 
-    ``take`` hands one out (its descriptor, open for writing) or None when none is ready; once
-    half of them are taken, the thread makes more. An unnamed file is invisible: nothing lists or sweeps it, and a
-    crash leaves nothing (the file system frees it as it mounts). Only a process's own spares
-    are used: after a fork the child drops the ones it inherited (two processes writing through
-    one inode would mix their bytes; see ``_forget_spares_after_fork``), and spares older than
-    ``_SPARE_MAX_AGE`` are dropped too.
+    ``take`` hands one out (its descriptor, open for writing) or None when none is ready;
+    ``replenish`` has the thread make more once half of them are taken. An unnamed file is
+    invisible: nothing lists or sweeps it, and a crash leaves nothing (the file system frees it
+    as it mounts). Only a process's own spares are used: after a fork the child drops the ones
+    it inherited (two processes writing through one inode would mix their bytes; see
+    ``_forget_spares_after_fork``), and spares older than ``_SPARE_MAX_AGE`` are dropped too.
     Where the directory refuses ``O_TMPFILE`` the thread gives up and ``take`` answers None.
     """
 
@@ -189,11 +189,16 @@ class _SpareInodes:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="spare-inodes", daemon=True)
                 self._thread.start()
-            # Woken once half are used, not at every take: it then makes several at a time.
-            wake = len(self._ready) <= self._keep // 2
-        if wake:
-            self._wanted.set()
         return found
+
+    def replenish(self) -> None:
+        """Have the thread make more once half are taken. Called when a write is durable, so
+        that making them overlaps what follows the write (the database, the answer), not the
+        write's fsyncs: a new inode joins the journal transaction those fsyncs commit."""
+        with self._lock:
+            low = self._thread is not None and len(self._ready) <= self._keep // 2
+        if low:
+            self._wanted.set()
 
     def linked(self, ok: bool) -> None:
         """Whether naming the spare just taken worked; spares are given up after a few failures."""
@@ -640,6 +645,9 @@ class LocalStorage(Storage):
             with contextlib.suppress(OSError):  # do not hide the original failure
                 os.unlink(tmp)
             raise
+        finally:
+            if self._spares is not None:
+                self._spares.replenish()
         return result
 
     def _open_temporary(self, path: str) -> int:
