@@ -110,9 +110,7 @@ def build(
         sync_complete_max=config.sync_complete_max,
         lease=config.lease,
     )
-    assembler = BackgroundAssembler(
-        completion, db, config.sync_complete_max, config.background_assemblies, config.assembly_poll_interval
-    )
+    assembler = BackgroundAssembler(completion, db, config.background_assemblies, config.assembly_poll_interval)
     # The reaper pass every CHUNKSVC_REAP_INTERVAL seconds, by one process at a time across all
     # hosts, its figures in this worker's metrics (so in /metrics with no cron to set up).
     reaper = PeriodicReaper(

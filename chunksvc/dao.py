@@ -243,8 +243,8 @@ def release_completion_lease(conn: Connection, session_id: UUID, owner: UUID) ->
     return conn.execute("release_completion_lease", id=session_id, owner=owner) > 0
 
 
-def pending_assemblies(conn: Connection, sync_max: int, limit: int) -> list[CompletionRow]:
-    return conn.all("pending_assemblies", _COMPLETION, sync_max=sync_max, limit=limit)
+def pending_assemblies(conn: Connection, limit: int) -> list[CompletionRow]:
+    return conn.all("pending_assemblies", _COMPLETION, limit=limit)
 
 
 def mark_aborted(conn: Connection, session_id: UUID) -> int:

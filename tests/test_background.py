@@ -133,7 +133,7 @@ class CountingEvents(UploadEvents):
 def test_background_assemblies_are_capped_per_process(app, auth, db, storage, database_url):
     events = CountingEvents()
     completion = CompletionService(db, storage, TEST_LIMITS, 4096, events=events, sync_complete_max=SYNC_MAX)
-    assembler = BackgroundAssembler(completion, db, SYNC_MAX, threads=1)
+    assembler = BackgroundAssembler(completion, db, threads=1)
     sessions = [uploaded(app, auth, 20_000, seed=i) for i in range(6)]
     with psycopg.connect(database_url, autocommit=True) as conn:  # six completions accepted at once
         [(client_id,)] = conn.execute("SELECT id FROM clients WHERE name = 'alice'").fetchall()
@@ -150,6 +150,81 @@ def test_background_assemblies_are_capped_per_process(app, auth, db, storage, da
     assert events.most == 1  # one at a time, however many were accepted
     for session_id, data in sessions:
         assert read_object(storage, layout.object_key(session_id)) == data
+
+
+def accepted_by_a_request_that_died(database_url: str, session_ids: list[str]) -> int:
+    """Move the sessions to COMPLETING with no lease, as a request that accepted them and died
+    leaves them; their client's id."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        [(client_id,)] = conn.execute("SELECT id FROM clients WHERE name = 'alice'").fetchall()
+        conn.execute("UPDATE upload_sessions SET status = 'COMPLETING' WHERE id = ANY(%s::uuid[])", (session_ids,))
+    return client_id
+
+
+def test_an_accepted_small_completion_nobody_runs_is_finished_by_the_poller(app, auth, db, storage, database_url):
+    """Below the synchronous size, complete assembles in the request; if that request died (or
+    answered 202 during a database outage) a client that only polls GET still sees it end."""
+    session_id, data = uploaded(app, auth, 1500)
+    accepted_by_a_request_that_died(database_url, [session_id])
+    completion = CompletionService(db, storage, TEST_LIMITS, 4096, sync_complete_max=SYNC_MAX)
+    assembler = BackgroundAssembler(completion, db, threads=1, poll_interval=0.2)
+    assembler.start()
+    try:
+        wait_for(
+            lambda: app.get(f"/uploads/sessions/{session_id}", headers=auth).json["status"] == "COMPLETED",
+            "the poller to finish the completion",
+        )
+    finally:
+        assembler.stop()
+    assert read_object(storage, layout.object_key(session_id)) == data
+
+
+class GatedStorage:
+    """The real storage, its ``assemble`` held until ``release`` is set: an assembly under way."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def assemble(self, *args, **kwargs):
+        self.entered.set()
+        self.release.wait(30)
+        return self._inner.assemble(*args, **kwargs)
+
+
+def test_a_stopping_worker_gives_back_its_completion_leases(app, auth, db, storage, database_url):
+    """A worker on its way out gives back the leases of its assemblies, so the next poll anywhere
+    takes them over instead of waiting out the lease; the abandoned assembly records nothing."""
+    gated = GatedStorage(storage)
+    leaving = BackgroundAssembler(
+        CompletionService(db, gated, TEST_LIMITS, 4096, sync_complete_max=SYNC_MAX, lease=60), db, threads=1
+    )
+    session_id, data = uploaded(app, auth, 5000)
+    client_id = accepted_by_a_request_that_died(database_url, [session_id])
+    leaving.submit(uuid.UUID(session_id), client_id)
+    assert gated.entered.wait(10)
+    assert not completion_lease_ran_out(database_url, session_id)  # held, for a minute
+
+    leaving.stop()
+
+    assert completion_lease_ran_out(database_url, session_id)  # given back at once
+    gated.release.set()
+    assert leaving.wait_idle(30)
+    assert app.get(f"/uploads/sessions/{session_id}", headers=auth).json["status"] == "COMPLETING"
+    taking_over = BackgroundAssembler(
+        CompletionService(db, storage, TEST_LIMITS, 4096, sync_complete_max=SYNC_MAX), db, threads=1
+    )
+    taking_over.submit(uuid.UUID(session_id), client_id)
+    try:
+        assert taking_over.wait_idle(30)
+    finally:
+        taking_over.stop()
+    assert app.get(f"/uploads/sessions/{session_id}", headers=auth).json["status"] == "COMPLETED"
+    assert read_object(storage, layout.object_key(session_id)) == data
 
 
 # --- a killed assembling worker -------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Assembling large uploads in the background, after ``complete`` answered 202.
+"""Assembling uploads in the background: large ones after ``complete`` answered 202, and any
+accepted completion whose assembler died or gave up.
 
 Each worker process has one ``BackgroundAssembler``: a few threads that run accepted completions
 (``CompletionService.resume``), handed over by the request that accepted them or found by
@@ -37,13 +38,11 @@ class BackgroundAssembler:
         self,
         completion: CompletionService,
         db: Database,
-        sync_complete_max: int,
         threads: int = 1,
         poll_interval: float = 5.0,
     ) -> None:
         self._completion = completion
         self._db = db
-        self._sync_complete_max = sync_complete_max
         self._threads = threads
         self._poll_interval = poll_interval
         self._lock = threading.Lock()
@@ -82,9 +81,14 @@ class BackgroundAssembler:
                 self._poller.start()
 
     def stop(self) -> None:
-        """Stop taking work; an assembly under way is abandoned with its process (another takes
-        it over once its completion lease, no longer renewed, has run out)."""
+        """Stop taking work, and give back the completion leases of this process's assemblies
+        (background and in-request alike: the process is going), so that another process takes
+        them over at its next poll rather than once the leases run out. An assembly still under
+        way here stops at its next renewal, or dies with its process."""
         self._stopping.set()
+        given = self._completion.give_back_leases()
+        if given:
+            log.info("assembler: gave back %d completion leases on the way out", given)
 
     def wait_idle(self, timeout: float) -> bool:
         """True once nothing is queued or running (for tests: ``stop`` does not wait)."""
@@ -111,7 +115,7 @@ class BackgroundAssembler:
                 with self._db.connection() as conn:
                     # Enough to see past sessions that wait out a backoff here (submit skips
                     # those); each one's completion lease settles who runs it.
-                    pending = dao.pending_assemblies(conn, self._sync_complete_max, POLL_BATCH)
+                    pending = dao.pending_assemblies(conn, POLL_BATCH)
             except ChunksvcError as exc:
                 log.warning("assembler: cannot look for pending completions: %s", exc.detail)
                 continue

@@ -123,6 +123,9 @@ class CompletionService:
         if lease <= 0:
             raise ValueError(f"the completion lease must be positive, got {lease}")
         self._lease_seconds = lease
+        # Sessions whose completion lease an assembly in this process holds (give_back_leases).
+        self._held: dict[UUID, UUID] = {}
+        self._held_lock = threading.Lock()
 
     def complete(self, client: Client, raw_id: str, body: Any) -> tuple[SessionRow, Completion]:
         """Complete the session: ``DONE`` once assembled here; ``BACKGROUND`` when it was accepted
@@ -232,6 +235,8 @@ class CompletionService:
         # no-op after an outcome, which ended it); if this process dies instead, it runs out.
         # Then calling complete again, the background assembler or the reaper's re-drive takes
         # the completion up from the start. Nothing is lost by starting over.
+        with self._held_lock:
+            self._held[session.id] = lease.owner
         try:
             try:
                 return self._assemble(conn, client_id, session, sources, lease)
@@ -241,6 +246,26 @@ class CompletionService:
         except BaseException:
             self._give_back(conn, session.id, lease)
             raise
+        finally:
+            with self._held_lock:
+                self._held.pop(session.id, None)
+
+    def give_back_leases(self) -> int:
+        """Give back the completion leases this process holds (a worker shutting down: its
+        assemblies die with it), so another process takes them over at once instead of after the
+        lease runs out. An assembly still running here finds its lease gone at its next renewal
+        and stops; it records no outcome. How many were given back."""
+        with self._held_lock:
+            held = list(self._held.items())
+        given = 0
+        for session_id, owner in held:
+            try:
+                with self._db.connection(timeout=ASSEMBLY_SLOT_WAIT / 10) as conn:
+                    dao.release_completion_lease(conn, session_id, owner)
+                given += 1
+            except ChunksvcError as exc:
+                log.warning("session %s: completion lease not given back (it runs out): %s", session_id, exc.detail)
+        return given
 
     def _give_back(self, conn: Connection, session_id: UUID, lease: _Lease) -> None:
         """The lease back, on the assembler's connection or, when that one broke (the usual

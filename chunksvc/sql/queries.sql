@@ -274,12 +274,14 @@ UPDATE upload_sessions SET completion_owner = NULL, completion_lease_until = NUL
  WHERE id = %(id)s AND completion_owner = %(owner)s;
 
 -- name: pending_assemblies
--- Completions accepted for the background (above the synchronous size), oldest first, that no
--- live assembler holds (their completion lease is free: never taken, given back, or run out):
--- the assembler of each host offers to take them; the lease lets one at a time run each.
+-- Accepted completions, oldest first, that no live assembler holds (their completion lease is
+-- free: never taken, given back, or run out): the assembler of each host offers to take them;
+-- the lease lets one at a time run each. Small uploads too: one assembled in a request keeps its
+-- lease while the request runs, so its lease is free only when that request died or gave up
+-- (a database outage: it answered 202), and then a client that only polls GET still sees it end.
 SELECT id, client_id, updated_at
   FROM upload_sessions
- WHERE status = 'COMPLETING' AND size > %(sync_max)s
+ WHERE status = 'COMPLETING'
    AND (completion_lease_until IS NULL OR completion_lease_until <= clock_timestamp())
  ORDER BY updated_at
  LIMIT %(limit)s;
