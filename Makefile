@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install lock run test chaos lint migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks bench-pgbouncer loadtest clean
+.PHONY: install lock run test chaos lint migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks bench-pgbouncer bench-curves loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes. (PYTHONWARNINGS: setuptools' notice
 # about editable installs, printed by every build, is noise; pip's errors still show.)
@@ -106,6 +106,13 @@ bench-webhooks: $(BENCH_INSTALLED)
 ## and the part path's cost without server-side prepared statements; a few minutes.
 bench-pgbouncer: $(INSTALLED)
 	$(BIN)/python -m tools.bench_pgbouncer $(ARGS)
+
+## make bench-curves [ARGS="--quick" or "--curves sessions --explain"]: cost as work grows, as curves
+## (min-median-max): complete vs part count (disk; S3 on moto), latencies with 10^3..10^6 sessions, MiB/s
+## with 1, 2, 4 hosts; 9-13 minutes (the 1,000-part S3 point is 3 of them and needs ~20 GiB of free
+## memory, else it is skipped), --quick about 90 s.
+bench-curves: $(BENCH_INSTALLED)
+	$(BIN)/python -m tools.bench_curves $(ARGS)
 
 ## make loadtest: a short smoke load on a chunksvc started locally. Against a deployment:
 ## CHUNKSVC_URL=https://host CHUNKSVC_API_KEY=csk_... make loadtest ARGS="--users 50 --run-time 300 --max-files 0"
