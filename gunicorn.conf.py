@@ -123,9 +123,11 @@ def worker_exit(server, worker):
     """Close the pool on the way out, so PostgreSQL sees the connections end rather than drop."""
     wsgi = sys.modules.get("chunksvc.wsgi")
     if wsgi is not None:
-        wsgi.deliverer.stop()
-        wsgi.reaper.stop()
+        # The assembler first: it gives back its completion leases, which other workers wait
+        # for; the deliverer does not wait for its attempts (they are sent again later).
         wsgi.assembler.stop()
+        wsgi.reaper.stop()
+        wsgi.deliverer.stop()
         wsgi.db.close()
 
 

@@ -181,7 +181,8 @@ class TrustedProxies:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    database_url: str | None  # None: the embedded PostgreSQL under var_dir
+    # None: the embedded PostgreSQL under var_dir. Out of the repr: it may carry a password.
+    database_url: str | None = dataclasses.field(repr=False)
     storage: StorageSpec
     limits: Limits = dataclasses.field(default_factory=Limits)
     var_dir: Path = Path("var")
@@ -224,7 +225,7 @@ class Config:
     # Completion events. The signing key every endpoint's secret is derived from: hex in
     # CHUNKSVC_WEBHOOK_KEY (the same on every host), else read from this file, made on first use
     # (one host). Outside the database, so a dump of it cannot sign (README, Webhooks).
-    webhook_key: str | None = None
+    webhook_key: str | None = dataclasses.field(default=None, repr=False)  # a secret: never in a repr
     webhook_key_file: Path = Path("var/webhook-signing.key")
     # Delivery attempts at once per worker process (failing endpoints share at most half), seconds
     # between looks for events other processes produced, and how long a failing delivery is

@@ -496,18 +496,20 @@ def record_webhook_failed(
     event_id: UUID,
     endpoint_id: int,
     *,
+    claim: UUID,
     status: int | None,
     error: str,
     retry_in: float,
     retry_for: float,
 ) -> str | None:
-    """The delivery's state after the failure (``pending`` or ``dead``); None when it was no
-    longer pending (delivered meanwhile by another deliverer)."""
+    """The delivery's state after the failure (``pending`` or ``dead``); None when ``claim`` no
+    longer holds it (delivered, or claimed again, meanwhile by another deliverer)."""
     states = conn.values(
         "record_webhook_failed",
         str,
         event_id=event_id,
         endpoint_id=endpoint_id,
+        claim=claim,
         status=status,
         error=error,
         retry_in=retry_in,

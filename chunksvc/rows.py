@@ -209,6 +209,7 @@ class ClaimedDeliveryRow:
     endpoint_id: int
     session_id: UUID
     attempts: int  # this attempt included
+    claim: UUID  # this attempt's hold on the row: only it may record a failure
     type: str
     event_created_at: datetime
     url: str

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry
 from chunksvc import cli
 from chunksvc.app import build
 from chunksvc.config import StorageSpec
-from chunksvc.db import Database
+from chunksvc.db import QUERIES, Database
 from chunksvc.errors import ConfigError, InvalidRequest
 from chunksvc.metrics import Metrics
 from chunksvc.resources.uploads import EventRenderer, SessionRenderer
@@ -54,7 +54,9 @@ from chunksvc.services.webhooks import (
     SigningKey,
     WebhookDeliverer,
     WebhookRegistry,
+    post,
     sign,
+    validate_url,
 )
 from chunksvc.storage import Storage
 from chunksvc_client import Client, SignatureError, verify_event
@@ -700,7 +702,19 @@ def test_a_dead_delivery_is_redelivered_on_request(app, auth, database_url, ops,
     assert deliverer.deliver_due().delivered == 1 and receiver.ids(204) == [event_id, event_id]
 
     code, _, err = ops("webhooks", "redeliver", str(uuid.uuid4()))
-    assert code == 2 and "no event" in err and "still in use" in err
+    assert code == 2 and "no delivered or dead delivery of event" in err and "still in use" in err
+
+
+def test_redeliver_leaves_a_pending_delivery_alone(app, auth, database_url, ops, registry, receiver):
+    """A pending delivery is being sent (or will be): making it due now could send it twice at
+    once, or ahead of an earlier event of its session."""
+    registry.add("alice", receiver.url)
+    completed(app, auth)
+    [(event_id, _, _)] = events(database_url)
+    before = deliveries(database_url)
+    code, _, err = ops("webhooks", "redeliver", event_id)
+    assert code == 2 and "a pending one is being sent anyway" in err
+    assert deliveries(database_url) == before
 
 
 # --- every ending ---------------------------------------------------------------------------------
@@ -1122,7 +1136,7 @@ def test_registry_errors(registry, keys):
     keys.create("alice")
     with pytest.raises(InvalidRequest, match="no client named"):
         registry.add("bob", "http://127.0.0.1/")
-    with pytest.raises(InvalidRequest, match="no event"):
+    with pytest.raises(InvalidRequest, match="no delivered or dead delivery of event"):
         registry.redeliver(uuid.uuid4())
 
 
@@ -1172,3 +1186,86 @@ def test_metrics_show_the_delivery_gauges_and_attempt_counters(
     assert value(after, "chunksvc_webhook_deliveries", state="pending") == 0
     assert value(after, "chunksvc_webhook_attempts_total", outcome="dead") == 2
     assert value(after, "chunksvc_webhook_attempts_total", outcome="failed") == len(bad.received)
+
+
+# --- review fixes ---------------------------------------------------------------------------------
+
+
+def test_an_endpoint_removed_while_a_session_ends_is_left_no_delivery(app, auth, database_url, registry, receiver):
+    """The trigger takes its endpoints FOR SHARE: a removal racing a session's ending either
+    commits first (no delivery is made) or waits, then drops the delivery made meanwhile. Without
+    the lock a delivery to a removed endpoint was left pending for ever."""
+    endpoint, _ = registry.add("alice", receiver.url)
+    session_id = uploaded(app, auth)
+    ending = psycopg.connect(database_url)
+    try:
+        ending.execute("UPDATE upload_sessions SET status = 'ABORTED' WHERE id = %s", (session_id,))
+        removed: list[int] = []
+        remover = threading.Thread(target=lambda: removed.append(registry.remove(endpoint.id)))
+        remover.start()
+        remover.join(1.0)
+        assert remover.is_alive()  # the removal waits for the ending's transaction
+        ending.commit()
+        remover.join(30)
+        assert removed == [1]  # and then drops the delivery that transaction made
+    finally:
+        ending.close()
+    assert query(database_url, "SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'") == [(0,)]
+
+
+def test_a_claim_costs_a_probe_per_endpoint_not_a_scan_of_the_backlog(app, auth, database_url, db, registry):
+    """A dead endpoint with a backlog of due deliveries: a claim reads one of them (the head of
+    its endpoint), not all, whether that endpoint is busy or not."""
+    down, _ = registry.add("alice", "http://127.0.0.1:9/hooks")
+    session_id = completed(app, auth)
+    [(event_id, _, _)] = events(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:  # 3,000 more events, each of its own session
+        conn.execute(
+            "INSERT INTO upload_sessions (id, client_id, filename, content_type, size, part_size, total_parts,"
+            " status, expires_at) SELECT gen_random_uuid(), client_id, 'f', 'application/octet-stream', 1, 1, 1,"
+            " 'ABORTED', now() FROM upload_sessions, generate_series(1, 3000) WHERE id = %s",
+            (session_id,),
+        )
+        conn.execute(
+            "INSERT INTO webhook_events (session_id, client_id, type, session) SELECT s.id, s.client_id,"
+            " 'session.aborted', to_jsonb(s) FROM upload_sessions s WHERE s.id <> %s",
+            (session_id,),
+        )
+        conn.execute(
+            "INSERT INTO webhook_deliveries (event_id, endpoint_id, session_id, event_seq)"
+            " SELECT id, %s, session_id, seq FROM webhook_events WHERE id <> %s",
+            (down.id, event_id),
+        )
+        conn.execute("ANALYZE webhook_deliveries")
+        for busy in ([], [down.id]):
+            with conn.transaction():  # EXPLAIN ANALYZE runs the claim's UPDATE: rolled back
+                [(plan,)] = conn.execute(
+                    "EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["claim_webhook_deliveries"],
+                    {"limit": 8, "lease": 60, "busy_endpoints": busy, "key_id": KEY.key_id, "only_endpoints": None},
+                ).fetchall()
+                raise psycopg.Rollback()
+            assert rows_read_from(plan[0]["Plan"], "webhook_deliveries") <= 3, plan
+
+
+def rows_read_from(node: dict, table: str) -> int:
+    """Rows the plan's scans of ``table`` returned, summed over every loop."""
+    own = node.get("Actual Rows", 0) * node.get("Actual Loops", 1) if node.get("Relation Name") == table else 0
+    return own + sum(rows_read_from(child, table) for child in node.get("Plans", []))
+
+
+def test_an_ipv6_literal_without_a_port_is_reached_on_port_80_and_credentials_are_refused():
+    status, error = post("http://[::1]/hooks", b"{}", "t=1,v1=" + "0" * 64, uuid.uuid4(), 1.0)
+    assert status is None and "gaierror" not in (error or "")  # refused or unreachable, not misparsed
+    with pytest.raises(InvalidRequest, match="user name or password"):
+        validate_url("https://user:secret@hooks.example/chunksvc")
+
+
+def test_an_endpoint_that_answers_slowly_shares_the_failing_endpoints_slots(app, auth, registry, receivers, deliverers):
+    """A 2xx after half the timeout or more counts as slow: such endpoints share at most half of
+    the slots, so a few slow ones cannot hold every thread."""
+    slow = receivers(TRICKLE).start()  # a 200 whose head takes about 1.7 s
+    endpoint, _ = registry.add("alice", slow.url)
+    completed(app, auth)
+    deliverer = deliverers(timeout=3.0)
+    assert deliverer.deliver_due().delivered == 1
+    assert endpoint.id in deliverer._failing

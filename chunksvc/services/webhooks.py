@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "Chunksvc-Signature"
 SECRET_PREFIX = "whsec_"
 KEY_BYTES = 32
+# How long a deliverer remembers an endpoint failed (or was slow) after its last try.
+FAILURE_MEMORY = 3600.0
 MAX_URL_LENGTH = 2048
 
 # (delivery, the session it carries) -> the event's JSON body, as bytes. Rendering is the HTTP
@@ -106,6 +108,12 @@ class SigningKey:
                 os.link(temporary, key_file)
         finally:
             temporary.unlink()
+        # The directory too: a key lost to a power cut would strand every endpoint made with it.
+        directory = os.open(key_file.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
         log.warning(
             "made a new webhook signing key in %s (set CHUNKSVC_WEBHOOK_KEY on every host to share one)", key_file
         )
@@ -133,6 +141,9 @@ def validate_url(raw: str) -> str:
         raise InvalidRequest(f"the URL must be http:// or https:// with a host, got {raw!r}")
     if parts.fragment or len(url) > MAX_URL_LENGTH or any(c.isspace() for c in url):
         raise InvalidRequest(f"the URL must have no fragment or spaces and at most {MAX_URL_LENGTH} characters")
+    if parts.username is not None or parts.password is not None:
+        # Never sent (the signature authenticates chunksvc), and it would be shown by `list`.
+        raise InvalidRequest("the URL must not carry a user name or password")
     try:
         parts.port  # noqa: B018 - urllib checks the port only when asked
     except ValueError:
@@ -180,6 +191,14 @@ class WebhookRegistry:
         key = self._signing_key()
         nonce = secrets.token_bytes(KEY_BYTES)
         with self._db.connection() as conn:
+            current = dao.get_webhook_endpoint(conn, endpoint_id)
+            if current is not None and current.key_id != key.key_id and overlap > 0:
+                # The previous secret would be derived with this key, not the one that made it:
+                # a signature no receiver could verify.
+                raise InvalidRequest(
+                    f"endpoint {endpoint_id}'s secret came from another signing key: rotate with --overlap 0"
+                    " (the old secret cannot be derived with this key)"
+                )
             endpoint = dao.rotate_webhook_secret(conn, endpoint_id, nonce, key.key_id, overlap)
         if endpoint is None:
             raise InvalidRequest(f"no webhook endpoint {endpoint_id} in use")
@@ -217,7 +236,10 @@ class WebhookRegistry:
         with self._db.connection() as conn:
             endpoints = dao.redeliver_webhook_event(conn, event_id)
         if not endpoints:
-            raise InvalidRequest(f"no event {event_id} addressed to an endpoint still in use")
+            raise InvalidRequest(
+                f"no delivered or dead delivery of event {event_id} to an endpoint still in use"
+                " (a pending one is being sent anyway: `webhooks events` shows it)"
+            )
         return endpoints
 
 
@@ -271,7 +293,9 @@ class WebhookDeliverer(UploadEvents):
         self._events = events or UploadEvents()
         self._slots = threading.Condition()
         self._in_flight: dict[int, int] = {}  # endpoint -> attempts running in this process
-        self._failing: set[int] = set()  # endpoints whose last attempt here failed
+        # Endpoints whose last attempt here failed or was slow, and when (forgotten after an
+        # hour without a try: a removed endpoint, or one whose retries are far apart).
+        self._failing: dict[int, float] = {}
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -292,16 +316,18 @@ class WebhookDeliverer(UploadEvents):
             self._thread = threading.Thread(target=self._run, name="chunksvc-webhooks", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop claiming; let attempts under way finish (each is bounded by the timeout)."""
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop claiming, without waiting for attempts under way (up to the 10 s timeout each,
+        and a worker on its way out has little time): one cut short leaves its delivery claimed,
+        due again once the claim's lease runs out, and sent again then (at least once)."""
         self._stopping.set()
         self._wakeup.set()
         with self._slots:
             self._slots.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout if timeout is not None else self._settings.timeout + 5)
+            self._thread.join(timeout)
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -379,6 +405,7 @@ class WebhookDeliverer(UploadEvents):
             failing_running = sum(self._in_flight.get(endpoint, 0) for endpoint in self._failing)
             failing_free = min(free, settings.failing_share - failing_running)
             busy = [endpoint for endpoint, running in self._in_flight.items() if running >= settings.per_endpoint]
+            self._forget_old_failures()
             failing = list(self._failing)
             failing_idle = [endpoint for endpoint in failing if endpoint not in self._in_flight]
         with self._db.transaction() as conn:
@@ -428,12 +455,18 @@ class WebhookDeliverer(UploadEvents):
         if delivery.previous_nonce is not None:
             in_use.append(self._key.secret(delivery.previous_nonce))
         signature = sign(in_use, int(time.time()), body)
+        started = time.monotonic()
         status, error = post(delivery.url, body, signature, delivery.event_id, self._settings.timeout)
         with self._db.connection() as conn:
             if status is not None and 200 <= status < 300:
                 latency = dao.record_webhook_delivered(conn, delivery.event_id, delivery.endpoint_id, status)
                 with self._slots:
-                    self._failing.discard(delivery.endpoint_id)
+                    # A 2xx that took half the timeout or more is a slow endpoint: it shares the
+                    # failing endpoints' slots, so a few slow ones cannot hold every thread.
+                    if time.monotonic() - started >= self._settings.timeout / 2:
+                        self._failing[delivery.endpoint_id] = time.monotonic()
+                    else:
+                        self._failing.pop(delivery.endpoint_id, None)
                 self._count("delivered")
                 self._events.webhook_delivered(latency)
                 return
@@ -441,13 +474,14 @@ class WebhookDeliverer(UploadEvents):
                 conn,
                 delivery.event_id,
                 delivery.endpoint_id,
+                claim=delivery.claim,
                 status=status,
                 error=error or f"HTTP {status}",
                 retry_in=self._settings.retry_in(delivery.attempts),
                 retry_for=self._settings.retry_for,
             )
         with self._slots:
-            self._failing.add(delivery.endpoint_id)
+            self._failing[delivery.endpoint_id] = time.monotonic()
         self._count("failed")
         self._events.webhook_failed(dead=state == "dead")
         if state == "dead":
@@ -468,6 +502,12 @@ class WebhookDeliverer(UploadEvents):
                 error or f"HTTP {status}",
             )
 
+    def _forget_old_failures(self) -> None:
+        """Called holding ``_slots``."""
+        forget_before = time.monotonic() - FAILURE_MEMORY
+        for endpoint in [endpoint for endpoint, when in self._failing.items() if when < forget_before]:
+            del self._failing[endpoint]
+
     def _count(self, outcome: str) -> None:
         with self._slots:
             if self._counts is not None:
@@ -480,12 +520,13 @@ def post(url: str, body: bytes, signature: str, event_id: UUID, timeout: float) 
     parts = urllib.parse.urlsplit(url)
     deadline = time.monotonic() + timeout
     connection: http.client.HTTPConnection
+    # The port always given: with none, http.client would read "::1" (an IPv6 literal) as host:port.
     if parts.scheme == "https":
         connection = http.client.HTTPSConnection(
-            parts.hostname or "", parts.port, timeout=timeout, context=ssl.create_default_context()
+            parts.hostname or "", parts.port or 443, timeout=timeout, context=ssl.create_default_context()
         )
     else:
-        connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+        connection = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=timeout)
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query

@@ -486,54 +486,61 @@ RETURNING id, client_id, (SELECT name FROM clients WHERE id = client_id) AS clie
           key_id, previous_nonce, previous_until, created_at, removed_at;
 
 -- name: redeliver_webhook_event
--- The event again to each endpoint still in use, whatever its deliveries' state: a new round of
--- retries, due now (an event's own endpoints only; a newer endpoint never had it).
+-- The event again to each endpoint still in use that had it delivered or gave it up: a new round
+-- of retries, due now (an event's own endpoints only; a newer endpoint never had it). A pending
+-- delivery is left alone: it is being sent, or will be (making it due now could send it twice
+-- at once, and ahead of an earlier event of its session).
 UPDATE webhook_deliveries d
    SET state = 'pending', next_attempt_at = now(), attempts = 0, first_attempt_at = NULL, delivered_at = NULL,
        last_error = NULL
   FROM webhook_endpoints e
  WHERE d.event_id = %(event_id)s AND e.id = d.endpoint_id AND e.removed_at IS NULL
+   AND d.state IN ('delivered', 'dead')
 RETURNING d.endpoint_id;
 
 -- name: claim_webhook_deliveries
 -- Due deliveries, at most one per endpoint per claim (a slow endpoint takes one slot at a time,
 -- never a whole batch), none to the endpoints this deliverer is already busy with (or only to
 -- `only_endpoints`, when given: the deliverer's share for failing endpoints), and only to
--- endpoints whose secret this deliverer's signing key derived (`key_id`); only the
--- earliest pending event of each session and endpoint (in order: a later event waits for the
--- earlier one to be delivered or dead). Rows another deliverer holds are skipped, not waited on.
--- The claim pushes next_attempt_at past the attempt (the lease): committed before the POST, it
--- keeps every other deliverer off the row while the attempt runs, and makes it due again if the
--- attempt's deliverer dies.
-WITH candidates AS (
-    SELECT DISTINCT ON (d.endpoint_id) d.event_id, d.endpoint_id, d.next_attempt_at
-      FROM webhook_deliveries d
-      JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.removed_at IS NULL AND e.key_id = %(key_id)s
-     WHERE d.state = 'pending' AND d.next_attempt_at <= now()
-       AND d.endpoint_id <> ALL(%(busy_endpoints)s::bigint[])
-       AND (%(only_endpoints)s::bigint[] IS NULL OR d.endpoint_id = ANY(%(only_endpoints)s::bigint[]))
-       AND NOT EXISTS (
-           SELECT 1 FROM webhook_deliveries earlier
-            WHERE earlier.endpoint_id = d.endpoint_id AND earlier.session_id = d.session_id
-              AND earlier.event_seq < d.event_seq AND earlier.state = 'pending')
-     ORDER BY d.endpoint_id, d.next_attempt_at
-), claimed AS (
-    SELECT d.event_id, d.endpoint_id
-      FROM webhook_deliveries d
-      JOIN candidates c ON c.event_id = d.event_id AND c.endpoint_id = d.endpoint_id
-     WHERE d.state = 'pending' AND d.next_attempt_at <= now()
-     ORDER BY c.next_attempt_at
+-- endpoints whose secret this deliverer's signing key derived (`key_id`); of each endpoint, the
+-- soonest due delivery that is the earliest pending event of its session (in order: a later
+-- event waits for the earlier one to be delivered or dead). Driven by the endpoints, one probe
+-- of webhook_deliveries_due_idx each: the cost follows the endpoints in use, not the backlog (a
+-- dead endpoint with 50,000 events due costs one probe, not a scan of them). Rows another
+-- deliverer holds are skipped, not waited on. The claim pushes next_attempt_at past the attempt
+-- (the lease) and marks it with a fresh `claim`: committed before the POST, it keeps every other
+-- deliverer off the row while the attempt runs, makes it due again if the attempt's deliverer
+-- dies, and lets a failure be recorded only by the attempt that holds the row.
+WITH claimed AS (
+    SELECT due.event_id, due.endpoint_id
+      FROM webhook_endpoints e
+     CROSS JOIN LATERAL (
+           SELECT d.event_id, d.endpoint_id, d.next_attempt_at
+             FROM webhook_deliveries d
+            WHERE d.endpoint_id = e.id AND d.state = 'pending' AND d.next_attempt_at <= now()
+              AND NOT EXISTS (
+                  SELECT 1 FROM webhook_deliveries earlier
+                   WHERE earlier.endpoint_id = d.endpoint_id AND earlier.session_id = d.session_id
+                     AND earlier.event_seq < d.event_seq AND earlier.state = 'pending')
+            ORDER BY d.next_attempt_at
+            LIMIT 1
+              FOR UPDATE SKIP LOCKED
+           ) due
+     WHERE e.removed_at IS NULL AND e.key_id = %(key_id)s
+       AND e.id <> ALL(%(busy_endpoints)s::bigint[])
+       AND (%(only_endpoints)s::bigint[] IS NULL OR e.id = ANY(%(only_endpoints)s::bigint[]))
+     ORDER BY due.next_attempt_at
      LIMIT %(limit)s
-       FOR UPDATE OF d SKIP LOCKED
 )
 UPDATE webhook_deliveries d
    SET next_attempt_at = now() + make_interval(secs => %(lease)s), attempts = d.attempts + 1,
-       last_attempt_at = now(), first_attempt_at = COALESCE(d.first_attempt_at, now())
+       last_attempt_at = now(), first_attempt_at = COALESCE(d.first_attempt_at, now()),
+       claim = gen_random_uuid()
   FROM claimed, webhook_events ev, webhook_endpoints e
  WHERE d.event_id = claimed.event_id AND d.endpoint_id = claimed.endpoint_id
-   AND ev.id = d.event_id AND e.id = d.endpoint_id AND e.removed_at IS NULL
-RETURNING d.event_id, d.endpoint_id, d.session_id, d.attempts, ev.type, ev.created_at AS event_created_at,
-          e.url, e.key_id, e.secret_nonce,
+   AND ev.id = d.event_id AND e.id = d.endpoint_id
+RETURNING d.event_id, d.endpoint_id, d.session_id, d.attempts, d.claim, ev.type,
+          ev.created_at AS event_created_at, e.url, e.key_id, e.secret_nonce,
           CASE WHEN e.previous_until > now() THEN e.previous_nonce END AS previous_nonce;
 
 -- name: event_sessions
@@ -558,13 +565,14 @@ RETURNING extract(epoch FROM clock_timestamp() - ev.created_at)::float8 AS laten
 -- name: record_webhook_failed
 -- Anything but a 2xx (`error` says what: never NULL, it marks the delivery as failing): due
 -- again after `retry_in` seconds, or dead once `retry_for` seconds have passed since its first
--- try. Only while still pending (a late failure never undoes a delivery).
+-- try. Only by the attempt that holds the row (`claim`): a late failure never undoes a delivery,
+-- nor makes due early a row another deliverer has claimed since (it would be sent twice).
 UPDATE webhook_deliveries
    SET last_status = %(status)s, last_error = %(error)s,
        next_attempt_at = now() + make_interval(secs => %(retry_in)s),
        state = CASE WHEN first_attempt_at <= now() - make_interval(secs => %(retry_for)s)
                     THEN 'dead' ELSE 'pending' END
- WHERE event_id = %(event_id)s AND endpoint_id = %(endpoint_id)s AND state = 'pending'
+ WHERE event_id = %(event_id)s AND endpoint_id = %(endpoint_id)s AND state = 'pending' AND claim = %(claim)s
 RETURNING state;
 
 -- name: webhook_census

@@ -56,10 +56,12 @@ CREATE TABLE webhook_deliveries (
     last_status     integer,
     last_error      text,
     delivered_at    timestamptz,
+    claim           uuid,  -- the attempt that holds it (set by each claim)
     PRIMARY KEY (event_id, endpoint_id)
 );
--- Due work, soonest first (only pending rows: the bulk of history is never read by deliverers).
-CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at) WHERE state = 'pending';
+-- Each endpoint's due work, soonest first (only pending rows: the bulk of history is never read
+-- by deliverers); a claim probes it once per endpoint in use.
+CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (endpoint_id, next_attempt_at) WHERE state = 'pending';
 -- The in-order rule: is an earlier event of this session still pending for this endpoint?
 CREATE INDEX webhook_deliveries_order_idx ON webhook_deliveries (endpoint_id, session_id, event_seq)
     WHERE state = 'pending';
@@ -76,7 +78,12 @@ CREATE FUNCTION chunksvc_session_event() RETURNS trigger
 DECLARE
     new_event webhook_events%ROWTYPE;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM webhook_endpoints WHERE client_id = NEW.client_id AND removed_at IS NULL) THEN
+    -- FOR SHARE: an endpoint removed at the same moment either commits first (its removed_at is
+    -- seen here, re-checked under the lock) or waits for this transaction, and then its removal
+    -- finds and drops the delivery made here; without the lock a delivery could be left pending
+    -- to a removed endpoint for ever.
+    PERFORM 1 FROM webhook_endpoints WHERE client_id = NEW.client_id AND removed_at IS NULL FOR SHARE;
+    IF NOT FOUND THEN
         RETURN NULL;
     END IF;
     INSERT INTO webhook_events (session_id, client_id, type, session)
