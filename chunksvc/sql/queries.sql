@@ -75,10 +75,17 @@ SELECT *, chunksvc_session_status(status, expires_at) AS effective_status
 
 -- name: list_sessions
 -- Newest first; the cursor is the (created_at, id) of the last row of the previous page.
+-- A filter on a status not ended (INIT, IN_PROGRESS, COMPLETING) is also stated on the stored
+-- status, which it implies: the planner then reads the few such rows through the partial indexes
+-- instead of walking the client's whole history through the function (10^6 sessions: 553 ms ->
+-- 0.2 ms for IN_PROGRESS, make bench-curves). Not for ended statuses: EXPIRED is also stored as
+-- INIT/IN_PROGRESS past expiry, and the extra condition made the planner pick a worse plan.
 SELECT *, chunksvc_session_status(status, expires_at) AS effective_status
   FROM upload_sessions
  WHERE client_id = %(client_id)s
    AND (%(status)s::text IS NULL OR chunksvc_session_status(status, expires_at) = %(status)s::text)
+   AND (%(status)s::text IS NULL OR %(status)s::text NOT IN ('INIT', 'IN_PROGRESS', 'COMPLETING')
+        OR status = %(status)s::text)
    AND (%(after_created_at)s::timestamptz IS NULL
         OR (created_at, id) < (%(after_created_at)s::timestamptz, %(after_id)s::uuid))
  ORDER BY created_at DESC, id DESC
