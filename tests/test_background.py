@@ -9,8 +9,10 @@ import dataclasses
 import os
 import signal
 import threading
+import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -20,9 +22,10 @@ from psycopg.conninfo import make_conninfo
 from chunksvc import embedded
 from chunksvc.app import build
 from chunksvc.config import StorageSpec
+from chunksvc.errors import CompletionInProgress, PartsMissing, SessionNotActive
 from chunksvc.services import layout
 from chunksvc.services.assembler import BackgroundAssembler
-from chunksvc.services.completion import CompletionService
+from chunksvc.services.completion import CompletionService, _Lease
 from chunksvc.services.events import UploadEvents
 from chunksvc_client import Client
 from tests.conftest import TEST_LIMITS
@@ -40,6 +43,7 @@ from tests.helpers import (
 )
 from tests.test_api import assert_problem, read_object, stored_part_keys
 from tests.test_faults import pg_socket
+from tests.test_reliability import part_rows
 from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +229,122 @@ def test_a_stopping_worker_gives_back_its_completion_leases(app, auth, db, stora
         taking_over.stop()
     assert app.get(f"/uploads/sessions/{session_id}", headers=auth).json["status"] == "COMPLETED"
     assert read_object(storage, layout.object_key(session_id)) == data
+
+
+class SlowChecks:
+    """The real storage, each existence check slowed: a stat, and each key a listing yields (S3's
+    requests, thousands of them for a large upload, in miniature)."""
+
+    def __init__(self, inner, delay: float) -> None:
+        self._inner = inner
+        self._delay = delay
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def exists(self, key):
+        time.sleep(self._delay)
+        return self._inner.exists(key)
+
+    def list_keys(self, prefix):
+        for listed in self._inner.list_keys(prefix):
+            time.sleep(self._delay)
+            yield listed
+
+
+def test_lost_parts_are_looked_for_under_a_renewed_lease(app, auth, db, storage, database_url):
+    """Finding which parts are lost may outlast the lease (S3: a request per part); the lease is
+    renewed meanwhile, so the attempt that found them reopens the session, instead of being taken
+    over by the next poll, whose own search is taken over in turn, and so on. The reviewer's probe:
+    a 1 s lease, each check 0.6 s, 5 parts, an attempt offered every 0.7 s."""
+    session_id, _ = uploaded(app, auth, 5000)  # 5 parts
+    lost = part_rows(database_url, session_id)[4]
+    storage.delete([lost])
+    client_id = accepted_by_a_request_that_died(database_url, [session_id])
+    completion = CompletionService(
+        db, SlowChecks(storage, 0.6), TEST_LIMITS, 4096, sync_complete_max=SYNC_MAX, max_assemblies=8, lease=1
+    )
+    outcomes: dict[int, str] = {}
+
+    def attempt(number: int) -> None:
+        try:
+            completion.resume(uuid.UUID(session_id), client_id)
+            outcomes[number] = "completed"
+        except PartsMissing:
+            outcomes[number] = "reopened"
+        except CompletionInProgress as exc:
+            outcomes[number] = "taken over" if "took this completion over" in exc.detail else "in progress"
+        except SessionNotActive:
+            outcomes[number] = "ended"
+
+    attempts = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        attempts.append(threading.Thread(target=attempt, args=(len(attempts),)))
+        attempts[-1].start()
+        time.sleep(0.7)
+        if app.get(f"/uploads/sessions/{session_id}", headers=auth).json["status"] != "COMPLETING":
+            break
+    for thread in attempts:
+        thread.join(30)
+
+    assert outcomes[0] == "reopened", outcomes
+    assert set(outcomes.values()) - {"reopened"} <= {"in progress", "ended"}, outcomes
+    assert len(attempts) < 10, outcomes  # reopened within about the time one search takes
+    session = app.get(f"/uploads/sessions/{session_id}", headers=auth).json
+    assert session["status"] == "IN_PROGRESS" and lost not in part_rows(database_url, session_id).values()
+
+
+class ListsNothing(SlowChecks):
+    """The real storage, its listings behind its writes: they show no key at all."""
+
+    def list_keys(self, prefix):
+        return iter(())
+
+
+def test_only_parts_the_storage_reports_missing_are_dropped_not_those_a_listing_missed(
+    app, auth, db, storage, database_url
+):
+    session_id, _ = uploaded(app, auth, 5000)
+    storage.delete([part_rows(database_url, session_id)[2]])
+    client_id = accepted_by_a_request_that_died(database_url, [session_id])
+    completion = CompletionService(db, ListsNothing(storage, 0), TEST_LIMITS, 4096, sync_complete_max=SYNC_MAX)
+
+    with pytest.raises(PartsMissing) as reopened:
+        completion.resume(uuid.UUID(session_id), client_id)
+
+    assert reopened.value.extra["missing_parts"] == [2]
+    assert sorted(part_rows(database_url, session_id)) == [1, 3, 4, 5]
+
+
+def test_a_stale_assembly_ending_leaves_the_lease_of_the_one_that_took_over_to_give_back():
+    """Two assemblies of one session in one process: the first lost its lease to the second and
+    ends while the second still runs. The lease a stopping worker gives back is the second's."""
+    completion = CompletionService(None, None, TEST_LIMITS, 4096)  # type: ignore[arg-type]
+    session = SimpleNamespace(id=uuid.uuid4())
+    stale, fresh = _Lease.new(), _Lease.new()
+    fresh_running, fresh_may_end = threading.Event(), threading.Event()
+
+    def assemble(*args):
+        lease = args[-1]
+        if lease is fresh:
+            fresh_running.set()
+            fresh_may_end.wait(10)
+        else:  # the stale one: taken over while it runs, and it ends first
+            taking_over.start()
+            assert fresh_running.wait(10)
+        return []  # "no part is there": nothing assembled
+
+    completion._assemble = assemble  # type: ignore[method-assign]
+    completion._reopen_lost_parts = lambda *args: None  # type: ignore[method-assign]
+    taking_over = threading.Thread(target=completion._assemble_or_reopen, args=(None, 1, session, [], fresh))
+
+    completion._assemble_or_reopen(None, 1, session, [], stale)  # type: ignore[arg-type]
+
+    assert completion._held == {session.id: fresh.owner}
+    fresh_may_end.set()
+    taking_over.join(10)
+    assert completion._held == {}
 
 
 # --- a killed assembling worker -------------------------------------------------------------------

@@ -12,11 +12,12 @@ Two entry points, one per caller:
 Either way the assembly runs under the session's completion lease: ``completion_owner`` (one
 fresh id per attempt) and ``completion_lease_until`` on the session's row, taken under the row
 lock in the transaction that checks the session (``dao.take_completion_lease``), so one assembly
-runs at a time. A ``LeaseKeeper`` renews it about once a second while the storage works, in the
-same write as the progress (``assembled_bytes``); the assembly stops (``CompletionInProgress``)
-when a renewal finds it lost. The outcome (``COMPLETED``, ``FAILED``, or reopened for lost parts)
-is recorded only by the lease's holder and ends the lease in the same statement; an attempt that
-ends without one (storage full or down, an error) gives it back at once. A crashed assembler's
+runs at a time. A ``LeaseKeeper`` renews it about once a second while the storage works (assembles,
+and looks for lost parts if it found one missing), in the same write as the progress
+(``assembled_bytes``); the work stops (``CompletionInProgress``) when a renewal finds it lost.
+The outcome (``COMPLETED``, ``FAILED``, or reopened for lost parts) is recorded only by the
+lease's holder and ends the lease in the same statement; an attempt that ends without one
+(storage full or down, an error) gives it back at once. A crashed assembler's
 lease runs out ``lease`` seconds after its last renewal (``CHUNKSVC_LEASE``, 30 s by default), and
 then completing again, the background assembler's poll or the reaper's re-drive takes it over from
 the start. Parts whose stored bytes are gone are dropped and the session reopened for the client
@@ -68,7 +69,7 @@ from chunksvc.services.auth import Client
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.leases import LeaseKeeper
 from chunksvc.services.uploads import discard
-from chunksvc.storage import PartSource, Storage
+from chunksvc.storage import PartSource, Storage, StoredObject
 
 log = logging.getLogger(__name__)
 
@@ -238,17 +239,20 @@ class CompletionService:
         with self._held_lock:
             self._held[session.id] = lease.owner
         try:
-            try:
-                return self._assemble(conn, client_id, session, sources, lease)
-            except ObjectMissing:
-                pass
-            return self._reopen_lost_parts(conn, client_id, session, sources, lease)
+            started = time.monotonic()
+            found = self._assemble(conn, session, sources, lease)
+            if isinstance(found, StoredObject):
+                return self._record(conn, client_id, session, sources, found, lease, time.monotonic() - started)
+            return self._reopen_lost_parts(conn, client_id, session, found, lease)
         except BaseException:
             self._give_back(conn, session.id, lease)
             raise
         finally:
             with self._held_lock:
-                self._held.pop(session.id, None)
+                # Only this attempt's own entry: if another assembly in this process took the
+                # completion over meanwhile, the entry is that one's (give_back_leases needs it).
+                if self._held.get(session.id) == lease.owner:
+                    del self._held[session.id]
 
     def give_back_leases(self) -> int:
         """Give back the completion leases this process holds (a worker shutting down: its
@@ -308,18 +312,18 @@ class CompletionService:
             )
 
     def _reopen_lost_parts(
-        self, conn: Connection, client_id: int, session: SessionRow, sources: list[PartSource], lease: _Lease
+        self, conn: Connection, client_id: int, session: SessionRow, lost: list[str], lease: _Lease
     ) -> SessionRow:
-        """Parts whose stored bytes are gone are dropped and the session reopened: raises
-        ``PartsMissing`` (or returns the session that another assembler, which took the lease
-        over, completed meanwhile: it removed the parts this one found gone).
+        """The parts whose stored bytes are gone (``lost``, see ``_lost_parts``) are dropped and
+        the session reopened: raises ``PartsMissing`` (or returns the session that another
+        assembler, which took the lease over, completed meanwhile: it removed the parts this one
+        found gone).
 
         Lost bytes are not the client's fault and it can repair them: the usual answer to
         ``parts_missing`` (re-send the listed parts, complete again) does. Only the holder of the
         completion lease drops parts (``drop_lost_parts`` checks it); the session's row lock
         orders this against everything else.
         """
-        lost = [source.key for source in sources if not self._storage.exists(source.key)]
         if not lost:  # the storage said "missing", then "there": not a verdict to act on
             raise StorageError("a part was briefly missing from storage during assembly; complete again")
         with conn.transaction():
@@ -354,9 +358,58 @@ class CompletionService:
         raise SessionNotActive(f"the session became {session.effective_status} while its completion ran")
 
     def _assemble(
-        self, conn: Connection, client_id: int, session: SessionRow, sources: list[PartSource], lease: _Lease
+        self, conn: Connection, session: SessionRow, sources: list[PartSource], lease: _Lease
+    ) -> StoredObject | list[str]:
+        """The stored object; or, when the storage found a part missing, the keys of the parts
+        whose bytes are gone (``_lost_parts``).
+
+        Both under the lease keeper: looking for the lost parts can take as long as assembling
+        (on S3, requests per part), and a lease that ran out meanwhile would be taken over by the
+        next poll, whose own search would be taken over in turn, the session never reopened.
+        """
+        key = layout.object_key(session.id)
+        with self._lease_keeper(conn, session.id, lease) as keeping:
+            self._events.assembly_running(1)
+            try:
+                return self._storage.assemble(sources, key, self._block_size, keeping.progress)
+            except ObjectMissing:
+                pass
+            finally:
+                self._events.assembly_running(-1)
+            return self._lost_parts(session.id, sources, keeping.check)
+
+    def _lost_parts(self, session_id: UUID, sources: list[PartSource], check: Callable[[], None]) -> list[str]:
+        """The keys of ``sources`` the storage positively reports missing.
+
+        One listing of the session's parts prefix finds the candidates (the parts it does not
+        list), each then confirmed missing with ``exists``: a request per lost part rather than one
+        per part, and a key a listing failed to show (a store whose listings lag its writes) is
+        not dropped for that. ``check`` raises once the lease is lost, so an assembler that was
+        taken over stops looking.
+        """
+        listed = set()
+        for item in self._storage.list_keys(layout.parts_prefix(session_id)):
+            check()
+            listed.add(item.key)
+        lost = []
+        for source in sources:
+            if source.key not in listed:
+                check()
+                if not self._storage.exists(source.key):
+                    lost.append(source.key)
+        return lost
+
+    def _record(
+        self,
+        conn: Connection,
+        client_id: int,
+        session: SessionRow,
+        sources: list[PartSource],
+        stored: StoredObject,
+        lease: _Lease,
+        assembly_seconds: float,
     ) -> SessionRow:
-        """Assemble, verify, record the outcome, then remove what is no longer needed.
+        """Verify the assembled object, record the outcome, then remove what is no longer needed.
 
         Each removal follows the commit that makes it safe: the parts (and a mismatched object)
         go only after COMPLETED (or FAILED) committed, so a lost commit reply leaves the session
@@ -365,14 +418,6 @@ class CompletionService:
         assembler that took over needs the parts, and the object under the key may be its own.
         """
         key = layout.object_key(session.id)
-        started = time.monotonic()
-        self._events.assembly_running(1)
-        try:
-            with self._lease_keeper(conn, session.id, lease) as progress:
-                stored = self._storage.assemble(sources, key, self._block_size, progress)
-        finally:
-            self._events.assembly_running(-1)
-        assembly_seconds = time.monotonic() - started
         if stored.size != session.size or (session.sha256 and stored.sha256 != session.sha256):
             with conn.transaction():
                 failed = dao.mark_failed(conn, session.id, lease.owner)
@@ -399,33 +444,26 @@ class CompletionService:
         return outcome
 
     @contextlib.contextmanager
-    def _lease_keeper(self, conn: Connection, session_id: UUID, lease: _Lease) -> Iterator[Callable[[int], None]]:
-        """The lease kept alive while the storage assembles; yields the storage's progress callback.
+    def _lease_keeper(self, conn: Connection, session_id: UUID, lease: _Lease) -> Iterator[_Keeping]:
+        """The lease kept alive while the storage works (assembles, or looks for lost parts).
 
         The keeper's thread renews the lease about once a second on the assembler's own connection
         (idle while the storage works: autocommit, no transaction open), writing the latest
         progress with it. A thread, not the progress callback itself, because some storage
         reports no progress for long stretches (S3's server-side compose and the read-back that
-        verifies it), and the lease must outlive them. The callback only notes the bytes, and
-        stops the assembly (raising) once a renewal was refused (the lease is lost) or the
-        connection broke. Storage that reports no progress runs to its end either way; its
-        outcome is then refused if the lease was lost (the statements check the owner). The thread
-        is joined when the block ends, before the connection records the outcome.
+        verifies it), and the lease must outlive them. The yielded ``_Keeping``'s ``progress`` (the
+        storage's callback) notes the bytes; it and ``check`` stop the work (raising) once a
+        renewal was refused (the lease is lost) or the connection broke. Storage that reports no
+        progress runs to its end either way; its outcome is then refused if the lease was lost
+        (the statements check the owner). The thread is joined when the block ends, before the
+        connection records the outcome.
         """
-        assembled = 0
+        keeping = _Keeping()
 
         def renew() -> bool:
-            return dao.renew_completion_lease(conn, session_id, lease.owner, self._lease_seconds, assembled)
+            return dao.renew_completion_lease(conn, session_id, lease.owner, self._lease_seconds, keeping.assembled)
 
-        def progress(count: int) -> None:
-            nonlocal assembled
-            assembled = count
-            if keeper.failure is not None:
-                raise keeper.failure
-            if keeper.lost:
-                raise CompletionInProgress("this assembly lost its completion lease to another assembler")
-
-        keeper = LeaseKeeper(
+        keeping.keeper = LeaseKeeper(
             renew,
             self._lease_seconds,
             min(PROGRESS_INTERVAL, self._lease_seconds / 3),
@@ -434,5 +472,27 @@ class CompletionService:
             # The connection, and so any outcome recorded on it, is gone: stop here.
             fatal=(DatabaseUnavailable,),
         )
-        with keeper:
-            yield progress
+        with keeping.keeper:
+            yield keeping
+
+
+class _Keeping:
+    """An assembly's side of its ``LeaseKeeper``: the progress it reports, and the checks that
+    stop it once the lease is lost."""
+
+    def __init__(self) -> None:
+        self.assembled = 0  # bytes of the object written so far, sent with each renewal
+        self.keeper: LeaseKeeper | None = None
+
+    def progress(self, count: int) -> None:
+        """The storage's progress callback."""
+        self.assembled = count
+        self.check()
+
+    def check(self) -> None:
+        """Raise once the lease is lost (or its connection broke)."""
+        assert self.keeper is not None
+        if self.keeper.failure is not None:
+            raise self.keeper.failure
+        if self.keeper.lost:
+            raise CompletionInProgress("this assembly lost its completion lease to another assembler")
