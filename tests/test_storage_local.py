@@ -3,12 +3,14 @@ the write-behind of a streaming write (sync_file_range), its fallback and its fa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import os
 import stat
 import sys
+import threading
 import time
 
 import pytest
@@ -162,6 +164,95 @@ def test_a_write_into_a_new_directory_creates_it(tmp_path):
     assert [k.key for k in storage.list_keys("parts/")] == ["parts/s/p3"]
 
 
+# --- directory fsyncs ------------------------------------------------------------------------
+
+
+def failing_directory_fsync(monkeypatch: pytest.MonkeyPatch, directory: str) -> None:
+    """Every fsync of ``directory`` from now on fails with EIO."""
+    real = local._fsync_dir
+
+    def fsync_dir(path: str | os.PathLike[str]) -> None:
+        if os.path.samefile(path, directory):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        real(path)
+
+    monkeypatch.setattr(local, "_fsync_dir", fsync_dir)
+
+
+def test_a_part_whose_directory_cannot_be_fsynced_is_not_stored(tmp_path, monkeypatch):
+    storage = LocalStorage(tmp_path / "storage")
+    storage.write("parts/s/p1", io.BytesIO(b"a"), 1, MiB)
+    failing_directory_fsync(monkeypatch, str(tmp_path / "storage" / "parts" / "s"))
+    with pytest.raises(StorageError, match="write parts/s/p2"):
+        storage.write("parts/s/p2", io.BytesIO(b"b"), 1, MiB)
+    assert not storage.exists("parts/s/p2") and os.listdir(tmp_path / "storage" / ".incoming") == []
+
+
+def test_an_assembly_whose_directory_cannot_be_fsynced_leaves_the_object_another_assembly_stored(tmp_path, monkeypatch):
+    """Two assemblies of one session may overlap (a lease taken over), writing the same bytes
+    under the same key. The stale one's failure after its rename must not remove the object that
+    the other one stored and recorded."""
+    storage = LocalStorage(tmp_path / "storage")
+    data = payload(3 * MiB)
+    storage.write("parts/s/p1", io.BytesIO(data), len(data), MiB)
+    sources = [PartSource("parts/s/p1", len(data))]
+    winner = storage.assemble(sources, "objects/s", MiB)  # recorded as the session's object
+    failing_directory_fsync(monkeypatch, str(tmp_path / "storage" / "objects"))
+
+    with pytest.raises(StorageError, match="write objects/s"):
+        storage.assemble(sources, "objects/s", MiB)
+
+    with storage.open("objects/s") as stored:
+        assert hashlib.sha256(stored.read()).hexdigest() == winner.sha256
+    assert os.listdir(tmp_path / "storage" / ".incoming") == []
+
+
+def recording_directory_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    fsynced: list[str] = []
+    real = local._fsync_dir
+
+    def fsync_dir(path: str | os.PathLike[str]) -> None:
+        fsynced.append(os.fspath(path))
+        real(path)
+
+    monkeypatch.setattr(local, "_fsync_dir", fsync_dir)
+    return fsynced
+
+
+def test_a_directory_another_writer_made_first_has_its_parent_fsynced_too(tmp_path, monkeypatch):
+    """That writer fsyncs the parent after its mkdir; this one may store its file and return
+    before that, and a crash then would lose the directory, and the file with it."""
+    storage = LocalStorage(tmp_path / "storage")
+    storage.write("parts/a/p0", io.BytesIO(b"x"), 1, MiB)  # parts/ exists
+    fsynced = recording_directory_fsyncs(monkeypatch)
+    real_mkdir = local.Path.mkdir
+
+    def mkdir_lost_to_another_writer(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)  # the other writer's mkdir, just before ours
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(self))
+
+    monkeypatch.setattr(local.Path, "mkdir", mkdir_lost_to_another_writer)
+    storage.write("parts/b/p1", io.BytesIO(b"y"), 1, MiB)
+    assert fsynced == [str(tmp_path / "storage" / "parts"), str(tmp_path / "storage" / "parts" / "b")]
+
+
+def test_a_directory_made_by_another_writer_after_the_rename_missed_it_has_its_parent_fsynced(tmp_path, monkeypatch):
+    storage = LocalStorage(tmp_path / "storage")
+    storage.write("parts/a/p0", io.BytesIO(b"x"), 1, MiB)
+    fsynced = recording_directory_fsyncs(monkeypatch)
+    real_replace = os.replace
+
+    def replace_racing_a_mkdir(source, dest):
+        if not os.path.isdir(os.path.dirname(dest)):
+            os.mkdir(os.path.dirname(dest))  # another writer's, between our rename and our look
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), dest)
+        real_replace(source, dest)
+
+    monkeypatch.setattr(os, "replace", replace_racing_a_mkdir)
+    storage.write("parts/b/p1", io.BytesIO(b"y"), 1, MiB)
+    assert fsynced == [str(tmp_path / "storage" / "parts"), str(tmp_path / "storage" / "parts" / "b")]
+
+
 # --- spare inodes ---------------------------------------------------------------------------
 
 
@@ -230,6 +321,42 @@ def test_a_spare_that_cannot_be_named_gives_way_to_a_file_made_in_place(tmp_path
 
 
 @needs_spares
+def test_spares_given_up_after_failures_to_name_them_are_tried_again_later(tmp_path, monkeypatch):
+    """Failures that pass (a full disk, say) do not turn spares off for the process's lifetime."""
+    names: list[str] = []
+    failing = [True]
+    real = local._link_descriptor
+    assert real is not None
+
+    def link(fd: int, path: str) -> None:
+        names.append(os.path.basename(path))
+        if failing[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        real(fd, path)
+
+    monkeypatch.setattr(local, "_link_descriptor", link)
+    monkeypatch.setattr(local, "_SPARE_PAUSE", 0.5)
+    storage = LocalStorage(tmp_path / "storage")
+    storage.write("parts/s/p0", io.BytesIO(b"x"), 1, MiB)
+    for number in range(1, local._SPARE_LINK_FAILURES + 1):
+        spares_ready(storage)
+        storage.write(f"parts/s/p{number}", io.BytesIO(b"x"), 1, MiB)
+    storage.write("parts/s/paused", io.BytesIO(b"x"), 1, MiB)
+    assert len(names) == local._SPARE_LINK_FAILURES  # given up for now: none tried
+    failing[0] = False
+    time.sleep(0.6)
+    storage.write("parts/s/after", io.BytesIO(b"x"), 1, MiB)  # asks for spares again
+    spares_ready(storage)
+    tried = len(names)
+    storage.write("parts/s/spare", io.BytesIO(b"spare"), 5, MiB)
+    assert len(names) == tried + 1  # a spare, named
+    with storage.open("parts/s/spare") as stored:
+        assert stored.read() == b"spare"
+    storage.close()
+    assert os.listdir(tmp_path / "storage" / ".incoming") == []
+
+
+@needs_spares
 def test_a_file_system_without_o_tmpfile_gets_files_made_in_place(tmp_path, monkeypatch):
     real_open = os.open
 
@@ -288,3 +415,54 @@ def test_a_forked_child_does_not_use_its_parents_spares(tmp_path):
     storage.write("parts/s/parent", io.BytesIO(b"parent"), 6, MiB)  # the parent's spares are its own
     with storage.open("parts/s/child") as child, storage.open("parts/s/parent") as parent:
         assert (child.read(), parent.read()) == (b"child", b"parent")
+
+
+def open_spare_files(incoming: str) -> int:
+    """How many unnamed files made in ``incoming`` this process has open (Linux's /proc)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"{incoming}/#"):
+                count += 1
+    return count
+
+
+@needs_spares
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_the_thread_closes_old_spares_inherits_none(tmp_path, monkeypatch):
+    """The thread closes old spares out of the lists; a fork then waits for it, so the child
+    finds (and closes) every spare it inherited in the lists."""
+    storage = LocalStorage(tmp_path / "storage")
+    incoming = str(tmp_path / "storage" / ".incoming")
+    storage.write("parts/s/p0", io.BytesIO(b"x"), 1, MiB)
+    spares_ready(storage, local._SPARES)
+    spares = storage._spares
+    assert spares is not None
+    old = {fd for fd, _ in spares._ready}
+    closing, may_close = threading.Event(), threading.Event()
+    real_close = os.close
+
+    def slow_close(fd: int) -> None:
+        if fd in old and threading.current_thread().name == "spare-inodes":
+            closing.set()
+            may_close.wait(10)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", slow_close)
+    monkeypatch.setattr(local, "_SPARE_MAX_AGE", -1.0)
+    storage.write("parts/s/p1", io.BytesIO(b"x"), 1, MiB)  # all too old: the thread closes them
+    assert closing.wait(10)
+    threading.Timer(0.5, may_close.set).start()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_end, str(open_spare_files(incoming)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as report:
+        assert report.read() == b"0"
+    may_close.set()
+    storage.close()

@@ -62,7 +62,8 @@ _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pa
 # those of its making, and a sweep of .incoming judges a file by them: far below any sane grace).
 _SPARES = 4
 _SPARE_MAX_AGE = 10.0
-_SPARE_LINK_FAILURES = 3  # consecutive failures to name a spare before spares are given up
+_SPARE_LINK_FAILURES = 3  # consecutive failures to name a spare before spares are given up...
+_SPARE_PAUSE = 60.0  # ...for this many seconds (the cause may pass: a full disk, say)
 _AT_FDCWD = -100  # <fcntl.h>
 _AT_SYMLINK_FOLLOW = 0x400
 
@@ -161,7 +162,8 @@ class _SpareInodes:
     as it mounts). Only a process's own spares are used: after a fork the child drops the ones
     it inherited (two processes writing through one inode would mix their bytes; see
     ``_forget_spares_after_fork``), and spares older than ``_SPARE_MAX_AGE`` are dropped too.
-    Where the directory refuses ``O_TMPFILE`` the thread gives up and ``take`` answers None.
+    Where the directory refuses ``O_TMPFILE`` the thread gives up and ``take`` answers None;
+    where naming spares keeps failing, spares are left alone for ``_SPARE_PAUSE`` seconds.
     """
 
     def __init__(self, directory: str, keep: int = _SPARES) -> None:
@@ -170,15 +172,20 @@ class _SpareInodes:
         self._ready: collections.deque[tuple[int, float]] = collections.deque()
         self._stale: list[int] = []
         self._lock = threading.Lock()
+        # Held by the thread while it has descriptors in hand outside the lists (closing stale
+        # ones, making a new one), and by a fork meanwhile (``_hold_spares_for_fork``): a child
+        # then inherits every spare descriptor in the lists, where ``after_fork`` closes it.
+        self._in_hand = threading.Lock()
         self._wanted = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._link_failures = 0
+        self._paused_until = 0.0  # monotonic; none are made or handed out before then
 
     def take(self) -> int | None:
         found = None
         with self._lock:
-            if self._closed:
+            if self._closed or time.monotonic() < self._paused_until:
                 return None
             while self._ready:
                 fd, made = self._ready.popleft()
@@ -201,11 +208,16 @@ class _SpareInodes:
             self._wanted.set()
 
     def linked(self, ok: bool) -> None:
-        """Whether naming the spare just taken worked; spares are given up after a few failures."""
+        """Whether naming the spare just taken worked; after a few failures in a row spares are
+        left alone for a while (those made are dropped: the next may fail the same way)."""
         with self._lock:
             self._link_failures = 0 if ok else self._link_failures + 1
             if self._link_failures >= _SPARE_LINK_FAILURES:
-                self._close_locked()
+                self._link_failures = 0
+                self._paused_until = time.monotonic() + _SPARE_PAUSE
+                while self._ready:
+                    self._stale.append(self._ready.popleft()[0])
+                self._wanted.set()  # the thread closes them
 
     def close(self) -> None:
         with self._lock:
@@ -223,6 +235,7 @@ class _SpareInodes:
         """In a forked child, before it has other threads: the parent's spares stay the parent's
         (closing the child's copies of them is harmless), its lock and thread are not ours."""
         self._lock = threading.Lock()
+        self._in_hand = threading.Lock()
         self._wanted = threading.Event()
         self._thread = None
         while self._ready:
@@ -236,27 +249,28 @@ class _SpareInodes:
             wanted.wait()
             wanted.clear()
             while True:
-                with self._lock:
-                    if self._closed or wanted is not self._wanted:
-                        return
-                    stale, self._stale = self._stale, []
-                    enough = len(self._ready) >= self._keep
-                for fd in stale:
-                    os.close(fd)
-                if enough:
-                    break
-                try:
-                    fd = os.open(self._directory, os.O_WRONLY | os.O_TMPFILE, 0o666)
-                except OSError as exc:
-                    if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                        self.close()  # not on this file system: writers make their own files
-                        return
-                    break  # no room, or no directory: writers make their own files meanwhile
-                with self._lock:
-                    if self._closed:
+                with self._in_hand:
+                    with self._lock:
+                        if self._closed or wanted is not self._wanted:
+                            return
+                        stale, self._stale = self._stale, []
+                        enough = len(self._ready) >= self._keep or time.monotonic() < self._paused_until
+                    for fd in stale:
                         os.close(fd)
-                        return
-                    self._ready.append((fd, time.monotonic()))
+                    if enough:
+                        break
+                    try:
+                        fd = os.open(self._directory, os.O_WRONLY | os.O_TMPFILE, 0o666)
+                    except OSError as exc:
+                        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                            self.close()  # not on this file system: writers make their own files
+                            return
+                        break  # no room, or no directory: writers make their own files meanwhile
+                    with self._lock:
+                        if self._closed:
+                            os.close(fd)
+                            return
+                        self._ready.append((fd, time.monotonic()))
 
 
 class _WriteBehind:
@@ -396,15 +410,35 @@ class _HashingRing:
 
 
 _ALL_SPARES: weakref.WeakSet[_SpareInodes] = weakref.WeakSet()
+_HELD_FOR_FORK: list[_SpareInodes] = []
+
+
+def _hold_spares_for_fork() -> None:
+    """Before a fork: wait until no spare thread has descriptors in hand outside its lists (a
+    child would inherit them where nothing closes them). A thread holds them for one close or
+    one new inode at a time."""
+    for spares in list(_ALL_SPARES):
+        spares._in_hand.acquire()
+        _HELD_FOR_FORK.append(spares)
+
+
+def _release_spares_after_fork() -> None:
+    while _HELD_FOR_FORK:
+        _HELD_FOR_FORK.pop()._in_hand.release()
 
 
 def _forget_spares_after_fork() -> None:
+    _HELD_FOR_FORK.clear()  # the child's copies of those locks are replaced by after_fork
     for spares in list(_ALL_SPARES):
         spares.after_fork()
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_forget_spares_after_fork)
+    os.register_at_fork(
+        before=_hold_spares_for_fork,
+        after_in_parent=_release_spares_after_fork,
+        after_in_child=_forget_spares_after_fork,
+    )
 
 
 class LocalStorage(Storage):
@@ -440,7 +474,7 @@ class LocalStorage(Storage):
                     _write_all(fd, memoryview(block))
                 behind.written(len(block))
 
-        self._store(check_key(key), length, fill)
+        self._store(check_key(key), length, fill, own_key=True)
 
     def assemble(
         self, sources: Sequence[PartSource], key: str, block_size: int, progress: Progress | None = None
@@ -484,7 +518,7 @@ class LocalStorage(Storage):
                 raise
             return ring.finish()
 
-        size, sha256 = self._store(check_key(key), sum(src.size for src in sources), fill)
+        size, sha256 = self._store(check_key(key), sum(src.size for src in sources), fill, own_key=False)
         return StoredObject(key, size, sha256)
 
     def open(self, key: str) -> BinaryIO:
@@ -607,13 +641,17 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self._root / check_key(key)
 
-    def _store(self, key: str, length: int, fill: Callable[[int, _WriteBehind], T]) -> T:
+    def _store(self, key: str, length: int, fill: Callable[[int, _WriteBehind], T], *, own_key: bool) -> T:
         """Run ``fill`` on a fresh temporary file (its descriptor, and a write-behind for the
         ``length`` bytes it will write), then make it durable and move it to ``key``.
 
         The order is what makes a stored key durable: the file's bytes (fsync) before its name
         (rename, then fsync of the directory), and both before this returns, so before the caller
         records the key anywhere.
+
+        ``own_key``: no other writer stores under ``key`` (a part: a fresh key per request), so a
+        failure after the rename may remove what is there. Not so for an assembled object (see
+        the directory fsync below).
         """
         dest = os.path.join(self._root_text, key)
         tmp = os.path.join(self._incoming_text, os.urandom(16).hex())
@@ -637,9 +675,17 @@ class LocalStorage(Storage):
                 try:
                     _fsync_dir(directory)
                 except OSError:
-                    # Not durable, so not stored: keep "nothing under key on failure" true.
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(dest)
+                    # Not durable, so not stored. A key of our own is removed: nothing is left
+                    # under it on failure. An assembled object's key is shared: two assemblies of
+                    # one session can overlap (a completion lease taken over) and write the same
+                    # bytes under the same key. The other may have stored it and recorded the
+                    # session COMPLETED before this rename replaced its file with ours; removing
+                    # ours would remove the session's object. So it stays: its bytes are whole and
+                    # fsynced, and the error tells our caller to record nothing (an attempt that
+                    # does record an outcome stores the object again first).
+                    if own_key:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(dest)
                     raise
         except BaseException:
             with contextlib.suppress(OSError):  # do not hide the original failure
@@ -683,14 +729,21 @@ class LocalStorage(Storage):
         return directory
 
     def _make_dirs(self, directory: Path) -> None:
-        """Create missing directories below the root, fsyncing each parent so they survive a crash."""
+        """Create missing directories below the root, fsyncing each parent so they survive a crash.
+
+        One that another writer made meanwhile (our mkdir found it, or it is there now although
+        our rename found it missing) has its parent fsynced too: that writer fsyncs it only after
+        its mkdir, and this one may store its file and return first; a crash then would lose the
+        directory, and the file with it. Rare (two first writes into a new directory at once).
+        """
         missing = []
+        wanted = directory
         while directory != self._root and not directory.is_dir():
             missing.append(directory)
             directory = directory.parent
+        if not missing and wanted != self._root:
+            _fsync_dir(wanted.parent)  # made since our rename failed: by someone else
         for new in reversed(missing):
-            try:
+            with contextlib.suppress(FileExistsError):  # made by someone else: fsynced anyway
                 new.mkdir()
-            except FileExistsError:
-                continue  # a concurrent writer made it
             _fsync_dir(new.parent)
