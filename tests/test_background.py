@@ -23,6 +23,7 @@ from chunksvc import embedded
 from chunksvc.app import build
 from chunksvc.config import StorageSpec
 from chunksvc.errors import CompletionInProgress, PartsMissing, SessionNotActive
+from chunksvc.services import completion as completion_module
 from chunksvc.services import layout
 from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.completion import CompletionService, _Lease
@@ -398,3 +399,19 @@ def test_a_killed_assembling_worker_is_replaced_and_the_assembly_finished(pg_adm
         assert (spec.root / done["object"]["key"]).read_bytes() == data
     finally:
         embedded.drop_database(pg_admin_url, name)
+
+
+def test_the_parts_of_a_completed_session_with_many_parts_are_removed_after_the_answer(
+    app, auth, db, storage, monkeypatch
+):
+    """Above INLINE_PART_REMOVAL parts, complete answers once COMPLETED is committed and a thread
+    removes the parts after it: the object is whole at once, the parts go soon after."""
+    monkeypatch.setattr(completion_module, "INLINE_PART_REMOVAL", 3)
+    data = payload(8 * 512, seed=7)
+    session_id = create(app, auth, size=len(data), part_size=512, sha256=sha(data)).json["id"]
+    for number, chunk in enumerate(split(data, 512), start=1):
+        put_part(app, auth, session_id, number, chunk)
+    done = complete(app, auth, session_id).json
+    assert done["status"] == "COMPLETED"
+    assert read_object(storage, done["object"]["key"]) == data
+    wait_for(lambda: stored_part_keys(storage, session_id) == [], "the parts to be removed in the background")
