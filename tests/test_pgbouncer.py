@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,6 +39,7 @@ from chunksvc_client import Client
 from tests.conftest import TEST_LIMITS
 from tests.faults import FaultProxy
 from tests.helpers import completion_lease_ran_out, hold_completion_lease, payload, sha, split, wait_for
+from tests.test_reaper import BlockingReaper
 from tools import harness
 from tools import pgbouncer as bouncer_tool
 
@@ -442,19 +443,6 @@ def test_a_dead_reapers_lease_keeps_its_sweep_until_it_runs_out(pooled_url, data
     finally:
         db.close()
         storage.close()
-
-
-class BlockingReaper:
-    """Stands in for a ``Reaper`` whose pass lasts until the test lets it end."""
-
-    def __init__(self) -> None:
-        self.running = threading.Event()
-        self.finish = threading.Event()
-
-    def run(self, stopping: Callable[[], bool] = lambda: False) -> ReapResult:
-        self.running.set()
-        assert self.finish.wait(60)
-        return ReapResult()
 
 
 def test_one_periodic_pass_at_a_time_across_two_servers(single, database_url):
