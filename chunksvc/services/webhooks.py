@@ -37,7 +37,7 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from uuid import UUID
@@ -531,7 +531,7 @@ def post(url: str, body: bytes, signature: str, event_id: UUID, timeout: float) 
     if parts.query:
         target += "?" + parts.query
     late = f"no answer within {timeout:g} s"
-    cleanup = contextlib.ExitStack()
+    stopwatch: threading.Timer | None = None
 
     def within_deadline() -> None:
         """Each step's socket timeout is what is left of the attempt's ``timeout``."""
@@ -542,34 +542,32 @@ def post(url: str, body: bytes, signature: str, event_id: UUID, timeout: float) 
             connection.sock.settimeout(remaining)
 
     try:
-        with _closing(connection):
-            connection.connect()
-            within_deadline()
-            # A receiver that trickles its answer a byte at a time stays within every socket
-            # timeout; at the deadline the socket is shut, which ends any read or write on it.
-            stopwatch = threading.Timer(deadline - time.monotonic(), _shut, (connection,))
-            stopwatch.daemon = True
-            stopwatch.start()
-            cleanup.callback(stopwatch.cancel)
-            connection.request(
-                "POST",
-                target,
-                body=body,
-                headers={
-                    "Content-Type": "application/json",
-                    SIGNATURE_HEADER: signature,
-                    "Chunksvc-Event-Id": str(event_id),
-                    "User-Agent": "chunksvc-webhooks/1",
-                    "Connection": "close",
-                },
-            )
-            within_deadline()
-            # The status decides; the answer's body is not read (a receiver that sends a 2xx
-            # head and then holds the connection has still answered).
-            status = connection.getresponse().status
-            if time.monotonic() > deadline:
-                return None, late
-            return status, None
+        connection.connect()
+        within_deadline()
+        # A receiver that trickles its answer a byte at a time stays within every socket
+        # timeout; at the deadline the socket is shut, which ends any read or write on it.
+        stopwatch = threading.Timer(deadline - time.monotonic(), _shut, (connection,))
+        stopwatch.daemon = True
+        stopwatch.start()
+        connection.request(
+            "POST",
+            target,
+            body=body,
+            headers={
+                "Content-Type": "application/json",
+                SIGNATURE_HEADER: signature,
+                "Chunksvc-Event-Id": str(event_id),
+                "User-Agent": "chunksvc-webhooks/1",
+                "Connection": "close",
+            },
+        )
+        within_deadline()
+        # The status decides; the answer's body is not read (a receiver that sends a 2xx
+        # head and then holds the connection has still answered).
+        status = connection.getresponse().status
+        if time.monotonic() > deadline:
+            return None, late
+        return status, None
     except TimeoutError:
         return None, late
     except (OSError, http.client.HTTPException) as exc:
@@ -577,18 +575,12 @@ def post(url: str, body: bytes, signature: str, event_id: UUID, timeout: float) 
             return None, late  # the stopwatch shut the socket
         return None, f"{type(exc).__name__}: {exc}"[:500]
     finally:
-        cleanup.close()
+        if stopwatch is not None:
+            stopwatch.cancel()
+        connection.close()
 
 
 def _shut(connection: http.client.HTTPConnection) -> None:
     with contextlib.suppress(OSError):
         if connection.sock is not None:
             connection.sock.shutdown(socket.SHUT_RDWR)
-
-
-@contextlib.contextmanager
-def _closing(connection: http.client.HTTPConnection) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        connection.close()
