@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import threading
 import time
 import uuid
 
@@ -113,3 +114,22 @@ def completion_lease_ran_out(database_url: str, session_id) -> bool:
         ).fetchone()
     assert row is not None
     return bool(row[0])
+
+
+def migrate_twice_at_once(url: str) -> list[list[str]]:
+    """Two hosts running ``migrate`` on ``url`` at the same moment: what each applied."""
+    from chunksvc import migrations
+
+    results: list[list[str]] = []
+    barrier = threading.Barrier(2)
+
+    def run() -> None:
+        barrier.wait()
+        results.append(migrations.migrate(url))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import uuid
 
 import psycopg
@@ -18,7 +17,7 @@ from chunksvc.app import create_app
 from chunksvc.config import Config
 from chunksvc.storage import open_storage
 from tests.conftest import TEST_LIMITS
-from tests.helpers import create
+from tests.helpers import create, migrate_twice_at_once
 
 
 def chunksvc(database_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -52,18 +51,7 @@ def test_migrate_applies_each_file_once(empty_database):
 
 
 def test_two_hosts_migrating_at_once(empty_database):
-    results: list[list[str]] = []
-    barrier = threading.Barrier(2)
-
-    def run():
-        barrier.wait()
-        results.append(migrations.migrate(empty_database))
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = migrate_twice_at_once(empty_database)
     # Each file is applied under a transaction-level advisory lock by whichever host takes it
     # first; the other finds its row there and skips it. Together: each one once, in order.
     names = [m.name for m in migrations.available()]

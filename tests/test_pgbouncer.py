@@ -38,7 +38,15 @@ from chunksvc.storage.local import LocalStorage
 from chunksvc_client import Client
 from tests.conftest import TEST_LIMITS
 from tests.faults import FaultProxy
-from tests.helpers import completion_lease_ran_out, hold_completion_lease, payload, sha, split, wait_for
+from tests.helpers import (
+    completion_lease_ran_out,
+    hold_completion_lease,
+    migrate_twice_at_once,
+    payload,
+    sha,
+    split,
+    wait_for,
+)
 from tests.test_reaper import BlockingReaper
 from tools import harness
 from tools import pgbouncer as bouncer_tool
@@ -203,18 +211,7 @@ def test_migrate_through_pgbouncer_applies_each_file_once(bouncer, pg_admin_url)
     name = f"chunksvc_mig_{uuid.uuid4().hex[:12]}"
     url = bouncer.url(embedded.ensure_database(pg_admin_url, name))
     try:
-        results: list[list[str]] = []
-        barrier = threading.Barrier(2)
-
-        def run() -> None:
-            barrier.wait()
-            results.append(migrations.migrate(url))
-
-        threads = [threading.Thread(target=run) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        results = migrate_twice_at_once(url)
         names = [m.name for m in migrations.available()]
         assert sorted(results[0] + results[1]) == names
         assert migrations.migrate(url) == []
