@@ -17,7 +17,7 @@ query methods are attributes made at run time, so to mypy each call is ``Callabl
 a misspelt parameter, an argument of the wrong type or a row read the wrong way would be found
 by a request, not by ``mypy --strict``. Its record classes are built from every column by
 keyword, which breaks on a column a migration adds while the previous release still serves
-(see ``db.dataclass_row``). It would be one more dependency, and 39 statements would move to
+(see ``db.dataclass_row``). It would be one more dependency, and 54 statements would move to
 its ``:name`` parameters and operation suffixes (``^`` one row, ``$`` a value, ``!`` a count),
 which say in the file what each function's signature says here. And a third of these
 functions do what no loader does: wrap a jsonb parameter, unpack a keyset cursor, turn rows
@@ -34,9 +34,9 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg.rows import RowMaker, no_result
+from psycopg.rows import RowMaker
 
-from chunksvc.db import Connection, dataclass_row, json_param
+from chunksvc.db import Connection, column_names, dataclass_row, json_param
 from chunksvc.rows import (
     ApiKeyRow,
     AuthRow,
@@ -49,6 +49,7 @@ from chunksvc.rows import (
     OpsSessionRow,
     OverdueRow,
     PartRow,
+    PartSessionRow,
     RecordedPartRow,
     RevokedKeyRow,
     SessionRow,
@@ -83,19 +84,20 @@ _WEBHOOK_DELIVERY = dataclass_row(WebhookDeliveryRow)
 
 
 def _auth_row(cursor: psycopg.Cursor[Any]) -> RowMaker[AuthRow]:
-    """``authenticate``'s row: the key's client, then the session's columns (all NULL, ``id``
-    included, when no session of that client was asked for or found)."""
-    if cursor.description is None:
-        return no_result
-    session = _SESSION(cursor)
-    columns = [column.name for column in cursor.description]
-    client_id, client_name, session_id = (columns.index(name) for name in ("key_client_id", "client_name", "id"))
+    """``authenticate``'s row: the key's client, then what a part's checks read of the session
+    (its columns all NULL when no session of that client was asked for or found)."""
+    if column_names(cursor) != _AUTH_COLUMNS:
+        raise TypeError(f"authenticate returns {column_names(cursor)}, not {_AUTH_COLUMNS}")
 
     def make(values: Sequence[Any]) -> AuthRow:
-        found = values[session_id] is not None
-        return AuthRow(values[client_id], values[client_name], session(values) if found else None)
+        client_id, client_name, session_id, status, size, part_size, total_parts = values
+        session = PartSessionRow(session_id, status, size, part_size, total_parts) if session_id is not None else None
+        return AuthRow(client_id, client_name, session)
 
     return make
+
+
+_AUTH_COLUMNS = ("client_id", "client_name", "session_id", "effective_status", "size", "part_size", "total_parts")
 
 
 def authenticate(conn: Connection, key_hash: bytes, session_id: UUID | None = None) -> AuthRow | None:

@@ -58,13 +58,24 @@ class OpsSessionRow(SessionRow):
 
 
 @dataclasses.dataclass(frozen=True)
+class PartSessionRow:
+    """What a part's checks read of its session (``authenticate``, on the part path)."""
+
+    id: UUID
+    effective_status: str
+    size: int
+    part_size: int
+    total_parts: int
+
+
+@dataclasses.dataclass(frozen=True)
 class AuthRow:
     """``authenticate``: the client behind an unrevoked API key and, when one was asked for and
-    is that client's, the session (None otherwise)."""
+    is that client's, what a part's checks read of the session (None otherwise)."""
 
     client_id: int
     client_name: str
-    session: SessionRow | None
+    session: PartSessionRow | None
 
 
 @dataclasses.dataclass(frozen=True)

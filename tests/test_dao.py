@@ -13,7 +13,7 @@ import pytest
 
 from chunksvc import dao
 from chunksvc.db import QUERIES, dataclass_row
-from chunksvc.rows import ClientRow, SessionRow
+from chunksvc.rows import AuthRow, ClientRow, PartSessionRow, SessionRow
 
 RUNNERS = {"one", "all", "value", "values", "execute"}
 
@@ -81,3 +81,64 @@ def test_session_rows_survive_a_column_that_a_later_migration_adds(db, database_
 def test_a_value_of_another_type_than_asked_is_refused(db):
     with db.connection() as conn, pytest.raises(TypeError, match="ping returned 1, not a str"):
         conn.value("ping", str)
+
+
+def _session(conn, client_id: int, size: int = 10, part_size: int = 4):
+    return dao.insert_session(
+        conn,
+        id=uuid.uuid4(),
+        client_id=client_id,
+        filename="f.bin",
+        content_type="application/octet-stream",
+        size=size,
+        part_size=part_size,
+        total_parts=-(-size // part_size),
+        sha256=None,
+        metadata={},
+        idempotency_key=None,
+        request_fingerprint=None,
+        ttl=60,
+    )
+
+
+def test_authenticate_answers_the_client_and_only_its_own_session(db):
+    with db.transaction() as conn:
+        alice = dao.upsert_client(conn, "alice")
+        bob = dao.upsert_client(conn, "bob")
+        dao.insert_api_key(conn, alice.id, "csk_a", b"a" * 32)
+        dao.insert_api_key(conn, bob.id, "csk_b", b"b" * 32)
+        session = _session(conn, alice.id)
+        assert session is not None
+    with db.connection() as conn:
+        assert dao.authenticate(conn, b"x" * 32) is None
+        assert dao.authenticate(conn, b"a" * 32) == AuthRow(alice.id, "alice", None)
+        assert dao.authenticate(conn, b"a" * 32, session.id) == AuthRow(
+            alice.id, "alice", PartSessionRow(session.id, "INIT", 10, 4, 3)
+        )
+        assert dao.authenticate(conn, b"b" * 32, session.id) == AuthRow(bob.id, "bob", None)
+        assert dao.authenticate(conn, b"a" * 32, uuid.uuid4()) == AuthRow(alice.id, "alice", None)
+        assert dao.revoke_api_keys(conn, "csk_a")
+        assert dao.authenticate(conn, b"a" * 32, session.id) is None
+
+
+def test_authenticate_records_a_keys_use_at_most_once_a_minute(db, database_url):
+    with db.transaction() as conn:
+        client = dao.upsert_client(conn, "alice")
+        dao.insert_api_key(conn, client.id, "csk_a", b"a" * 32)
+
+    def last_used():
+        with psycopg.connect(database_url) as admin:
+            return admin.execute("SELECT last_used_at FROM api_keys WHERE prefix = 'csk_a'").fetchone()[0]
+
+    with db.connection() as conn:
+        assert last_used() is None
+        dao.authenticate(conn, b"a" * 32)
+        first = last_used()
+        assert first is not None
+        dao.authenticate(conn, b"a" * 32)
+        assert last_used() == first  # within the minute: not written again
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute("UPDATE api_keys SET last_used_at = now() - interval '2 minutes'")
+        stale = last_used()
+        dao.authenticate(conn, b"a" * 32)
+        assert last_used() > stale

@@ -6,21 +6,13 @@
 
 -- name: authenticate
 -- The client behind an unrevoked key and, in the same round trip (the part path is the hot
--- one), that client's session `session_id`. No row: unknown or revoked key. `id` NULL: no such
--- session of this client, or none asked for (NULL; a malformed id is passed as NULL too).
--- last_used_at is refreshed at most once a minute, so this rarely writes.
-WITH key AS (
-    SELECT k.id, k.client_id, c.name AS client_name
-      FROM api_keys k JOIN clients c ON c.id = k.client_id
-     WHERE k.key_hash = %(key_hash)s AND k.revoked_at IS NULL
-), touched AS (
-    UPDATE api_keys SET last_used_at = now()
-     WHERE id = (SELECT id FROM key)
-       AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')
-)
-SELECT key.client_id AS key_client_id, key.client_name, s.*,
-       chunksvc_session_status(s.status, s.expires_at) AS effective_status
-  FROM key LEFT JOIN upload_sessions s ON s.id = %(session_id)s::uuid AND s.client_id = key.client_id;
+-- one), the few columns a part's checks read of that client's session `session_id`. No row:
+-- unknown or revoked key. `session_id` NULL: no such session of this client, or none asked for
+-- (NULL; a malformed id is passed as NULL too). last_used_at is refreshed at most once a minute,
+-- so this rarely writes. A PL/pgSQL function (migration 0007), so its plans are kept by the
+-- server connection instead of made on every request.
+SELECT client_id, client_name, session_id, effective_status, size, part_size, total_parts
+  FROM chunksvc_authenticate(%(key_hash)s::bytea, %(session_id)s::uuid);
 
 -- name: upsert_client
 INSERT INTO clients (name) VALUES (%(name)s)
@@ -115,38 +107,18 @@ SELECT part_number, size, sha256, storage_key, created_at
 -- name: record_part
 -- A received part's whole transaction in one statement, so one round trip (it commits on its
 -- own): lock the session row, insert the part if the session still accepts parts (states.OPEN)
--- and the number is free, and count it in SQL under that lock. No row: no such session of this
+-- and the number is free, and count it under that lock. No row: no such session of this
 -- client. `inserted` false on an open session: the number was taken (the caller compares
--- digests with get_part). A concurrent statement waits for the lock and then sees the committed
--- row and counters (READ COMMITTED re-reads a row it had to wait for).
-WITH locked AS (
-    SELECT id, chunksvc_session_status(status, expires_at) AS effective_status, received_parts, received_bytes
-      FROM upload_sessions
-     WHERE id = %(session_id)s AND client_id = %(client_id)s
-       FOR UPDATE
-), inserted AS (
-    INSERT INTO upload_parts (session_id, part_number, size, sha256, storage_key)
-    SELECT id, %(part_number)s, %(size)s, %(sha256)s, %(storage_key)s
-      FROM locked
-     WHERE effective_status IN ('INIT', 'IN_PROGRESS')
-    ON CONFLICT (session_id, part_number) DO NOTHING
-    RETURNING session_id
-), counted AS (
-    UPDATE upload_sessions s
-       SET received_parts = s.received_parts + 1,
-           received_bytes = s.received_bytes + %(size)s,
-           status = 'IN_PROGRESS',
-           updated_at = now()
-      FROM inserted
-     WHERE s.id = inserted.session_id
-    RETURNING s.received_parts, s.received_bytes, s.status
-)
-SELECT locked.effective_status,
-       counted.status IS NOT NULL AS inserted,
-       COALESCE(counted.received_parts, locked.received_parts) AS received_parts,
-       COALESCE(counted.received_bytes, locked.received_bytes) AS received_bytes,
-       COALESCE(counted.status, locked.effective_status) AS status
-  FROM locked LEFT JOIN counted ON true;
+-- digests with get_part). A concurrent call waits for the lock and then sees the committed row
+-- and counters. A PL/pgSQL function (migration 0007, which has the statements), so its plans
+-- are kept by the server connection: planning this and `authenticate` as CTE statements on
+-- every part was half of a 4 KiB part's PostgreSQL CPU (0.93-0.97 ms, now 0.47-0.57 ms:
+-- python -m tools.bench --backends file --figures small --rounds 3, twice each).
+SELECT effective_status, inserted, received_parts, received_bytes, status
+  FROM chunksvc_record_part(
+           %(session_id)s::uuid, %(client_id)s::bigint, %(part_number)s::integer, %(size)s::bigint,
+           %(sha256)s::text, %(storage_key)s::text
+       );
 
 -- name: get_part
 SELECT part_number, size, sha256, storage_key, created_at
