@@ -171,7 +171,7 @@ def test_a_part_whose_commit_reply_is_lost_is_not_lost(request, pg_proxy, databa
         client(server.url, api_key, tally, attempts=1) as once,
     ):
         session_id = chunksvc.create_session("x", len(data), part_size=PART, sha256=sha(data))["id"]
-        proxy.drop_reply_after(b"INSERT INTO upload_parts")
+        proxy.drop_reply_after(b"chunksvc_record_part(")
 
         with pytest.raises(ApiError) as first:
             once.put_part(session_id, 2, data[PART : 2 * PART])
@@ -268,7 +268,7 @@ def test_database_outages_during_uploads_lose_nothing(request, pg_proxy, databas
     tally = Tally()
     with serving(proxied_url, spec, tmp_path, CHUNKSVC_WORKERS="2") as server:
         sources = uploads_through_faults(
-            proxy, DB_FAULTS, b"INSERT INTO upload_parts", PG_READY_FOR_QUERY, server.port, api_key, tally, 24
+            proxy, DB_FAULTS, b"chunksvc_record_part(", PG_READY_FOR_QUERY, server.port, api_key, tally, 24
         )
 
     assert tally.server_errors > 0 and proxy.replies_dropped > 0, f"no fault reached a request: {tally}"
