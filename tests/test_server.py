@@ -149,3 +149,43 @@ def test_gunicorn_refuses_a_bad_setting_by_name(tmp_path):
     assert result.returncode != 0
     assert "chunksvc: CHUNKSVC_WORKERS must be at least 1, got 0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_pipelined_parts_each_get_their_own_bytes(server):
+    """Three requests sent back to back on one connection, before any answer: a small part (its
+    whole body arrives with its head, and the next request's bytes with it), a part of several
+    blocks, then a GET. The part body is received from gunicorn's socket past gunicorn's reader
+    (resources.body.SocketBody), which must leave each next request's bytes where gunicorn finds them."""
+    part_size = 2 * 1024 * 1024 + 12_345
+    data = payload(part_size + 1000)
+    status, session, _ = request(
+        server,
+        "POST",
+        "/uploads/sessions",
+        json.dumps({"filename": "p.bin", "size": len(data), "part_size": part_size}),
+        {"Content-Type": "application/json"},
+    )
+    assert status == 201
+    first, last = data[:part_size], data[part_size:]
+    base = f"/uploads/sessions/{session['id']}"
+    auth = f"Authorization: Bearer {server['key']}\r\nHost: x\r\n"
+    wire = (
+        f"PUT {base}/parts/2 HTTP/1.1\r\n{auth}Content-Length: {len(last)}\r\n\r\n".encode()
+        + last
+        + f"PUT {base}/parts/1 HTTP/1.1\r\n{auth}Content-Length: {len(first)}\r\n\r\n".encode()
+        + first
+        + f"GET {base} HTTP/1.1\r\n{auth}\r\n".encode()
+    )
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as sock:
+        sock.sendall(wire)
+        answers = []
+        for _ in range(3):
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            answers.append((response.status, json.loads(response.read())))
+    assert [status for status, _ in answers] == [201, 201, 200]
+    assert answers[0][1]["sha256"] == sha(last) and answers[0][1]["size"] == len(last)
+    assert answers[1][1]["sha256"] == sha(first) and answers[1][1]["size"] == len(first)
+    assert (answers[2][1]["received_parts"], answers[2][1]["received_bytes"]) == (2, len(data))
+    status, done, _ = request(server, "POST", f"{base}/complete")
+    assert status == 200 and (server["root"] / done["object"]["key"]).read_bytes() == data
