@@ -195,11 +195,12 @@ class Config:
     # 1.21's max_prepared_statements; Debian 12 ships 1.18) the next execution may run on another
     # one ("prepared statement "_pg3_0" does not exist", or "already exists"). A number n prepares
     # each statement on its n-th execution on a connection (psycopg's default is 5): for direct
-    # connections, or a PgBouncer that keeps prepared statements. What it costs to go without: the
-    # part path's two statements are planned on every part, about 1.1 ms more PostgreSQL CPU per
-    # 4 KiB part on the 2-core bench box (2.2 ms instead of 1.0-1.1 ms; server CPU per part 6.3 ms
-    # instead of 5.1-5.3 ms: python -m tools.bench --backends file --figures small, with this unset
-    # and then 5, twice each; python -m tools.bench_pgbouncer --figures prepared isolates it).
+    # connections, or a PgBouncer that keeps prepared statements. It buys little since the part
+    # path's two statements became PL/pgSQL functions (migration 0007), whose plans the server keeps
+    # either way: PostgreSQL CPU per 4 KiB part 0.50 / 0.53 ms unset, 0.40 / 0.53 ms with 0 (before the
+    # functions, 0.93-0.97 ms unset: python -m tools.bench --backends file --figures small --rounds 3,
+    # with this unset and then 0, twice each; python -m tools.bench_pgbouncer --figures prepared
+    # isolates it).
     db_prepare_threshold: int | None = None
     # Seconds a claim on shared work outlives its holder's last renewal: a completion's lease on
     # its session (a crashed assembler is taken over after it), and the reaper's on a sweep or on
