@@ -164,6 +164,9 @@ def _show_session(s: OpsSessionRow, missing: list[int]) -> None:
     if s.effective_status == states.COMPLETING:
         done = s.assembled_bytes or 0
         fields.append(("assembled", f"{done} of {s.size} bytes ({100 * done // s.size}%)"))
+        # A lease that ran out is taken over by the next poll of any worker (CHUNKSVC_LEASE).
+        lease = f"{s.completion_owner} until {_when(s.completion_lease_until)}" if s.completion_owner else "none"
+        fields.append(("lease", lease))
     if s.object_key:
         fields.append(("object", f"{s.object_key} ({s.object_size} bytes, sha256 {s.object_sha256})"))
     for name, value in fields:

@@ -52,9 +52,14 @@ class SessionRow:
 
 @dataclasses.dataclass(frozen=True)
 class OpsSessionRow(SessionRow):
-    """A session with its client's name: the operator's view (``sessions list`` / ``show``)."""
+    """A session with its client's name and completion lease: the operator's view (``sessions
+    list`` / ``show``)."""
 
     client_name: str
+    # Who assembles it while COMPLETING (a process's lease id), and until when (the database's
+    # clock); both None when no one holds the lease.
+    completion_owner: UUID | None
+    completion_lease_until: datetime | None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -158,6 +158,24 @@ def test_sessions_list_show_and_abort(database_url, disk_app, auth, file_spec):
     assert shown.returncode == 0, shown.stderr
     assert "1 of 3 received (1024 bytes)" in shown.stdout and "missing:    1, 3" in shown.stdout
 
+    assert "lease:" not in shown.stdout  # only a COMPLETING session has one to show
+
+    owner = uuid.uuid4()
+    with psycopg.connect(database_url, autocommit=True) as admin:  # as an assembler takes it
+        admin.execute(
+            "UPDATE upload_sessions SET status = 'COMPLETING', completion_owner = %s,"
+            " completion_lease_until = now() + interval '30 seconds' WHERE id = %s",
+            (owner, session["id"]),
+        )
+    assembling = chunksvc(database_url, "sessions", "show", session["id"], env=env)
+    assert f"lease:      {owner} until 20" in assembling.stdout, assembling.stdout
+    with psycopg.connect(database_url, autocommit=True) as admin:  # as a failed assembly leaves it
+        admin.execute(
+            "UPDATE upload_sessions SET status = 'IN_PROGRESS', completion_owner = NULL,"
+            " completion_lease_until = NULL WHERE id = %s",
+            (session["id"],),
+        )
+
     aborted = chunksvc(database_url, "sessions", "abort", session["id"], env=env)
     assert aborted.returncode == 0, aborted.stderr
     assert app.get(f"/uploads/sessions/{session['id']}", headers=auth).json["status"] == "ABORTED"
