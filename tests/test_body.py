@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import ssl
 import threading
 import types
 
@@ -16,6 +17,7 @@ from gunicorn.http import RequestParser
 
 from chunksvc.errors import IncompleteBody
 from chunksvc.resources.body import SocketBody, StreamBody, part_body
+from tools.nginx import throwaway_certificate
 
 
 def _parsed(sock: socket.socket) -> tuple[RequestParser, object]:
@@ -84,6 +86,41 @@ def test_an_abandoned_body_leaves_gunicorn_the_rest_to_drain() -> None:
         buffer = memoryview(bytearray(4))
         assert body.readinto(buffer) == 4 and bytes(buffer) == b"abcd"
         assert next(parser).path == "/b"
+
+
+def test_over_tls_the_next_requests_bytes_decrypted_with_the_body_go_to_gunicorns_buffer(tmp_path) -> None:
+    """gunicorn serving TLS itself: the body's last TLS record also carries the next request.
+    OpenSSL holds those bytes decrypted, off the socket, where gthread's poller would never see
+    them (the request would wait for the keep-alive timeout, then be dropped): they must be in
+    gunicorn's buffer once the body is read."""
+    cert, key = throwaway_certificate(tmp_path)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_context.load_verify_locations(cert)
+    plain_client, plain_server = socket.socketpair()
+    handshake: list[ssl.SSLSocket] = []
+    accepting = threading.Thread(
+        target=lambda: handshake.append(server_context.wrap_socket(plain_server, server_side=True))
+    )
+    accepting.start()
+    with client_context.wrap_socket(plain_client, server_hostname="localhost") as client:
+        accepting.join()
+        [server] = handshake
+        with server:
+            # One record (at most 16 KiB): the head, the body and the next request; gunicorn reads the
+            # head 8 KiB at a time, so the record's end is still inside OpenSSL then.
+            client.sendall(
+                b"PUT /a HTTP/1.1\r\nHost: x\r\nContent-Length: 12000\r\n\r\n"
+                + b"x" * 12000
+                + b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            parser, first = _parsed(server)
+            body = SocketBody.of(_request(first, server), idle_timeout=5)
+            assert body is not None
+            assert _read_all(body, 12000, block=4096) == b"x" * 12000
+            assert server.pending() == 0, "the next request's bytes were left inside OpenSSL"
+            assert next(parser).path == "/b"
 
 
 def test_a_stalled_body_is_abandoned_and_the_connection_not_reused() -> None:

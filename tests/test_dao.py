@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import threading
 import uuid
 from collections import Counter
 
@@ -101,7 +102,7 @@ def _session(conn, client_id: int, size: int = 10, part_size: int = 4):
     )
 
 
-def test_authenticate_answers_the_client_and_only_its_own_session(db):
+def test_authenticate_answers_the_client_and_only_its_own_session(db, database_url):
     with db.transaction() as conn:
         alice = dao.upsert_client(conn, "alice")
         bob = dao.upsert_client(conn, "bob")
@@ -117,6 +118,13 @@ def test_authenticate_answers_the_client_and_only_its_own_session(db):
         )
         assert dao.authenticate(conn, b"b" * 32, session.id) == AuthRow(bob.id, "bob", None)
         assert dao.authenticate(conn, b"a" * 32, uuid.uuid4()) == AuthRow(alice.id, "alice", None)
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(
+            "UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s", (session.id,)
+        )
+    with db.connection() as conn:
+        # The status clients see, not the stored one (INIT).
+        assert dao.authenticate(conn, b"a" * 32, session.id).session.effective_status == "EXPIRED"
         assert dao.revoke_api_keys(conn, "csk_a")
         assert dao.authenticate(conn, b"a" * 32, session.id) is None
 
@@ -142,3 +150,29 @@ def test_authenticate_records_a_keys_use_at_most_once_a_minute(db, database_url)
         stale = last_used()
         dao.authenticate(conn, b"a" * 32)
         assert last_used() > stale
+
+
+def test_a_request_that_waited_for_a_concurrent_refresh_of_last_used_does_not_write_it_again(db, database_url):
+    """Two requests with a stale key at once: the second waits for the first's row lock, then
+    finds the time fresh and writes no second row version."""
+    with db.transaction() as conn:
+        client = dao.upsert_client(conn, "alice")
+        dao.insert_api_key(conn, client.id, "csk_a", b"a" * 32)
+    version = "SELECT xmin::text FROM api_keys WHERE prefix = 'csk_a'"
+    with psycopg.connect(database_url) as first:  # a transaction held open after its refresh
+        first.execute("SELECT * FROM chunksvc_authenticate(%s, NULL)", (b"a" * 32,))
+        done = threading.Event()
+
+        def second() -> None:
+            with db.connection() as conn:
+                dao.authenticate(conn, b"a" * 32)
+            done.set()
+
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        assert not done.wait(0.5)  # it waits for the first's row lock
+        first.commit()
+        refreshed = first.execute(version).fetchone()[0]
+        waiting.join(10)
+        assert done.is_set()
+        assert first.execute(version).fetchone()[0] == refreshed

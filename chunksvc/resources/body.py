@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import socket
+import ssl
 from typing import Any
 
 import falcon
@@ -115,6 +116,12 @@ class SocketBody:
                 self._input.failed = True  # the client closed its side mid-body
                 return 0
         self._reader.length -= count
+        if not self._reader.length and isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+            # The body's last TLS record also held the start of the next request, decrypted and
+            # held by OpenSSL: neither on the socket (gunicorn's poller would not see it, and
+            # would wait for bytes that already came) nor in gunicorn's buffer. Put it there.
+            self._unreader.buf.seek(0, io.SEEK_END)
+            self._unreader.buf.write(self._sock.recv(self._sock.pending()))
         return count
 
 

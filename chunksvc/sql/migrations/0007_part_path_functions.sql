@@ -41,7 +41,10 @@ BEGIN
         RETURN;
     END IF;
     IF last_used IS NULL OR last_used < now() - interval '1 minute' THEN
-        UPDATE api_keys SET last_used_at = now() WHERE id = key_id;
+        -- The condition again: a concurrent request may have written it while this one waited
+        -- for the row's lock (READ COMMITTED re-checks the WHERE on the row it waited for).
+        UPDATE api_keys SET last_used_at = now()
+         WHERE id = key_id AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute');
     END IF;
     SELECT s.id, chunksvc_session_status(s.status, s.expires_at), s.size, s.part_size, s.total_parts
       INTO session_id, effective_status, size, part_size, total_parts
