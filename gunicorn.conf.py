@@ -113,6 +113,12 @@ metrics_dir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", _DEFAULT_METRICS
 
 def on_starting(server):
     """Start from zero: no values left by an earlier server (a reused pid, a configured directory)."""
+    if server.cfg.statsd_host:
+        # gunicorn switches to its statsd logger only when logger_class is its default one.
+        raise SystemExit(
+            "chunksvc: statsd_host is not supported (gunicorn.conf.py sets its own logger_class, which"
+            " gunicorn's statsd logger would need to replace); scrape GET /metrics instead"
+        )
     directory = Path(metrics_dir)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("*.db"):

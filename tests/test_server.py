@@ -151,6 +151,27 @@ def test_gunicorn_refuses_a_bad_setting_by_name(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_gunicorn_refuses_statsd_rather_than_ignore_it(tmp_path):
+    """gunicorn.conf.py's logger class would silently stand in for gunicorn's statsd logger."""
+    gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or "gunicorn"
+    env = {
+        **os.environ,
+        "CHUNKSVC_BIND": f"127.0.0.1:{harness.free_port()}",
+        "GUNICORN_CMD_ARGS": "--statsd-host 127.0.0.1:8125",
+    }
+    result = subprocess.run(
+        [gunicorn, "-c", "gunicorn.conf.py", "chunksvc.wsgi:app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "chunksvc: statsd_host is not supported" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_pipelined_parts_each_get_their_own_bytes(server):
     """Three requests sent back to back on one connection, before any answer: a small part (its
     whole body arrives with its head, and the next request's bytes with it), a part of several
