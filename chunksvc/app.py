@@ -115,7 +115,13 @@ def build(
     # hosts, its figures in this worker's metrics (so in /metrics with no cron to set up).
     reaper = PeriodicReaper(
         db,
-        Reaper(db, storage, completion, ReaperSettings(lease=config.lease), events=events),
+        Reaper(
+            db,
+            storage,
+            completion,
+            ReaperSettings(lease=config.lease, webhook_retention=config.webhook_retention),
+            events=events,
+        ),
         config.reap_interval,
         metrics,
         lease=config.lease,

@@ -324,6 +324,7 @@ def cmd_reap(config: Config, args: argparse.Namespace) -> int:
         completing_lease=args.completing_lease,
         dry_run=args.dry_run,
         lease=config.lease,
+        webhook_retention=config.webhook_retention,
     )
     with database_url(config) as url:
         migrations.migrate(url)
@@ -452,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = ReaperSettings()
     reap = commands.add_parser(
-        "reap", help="expire, re-drive and purge sessions, sweep orphaned bytes (cron-safe on several hosts)"
+        "reap",
+        help="expire, re-drive and purge sessions, sweep orphaned bytes, prune old completion events"
+        " (cron-safe on several hosts)",
     )
     reap.add_argument("--dry-run", action="store_true", help="change nothing; report what would be done")
     reap.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="rows or keys per batch")

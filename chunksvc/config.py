@@ -234,6 +234,9 @@ class Config:
     webhook_concurrency: int = 8
     webhook_poll_interval: float = 1.0
     webhook_retry_for: float = 24 * 3600.0
+    # Seconds an event is kept once every delivery of it is delivered or dead (counted from the
+    # event): then the reaper removes it with its deliveries. 0 keeps them all for ever.
+    webhook_retention: int = 30 * 24 * 3600
     # Proxies whose X-Forwarded-For names the client in logs (default: the same host).
     trusted_proxies: TrustedProxies = dataclasses.field(
         default_factory=lambda: TrustedProxies.parse(DEFAULT_FORWARDED_ALLOW_IPS)
@@ -276,6 +279,7 @@ class Config:
             webhook_concurrency=_int(env, "CHUNKSVC_WEBHOOK_CONCURRENCY", 8),
             webhook_poll_interval=_int(env, "CHUNKSVC_WEBHOOK_POLL", 1),
             webhook_retry_for=_int(env, "CHUNKSVC_WEBHOOK_RETRY_FOR", 24 * 3600),
+            webhook_retention=_int(env, "CHUNKSVC_WEBHOOK_RETENTION", 30 * 24 * 3600),
         )
         config.validate()
         return config
@@ -304,6 +308,8 @@ class Config:
             raise ConfigError(
                 "CHUNKSVC_WEBHOOK_CONCURRENCY, CHUNKSVC_WEBHOOK_POLL and CHUNKSVC_WEBHOOK_RETRY_FOR must be at least 1"
             )
+        if self.webhook_retention < 0:
+            raise ConfigError("CHUNKSVC_WEBHOOK_RETENTION must not be negative (0 keeps every event for ever)")
         if self.webhook_key is not None:
             try:
                 key = bytes.fromhex(self.webhook_key.strip())

@@ -17,7 +17,7 @@ query methods are attributes made at run time, so to mypy each call is ``Callabl
 a misspelt parameter, an argument of the wrong type or a row read the wrong way would be found
 by a request, not by ``mypy --strict``. Its record classes are built from every column by
 keyword, which breaks on a column a migration adds while the previous release still serves
-(see ``db.dataclass_row``). It would be one more dependency, and 54 statements would move to
+(see ``db.dataclass_row``). It would be one more dependency, and 57 statements would move to
 its ``:name`` parameters and operation suffixes (``^`` one row, ``$`` a value, ``!`` a count),
 which say in the file what each function's signature says here. And a third of these
 functions do what no loader does: wrap a jsonb parameter, unpack a keyset cursor, turn rows
@@ -50,7 +50,10 @@ from chunksvc.rows import (
     OverdueRow,
     PartRow,
     PartSessionRow,
+    PrunableCountRow,
+    PrunableEventRow,
     RecordedPartRow,
+    RedeliveryRow,
     RevokedKeyRow,
     SessionRow,
     SweptSessionRow,
@@ -78,6 +81,9 @@ _CLAIMED_DELIVERY = dataclass_row(ClaimedDeliveryRow)
 _EVENT_SESSION = dataclass_row(EventSessionRow)
 _WEBHOOK_CENSUS = dataclass_row(WebhookCensusRow)
 _WEBHOOK_DELIVERY = dataclass_row(WebhookDeliveryRow)
+_REDELIVERY = dataclass_row(RedeliveryRow)
+_PRUNABLE_EVENT = dataclass_row(PrunableEventRow)
+_PRUNABLE_COUNT = dataclass_row(PrunableCountRow)
 
 
 # --- clients and keys -----------------------------------------------------------------------
@@ -457,9 +463,11 @@ def rotate_webhook_secret(
     )
 
 
-def redeliver_webhook_event(conn: Connection, event_id: UUID) -> list[int]:
-    """The endpoints the event is due to again (none: no such event, or its endpoints are gone)."""
-    return conn.values("redeliver_webhook_event", int, event_id=event_id)
+def redeliver_webhook_event(conn: Connection, event_id: UUID) -> list[int] | None:
+    """The endpoints the event is due to again (none: all pending, or its endpoints are gone);
+    None when there is no such event (never made, or pruned)."""
+    row = conn.one("redeliver_webhook_event", _REDELIVERY, event_id=event_id)
+    return row.endpoints if row is not None and row.found else None
 
 
 def claim_webhook_deliveries(
@@ -541,3 +549,34 @@ def list_webhook_deliveries(
 
 def set_webhook_url(conn: Connection, endpoint_id: int, url: str) -> WebhookEndpointRow | None:
     return conn.one("set_webhook_url", _WEBHOOK_ENDPOINT, id=endpoint_id, url=url)
+
+
+# --- webhook retention ----------------------------------------------------------------------
+
+
+def prunable_webhook_events(conn: Connection, retention: float, limit: int) -> tuple[int, list[UUID]]:
+    """How many events a prune would remove now (older than ``retention`` seconds, no delivery
+    pending), and the first ``limit`` of them, oldest first."""
+    rows = conn.all("prunable_webhook_events", _PRUNABLE_COUNT, retention=retention, limit=limit)
+    return (rows[0].prunable if rows else 0), [row.id for row in rows]
+
+
+def claim_prunable_webhook_events(
+    conn: Connection, retention: float, after: tuple[datetime, UUID] | None, limit: int
+) -> list[PrunableEventRow]:
+    """The next ``limit`` events to prune after the cursor, locked until the transaction ends."""
+    after_created_at, after_id = after if after else (None, None)
+    return conn.all(
+        "claim_prunable_webhook_events",
+        _PRUNABLE_EVENT,
+        retention=retention,
+        after_created_at=after_created_at,
+        after_id=after_id,
+        limit=limit,
+    )
+
+
+def prune_webhook_events(conn: Connection, event_ids: list[UUID]) -> list[UUID]:
+    """Remove these events with their deliveries, but none that has a pending delivery now; the
+    ids removed."""
+    return conn.values("prune_webhook_events", UUID, ids=event_ids)

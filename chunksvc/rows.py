@@ -265,3 +265,28 @@ class WebhookDeliveryRow:
     last_status: int | None
     last_error: str | None
     delivered_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunableEventRow:
+    """An event old enough to be pruned, none of whose deliveries is pending (at the claim)."""
+
+    id: UUID
+    created_at: datetime  # the keyset cursor of the prune's walk
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunableCountRow:
+    """An event a prune would remove now, with how many there are in all (a dry run)."""
+
+    id: UUID
+    prunable: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RedeliveryRow:
+    """What ``redeliver_webhook_event`` did: whether the event exists, and the endpoints it is due
+    to again (none: every delivery is pending, or its endpoints were removed)."""
+
+    found: bool
+    endpoints: list[int]

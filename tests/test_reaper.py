@@ -474,6 +474,7 @@ def test_two_reapers_at_once_do_each_piece_of_work_once(app, auth, db, database_
         "completions_redriven": 4,
         "completions_reopened": 0,
         "completions_failed": 0,
+        "webhook_events_pruned": 0,  # no endpoints here: tests/test_webhooks.py prunes events
     }, [result.summary() for result in results]
     assert stored(storage, layout.PARTS) == []
     assert stored(storage, layout.OBJECTS) == sorted(layout.object_key(session_id) for session_id, _ in stuck)
@@ -552,7 +553,8 @@ def test_cli_lists_a_dry_run_prints_one_line_and_exits_0_when_all_was_cleaned(fi
             f"  {ghost}",
             "reap (dry run, nothing changed), would be: 1 overdue session expired; stored parts removed for 1 ended"
             " session (1 completed, whose objects are kept; 0 aborted, expired or failed, with any object);"
-            " 1 orphaned key removed; 0 unfinished writes swept; 0 stalled completions re-driven; 0 errors",
+            " 1 orphaned key removed; 0 unfinished writes swept; 0 stalled completions re-driven;"
+            " 0 completion events pruned; 0 errors",
         ],
     ), dry.stderr
     assert status(database_url, overdue) == "IN_PROGRESS"
@@ -563,7 +565,8 @@ def test_cli_lists_a_dry_run_prints_one_line_and_exits_0_when_all_was_cleaned(fi
         (
             "reap: 1 overdue session expired; stored parts removed for 2 ended sessions (1 completed, whose objects"
             " are kept; 1 aborted, expired or failed, with any object); 1 orphaned key removed; 0 unfinished writes"
-            " swept; stalled completions re-driven: 0 completed, 0 reopened for lost parts, 0 failed; 0 errors\n"
+            " swept; stalled completions re-driven: 0 completed, 0 reopened for lost parts, 0 failed;"
+            " 0 completion events pruned; 0 errors\n"
         ),
     ), real.stderr
     assert stored(storage) == [layout.object_key(completed)]

@@ -17,6 +17,9 @@ Phases, in this order (each one's output feeds the next):
    keys under ``parts/`` of a live session that no part row (nor a dropped part) points to, at
    least a day old (bytes kept because their record's outcome was unknown, and it did not commit).
 5. incomplete: unfinished writes older than the grace period (a worker killed mid-write).
+6. prune events: completion events older than ``webhook_retention`` (``CHUNKSVC_WEBHOOK_RETENTION``)
+   whose every delivery is delivered or dead, with their deliveries, in batches of
+   ``prune_batch_size`` events, one transaction each (never an event with a pending delivery).
 
 Where a storage call and a database change both happen, the bytes go only after the database
 says no row needs them, and a failure between the two leaves work for the next run, not loss:
@@ -25,10 +28,12 @@ removes bytes first and records ``purged_at`` after, so a lost commit means remo
 the orphan sweep reads rows, then removes keys that no row names.
 
 Several reapers may run at once: expire and purge claim rows with ``FOR UPDATE SKIP LOCKED``,
-re-drive relies on the per-session completion lease, and the two storage sweeps are each held by
-one reaper at a time (a lease in ``reaper_leases``, tried and never waited for: the others skip
-them). Nobody waits, and no piece of work is done (or counted) twice. Everything is idempotent: a
-second run finds nothing to do.
+re-drive relies on the per-session completion lease, and the two storage sweeps and the event
+prune are each held by one reaper at a time (a lease in ``reaper_leases``, tried and never waited
+for: the others skip them; the prune's batches are claimed with ``SKIP LOCKED`` too, so a reaper
+that stalled past its lease and one that took it over never remove the same events). Nobody
+waits, and no piece of work is done (or counted) twice. Everything is idempotent: a second run
+finds nothing to do.
 
 The sweeps' and the periodic run's claims are leases (``services.leases``), not session-level
 advisory locks as before, so that the reaper is correct behind a PgBouncer in transaction pooling
@@ -87,10 +92,19 @@ class ReaperSettings:
     dry_run: bool = False
     # Seconds a crashed reaper's claim on a sweep outlives its last renewal (CHUNKSVC_LEASE).
     lease: float = COMPLETION_LEASE
+    # Seconds a completion event is kept once none of its deliveries is pending, counted from the
+    # event (CHUNKSVC_WEBHOOK_RETENTION); 0 keeps every event for ever.
+    webhook_retention: float = 30 * 24 * 3600
+    # Events removed per statement (and transaction), with their deliveries: one or two each.
+    prune_batch_size: int = 1000
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.orphan_grace < 0 or self.completing_lease < 0 or self.lease <= 0:
-            raise ValueError(f"need batch_size >= 1, non-negative graces and a positive lease, got {self}")
+        if (
+            min(self.batch_size, self.prune_batch_size) < 1
+            or min(self.orphan_grace, self.completing_lease, self.webhook_retention) < 0
+            or self.lease <= 0
+        ):
+            raise ValueError(f"need batch sizes >= 1, non-negative graces and a positive lease, got {self}")
 
 
 # A dry run lists what each kind of work would touch, up to this many items per kind.
@@ -110,6 +124,7 @@ class ReapResult:
     completions_redriven: int = 0
     completions_reopened: int = 0  # parts' bytes were gone: reopened for the client to re-send
     completions_failed: int = 0
+    webhook_events_pruned: int = 0  # completion events removed with their deliveries
     errors: int = 0  # things that could not be cleaned (details in the log)
     # What the work touched (a dry run: would touch), by the kinds above: session ids and
     # storage keys, the first LIST_LIMIT of each kind.
@@ -124,6 +139,7 @@ class ReapResult:
         "ended_bytes_removed",
         "orphans_removed",
         "incomplete_swept",
+        "webhook_events_pruned",
     )
 
     def work(self) -> dict[str, int]:
@@ -151,6 +167,7 @@ class ReapResult:
                 if self.dry_run
                 else f"stalled completions re-driven: {self.completions_redriven} completed,"
                 f" {self.completions_reopened} reopened for lost parts, {self.completions_failed} failed",
+                f"{_n(self.webhook_events_pruned, 'completion event')} pruned",
                 _n(self.errors, "error"),
             )
         )
@@ -168,6 +185,8 @@ class ReapResult:
             "ended_bytes_removed": "purge the stored parts and object of ABORTED, EXPIRED or FAILED sessions",
             "orphans_removed": "remove orphaned keys (no session needs them)",
             "incomplete_swept": "sweep unfinished writes",
+            "webhook_events_pruned": "prune completion events past their retention, no delivery pending"
+            " (with their deliveries)",
         }
         lines = []
         for kind, heading in headings.items():
@@ -208,12 +227,23 @@ class Reaper:
         self._settings = settings
         self._events = events or UploadEvents()
         self._clock = clock
+        self._stopping: Callable[[], bool] = lambda: False
 
     def run(self, stopping: Callable[[], bool] = lambda: False) -> ReapResult:
-        """One pass; ``stopping`` (the server's shutdown) ends it between phases, unrecorded."""
+        """One pass; ``stopping`` (the server's shutdown) ends it between phases (and between the
+        event prune's batches), unrecorded."""
         started = time.monotonic()
         result = ReapResult(dry_run=self._settings.dry_run)
-        for phase in (self.expire, self.redrive_completions, self.purge, self.sweep_orphans, self.sweep_incomplete):
+        self._stopping = stopping
+        phases = (
+            self.expire,
+            self.redrive_completions,
+            self.purge,
+            self.sweep_orphans,
+            self.sweep_incomplete,
+            self.prune_webhook_events,
+        )
+        for phase in phases:
             if stopping():
                 break
             try:
@@ -321,6 +351,41 @@ class Reaper:
                     self._settings.dry_run,
                     found=lambda item: result.note("incomplete_swept", item),
                 )
+
+    def prune_webhook_events(self, result: ReapResult) -> None:
+        """Completion events past their retention with no delivery pending go, with their
+        deliveries: a batch per transaction, oldest first, each batch's events locked (SKIP
+        LOCKED) and checked for a pending delivery again under the lock before they go."""
+        retention = self._settings.webhook_retention
+        if not retention:
+            return  # CHUNKSVC_WEBHOOK_RETENTION=0: every event is kept
+        if self._settings.dry_run:
+            with self._db.connection() as conn:
+                prunable, first = dao.prunable_webhook_events(conn, retention, LIST_LIMIT)
+            result.webhook_events_pruned += prunable
+            for event_id in first:
+                result.note("webhook_events_pruned", str(event_id))
+            return
+        batch = self._settings.prune_batch_size
+        with reaper_lease(self._db, "webhook_events", self._settings.lease) as lease:
+            if lease is None:
+                return  # another reaper is pruning: it walks the same events
+            after = None
+            while not self._stopping():
+                if not lease.held():
+                    # Stalled past the lease: another reaper may be pruning now. Its claims skip
+                    # what this one holds, so nothing is removed twice; the rest is its work.
+                    log.warning("reap: event prune stopped: its lease ran out or was lost")
+                    return
+                with self._db.transaction() as conn:
+                    claimed = dao.claim_prunable_webhook_events(conn, retention, after, batch)
+                    pruned = dao.prune_webhook_events(conn, [event.id for event in claimed]) if claimed else []
+                result.webhook_events_pruned += len(pruned)
+                for event_id in pruned:
+                    result.note("webhook_events_pruned", str(event_id))
+                if len(claimed) < batch:
+                    return
+                after = (claimed[-1].created_at, claimed[-1].id)
 
     # --- internals --------------------------------------------------------------------------
 

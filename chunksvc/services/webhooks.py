@@ -235,6 +235,11 @@ class WebhookRegistry:
                 raise InvalidRequest(f"an event id is a UUID (as in Chunksvc-Event-Id), got {event_id!r}") from None
         with self._db.connection() as conn:
             endpoints = dao.redeliver_webhook_event(conn, event_id)
+        if endpoints is None:
+            raise InvalidRequest(
+                f"no event {event_id}: never made, or pruned with its deliveries (events whose deliveries"
+                " all ended are kept CHUNKSVC_WEBHOOK_RETENTION seconds)"
+            )
         if not endpoints:
             raise InvalidRequest(
                 f"no delivered or dead delivery of event {event_id} to an endpoint still in use"

@@ -468,14 +468,24 @@ RETURNING id, client_id, (SELECT name FROM clients WHERE id = client_id) AS clie
 -- The event again to each endpoint still in use that had it delivered or gave it up: a new round
 -- of retries, due now (an event's own endpoints only; a newer endpoint never had it). A pending
 -- delivery is left alone: it is being sent, or will be (making it due now could send it twice
--- at once, and ahead of an earlier event of its session).
-UPDATE webhook_deliveries d
-   SET state = 'pending', next_attempt_at = now(), attempts = 0, first_attempt_at = NULL, delivered_at = NULL,
-       last_error = NULL
-  FROM webhook_endpoints e
- WHERE d.event_id = %(event_id)s AND e.id = d.endpoint_id AND e.removed_at IS NULL
-   AND d.state IN ('delivered', 'dead')
-RETURNING d.endpoint_id;
+-- at once, and ahead of an earlier event of its session). One row: whether the event exists
+-- (never made, or pruned: see prune_webhook_events) and the endpoints it is due to again. The
+-- event's row is locked FOR KEY SHARE before any delivery is touched (the sub-select is the
+-- delivery scan's index condition, so it runs first): a prune that claimed the event first is
+-- waited for (then the event is gone), and one that comes later skips it.
+WITH event AS (
+    SELECT id FROM webhook_events WHERE id = %(event_id)s FOR KEY SHARE
+), due AS (
+    UPDATE webhook_deliveries d
+       SET state = 'pending', next_attempt_at = now(), attempts = 0, first_attempt_at = NULL,
+           delivered_at = NULL, last_error = NULL
+      FROM webhook_endpoints e
+     WHERE d.event_id = (SELECT id FROM event) AND e.id = d.endpoint_id AND e.removed_at IS NULL
+       AND d.state IN ('delivered', 'dead')
+    RETURNING d.endpoint_id
+)
+SELECT EXISTS (SELECT 1 FROM event) AS found,
+       ARRAY(SELECT endpoint_id FROM due ORDER BY endpoint_id) AS endpoints;
 
 -- name: claim_webhook_deliveries
 -- Due deliveries, at most one per endpoint per claim (a slow endpoint takes one slot at a time,
@@ -585,3 +595,51 @@ UPDATE webhook_endpoints SET url = %(url)s
  WHERE id = %(id)s AND removed_at IS NULL
 RETURNING id, client_id, (SELECT name FROM clients WHERE id = client_id) AS client_name, url, secret_nonce,
           key_id, previous_nonce, previous_until, created_at, removed_at;
+
+-- webhook retention -------------------------------------------------------------------------
+-- The reaper removes events older than CHUNKSVC_WEBHOOK_RETENTION whose every delivery is final
+-- (delivered or dead), with their deliveries (ON DELETE CASCADE), in batches of its own
+-- transaction each. An event with a pending delivery is never removed, whatever its age: it is
+-- being sent, or waits for a host with its endpoint's signing key. An event whose endpoints were
+-- all removed while it was pending has no delivery left: nothing will send it, and it goes too.
+
+-- name: prunable_webhook_events
+-- What the prune would remove now (a dry run): the first `limit` events, each row with the count
+-- of all of them (the window is counted before LIMIT applies). Reads every old event once (one
+-- hash of the pending deliveries): 0.7 s for 10^6 events.
+SELECT ev.id, count(*) OVER () AS prunable
+  FROM webhook_events ev
+ WHERE ev.created_at < now() - make_interval(secs => %(retention)s)
+   AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = ev.id AND d.state = 'pending')
+ ORDER BY ev.created_at, ev.id
+ LIMIT %(limit)s;
+
+-- name: claim_prunable_webhook_events
+-- The next batch, oldest first from a keyset cursor (webhook_events_created_idx, migration 0008),
+-- so events kept for a pending delivery are read once per pass, not once per batch. Locked until
+-- the batch's transaction ends (SKIP LOCKED: another reaper's batch, or an event a redelivery
+-- holds, is passed over, not waited for). The pending check here only narrows the batch: it is
+-- made on the statement's snapshot, before the lock; prune_webhook_events makes it again. OFFSET 0
+-- keeps each check a probe of the deliveries' primary key per event read: without it the planner
+-- may hash every pending delivery (the whole backlog) for each batch, as it did on a few thousand
+-- events. 10^6 events, a tenth pending: a batch of 1,000 reads 1,111 events, 1,111 probes, 7-8 ms.
+SELECT ev.id, ev.created_at
+  FROM webhook_events ev
+ WHERE ev.created_at < now() - make_interval(secs => %(retention)s)
+   AND (%(after_created_at)s::timestamptz IS NULL
+        OR (ev.created_at, ev.id) > (%(after_created_at)s::timestamptz, %(after_id)s::uuid))
+   AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = ev.id AND d.state = 'pending' OFFSET 0)
+ ORDER BY ev.created_at, ev.id
+ LIMIT %(limit)s
+   FOR UPDATE OF ev SKIP LOCKED;
+
+-- name: prune_webhook_events
+-- The claimed events, with their deliveries, unless one became pending meanwhile. A statement of
+-- its own, after the claim: its snapshot sees a redelivery that committed before the claim took
+-- the row's lock (redeliver_webhook_event locks the event first, so none can commit after).
+-- OFFSET 0 as in the claim (without it: a hash of all 20,001 pending deliveries per batch, at
+-- 2·10^5 events): a probe per claimed event; 1,000 events with their deliveries, 11 ms at 10^6.
+DELETE FROM webhook_events ev
+ WHERE ev.id = ANY(%(ids)s::uuid[])
+   AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = ev.id AND d.state = 'pending' OFFSET 0)
+RETURNING ev.id;
