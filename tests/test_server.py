@@ -134,42 +134,32 @@ def test_rejection_comes_before_the_body_is_sent(server):
     assert reply.startswith(b"HTTP/1.1 400")
 
 
-def test_gunicorn_refuses_a_bad_setting_by_name(tmp_path):
+def gunicorn_refusing_to_start(**env: str) -> subprocess.CompletedProcess[str]:
+    """gunicorn -c gunicorn.conf.py with ``env`` added, which must refuse to start."""
+    gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or "gunicorn"
+    result = subprocess.run(
+        [gunicorn, "-c", "gunicorn.conf.py", "chunksvc.wsgi:app"],
+        cwd=ROOT,
+        env={**os.environ, "CHUNKSVC_BIND": f"127.0.0.1:{harness.free_port()}", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def test_gunicorn_refuses_a_bad_setting_by_name():
     """gunicorn.conf.py's CHUNKSVC_* settings are checked like the app's: no traceback, no start."""
-    gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or "gunicorn"
-    env = {**os.environ, "CHUNKSVC_WORKERS": "0", "CHUNKSVC_BIND": f"127.0.0.1:{harness.free_port()}"}
-    result = subprocess.run(
-        [gunicorn, "-c", "gunicorn.conf.py", "chunksvc.wsgi:app"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
+    result = gunicorn_refusing_to_start(CHUNKSVC_WORKERS="0")
     assert "chunksvc: CHUNKSVC_WORKERS must be at least 1, got 0" in result.stderr
-    assert "Traceback" not in result.stderr
 
 
-def test_gunicorn_refuses_statsd_rather_than_ignore_it(tmp_path):
+def test_gunicorn_refuses_statsd_rather_than_ignore_it():
     """gunicorn.conf.py's logger class would silently stand in for gunicorn's statsd logger."""
-    gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or "gunicorn"
-    env = {
-        **os.environ,
-        "CHUNKSVC_BIND": f"127.0.0.1:{harness.free_port()}",
-        "GUNICORN_CMD_ARGS": "--statsd-host 127.0.0.1:8125",
-    }
-    result = subprocess.run(
-        [gunicorn, "-c", "gunicorn.conf.py", "chunksvc.wsgi:app"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
+    result = gunicorn_refusing_to_start(GUNICORN_CMD_ARGS="--statsd-host 127.0.0.1:8125")
     assert "chunksvc: statsd_host is not supported" in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_pipelined_parts_each_get_their_own_bytes(server):
