@@ -20,6 +20,8 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 KiB = 1024
 MiB = 1024 * KiB
+# The longest CHUNKSVC_WEBHOOK_RETENTION: 100 years, in seconds.
+_MAX_RETENTION = 100 * 365 * 24 * 3600
 GiB = 1024 * MiB
 TiB = 1024 * GiB
 
@@ -308,8 +310,12 @@ class Config:
             raise ConfigError(
                 "CHUNKSVC_WEBHOOK_CONCURRENCY, CHUNKSVC_WEBHOOK_POLL and CHUNKSVC_WEBHOOK_RETRY_FOR must be at least 1"
             )
-        if self.webhook_retention < 0:
-            raise ConfigError("CHUNKSVC_WEBHOOK_RETENTION must not be negative (0 keeps every event for ever)")
+        if not 0 <= self.webhook_retention <= _MAX_RETENTION:
+            # Far larger, PostgreSQL's timestamp arithmetic overflows and every reaper pass fails.
+            raise ConfigError(
+                f"CHUNKSVC_WEBHOOK_RETENTION must be between 0 (keep every event for ever) and {_MAX_RETENTION}"
+                " (100 years)"
+            )
         if self.webhook_key is not None:
             try:
                 key = bytes.fromhex(self.webhook_key.strip())

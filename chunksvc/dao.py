@@ -576,6 +576,11 @@ def claim_prunable_webhook_events(
     )
 
 
+def lock_webhook_deliveries_of_events(conn: Connection, event_ids: list[UUID]) -> None:
+    """Lock these events' deliveries until the transaction ends (see the statement)."""
+    conn.values("lock_webhook_deliveries_of_events", UUID, ids=event_ids)
+
+
 def prune_webhook_events(conn: Connection, event_ids: list[UUID]) -> list[UUID]:
     """Remove these events with their deliveries, but none that has a pending delivery now; the
     ids removed."""

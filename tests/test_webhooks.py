@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 
 import psycopg
@@ -58,7 +59,7 @@ from chunksvc.services.webhooks import (
     sign,
     validate_url,
 )
-from chunksvc.storage import Storage, open_storage
+from chunksvc.storage import Storage
 from chunksvc_client import Client, SignatureError, verify_event
 from tests.conftest import TEST_LIMITS
 from tests.helpers import complete, create, payload, put_part, sha, wait_for
@@ -1409,8 +1410,11 @@ def test_retention_0_keeps_every_event_and_the_setting_is_checked(app, auth, dat
 
     assert Config.from_env({"CHUNKSVC_VAR_DIR": "/tmp/x"}).webhook_retention == 30 * 86400
     assert Config.from_env({"CHUNKSVC_VAR_DIR": "/tmp/x", "CHUNKSVC_WEBHOOK_RETENTION": "0"}).webhook_retention == 0
-    with pytest.raises(ConfigError, match="CHUNKSVC_WEBHOOK_RETENTION must not be negative"):
-        Config.from_env({"CHUNKSVC_VAR_DIR": "/tmp/x", "CHUNKSVC_WEBHOOK_RETENTION": "-1"})
+    for out_of_range in ("-1", "999999999999"):  # the second overflowed PostgreSQL's timestamps
+        with pytest.raises(ConfigError, match=r"CHUNKSVC_WEBHOOK_RETENTION must be between 0 .* \(100 years\)"):
+            Config.from_env({"CHUNKSVC_VAR_DIR": "/tmp/x", "CHUNKSVC_WEBHOOK_RETENTION": out_of_range})
+    a_century = Config.from_env({"CHUNKSVC_VAR_DIR": "/tmp/x", "CHUNKSVC_WEBHOOK_RETENTION": "3153600000"})
+    assert prune(db, storage, webhook_retention=a_century.webhook_retention).webhook_events_pruned == 0
     with pytest.raises(ConfigError, match="CHUNKSVC_WEBHOOK_RETENTION must be an integer"):
         Config.from_env({"CHUNKSVC_VAR_DIR": "/tmp/x", "CHUNKSVC_WEBHOOK_RETENTION": "30d"})
 
@@ -1459,29 +1463,24 @@ def test_the_prune_works_in_batches_past_pending_events_and_a_dry_run_counts_it(
     assert claims == [0]
 
 
-def test_two_reapers_pruning_at_once_remove_each_event_once(app, auth, database_url, registry, storage_spec):
+def test_two_reapers_pruning_at_once_remove_each_event_once(app, auth, database_url, db, registry):
+    """Two batches claimed at the same moment (as two reapers without the shared lease would):
+    each passes over the other's locked events instead of waiting, so no event is in both."""
     endpoint, _ = registry.add("alice", "http://127.0.0.1:9/hooks")
     session_id = completed(app, auth)
-    bulk_events(database_url, session_id, endpoint.id, 2_500, pending_every=10)
-    barrier = threading.Barrier(2)
-
-    def one_reaper(_: int) -> ReapResult:
-        own_db = Database(database_url, max_size=2)
-        own_storage = open_storage(storage_spec)
-        try:
-            reaper = pruner(own_db, own_storage, prune_batch_size=100)
-            barrier.wait()
-            return reaper.run()
-        finally:
-            own_storage.close()
-            own_db.close()
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(one_reaper, range(2)))
-
-    assert [result.errors for result in results] == [0, 0]
-    assert sum(result.webhook_events_pruned for result in results) == 2_250
-    assert query(database_url, "SELECT count(*) FROM webhook_events") == [(251,)]
+    bulk_events(database_url, session_id, endpoint.id, 300, pending_every=10)
+    other = Database(database_url, max_size=1)
+    try:
+        with db.transaction() as first, other.transaction() as second:
+            mine = [event.id for event in dao.claim_prunable_webhook_events(first, 86400, None, 100)]
+            theirs = [event.id for event in dao.claim_prunable_webhook_events(second, 86400, None, 100)]
+            assert len(mine) == len(theirs) == 100 and not set(mine) & set(theirs)
+            for conn, ids in ((first, mine), (second, theirs)):
+                dao.lock_webhook_deliveries_of_events(conn, ids)
+                assert sorted(dao.prune_webhook_events(conn, ids)) == sorted(ids)
+    finally:
+        other.close()
+    assert query(database_url, "SELECT count(*) FROM webhook_events") == [(301 - 200,)]
 
 
 def test_a_batch_probes_the_deliveries_of_its_own_events_only(app, auth, database_url, registry):
@@ -1538,9 +1537,59 @@ def test_an_event_a_redelivery_holds_is_not_pruned_under_it(app, auth, database_
             QUERIES["redeliver_webhook_event"], {"event_id": event_id}
         ).fetchall()
         assert found and len(endpoints) == 1
-        assert prune(db, storage).webhook_events_pruned == 0  # locked: passed over, not waited for
-        redelivering.commit()
+        with ThreadPoolExecutor(max_workers=1) as pool:  # a prune that waited would hang the test
+            pruning = pool.submit(prune, db, storage)
+            try:
+                assert pruning.result(timeout=10).webhook_events_pruned == 0  # locked: passed over
+            finally:
+                redelivering.commit()  # lets a prune that did wait finish, so the pool can close
     assert prune(db, storage).webhook_events_pruned == 0  # pending now
+    assert [d["state"] for d in deliveries(database_url)] == ["pending"]
+
+
+def test_a_delivery_made_pending_after_the_claim_keeps_its_event(app, auth, database_url, db, registry):
+    """A redelivery that commits after the batch's claim read the event as prunable (before the
+    claim's lock): the DELETE's own check, on a later snapshot, keeps the event."""
+    registry.add("alice", "http://127.0.0.1:9/hooks")
+    completed(app, auth)
+    [(event_id, _, _)] = events(database_url)
+    set_state(database_url, event_id, "delivered")
+    backdate(database_url, [event_id])
+    with db.transaction() as conn:
+        [claimed] = dao.claim_prunable_webhook_events(conn, 86400, None, 10)
+        set_state(database_url, event_id, "pending")  # committed on a connection of its own
+        dao.lock_webhook_deliveries_of_events(conn, [claimed.id])
+        assert dao.prune_webhook_events(conn, [claimed.id]) == []
+    assert [d["state"] for d in deliveries(database_url)] == ["pending"]
+
+
+# The previous release's redeliver_webhook_event: it makes deliveries pending without locking their
+# event first. It runs during a rolling upgrade, while this release's reaper prunes.
+PREVIOUS_RELEASE_REDELIVER = (
+    "UPDATE webhook_deliveries d"
+    "   SET state = 'pending', next_attempt_at = now(), attempts = 0, first_attempt_at = NULL,"
+    "       delivered_at = NULL, last_error = NULL"
+    "  FROM webhook_endpoints e"
+    " WHERE d.event_id = %(event_id)s AND e.id = d.endpoint_id AND e.removed_at IS NULL"
+    "   AND d.state IN ('delivered', 'dead')"
+    " RETURNING d.endpoint_id"
+)
+
+
+def test_a_previous_releases_redelivery_under_way_keeps_its_event(app, auth, database_url, db, storage, registry):
+    registry.add("alice", "http://127.0.0.1:9/hooks")
+    completed(app, auth)
+    [(event_id, _, _)] = events(database_url)
+    set_state(database_url, event_id, "dead")
+    backdate(database_url, [event_id])
+    with psycopg.connect(database_url) as redelivering:  # its transaction stays open
+        assert len(redelivering.execute(PREVIOUS_RELEASE_REDELIVER, {"event_id": event_id}).fetchall()) == 1
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pruning = pool.submit(prune, db, storage)
+            with pytest.raises(FuturesTimeout):
+                pruning.result(timeout=1)  # it waits for the redelivery's row locks
+            redelivering.commit()
+            assert pruning.result(timeout=10).webhook_events_pruned == 0
     assert [d["state"] for d in deliveries(database_url)] == ["pending"]
 
 

@@ -379,7 +379,11 @@ class Reaper:
                     return
                 with self._db.transaction() as conn:
                     claimed = dao.claim_prunable_webhook_events(conn, retention, after, batch)
-                    pruned = dao.prune_webhook_events(conn, [event.id for event in claimed]) if claimed else []
+                    pruned = []
+                    if claimed:
+                        ids = [event.id for event in claimed]
+                        dao.lock_webhook_deliveries_of_events(conn, ids)
+                        pruned = dao.prune_webhook_events(conn, ids)
                 result.webhook_events_pruned += len(pruned)
                 for event_id in pruned:
                     result.note("webhook_events_pruned", str(event_id))

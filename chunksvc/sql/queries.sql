@@ -633,6 +633,13 @@ SELECT ev.id, ev.created_at
  LIMIT %(limit)s
    FOR UPDATE OF ev SKIP LOCKED;
 
+-- name: lock_webhook_deliveries_of_events
+-- The claimed events' deliveries, locked before prune_webhook_events re-checks them: a writer
+-- that changed a delivery without first locking its event (the previous release's
+-- redeliver_webhook_event, while a rolling upgrade runs both) is waited for here, so the DELETE's
+-- snapshot, taken after, sees its commit (a delivery made pending again keeps its event).
+SELECT d.event_id FROM webhook_deliveries d WHERE d.event_id = ANY(%(ids)s::uuid[]) FOR UPDATE;
+
 -- name: prune_webhook_events
 -- The claimed events, with their deliveries, unless one became pending meanwhile. A statement of
 -- its own, after the claim: its snapshot sees a redelivery that committed before the claim took
