@@ -23,6 +23,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -65,6 +66,7 @@ from tests.conftest import TEST_LIMITS
 from tests.helpers import complete, create, payload, put_part, sha, wait_for
 from tests.test_metrics import parse, value
 from tools import harness
+from tools.nginx import throwaway_certificate
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_HEX = "5e" * 32
@@ -107,11 +109,13 @@ class Receiver:
     """An HTTP receiver on 127.0.0.1 that records every POST. It answers ``scripted`` answers first,
     then ``answer``: a status, or ``HANG`` (reads the request and never answers, until released;
     ``hanging`` counts such requests whose sender still waits).
-    ``stop()`` closes its port (the endpoint is down); ``start()`` opens the same port again."""
+    ``stop()`` closes its port (the endpoint is down); ``start()`` opens the same port again.
+    Given ``tls`` (a certificate and its key), it serves HTTPS."""
 
-    def __init__(self, answer: int | str = 204, port: int | None = None) -> None:
+    def __init__(self, answer: int | str = 204, port: int | None = None, tls: tuple[Path, Path] | None = None) -> None:
         self.port = port or harness.free_port()
         self.answer = answer
+        self.tls = tls
         self.scripted: list[int | str] = []
         self.received: list[Received] = []
         self.hanging = 0
@@ -124,7 +128,7 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/hooks"
 
     def start(self) -> Receiver:
         receiver = self
@@ -186,6 +190,10 @@ class Receiver:
 
         self.released.clear()
         self._server = Server(("127.0.0.1", self.port), Handler)
+        if self.tls is not None:  # each accepted connection does its handshake first
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05})
         self._thread.start()
         return self
@@ -210,8 +218,8 @@ def receivers() -> Iterator[Callable[..., Receiver]]:
     """Receivers made by a test (not started: call ``.start()``), all stopped at its end."""
     made: list[Receiver] = []
 
-    def make(answer: int | str = 204, port: int | None = None) -> Receiver:
-        made.append(Receiver(answer, port))
+    def make(answer: int | str = 204, port: int | None = None, tls: tuple[Path, Path] | None = None) -> Receiver:
+        made.append(Receiver(answer, port, tls))
         return made[-1]
 
     yield make
@@ -758,6 +766,31 @@ def test_abort_expiry_failure_and_a_background_completion_each_emit_their_event(
 
 
 # --- isolation and sharing ------------------------------------------------------------------------
+
+
+def test_an_https_endpoint_gets_signed_events_once_its_certificate_verifies(
+    app, auth, database_url, registry, receivers, deliverers, tmp_path, monkeypatch
+):
+    """HTTPS endpoints: the certificate is verified against the host's CA store (a certificate it
+    cannot verify is a failed attempt, retried like any other), then the event arrives signed."""
+    certificate, key = throwaway_certificate(tmp_path)
+    secure = receivers(tls=(certificate, key)).start()
+    _, secret = registry.add("alice", secure.url)
+    completed(app, auth)
+
+    counts = deliverers().deliver_due()
+    assert (counts.delivered, counts.failed) == (0, 1)
+    [refused] = deliveries(database_url)
+    assert refused["state"] == "pending" and "CERTIFICATE_VERIFY_FAILED" in refused["last_error"]
+    assert secure.received == []
+
+    # The host's CA store, as OpenSSL finds it (SSL_CERT_FILE), now holds the certificate.
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
+    query(database_url, "UPDATE webhook_deliveries SET next_attempt_at = now()")  # the retry, due now
+    assert deliverers().deliver_due().delivered == 1
+    [request] = secure.received
+    event = verify_event(request.body, request.headers[SIGNATURE_HEADER], [secret])
+    assert event["type"] == "session.completed" and event["id"] == refused["event_id"]
 
 
 def test_a_receiver_trickling_its_answer_is_given_up_at_the_timeout(
