@@ -947,6 +947,22 @@ def test_two_hosts_deliver_each_event_exactly_once(db, database_url, storage_spe
         assert "Traceback" not in log and "outcome not recorded" not in log, log[-2000:]
 
 
+def upload_one_file(client: Client) -> dict:
+    """A one-part upload through a running server, completed (its session)."""
+    data = payload(100)
+    session = client.create_session("f", len(data), sha256=sha(data))
+    client.put_part(session["id"], 1, data)
+    assert client.complete(session["id"])["status"] == "COMPLETED"
+    return session
+
+
+def kill_the_worker(server: harness.Server) -> None:
+    """kill -9 the server's one worker, and wait for the master to start another."""
+    [worker] = server.worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: worker not in server.worker_pids() and server.worker_pids(), "a new worker")
+
+
 def test_a_worker_killed_mid_delivery_leaves_it_to_the_next_deliverer(
     db, database_url, storage_spec, tmp_path, registry, receiver
 ):
@@ -966,14 +982,9 @@ def test_a_worker_killed_mid_delivery_leaves_it_to_the_next_deliverer(
         ) as server,
         Client(server.url, key) as client,
     ):
-        data = payload(100)
-        session = client.create_session("f", len(data), sha256=sha(data))
-        client.put_part(session["id"], 1, data)
-        assert client.complete(session["id"])["status"] == "COMPLETED"
+        upload_one_file(client)
         wait_for(lambda: receiver.hanging == 1, "the worker's deliverer to be waiting on the receiver")
-        [worker] = server.worker_pids()
-        os.kill(worker, signal.SIGKILL)
-        wait_for(lambda: worker not in server.worker_pids() and server.worker_pids(), "a new worker")
+        kill_the_worker(server)
         [delivery] = deliveries(database_url)
         assert (delivery["state"], delivery["attempts"]) == ("pending", 1)  # the lease holds it
 
@@ -1003,13 +1014,8 @@ def test_deliver_once_sends_what_a_killed_server_left_behind(database_url, stora
         ) as server,
         Client(server.url, key) as client,
     ):
-        data = payload(100)
-        session = client.create_session("f", len(data), sha256=sha(data))
-        client.put_part(session["id"], 1, data)
-        assert client.complete(session["id"])["status"] == "COMPLETED"
-        [worker] = server.worker_pids()
-        os.kill(worker, signal.SIGKILL)
-        wait_for(lambda: worker not in server.worker_pids() and server.worker_pids(), "a new worker")
+        session = upload_one_file(client)
+        kill_the_worker(server)
         assert server.request("GET", "/healthz")[0] == 200
     assert states(database_url) == {"pending": 1} and receiver.received == []
 
