@@ -20,10 +20,12 @@ $(INSTALLED): setup.cfg pyproject.toml client/pyproject.toml constraints.txt
 
 install: $(INSTALLED)
 
-## make lock: constraints.txt anew from a fresh virtualenv (after changing a dependency, or to take
-## newer releases); then make test, and commit constraints.txt with the change.
+## make lock: constraints.txt anew from a fresh virtualenv of the oldest supported Python (Debian 12's
+## /usr/bin/python3 by default; LOCK_PYTHON=...), after changing a dependency or to take newer releases;
+## then make test, and commit constraints.txt with the change.
+LOCK_PYTHON ?=
 lock:
-	PYTHON=$(PYTHON) scripts/lock
+	PYTHON=$(LOCK_PYTHON) scripts/lock
 
 # The measuring tools' extras (locust, py-spy) on top of the test install.
 BENCH_INSTALLED := $(VENV)/.bench-installed

@@ -124,6 +124,58 @@ def _name(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", match.group(0)).lower()
 
 
+def _pins() -> dict[str, str]:
+    """constraints.txt as {normalised name: version}."""
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version.strip(), f"constraints.txt: not an == pin: {line!r}"
+            pins[_name(name)] = version.strip()
+    return pins
+
+
+def _oldest_declared_python() -> str:
+    """The lowest Python either package declares it runs on (``>=3.11`` -> ``3.11.0``)."""
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())
+    floors = []
+    for declared in (setup["options"]["python_requires"], client["project"]["requires-python"]):
+        match = re.fullmatch(r">=\s*(\d+)\.(\d+)(?:\.(\d+))?", declared.strip())
+        assert match, f"expected a plain '>=X.Y[.Z]' Python requirement, got {declared!r}"
+        floors.append(tuple(int(part or 0) for part in match.groups()))
+    return ".".join(map(str, min(floors)))
+
+
+def test_every_pin_runs_on_the_oldest_python_declared() -> None:
+    """A pin whose own Requires-Python excludes a Python the project declares breaks `make test`
+    there before any test runs (soupsieve 4.1.3 needs 3.11.5; Debian 12's python3 is 3.11.2).
+    The pinned releases' metadata is read from this virtualenv, where pip installed them."""
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    oldest = _oldest_declared_python()
+    excluded, checked = [], 0
+    for name, version in _pins().items():
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue  # an extra this virtualenv lacks (bench): `make bench` installs it with pip's own check
+        if dist.version != version:
+            continue
+        checked += 1
+        requires = dist.metadata.get("Requires-Python")
+        if requires and not SpecifierSet(requires).contains(oldest):
+            excluded.append(f"{name}=={version} (Requires-Python {requires})")
+    assert checked >= 50, f"only {checked} pins were installed as pinned: is this the `make test` virtualenv?"
+    assert not excluded, (
+        f"these pins exclude Python {oldest}, which setup.cfg and client/pyproject.toml declare:"
+        f" {excluded}; run `make lock` (it resolves on the oldest Python)"
+    )
+
+
 def test_constraints_pin_every_dependency_ci_installs() -> None:
     """Every requirement of the service, its test, embedded and bench extras and the client has an
     == pin in constraints.txt; one missing means a dependency changed without `make lock`."""
@@ -136,11 +188,6 @@ def test_constraints_pin_every_dependency_ci_installs() -> None:
     declared += client["project"]["dependencies"]
     needed = {_name(line) for line in declared if line.strip() and not line.strip().startswith("#")}
 
-    pins: dict[str, str] = {}
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, sep, version = line.partition("==")
-            assert sep and version.strip(), f"constraints.txt: not an == pin: {line!r}"
-            pins[_name(name)] = version.strip()
+    pins = _pins()
     assert not needed - pins.keys(), f"not in constraints.txt (run make lock): {sorted(needed - pins.keys())}"
     assert not {"chunksvc", "chunksvc-client"} & pins.keys(), "the checkout itself is not a dependency"
