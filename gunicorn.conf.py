@@ -119,6 +119,17 @@ def on_starting(server):
             "chunksvc: statsd_host is not supported (gunicorn.conf.py sets its own logger_class, which"
             " gunicorn's statsd logger would need to replace); scrape GET /metrics instead"
         )
+    # Before any worker forks: a schema older than this release needs stops the server here,
+    # with the message that says to run `migrate` (each worker checks again as it boots).
+    from chunksvc.app import require_current_schema
+    from chunksvc.config import Config
+    from chunksvc.errors import ChunksvcError
+    from chunksvc.migrations import MigrationError
+
+    try:
+        require_current_schema(Config.from_env())
+    except (MigrationError, ChunksvcError) as exc:  # an old schema, or a configuration workers refuse too
+        raise SystemExit(f"chunksvc: {exc}") from None
     directory = Path(metrics_dir)
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("*.db"):

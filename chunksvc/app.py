@@ -5,14 +5,16 @@ No module-level state: tests build as many independent apps as they like.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import falcon
 from falcon.routing import CompiledRouter
 
+from chunksvc import migrations
 from chunksvc.config import Config
 from chunksvc.db import Database
-from chunksvc.errors import ConfigError
+from chunksvc.errors import ConfigError, DatabaseUnavailable
 from chunksvc.metrics import Metrics
 from chunksvc.resources import health, openapi, problems, uploads
 from chunksvc.resources.middleware import BearerAuth, RequestId
@@ -41,6 +43,20 @@ def build_database(config: Config) -> Database:
         config.pool_max_size,
         prepare_threshold=config.db_prepare_threshold,
     )
+
+
+def require_current_schema(config: Config) -> None:
+    """Refuse to serve on a schema older than this release needs (``SchemaOutdated``).
+
+    Only ``migrate`` changes the schema. A database that cannot be reached now is not a reason to
+    refuse: the server starts as before and ``/readyz`` answers 503 until it is back.
+    """
+    if not config.database_url:
+        return  # build_database refuses this with its own message
+    try:
+        migrations.require_current(config.database_url)
+    except DatabaseUnavailable:
+        logging.getLogger(__name__).warning("could not check the database schema: PostgreSQL did not answer")
 
 
 WsgiApp = falcon.App[falcon.Request, falcon.Response]

@@ -48,6 +48,16 @@ def database_url(config: Config) -> Iterator[str]:
     yield embedded.ensure_database(server.get_uri(), embedded.DATABASE)
 
 
+def require_schema(config: Config, url: str) -> None:
+    """Refuse a configured database whose schema is older than this release (``SchemaOutdated``):
+    only ``migrate`` changes it, since the release in service may still be running on it. The
+    embedded default under CHUNKSVC_VAR_DIR is this checkout's own, and is migrated here."""
+    if config.database_url:
+        migrations.require_current(url)
+    else:
+        migrations.migrate(url)
+
+
 def warn_new_embedded_database(data_dir: Path) -> None:
     """Say loudly that this command is about to create a database nobody else may be using: run
     from another directory or without the server's CHUNKSVC_VAR_DIR, a key created here is one
@@ -77,7 +87,7 @@ def _keys(url: str) -> tuple[KeyManager, Database]:
 
 def cmd_keys(config: Config, args: argparse.Namespace) -> int:
     with database_url(config) as url:
-        migrations.migrate(url)
+        require_schema(config, url)
         manager, db = _keys(url)
         try:
             if args.action == "create":
@@ -107,7 +117,7 @@ def cmd_sessions(config: Config, args: argparse.Namespace) -> int:
     """The operator's view of any client's uploads: list, show (parts received and missing,
     assembly progress), abort (as the client's own DELETE would)."""
     with database_url(config) as url:
-        migrations.migrate(url)
+        require_schema(config, url)
         db = Database(url, min_size=1, max_size=2)
         storage = open_storage(config.storage) if args.action == "abort" else None
         try:
@@ -190,7 +200,7 @@ def cmd_webhooks(config: Config, args: argparse.Namespace) -> int:
     (deliveries, to find one to redeliver), remove, rotate (a new secret; the old one signs beside
     it for a while), redeliver an event."""
     with database_url(config) as url:
-        migrations.migrate(url)
+        require_schema(config, url)
         db = Database(url, min_size=1, max_size=1)
         try:
             # Only a new secret needs the key (add, rotate); the rest work on any host.
@@ -254,7 +264,7 @@ def cmd_deliver(config: Config, args: argparse.Namespace) -> int:
     """Deliver the webhook events due now, then exit (the server's deliverers do this all along)."""
     logging.basicConfig(level=logging.WARNING, format="chunksvc: %(levelname)s %(message)s")
     with database_url(config) as url:
-        migrations.migrate(url)
+        require_schema(config, url)
         settings = DeliverySettings(concurrency=config.webhook_concurrency, retry_for=config.webhook_retry_for)
         db = Database(url, min_size=1, max_size=settings.concurrency + 1)
         try:
@@ -293,7 +303,7 @@ def _when(moment: datetime | None) -> str:
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     """Migrate, then run gunicorn exactly as ops do, on the embedded defaults where unset."""
     with database_url(config) as url:
-        migrations.migrate(url)
+        require_schema(config, url)
         # Before the workers start, so each finds the signing key (made here on the embedded default).
         SigningKey.load(config.webhook_key, config.webhook_key_file, create=config.database_url is None)
         env = dict(os.environ, DATABASE_URL=url, CHUNKSVC_STORAGE_URL=_storage_url(config))
@@ -327,7 +337,7 @@ def cmd_reap(config: Config, args: argparse.Namespace) -> int:
         webhook_retention=config.webhook_retention,
     )
     with database_url(config) as url:
-        migrations.migrate(url)
+        require_schema(config, url)
         # Two connections: a sweep holds one while its lease is renewed on the other.
         db = Database(url, min_size=1, max_size=2)
         storage = open_storage(config.storage)
@@ -490,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         return command(config, args)
     except ChunksvcError as exc:
         print(f"chunksvc: {exc.detail}", file=sys.stderr)
+        return 2
+    except migrations.SchemaOutdated as exc:
+        print(f"chunksvc: {exc}", file=sys.stderr)
         return 2
     except migrations.MigrationError as exc:
         print(f"chunksvc: migration failed: {exc}", file=sys.stderr)

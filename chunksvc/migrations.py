@@ -48,6 +48,10 @@ class MigrationError(Exception):
     pass
 
 
+class SchemaOutdated(MigrationError):
+    """The database lacks migrations this release needs: only ``migrate`` may apply them."""
+
+
 def available() -> list[Migration]:
     folder = resources.files("chunksvc").joinpath("sql/migrations")
     found = []
@@ -92,3 +96,34 @@ def migrate(database_url: str) -> list[str]:
             if done[migration.version] != migration.checksum:
                 raise MigrationError(f"{migration.name} changed after it was applied; add a new migration instead")
     return applied_now
+
+
+def pending(database_url: str) -> list[Migration]:
+    """The migrations this release ships that the database has not applied; reads only.
+
+    Versions the database has and this release does not know are fine: they are a newer
+    release's, applied while this one still serves (a rolling upgrade).
+    """
+    with translate_errors(), psycopg.connect(database_url, autocommit=True, prepare_threshold=None) as conn:
+        # to_regclass: no error (and nothing created) on a database never migrated.
+        if conn.execute("SELECT to_regclass('schema_migrations')").fetchone() == (None,):
+            applied: set[str] = set()
+        else:
+            applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    return [migration for migration in available() if migration.version not in applied]
+
+
+def require_current(database_url: str) -> None:
+    """Raise ``SchemaOutdated`` unless every migration of this release is applied.
+
+    Every command but ``migrate``, and the server, call this instead of migrating: a command run
+    from a newer checkout must not change the schema under the workers of the release in service
+    (the upgrade notes' order is: migrate, then roll the workers).
+    """
+    missing = pending(database_url)
+    if missing:
+        names = ", ".join(m.name for m in missing)
+        raise SchemaOutdated(
+            f"the database schema is older than this release needs (not applied: {names});"
+            " run `python -m chunksvc migrate` (make migrate) first"
+        )

@@ -190,3 +190,94 @@ def test_psql_runs_on_the_configured_database(database_url):
     assert answered.returncode == 0, answered.stderr
     assert answered.stdout.strip() == str(len(migrations.available()))
     assert "psql on database" in answered.stderr and "password" not in answered.stderr
+
+
+def _schema_of(url: str) -> list[tuple[str, str]]:
+    """Every table and function in the public schema: what a command must leave as it found it."""
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT 'table', table_name::text FROM information_schema.tables WHERE table_schema = 'public'"
+            " UNION ALL SELECT 'function', routine_name::text FROM information_schema.routines"
+            " WHERE routine_schema = 'public' ORDER BY 1, 2"
+        ).fetchall()
+
+
+def _one_release_behind(url: str) -> str:
+    """Migrate ``url`` to all but this release's last migration; return that migration's name."""
+    last = migrations.available()[-1]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (version text PRIMARY KEY, name text NOT NULL,"
+            " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for migration in migrations.available()[:-1]:
+            with conn.transaction():
+                conn.execute(migration.sql)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                    (migration.version, migration.name, migration.checksum),
+                )
+    return last.name
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("keys", "list"),
+        ("keys", "create", "newcomer"),
+        ("sessions", "list"),
+        ("webhooks", "list"),
+        ("deliver", "--once"),
+        ("reap", "--dry-run"),
+        ("reap",),
+    ],
+    ids=" ".join,
+)
+def test_no_command_but_migrate_changes_an_unmigrated_schema(empty_database, command):
+    """Contract v1.2: `migrate` is the only command that changes the schema. A command run from a
+    newer checkout refuses, says to run `migrate`, and leaves the database as it was."""
+    before = _schema_of(empty_database)
+    result = chunksvc(empty_database, *command)
+    assert result.returncode == 2, result
+    assert "run `python -m chunksvc migrate`" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert _schema_of(empty_database) == before == []
+
+
+def test_a_command_refuses_a_schema_one_migration_behind_and_names_it(empty_database):
+    missing = _one_release_behind(empty_database)
+    before = _schema_of(empty_database)
+    result = chunksvc(empty_database, "sessions", "list")
+    assert result.returncode == 2
+    assert missing in result.stderr and "migrate" in result.stderr
+    assert _schema_of(empty_database) == before
+    assert missing not in applied(empty_database)
+    # Then `migrate` applies it, and the same command runs.
+    assert chunksvc(empty_database, "migrate").returncode == 0
+    assert chunksvc(empty_database, "sessions", "list").returncode == 0
+
+
+def test_commands_run_on_a_database_newer_than_this_release(database_url):
+    """A rolling upgrade: the next release's migration applied while this one still serves."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES ('9999', '9999_next.sql', 'x')")
+    result = chunksvc(database_url, "keys", "list")
+    assert result.returncode == 0, result.stderr
+
+
+def test_gunicorn_refuses_to_serve_an_older_schema(empty_database, tmp_path):
+    """The server too: gunicorn exits at start, before any worker, naming `migrate`."""
+    missing = _one_release_behind(empty_database)
+    env = dict(os.environ, DATABASE_URL=empty_database, CHUNKSVC_STORAGE_URL=f"file://{tmp_path}")
+    executable = shutil.which("gunicorn", path=os.path.dirname(sys.executable)) or "gunicorn"
+    result = subprocess.run(
+        [executable, "-c", "gunicorn.conf.py", "--bind", "127.0.0.1:0", "chunksvc.wsgi:app"],
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert missing in result.stderr and "chunksvc migrate" in result.stderr, result.stderr
+    assert missing not in applied(empty_database)
