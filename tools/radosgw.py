@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from tools import harness
 from tools.harness import free_port
 
 BINARIES = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph", "monmaptool")
@@ -332,6 +333,22 @@ def radosgw(
                     process.kill()
             raise RuntimeError(f"{exc}\n{cluster.log_tail()}") from exc
         yield Radosgw(work, port, access_key, secret_key, cluster.processes, time.monotonic() - begun)
+
+
+@contextlib.contextmanager
+def bench_s3() -> Iterator[tuple[str, str]]:
+    """The benches' S3 server, with ``tools.harness``'s keys: radosgw, or moto (in a child
+    process) if Ceph is not installed, which is printed. Yields ``(endpoint, what it is)``."""
+    missing = missing_binaries()
+    if missing:
+        print(f"S3: moto, not radosgw: {', '.join(missing)} not installed (apt-get install {PACKAGES})")
+        with harness.moto_s3() as endpoint:
+            yield endpoint, "moto"
+        return
+    with radosgw(harness.S3_ACCESS_KEY, harness.S3_SECRET_KEY) as gateway:
+        name = f"radosgw {version().split()[2]}"
+        print(f"S3: {name} (bluestore, one OSD), started in {gateway.started_in:.1f} s")
+        yield gateway.endpoint, name
 
 
 def main(argv: list[str] | None = None) -> int:
