@@ -1,15 +1,18 @@
-"""Storage fixtures (a pytest plugin): each storage test runs on a directory and on S3 (moto).
+"""Storage fixtures (a pytest plugin): each storage test runs on a directory and on S3.
 
 ``storage_spec`` / ``storage`` are parametrized over both backends. S3 runs over real HTTP
-against moto's server, each test in a fresh bucket.
+against a real S3 server, Ceph's radosgw (``tools/radosgw.py``: one throwaway single-node
+cluster for the session, started on first use), each test in a fresh bucket. Without Ceph's
+packages (``apt-get install --no-install-recommends radosgw ceph-mon ceph-osd``; ``.ci/run``
+installs them) the S3 cases are skipped, saying so.
 
-``moto_server`` runs in this process: fast, but its allocations count in ``tracemalloc``
-(moto buffers whole parts and assembles multipart objects in memory). Memory tests use
-``moto_process`` instead, the same server in a child process.
+radosgw runs in other processes, so its memory never counts in this one's ``tracemalloc``.
+moto (``moto_server``) stays for what radosgw cannot serve; each use says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import pytest
 
 from chunksvc.config import StorageSpec
 from chunksvc.storage import Storage, open_storage
-from tools import harness
+from tools import harness, radosgw
 
 # moto, boto3 and minio are imported where used: this plugin loads for every test run, and
 # most runs need none of them.
@@ -58,6 +61,23 @@ def drop_bucket(spec: StorageSpec) -> None:
     s3.delete_bucket(Bucket=bucket)
 
 
+@contextlib.contextmanager
+def radosgw_cluster(objectstore: str = "bluestore") -> Iterator[radosgw.Radosgw]:
+    """A throwaway Ceph with radosgw and the tests' keys (the test is skipped without Ceph)."""
+    missing = radosgw.missing_binaries()
+    if missing:
+        pytest.skip(f"S3 on radosgw: {', '.join(missing)} not installed (apt-get install {radosgw.PACKAGES})")
+    with radosgw.radosgw(ACCESS_KEY, SECRET_KEY, objectstore=objectstore) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def radosgw_server() -> Iterator[str]:
+    """The session's S3 server, radosgw on bluestore; yields its endpoint, ``127.0.0.1:PORT``."""
+    with radosgw_cluster() as cluster:
+        yield cluster.endpoint
+
+
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
     """An S3 server (moto) in this process; yields its endpoint, ``127.0.0.1:PORT``."""
@@ -72,22 +92,11 @@ def moto_server() -> Iterator[str]:
         server.stop()
 
 
-# An S3 server (moto) in a child process: its endpoint, and the process (to kill it early).
-moto_child = harness.moto_s3_process
-
-
-@pytest.fixture(scope="session")
-def moto_process() -> Iterator[str]:
-    """An S3 server (moto) in a child process, for tests that measure this process's memory."""
-    with moto_child() as (endpoint, _child):
-        yield endpoint
-
-
 @pytest.fixture
-def s3_spec(moto_server: str) -> Iterator[StorageSpec]:
-    spec = make_s3_spec(moto_server)
+def s3_spec(radosgw_server: str) -> Iterator[StorageSpec]:
+    spec = make_s3_spec(radosgw_server)
     yield spec
-    drop_bucket(spec)  # moto keeps objects in memory for the whole session otherwise
+    drop_bucket(spec)  # the session's cluster would keep every test's bytes otherwise
 
 
 @pytest.fixture
@@ -97,7 +106,7 @@ def file_spec(tmp_path: Path) -> StorageSpec:
 
 @pytest.fixture(params=["file", "s3"], ids=["file", "s3"])
 def storage_spec(request: pytest.FixtureRequest) -> StorageSpec:
-    # Looked up lazily so file-only runs never start moto.
+    # Looked up lazily so file-only runs never start Ceph.
     return request.getfixturevalue(f"{request.param}_spec")
 
 

@@ -1,5 +1,5 @@
 """The HTTP contract end to end through the WSGI app (webtest), on a real PostgreSQL and on
-both storages (local disk, and S3 over HTTP to moto)."""
+both storages (local disk, and S3 over HTTP to radosgw)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The client library and CLI (client/, chunksvc_client) against the real service: gunicorn with
-gunicorn.conf.py, the real PostgreSQL, disk and S3 (moto over HTTP) storage."""
+gunicorn.conf.py, the real PostgreSQL, disk and S3 (radosgw over HTTP) storage."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from chunksvc_client import ApiError, Client, RetryPolicy
 from chunksvc_client.client import _FileUpload
 from chunksvc_client.progress import NoProgress
 from tests.helpers import payload, wait_for
+from tests.storage_fixtures import make_s3_spec
 from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def server(request, pg_admin_url, template_db, tmp_path_factory):
     if request.param == "file":
         spec = StorageSpec(kind="file", root=tmp_path_factory.mktemp("client") / "storage")
     else:
-        spec = harness.s3_spec(request.getfixturevalue("moto_server"))
+        spec = make_s3_spec(request.getfixturevalue("radosgw_server"))
     env = {
         "CHUNKSVC_WORKERS": "2",
         "CHUNKSVC_MIN_PART_SIZE": "1",

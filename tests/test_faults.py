@@ -1,5 +1,5 @@
 """The fault-injection suite: real gunicorn processes, a real PostgreSQL and real storage (disk, or
-S3 over HTTP to moto), with a TCP proxy that refuses, hangs, resets or drops replies in between,
+S3 over HTTP to radosgw), with a TCP proxy that refuses, hangs, resets or drops replies in between,
 kill -9 of workers mid-part and mid-assembly, SIGTERM of the master during uploads, and a load
 with invariants across two hosts. Everything on loopback, bounded in count and time.
 
@@ -38,6 +38,7 @@ from tests.chaos import Tally, client, finish, measure_invariants, query, record
 from tests.conftest import TEST_LIMITS
 from tests.faults import HANG, PASS, PG_READY_FOR_QUERY, REFUSE, RESET, FaultProxy
 from tests.helpers import payload, wait_for
+from tests.storage_fixtures import make_s3_spec
 from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def pg_proxy(database_url) -> Iterator[tuple[FaultProxy, str]]:
 def spec(request, tmp_path) -> StorageSpec:
     if request.param == "file":
         return StorageSpec(kind="file", root=tmp_path / "storage")
-    return harness.s3_spec(request.getfixturevalue("moto_server"))
+    return make_s3_spec(request.getfixturevalue("radosgw_server"))
 
 
 @pytest.fixture
@@ -283,10 +284,10 @@ def test_database_outages_during_uploads_lose_nothing(request, pg_proxy, databas
 S3_FAULTS = [(PASS, 0.4), (REFUSE, 0.5), (PASS, 0.4), (RESET, 0.0), (PASS, 0.3), (HANG, 0.6)]
 
 
-def test_storage_outages_during_uploads_lose_nothing(request, database_url, db, api_key, tmp_path, moto_server):
+def test_storage_outages_during_uploads_lose_nothing(request, database_url, db, api_key, tmp_path, radosgw_server):
     """S3 refuses, resets and hangs, and a stored part's reply is dropped (stored, not recorded)."""
-    spec = harness.s3_spec(moto_server)
-    host, port = moto_server.rsplit(":", 1)
+    spec = make_s3_spec(radosgw_server)
+    host, port = radosgw_server.rsplit(":", 1)
     tally = Tally()
     with FaultProxy((host, int(port))) as proxy:
         with serving(database_url, through(spec, proxy), tmp_path, CHUNKSVC_WORKERS="2") as server:

@@ -61,7 +61,7 @@ def served(request, pg_admin_url: str, template_db: str, tmp_path_factory) -> It
     if request.param == "file":
         spec = StorageSpec(kind="file", root=tmp_path_factory.mktemp("mem") / "storage")
     else:
-        spec = make_s3_spec(request.getfixturevalue("moto_process"))  # moto's memory is not ours
+        spec = make_s3_spec(request.getfixturevalue("radosgw_server"))  # radosgw's memory is not ours
     try:
         key = harness.create_api_key(url, "memory")
         env = {"CHUNKSVC_WORKERS": "1", "CHUNKSVC_MIN_PART_SIZE": "1", "CHUNKSVC_LOG_LEVEL": "warning"}

@@ -1,6 +1,6 @@
 """The storage contract (chunksvc.storage.base), run against both adapters.
 
-S3 runs over real HTTP against moto (never a mocked client); boto3 is used only to look
+S3 runs over real HTTP against radosgw (never a mocked client); boto3 is used only to look
 behind the adapter, e.g. for unfinished multipart uploads.
 """
 
@@ -26,7 +26,7 @@ from chunksvc.errors import ConfigError, IncompleteBody, StorageError, StorageUn
 from chunksvc.storage import PartSource, Storage, open_storage, s3
 from chunksvc.storage.local import INCOMING, LocalStorage
 from chunksvc.storage.s3 import S3Storage, can_compose, part_size_for
-from tests.storage_fixtures import SECRET_KEY, make_s3_spec, moto_child, s3_admin
+from tests.storage_fixtures import SECRET_KEY, make_s3_spec, radosgw_cluster, s3_admin
 
 BLOCK = 64 * KiB
 
@@ -168,8 +168,9 @@ def test_failed_read_leaves_nothing(
 def test_reader_error_wins_when_cleanup_fails_too() -> None:
     """The server dies mid-upload, then the reader fails: the SDK cannot abort the multipart
     upload, yet the caller still gets the reader's exception (with a note about the abort)."""
-    with moto_child() as (endpoint, server):
-        storage = S3Storage(make_s3_spec(endpoint))
+    with radosgw_cluster("memstore") as cluster:  # a cluster of its own: its gateway is killed
+        server = cluster.gateway
+        storage = S3Storage(make_s3_spec(cluster.endpoint))
         storage.max_single_put = 5 * MiB  # a multipart upload, which leaves something to abort
         error = IncompleteBody("client went away")
 
@@ -363,7 +364,7 @@ def test_sweep_removes_old_unfinished_writes(storage: Storage, storage_spec: Sto
 
 def test_s3_sweep_aborts_old_uploads_under_the_given_prefixes_only(s3_spec: StorageSpec) -> None:
     """Listed through ``s3.list_multipart_uploads`` (the one private SDK call), aborted through a
-    signed DELETE, against moto's S3 server."""
+    signed DELETE, against a real S3 server."""
     admin = s3_admin(s3_spec)
     keys = ["mine/a", "mine/a", "mine/b", "also/c", "theirs/d"]
     for key in keys:
@@ -436,8 +437,8 @@ def test_local_root_that_cannot_be_created(tmp_path: Path) -> None:
         LocalStorage(tmp_path / "file" / "storage")
 
 
-def test_s3_check_fails_for_missing_bucket(moto_server: str) -> None:
-    storage = S3Storage(make_s3_spec(moto_server, bucket="no-such-bucket", create=False))
+def test_s3_check_fails_for_missing_bucket(radosgw_server: str) -> None:
+    storage = S3Storage(make_s3_spec(radosgw_server, bucket="no-such-bucket", create=False))
     with pytest.raises(StorageUnavailable, match="no-such-bucket") as raised:
         storage.check(2.0)
     assert SECRET_KEY not in str(raised.value)
@@ -457,8 +458,8 @@ def test_s3_dead_endpoint_is_unavailable() -> None:
     assert SECRET_KEY not in repr(storage)
 
 
-def test_s3_missing_bucket_is_storage_error(moto_server: str) -> None:
-    storage = S3Storage(make_s3_spec(moto_server, bucket="no-such-bucket", create=False))
+def test_s3_missing_bucket_is_storage_error(radosgw_server: str) -> None:
+    storage = S3Storage(make_s3_spec(radosgw_server, bucket="no-such-bucket", create=False))
     with pytest.raises(StorageError, match="NoSuchBucket"):
         put(storage, "objects/s", b"x")
 
@@ -573,7 +574,7 @@ def measured_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
     if request.param == "file":
         spec = StorageSpec(kind="file", root=tmp_path / "storage")
     else:
-        spec = make_s3_spec(request.getfixturevalue("moto_process"))
+        spec = make_s3_spec(request.getfixturevalue("radosgw_server"))
     adapter = open_storage(spec)
     yield adapter
     adapter.close()

@@ -1,7 +1,8 @@
 """The part path's benchmark: ``make bench`` (``python -m tools.bench``).
 
 Starts chunksvc as ops do (gunicorn with ``gunicorn.conf.py``, an embedded PostgreSQL) once per
-storage backend (a directory; S3 served by moto in a child process) and prints, as the median of
+storage backend (a directory; S3 served by radosgw, ``tools/radosgw.py``, or by moto in a child
+process if Ceph is not installed) and prints, as the median of
 several rounds with min-max, figures that are ratios of two rates measured in the same round, so
 a busy or slow machine moves both sides alike:
 
@@ -20,7 +21,7 @@ a busy or slow machine moves both sides alike:
   in MB/s, divided by ``cat parts > object && sync`` of the same parts, alternated in each round;
 - server CPU: with stream and small, the CPU time (utime+stime in /proc) of gunicorn's master and
   workers and of the PostgreSQL server's processes while the parts were sent, per GiB of 8 MiB
-  parts and per 4 KiB part (S3: moto's is not counted);
+  parts and per 4 KiB part (S3: the S3 server's is not counted);
 - peer (``--peer tus``, file backend): chunksvc side by side with tus-node-server
   (``tools/peer_tus.py`` installs and starts it) in interleaved rounds, one Python client each:
   MiB/s with 8 MiB parts for 1, 4 and 16 clients, 4 KiB parts per second, and the servers' CPU
@@ -53,7 +54,7 @@ import psycopg
 from minio import Minio
 
 from chunksvc.config import GiB, KiB, MiB, StorageSpec
-from tools import harness, peer_tus
+from tools import harness, peer_tus, radosgw
 from tools.client import Client
 
 STREAM_PART = 8 * MiB
@@ -617,14 +618,15 @@ def bench_backend(
     part = os.urandom(STREAM_PART)
     wanted = set(args.figures.split(","))
     if spec.kind == "s3":
-        # The server's own reaper off: moto dates every multipart upload 2010-11-10, so the
-        # reaper's sweep of stale ones would abort a compose under way (the client figures complete).
+        # The server's own reaper off: moto (the fallback) dates every multipart upload 2010-11-10,
+        # so the reaper's sweep of stale ones would abort a compose under way (the client figures
+        # complete). radosgw dates them right, but the figures are kept alike on both.
         env = {**env, "CHUNKSVC_REAP_INTERVAL": "0"}
     with harness.gunicorn(url, spec, config=args.gunicorn_config, env=env) as server:
         # The service's CPU: gunicorn's master and workers, and the PostgreSQL server's processes.
         roots = {"gunicorn": server.process.pid, **({"postgres": postmaster} if postmaster else {})}
         meter = CpuMeter(roots)
-        not_counted = "" if spec.kind == "file" else " (moto's not counted)"
+        not_counted = "" if spec.kind == "file" else " (the S3 server's not counted)"
         # A fresh connection per phase: an idle keep-alive connection is closed by the server.
         if "stream" in wanted:
             with _connected(server, key) as client:
@@ -1054,7 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
                 root = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.file_root)))
                 spec = StorageSpec(kind="file", root=root / "storage")
             else:
-                spec = harness.s3_spec(stack.enter_context(harness.moto_s3()))
+                spec = harness.s3_spec(stack.enter_context(radosgw.bench_s3())[0])
             for figure in bench_backend(backend, spec, url, key, args, env, postmaster, peer):
                 figures.append(figure)
                 print(f"  measured: {figure.name} ({backend})", file=sys.stderr, flush=True)

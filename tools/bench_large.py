@@ -7,8 +7,9 @@ parts, ``--parallel`` at once) in a child process, so that the client's peak RSS
 client polls until it is ``COMPLETED``. Prints the upload MiB/s, the time from the complete call
 to ``COMPLETED``, the assembly MiB/s, the peak RSS of the busiest worker and of the client, and
 what that assembly rate means for 100 GiB and 5 TiB. Once per ``--backends`` entry: disk (a
-directory under ``--file-root``) and S3 (moto in a child process: it holds every byte in memory,
-so keep ``--s3-size`` well inside RAM).
+directory under ``--file-root``) and S3 (radosgw, ``tools/radosgw.py``, on a sparse file under the
+system's temporary directory; moto in a child process if Ceph is not installed: it holds every
+byte in memory, so keep ``--s3-size`` well inside RAM there).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from chunksvc.config import GiB, MiB, StorageSpec
-from tools import harness
+from tools import harness, radosgw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="file", help="comma-separated: file, s3 (default file)")
     parser.add_argument("--size", type=float, default=10, help="GiB on disk (default 10)")
-    parser.add_argument("--s3-size", type=float, default=1, help="GiB on S3/moto, held in RAM (default 1)")
+    parser.add_argument("--s3-size", type=float, default=1, help="GiB on S3 (default 1)")
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--file-root", type=Path, help="where the file and the disk storage go (default: $TMPDIR)")
     args = parser.parse_args(argv)
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     spec = StorageSpec(kind="file", root=work / "storage")
                     results.append(run(backend, spec, url, key, int(args.size * GiB), args.parallel, work))
                 else:
-                    with harness.moto_s3() as endpoint:
+                    with radosgw.bench_s3() as (endpoint, _server):
                         spec = harness.s3_spec(endpoint)
                         results.append(run(backend, spec, url, key, int(args.s3_size * GiB), args.parallel, work))
     for result in results:
