@@ -1,7 +1,8 @@
 """The docs agree with the code. docs/api.md, the API reference the repository owns: every error
 code the app (and the shipped nginx) can answer is in its error table under the right status, and
 every operation of the OpenAPI document is described. Every page (README.md and each docs/*.md):
-its links resolve, and nothing points outside the repository. docs/operations.md's configuration table names every variable the service reads. Fast: reads
+its links resolve, nothing points outside the repository, and each docs page is in mkdocs.yml's
+nav. docs/operations.md's configuration table names every variable the service reads. Fast: reads
 files, starts nothing."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ API_DOC = ROOT / "docs" / "api.md"
 README = ROOT / "README.md"
 DOC_PAGES = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOC_PAGES]
+MKDOCS = ROOT / "mkdocs.yml"
 CONFIG_SOURCES = [ROOT / "chunksvc" / "config.py", ROOT / "gunicorn.conf.py"]
 NGINX_ERRORS = ROOT / "deploy" / "nginx" / "snippets" / "chunksvc-proxy.conf"
 OPENAPI = json.loads(resources.files("chunksvc").joinpath("openapi.json").read_text("utf-8"))
@@ -151,6 +153,14 @@ def test_docs_point_to_nothing_outside_the_repository(path: Path) -> None:
     text = path.read_text("utf-8")
     for outside in ("../" + "shared", "shared/" + "spec"):  # in pieces, so this file names neither
         assert outside not in text, f"{page_id(path)} refers to {outside}"
+
+
+def test_every_docs_page_is_in_the_mkdocs_nav() -> None:
+    """mkdocs --strict fails on a nav entry for a missing page; this catches the other way round."""
+    in_nav = set(re.findall(r"^\s*-\s*[^:]+:\s*(\S+\.md)\s*$", MKDOCS.read_text("utf-8"), re.MULTILINE))
+    assert in_nav, "no nav entries found in mkdocs.yml"
+    missing = {path.name for path in DOC_PAGES} - in_nav
+    assert not missing, f"docs pages missing from mkdocs.yml's nav: {sorted(missing)}"
 
 
 def test_every_configuration_variable_is_documented() -> None:
