@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install lock run test chaos lint migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks bench-pgbouncer bench-curves loadtest clean
+.PHONY: install lock run test chaos lint docs migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks bench-pgbouncer bench-curves loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes. (PYTHONWARNINGS: setuptools' notice
 # about editable installs, printed by every build, is noise; pip's errors still show.)
@@ -49,6 +49,10 @@ chaos: $(INSTALLED)
 ## make lint: scripts/check: ruff check, ruff format --check (`ruff format .` fixes it), mypy --strict.
 lint: $(INSTALLED)
 	BIN=$(BIN) scripts/check
+
+## make docs: serve the docs site (mkdocs.yml, docs/) on http://127.0.0.1:8001; make lint builds it strictly.
+docs: $(INSTALLED)
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
 migrate: $(INSTALLED)
 	$(BIN)/python -m chunksvc migrate

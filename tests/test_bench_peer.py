@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from tools import bench, peer_tus
-from tools.bench import CpuMeter, PeerSide, ProcStat, cpu_ticks_between, parse_proc_stat
+from tools.bench import CpuMeter, PeerSide
+from tools.measure import TICKS_PER_SECOND, ProcStat, cpu_ticks_between, parse_proc_stat
 
 
 def stat(pid: int, ppid: int, ticks: int, child_ticks: int = 0, start: int = 100) -> ProcStat:
@@ -30,7 +31,9 @@ def test_proc_stat_fields_are_counted_from_the_last_parenthesis() -> None:
 
 def test_proc_stat_of_this_process() -> None:
     own = parse_proc_stat(Path("/proc/self/stat").read_text())
-    assert own.ppid > 0 and own.start > 0 and own.ticks >= 0
+    times = os.times()  # the kernel's own utime/stime of this process, through times(2)
+    assert own.pid == os.getpid() and own.ppid == os.getppid() and own.start > 0
+    assert abs(own.ticks - round((times.user + times.system) * TICKS_PER_SECOND)) <= 2
 
 
 def test_cpu_between_snapshots_counts_growth_new_and_exited_processes() -> None:

@@ -1,7 +1,9 @@
-"""docs/api.md, the API reference the repository owns, agrees with the code: every error code the
-app (and the shipped nginx) can answer is in its error table under the right status, every
-operation of the OpenAPI document is described, its links resolve, and nothing points outside the
-repository. Fast: reads files, starts nothing."""
+"""The docs agree with the code. docs/api.md, the API reference the repository owns: every error
+code the app (and the shipped nginx) can answer is in its error table under the right status, and
+every operation of the OpenAPI document is described. Every page (README.md and each docs/*.md):
+its links resolve, nothing points outside the repository, and each docs page is in mkdocs.yml's
+nav. docs/operations.md's configuration table names every variable the service reads. Fast: reads
+files, starts nothing."""
 
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ from chunksvc.resources import problems
 ROOT = Path(__file__).resolve().parents[1]
 API_DOC = ROOT / "docs" / "api.md"
 README = ROOT / "README.md"
+DOC_PAGES = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README, *DOC_PAGES]
+MKDOCS = ROOT / "mkdocs.yml"
+CONFIG_SOURCES = [ROOT / "chunksvc" / "config.py", ROOT / "gunicorn.conf.py"]
 NGINX_ERRORS = ROOT / "deploy" / "nginx" / "snippets" / "chunksvc-proxy.conf"
 OPENAPI = json.loads(resources.files("chunksvc").joinpath("openapi.json").read_text("utf-8"))
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -115,18 +121,53 @@ def test_every_openapi_operation_is_described(method, path):
     assert f"`{method} {path}`" in doc_text(), f"docs/api.md never describes `{method} {path}`"
 
 
-def test_links_inside_the_doc_resolve():
-    text = doc_text()
+def page_id(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def test_every_docs_page_is_found() -> None:
+    names = {path.name for path in DOC_PAGES}
+    assert {"api.md", "operations.md", "deployment.md", "webhooks.md", "design.md"} <= names, sorted(names)
+
+
+@pytest.mark.parametrize("path", PAGES, ids=page_id)
+def test_links_inside_each_page_resolve(path: Path) -> None:
+    text = path.read_text("utf-8")
     anchors = {github_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)}
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
-        if target.startswith("#"):
-            assert target[1:] in anchors, f"no heading for link {target}"
-        elif "://" not in target:
-            assert (API_DOC.parent / target.split("#")[0]).exists(), f"link to a missing file: {target}"
+        if "://" in target:
+            continue
+        file, _, fragment = target.partition("#")
+        if not file:
+            assert fragment in anchors, f"{page_id(path)}: no heading for link {target}"
+            continue
+        linked = path.parent / file
+        assert linked.exists(), f"{page_id(path)}: link to a missing file: {target}"
+        if fragment and linked.suffix == ".md":
+            there = {github_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", linked.read_text("utf-8"), re.MULTILINE)}
+            assert fragment in there, f"{page_id(path)}: {file} has no heading for #{fragment}"
 
 
-@pytest.mark.parametrize("path", [API_DOC, README], ids=lambda p: p.name)
-def test_docs_point_to_nothing_outside_the_repository(path):
+@pytest.mark.parametrize("path", PAGES, ids=page_id)
+def test_docs_point_to_nothing_outside_the_repository(path: Path) -> None:
     text = path.read_text("utf-8")
     for outside in ("../" + "shared", "shared/" + "spec"):  # in pieces, so this file names neither
-        assert outside not in text, f"{path.name} refers to {outside}"
+        assert outside not in text, f"{page_id(path)} refers to {outside}"
+
+
+def test_every_docs_page_is_in_the_mkdocs_nav() -> None:
+    """mkdocs --strict fails on a nav entry for a missing page; this catches the other way round."""
+    in_nav = set(re.findall(r"^\s*-\s*[^:]+:\s*(\S+\.md)\s*$", MKDOCS.read_text("utf-8"), re.MULTILINE))
+    assert in_nav, "no nav entries found in mkdocs.yml"
+    missing = {path.name for path in DOC_PAGES} - in_nav
+    assert not missing, f"docs pages missing from mkdocs.yml's nav: {sorted(missing)}"
+
+
+def test_every_configuration_variable_is_documented() -> None:
+    read = set()
+    for source in CONFIG_SOURCES:
+        read |= set(re.findall(r"[\"'](CHUNKSVC_[A-Z_]+)[\"']", source.read_text("utf-8")))
+    assert len(read) >= 20, sorted(read)
+    table = section((ROOT / "docs" / "operations.md").read_text("utf-8"), "Configuration")
+    missing = {name for name in read if f"`{name}" not in table and f"{name}`" not in table}
+    assert not missing, f"read by the service, absent from docs/operations.md's Configuration: {sorted(missing)}"

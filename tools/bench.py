@@ -56,6 +56,18 @@ from minio import Minio
 from chunksvc.config import GiB, KiB, MiB, StorageSpec
 from tools import harness, peer_tus, radosgw
 from tools.client import Client
+from tools.measure import (
+    ProcStat,
+    cpu_ticks_between,
+    fmt_spread,
+    meminfo_kib,
+    peak_rss_kib,
+    percentile,
+    process_tree,
+    read_proc_stat,
+    reset_peak_rss,
+    rss_kib,
+)
 
 STREAM_PART = 8 * MiB
 SMALL_PART = 4 * KiB
@@ -127,80 +139,6 @@ def upload_parts(
     return elapsed
 
 
-# Server CPU: utime+stime of process trees from /proc/<pid>/stat, in clock ticks.
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcStat:
-    pid: int
-    ppid: int
-    start: int  # starttime (ticks after boot): tells a reused pid from the process it replaced
-    ticks: int  # utime + stime: all of the process's threads
-    child_ticks: int  # cutime + cstime: children it has waited for (and theirs)
-
-
-def parse_proc_stat(text: str) -> ProcStat:
-    """The fields of one ``/proc/<pid>/stat`` line that CPU accounting needs. The command name
-    (field 2, in parentheses) may itself hold spaces and parentheses: fields are counted from the
-    last ``)``."""
-    pid = int(text[: text.index("(")])
-    fields = text[text.rindex(")") + 2 :].split()
-    # fields[0] is field 3 (state): field n is fields[n - 3].
-    return ProcStat(
-        pid=pid,
-        ppid=int(fields[1]),
-        start=int(fields[19]),
-        ticks=int(fields[11]) + int(fields[12]),
-        child_ticks=int(fields[13]) + int(fields[14]),
-    )
-
-
-def process_tree(root: int) -> dict[int, ProcStat]:
-    """``root`` and its descendants now (one that exits while it is read is left out)."""
-    tree: dict[int, ProcStat] = {}
-    pending = [root]
-    while pending:
-        pid = pending.pop()
-        try:
-            tree[pid] = parse_proc_stat(Path(f"/proc/{pid}/stat").read_text())
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                pending.extend(int(child) for child in (task / "children").read_text().split())
-        except (FileNotFoundError, ProcessLookupError):
-            if pid == root:
-                raise RuntimeError(f"process {root} is gone") from None
-    return tree
-
-
-def cpu_ticks_between(before: Mapping[int, ProcStat], after: Mapping[int, ProcStat]) -> tuple[int, int]:
-    """``(ticks, missed)``: the CPU a process tree used between two snapshots.
-
-    A process in both counts its growth; a new one all of its ticks. One that exited was counted by
-    the kernel into its parent's cutime/cstime when the parent waited for it (gunicorn's master
-    for a recycled worker, the postmaster for a backend): so the growth of those of every process
-    in both counts, less what exited children had used before the first snapshot. ``missed``: the
-    processes that exited whose parent is not in both snapshots (their last ticks are lost), and
-    children exited but not yet waited for when the interval ended are counted in the next one.
-    """
-
-    def same(pid: int) -> bool:
-        return pid in before and pid in after and before[pid].start == after[pid].start
-
-    ticks, missed = 0, 0
-    for pid, now in after.items():
-        if same(pid):
-            ticks += now.ticks - before[pid].ticks + now.child_ticks - before[pid].child_ticks
-        else:
-            ticks += now.ticks + now.child_ticks
-    for pid, then in before.items():
-        if same(pid):
-            continue
-        if same(then.ppid):
-            ticks -= then.ticks + then.child_ticks
-        else:
-            missed += 1
-    return ticks, missed
-
-
 @dataclasses.dataclass
 class CpuReading:
     seconds: dict[str, float]  # group -> CPU seconds
@@ -242,7 +180,7 @@ def postmaster_pid(database_url: str) -> int | None:
         with psycopg.connect(database_url) as conn:  # the backend exits with the connection: read it first
             row = conn.execute("SELECT pg_backend_pid()").fetchone()
             backend = int(row[0]) if row else 0
-            parent = parse_proc_stat(Path(f"/proc/{backend}/stat").read_text()).ppid
+            parent = read_proc_stat(backend).ppid
         # On another machine that pid would be some unrelated local process, or none.
         return parent if "postgres" in Path(f"/proc/{parent}/comm").read_text() else None
     except (psycopg.Error, OSError, ValueError):
@@ -423,18 +361,6 @@ def parallel_uploads(
     return time.perf_counter() - started
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} for process {pid}")
-
-
 def memory_growth(server: harness.Server, client: Client, rounds: int) -> list[float]:
     """MiB by which a worker's peak RSS rose above its RSS while it took one 64 MiB part, per round."""
     data = os.urandom(MEMORY_PART)
@@ -443,11 +369,10 @@ def memory_growth(server: harness.Server, client: Client, rounds: int) -> list[f
     for _ in range(rounds):
         baseline = {}
         for pid in server.worker_pids():
-            # Writing 5 resets the kernel's peak (VmHWM) to the current RSS.
-            Path(f"/proc/{pid}/clear_refs").write_text("5")
-            baseline[pid] = _status_kib(pid, "VmRSS")
+            reset_peak_rss(pid)
+            baseline[pid] = rss_kib(pid)
         upload_parts(client, data, 1)
-        growth.append(max(_status_kib(pid, "VmHWM") - rss for pid, rss in baseline.items()) / 1024)
+        growth.append(max(peak_rss_kib(pid) - rss for pid, rss in baseline.items()) / 1024)
     return growth
 
 
@@ -558,7 +483,7 @@ GROUP_NAMES = {"gunicorn": "gunicorn", "postgres": "PostgreSQL", "node": "node"}
 
 def _spread(values: list[float]) -> str:
     """median (min-max)."""
-    return f"{_fmt(statistics.median(values))} ({_fmt(min(values))}-{_fmt(max(values))})"
+    return fmt_spread(values, _fmt)
 
 
 def _groups_note(side: PeerSide, key: str) -> str:
@@ -869,7 +794,7 @@ def client_peak_rss(server_url: str, key: str, size: int, part_size: int, parall
         peak_kib = 0
         while process.poll() is None:
             with contextlib.suppress(OSError, RuntimeError):
-                peak_kib = max(peak_kib, _status_kib(process.pid, "VmHWM"))
+                peak_kib = max(peak_kib, peak_rss_kib(process.pid))
             time.sleep(0.02)
         if process.returncode != 0:
             raise RuntimeError(f"chunksvc-client upload exited {process.returncode}")
@@ -949,15 +874,8 @@ def machine() -> str:
         ),
         platform.processor() or "unknown CPU",
     )
-    memory = _status_kib_meminfo("MemTotal") / 1024 / 1024
+    memory = meminfo_kib("MemTotal") / 1024 / 1024
     return f"{os.cpu_count()} CPUs ({model}), {memory:.0f} GiB RAM, Python {platform.python_version()}"
-
-
-def _status_kib_meminfo(field: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def prepare_peer(args: argparse.Namespace, wanted: list[str], backends: list[str]) -> peer_tus.Installation | None:

@@ -54,6 +54,7 @@ import psycopg
 from chunksvc.config import GiB, KiB, MiB, StorageSpec
 from tools import harness
 from tools.client import Client
+from tools.measure import percentile, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT_NAME = "bench"
@@ -90,21 +91,6 @@ FILL_BATCH = 200_000
 
 
 # --- pure helpers (tests/test_bench_curves.py) -----------------------------------------------
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest rank: the smallest value with at least ``fraction`` of the values at or below it."""
-    if not values:
-        raise ValueError("no values")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(fraction * len(ordered) - 1e-9)) - 1]
-
-
-def spread(values: Sequence[float]) -> tuple[float, float, float]:
-    """(min, median, max)."""
-    return min(values), statistics.median(values), max(values)
 
 
 def growth_exponent(x0: float, y0: float, x1: float, y1: float) -> float:

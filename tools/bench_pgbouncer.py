@@ -40,12 +40,11 @@ import psycopg
 from chunksvc import dao, embedded, migrations
 from chunksvc.config import StorageSpec
 from chunksvc.db import Database
-from tools import harness
+from tools import harness, measure
 from tools import pgbouncer as bouncer_tool
 from tools.client import Client
 
 ROOT = Path(__file__).resolve().parents[1]
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def connections_to(admin_url: str, database: str) -> int:
@@ -205,12 +204,6 @@ def connections_figure(admin_url: str, args: argparse.Namespace, work: Path) -> 
             embedded.drop_database(admin_url, database)
 
 
-def backend_cpu(pid: int) -> float:
-    """Seconds of CPU (utime+stime) the PostgreSQL backend ``pid`` has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
 def prepared_figure(admin_url: str, args: argparse.Namespace) -> None:
     database = f"chunksvc_prep_{uuid.uuid4().hex[:8]}"
     url = embedded.ensure_database(admin_url, database)
@@ -250,14 +243,14 @@ def prepared_figure(admin_url: str, args: argparse.Namespace) -> None:
                         )
                         assert session is not None
                         pid = _backend_pid(conn)
-                        cpu, started = backend_cpu(pid), time.perf_counter()
+                        cpu, started = measure.cpu_seconds(pid), time.perf_counter()
                         for number in range(1, count + 1):
                             dao.authenticate(conn, key_hash, session.id)
                             dao.record_part(
                                 conn, session.id, found.client_id, number, 1, "0" * 64, f"k/{session.id}/{number}"
                             )
                         wall = time.perf_counter() - started
-                        cpu = backend_cpu(pid) - cpu
+                        cpu = measure.cpu_seconds(pid) - cpu
                 finally:
                     db.close()
                 results[name].append((wall / count * 1e6, cpu / count * 1e6))

@@ -31,6 +31,7 @@ from chunksvc.db import Database
 from chunksvc.services.webhooks import SigningKey, WebhookRegistry
 from tools import harness
 from tools.client import Client
+from tools.measure import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 SIGNING_KEY = "ab" * 32
@@ -104,11 +105,6 @@ class HangingReceiver:
         self._closed = True
         self._listener.close()
         self.release()
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def measure_latency(client: Client, receiver: Receiver, uploads: int) -> list[float]:

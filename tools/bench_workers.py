@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from chunksvc.config import StorageSpec
-from tools import harness
+from tools import harness, measure
 from tools.client import Client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def one_round(port: int, key: str, part: bytes, clients: int, parts: int, rate: 
 
 
 def spread(values: list[float], fmt: str) -> str:
-    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+    return measure.fmt_spread(values, lambda v: format(v, fmt))
 
 
 def worker_config(raw: str) -> tuple[str, int, int]:
