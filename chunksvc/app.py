@@ -25,6 +25,7 @@ from chunksvc.services.census import SessionCensus
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.events import Observers
 from chunksvc.services.health import HealthService
+from chunksvc.services.quotas import QuotaService
 from chunksvc.services.reaper import PeriodicReaper, Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
 from chunksvc.services.webhooks import DeliverySettings, SigningKey, WebhookDeliverer
@@ -114,7 +115,8 @@ def build(
         events=metrics,
     )
     events = Observers([metrics, deliverer])
-    upload_service = UploadService(db, storage, config.limits, config.block_size, events=events)
+    quotas = QuotaService(db, config.quotas)
+    upload_service = UploadService(db, storage, config.limits, config.block_size, events=events, quotas=quotas)
     completion = CompletionService(
         db,
         storage,
@@ -166,6 +168,7 @@ def build(
     app.add_route("/readyz", health.Readyz(HealthService(db, storage, min_free=config.storage_min_free)))
     app.add_route("/metrics", MetricsResource(metrics, db.stats))
     app.add_route("/openapi.json", openapi.OpenApi(config.limits))
+    app.add_route("/uploads/limits", uploads.LimitsResource(quotas))
     app.add_route("/uploads/sessions", uploads.SessionsResource(upload_service, render_session))
     app.add_route("/uploads/sessions/{session_id}", uploads.SessionResource(upload_service, render_session))
     app.add_route("/uploads/sessions/{session_id}/parts", uploads.PartsResource(upload_service))

@@ -1,4 +1,4 @@
-"""``python -m chunksvc``: the ops interface (migrate, keys, sessions, webhooks, deliver, psql, serve, reap).
+"""``python -m chunksvc``: the ops interface (migrate, keys, sessions, webhooks, limits, deliver, psql, serve, reap).
 
 With no ``DATABASE_URL`` every command uses the embedded PostgreSQL under ``CHUNKSVC_VAR_DIR``
 (``./var``), started on demand and stopped when the last process using it exits.
@@ -28,6 +28,7 @@ from chunksvc.rows import OpsSessionRow
 from chunksvc.services import rules, states
 from chunksvc.services.auth import Client, KeyManager
 from chunksvc.services.completion import CompletionService
+from chunksvc.services.quotas import QuotaService
 from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
 from chunksvc.services.webhooks import DeliverySettings, SigningKey, WebhookDeliverer, WebhookRegistry
@@ -285,6 +286,47 @@ def cmd_deliver(config: Config, args: argparse.Namespace) -> int:
     return 1 if counts.failed else 0
 
 
+def cmd_limits(config: Config, args: argparse.Namespace) -> int:
+    """Per-client quotas: overrides of CHUNKSVC_QUOTA_SESSIONS / CHUNKSVC_QUOTA_BYTES, and use."""
+    with database_url(config) as url:
+        require_schema(config, url)
+        db = Database(url, min_size=1, max_size=1)
+        quotas = QuotaService(db, config.quotas)
+        try:
+            with db.connection() as conn:
+                if args.action == "set":
+                    if args.sessions is None and args.bytes is None:
+                        print("limits set: give --sessions and/or --bytes", file=sys.stderr)
+                        return 2
+                    if not dao.set_client_limits(conn, args.client, args.sessions, args.bytes):
+                        print(f"no client is named {args.client!r}", file=sys.stderr)
+                        return 1
+                elif args.action == "reset":
+                    if not dao.client_exists(conn, args.client):
+                        print(f"no client is named {args.client!r}", file=sys.stderr)
+                        return 1
+                    dao.reset_client_limits(conn, args.client)
+                rows = dao.client_usage(conn, client_name=getattr(args, "client", None))
+            if args.action == "show" and args.client and not rows:
+                print(f"no client is named {args.client!r}", file=sys.stderr)
+                return 1
+            print(f"{'CLIENT':<24} {'SESSIONS':>21} {'BYTES':>33}  OVERRIDES")
+            for row in rows:
+                usage = quotas.usage_of(row)
+                overrides = ", ".join(
+                    f"{name}={value}"
+                    for name, value in (("sessions", row.max_sessions), ("bytes", row.max_bytes))
+                    if value is not None
+                )
+                print(
+                    f"{row.client_name:<24} {usage.sessions_used:>10} / {usage.sessions_limit:<8}"
+                    f" {usage.bytes_used:>16} / {usage.bytes_limit:<14}  {overrides or '(defaults)'}"
+                )
+        finally:
+            db.close()
+    return 0
+
+
 def cmd_psql(config: Config, args: argparse.Namespace) -> int:
     """psql on the configured database, or on the embedded one (started for the session)."""
     psql = shutil.which("psql")
@@ -369,6 +411,12 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    if not raw.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {raw!r}")
+    return int(raw)
+
+
 def _seconds(raw: str) -> float:
     try:
         value = float(raw)
@@ -443,6 +491,20 @@ def build_parser() -> argparse.ArgumentParser:
     redeliver.add_argument("event_id")
     for sub in webhooks.choices.values():
         sub.set_defaults(func=cmd_webhooks)
+
+    limits = commands.add_parser(
+        "limits", help="per-client quotas: set, show, reset (defaults: CHUNKSVC_QUOTA_SESSIONS, _BYTES)"
+    ).add_subparsers(dest="action", required=True)
+    limits_set = limits.add_parser("set", help="override a client's quotas (others keep the defaults)")
+    limits_set.add_argument("client", help="client name")
+    limits_set.add_argument("--sessions", type=_non_negative_int, help="open sessions at most")
+    limits_set.add_argument("--bytes", type=_non_negative_int, help="bytes of open sessions at most")
+    limits_show = limits.add_parser("show", help="each client's limits and use (or one client's)")
+    limits_show.add_argument("client", nargs="?", help="only this client")
+    limits_reset = limits.add_parser("reset", help="back to the configured defaults")
+    limits_reset.add_argument("client", help="client name")
+    for sub in limits.choices.values():
+        sub.set_defaults(func=cmd_limits)
 
     deliver = commands.add_parser("deliver", help="deliver the webhook events due now")
     deliver.add_argument(

@@ -182,11 +182,25 @@ class TrustedProxies:
 
 
 @dataclasses.dataclass(frozen=True)
+class Quotas:
+    """Each client's default quotas (contract v1.2); `python -m chunksvc limits set` overrides
+    them per client. High by default, so a deployment sees no change until an operator sets them."""
+
+    sessions: int = 1000  # open sessions: INIT, IN_PROGRESS, COMPLETING
+    bytes: int = 1 * TiB  # the sum of `size` over open sessions
+
+    def validate(self) -> None:
+        if self.sessions < 0 or self.bytes < 0:
+            raise ConfigError("CHUNKSVC_QUOTA_SESSIONS and CHUNKSVC_QUOTA_BYTES must be at least 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     # None: the embedded PostgreSQL under var_dir. Out of the repr: it may carry a password.
     database_url: str | None = dataclasses.field(repr=False)
     storage: StorageSpec
     limits: Limits = dataclasses.field(default_factory=Limits)
+    quotas: Quotas = dataclasses.field(default_factory=Quotas)
     var_dir: Path = Path("var")
     bind: str = "127.0.0.1:8000"
     pool_min_size: int = 1
@@ -258,8 +272,13 @@ class Config:
             max_upload_size=_int(env, "CHUNKSVC_MAX_UPLOAD_SIZE", defaults.max_upload_size),
             session_ttl=_int(env, "CHUNKSVC_SESSION_TTL", defaults.session_ttl),
         )
+        quotas = Quotas(
+            sessions=_int(env, "CHUNKSVC_QUOTA_SESSIONS", Quotas.sessions),
+            bytes=_int(env, "CHUNKSVC_QUOTA_BYTES", Quotas.bytes),
+        )
         config = cls(
             database_url=env.get("DATABASE_URL") or None,
+            quotas=quotas,
             storage=StorageSpec.from_url(storage_url),
             limits=limits,
             var_dir=var_dir,
@@ -288,6 +307,7 @@ class Config:
 
     def validate(self) -> None:
         self.limits.validate()
+        self.quotas.validate()
         if not 1 <= self.pool_min_size <= self.pool_max_size:
             raise ConfigError("need 1 <= CHUNKSVC_DB_POOL_MIN <= CHUNKSVC_DB_POOL_MAX")
         if self.db_prepare_threshold is not None and self.db_prepare_threshold < 0:

@@ -43,6 +43,7 @@ from chunksvc.rows import (
     CensusRow,
     ClaimedDeliveryRow,
     ClientRow,
+    ClientUsageRow,
     CompletionRow,
     EndedSessionRow,
     EventSessionRow,
@@ -57,6 +58,7 @@ from chunksvc.rows import (
     RevokedKeyRow,
     SessionRow,
     SweptSessionRow,
+    UsageRow,
     WebhookCensusRow,
     WebhookDeliveryRow,
     WebhookEndpointRow,
@@ -68,6 +70,8 @@ _OPS_SESSION = dataclass_row(OpsSessionRow)
 _PART = dataclass_row(PartRow)
 _COMPLETION = dataclass_row(CompletionRow)
 _CLIENT = dataclass_row(ClientRow)
+_USAGE = dataclass_row(UsageRow)
+_CLIENT_USAGE = dataclass_row(ClientUsageRow)
 _API_KEY = dataclass_row(ApiKeyRow)
 _REVOKED_KEY = dataclass_row(RevokedKeyRow)
 _RECORDED_PART = dataclass_row(RecordedPartRow)
@@ -585,3 +589,36 @@ def prune_webhook_events(conn: Connection, event_ids: list[UUID]) -> list[UUID]:
     """Remove these events with their deliveries, but none that has a pending delivery now; the
     ids removed."""
     return conn.values("prune_webhook_events", UUID, ids=event_ids)
+
+
+# --- quotas -------------------------------------------------------------------------------------
+
+
+def lock_client_usage(conn: Connection, client_id: int) -> UsageRow:
+    """The client's open sessions and bytes, counted under its row lock: two statements (see
+    lock_client in queries.sql), so call it inside a transaction."""
+    conn.values("lock_client", int, client_id=client_id)
+    row = conn.one("open_usage", _USAGE, client_id=client_id)
+    assert row is not None  # an aggregate always has its one row
+    return row
+
+
+def client_usage(
+    conn: Connection, *, client_id: int | None = None, client_name: str | None = None
+) -> list[ClientUsageRow]:
+    return conn.all("client_usage", _CLIENT_USAGE, client_id=client_id, client_name=client_name)
+
+
+def set_client_limits(conn: Connection, client_name: str, max_sessions: int | None, max_bytes: int | None) -> bool:
+    """False when no client has that name."""
+    return bool(
+        conn.values("set_client_limits", int, client_name=client_name, max_sessions=max_sessions, max_bytes=max_bytes)
+    )
+
+
+def reset_client_limits(conn: Connection, client_name: str) -> None:
+    conn.values("reset_client_limits", int, client_name=client_name)
+
+
+def client_exists(conn: Connection, client_name: str) -> bool:
+    return bool(conn.values("client_id_by_name", int, client_name=client_name))

@@ -70,6 +70,13 @@ class UploadTooLarge(ChunksvcError):
     title = "Upload size above the configured maximum"
 
 
+class QuotaExceeded(ChunksvcError):
+    """A create would take the client past a quota; ``extra`` holds ``limit``, ``used``, ``requested``."""
+
+    code = "quota_exceeded"
+    title = "The client's quota does not allow this upload"
+
+
 class IdempotencyKeyReused(ChunksvcError):
     code = "idempotency_key_reused"
     title = "Idempotency-Key already used with a different request"

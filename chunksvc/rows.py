@@ -290,3 +290,21 @@ class RedeliveryRow:
 
     found: bool
     endpoints: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageRow:
+    """A client's open sessions and open bytes, with its overrides (None: the configured default)."""
+
+    open_sessions: int
+    open_bytes: int
+    max_sessions: int | None
+    max_bytes: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientUsageRow(UsageRow):
+    """``UsageRow`` of a named client (``client_usage``)."""
+
+    client_id: int
+    client_name: str

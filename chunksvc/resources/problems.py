@@ -35,6 +35,7 @@ STATUS: dict[type[errors.ChunksvcError], int] = {
     errors.UploadTooLarge: 413,
     errors.PartTooLarge: 413,
     errors.ChecksumMismatch: 422,
+    errors.QuotaExceeded: 429,  # no Retry-After: it lasts until the client's own sessions end
     errors.StorageError: 502,
     errors.DatabaseUnavailable: 503,
     errors.StorageUnavailable: 503,

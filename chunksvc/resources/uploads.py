@@ -15,6 +15,7 @@ from chunksvc.rows import ClaimedDeliveryRow, PartRow, SessionRow
 from chunksvc.services import states
 from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.completion import Completion, CompletionService
+from chunksvc.services.quotas import QuotaService
 from chunksvc.services.uploads import PartResult, UploadService
 
 MAX_JSON_BODY = 64 * 1024
@@ -117,6 +118,22 @@ def render_part(part: PartRow) -> dict[str, Any]:
         "sha256": part.sha256,
         "created_at": rfc3339(part.created_at),
     }
+
+
+class LimitsResource:
+    """/uploads/limits: the caller's quotas and its use of them (contract v1.2)."""
+
+    def __init__(self, quotas: QuotaService) -> None:
+        self._quotas = quotas
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        usage = self._quotas.usage(req.context.client.id)
+        resp.media = {
+            "sessions": {"limit": usage.sessions_limit, "used": usage.sessions_used},
+            "bytes": {"limit": usage.bytes_limit, "used": usage.bytes_used},
+            # Request-rate limiting (CHUNKSVC_RATE_LIMIT) is not built yet: off, as its default is.
+            "rate": {"limit": 0, "burst": 0},
+        }
 
 
 class SessionsResource:

@@ -20,7 +20,7 @@ from typing import Any
 from uuid import UUID
 
 from chunksvc import dao
-from chunksvc.config import Limits
+from chunksvc.config import Limits, Quotas
 from chunksvc.db import Database
 from chunksvc.errors import (
     ChunksvcError,
@@ -39,6 +39,7 @@ from chunksvc.rows import PartRow, SessionRow
 from chunksvc.services import auth, layout, rules, states
 from chunksvc.services.auth import Client
 from chunksvc.services.events import UploadEvents
+from chunksvc.services.quotas import QuotaService
 from chunksvc.services.streaming import READ_AHEAD_DEPTH, BufferPool, HashingBodyReader, PartBody
 from chunksvc.storage import Storage
 
@@ -92,8 +93,10 @@ class UploadService:
         limits: Limits,
         block_size: int,
         events: UploadEvents | None = None,
+        quotas: QuotaService | None = None,
     ) -> None:
         self._db = db
+        self._quotas = quotas or QuotaService(db, Quotas())
         self._storage = storage
         self._limits = limits
         self._block_size = block_size
@@ -109,25 +112,33 @@ class UploadService:
         new = rules.validate_new_session(body, self._limits)
         fingerprint = rules.request_fingerprint(body) if idempotency_key else None
         with self._db.transaction() as conn:
-            row = dao.insert_session(
-                conn,
-                id=uuid.uuid4(),
-                client_id=client.id,
-                filename=new.filename,
-                content_type=new.content_type,
-                size=new.size,
-                part_size=new.part_size,
-                total_parts=new.total_parts,
-                sha256=new.sha256,
-                metadata=new.metadata,
-                idempotency_key=idempotency_key,
-                request_fingerprint=fingerprint,
-                ttl=self._limits.session_ttl,
-            )
+            # The client's lock first: its creates run one at a time from here to the commit, so
+            # the quota counts every session committed before, and a replay finds its key's row.
+            usage = self._quotas.lock(conn, client.id)
+            replayed = dao.get_session_by_idempotency_key(conn, client.id, idempotency_key) if idempotency_key else None
+            row = None
+            if replayed is None:
+                self._quotas.check(usage, new.size)
+                row = dao.insert_session(
+                    conn,
+                    id=uuid.uuid4(),
+                    client_id=client.id,
+                    filename=new.filename,
+                    content_type=new.content_type,
+                    size=new.size,
+                    part_size=new.part_size,
+                    total_parts=new.total_parts,
+                    sha256=new.sha256,
+                    metadata=new.metadata,
+                    idempotency_key=idempotency_key,
+                    request_fingerprint=fingerprint,
+                    ttl=self._limits.session_ttl,
+                )
             created = row is not None
             if row is None and idempotency_key is not None:
-                # The key was used before (possibly by a concurrent request that just committed).
-                row = dao.get_session_by_idempotency_key(conn, client.id, idempotency_key)
+                # A retry of an earlier create with this key; or, from a release whose creates do
+                # not take the client's lock (a rolling upgrade), one that committed just now.
+                row = replayed or dao.get_session_by_idempotency_key(conn, client.id, idempotency_key)
         assert row is not None  # only a used Idempotency-Key stops the insert, and sessions stay
         if created:
             self._events.session_created()

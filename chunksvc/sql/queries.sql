@@ -650,3 +650,66 @@ DELETE FROM webhook_events ev
  WHERE ev.id = ANY(%(ids)s::uuid[])
    AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = ev.id AND d.state = 'pending' OFFSET 0)
 RETURNING ev.id;
+
+-- ============================================================================================
+-- Quotas (contract v1.2): open sessions and open bytes per client.
+
+-- name: lock_client
+-- Inside a create's transaction, before its count and INSERT. The client's row lock (FOR NO KEY
+-- UPDATE: it does not block key-sharing locks such as the sessions' foreign key checks)
+-- serialises the creates of one client on every host, so two of them cannot both take the last
+-- free slot. It must be a statement of its own: a statement's snapshot is taken when it starts,
+-- so a count in the statement that waited for the lock would not see the session the lock's
+-- previous holder just committed (READ COMMITTED gives the NEXT statement a new snapshot).
+-- Other clients' creates lock other rows and never wait here.
+SELECT id FROM clients WHERE id = %(client_id)s FOR NO KEY UPDATE;
+
+-- name: open_usage
+-- Open means what clients see: an INIT or IN_PROGRESS session past its expiry is EXPIRED and
+-- frees its room at once, before the reaper stores that. Reads the partial index of open
+-- sessions (migration 0009), so its cost follows the open sessions, not the client's history.
+SELECT count(s.id) AS open_sessions,
+       coalesce(sum(s.size), 0)::bigint AS open_bytes,
+       (SELECT max_sessions FROM client_limits WHERE client_id = %(client_id)s) AS max_sessions,
+       (SELECT max_bytes FROM client_limits WHERE client_id = %(client_id)s) AS max_bytes
+  FROM upload_sessions s
+ WHERE s.client_id = %(client_id)s
+   AND s.status IN ('INIT', 'IN_PROGRESS', 'COMPLETING')
+   AND chunksvc_session_status(s.status, s.expires_at) IN ('INIT', 'IN_PROGRESS', 'COMPLETING');
+
+-- name: client_usage
+-- open_usage for every client (or one), for GET /uploads/limits and `limits show`.
+SELECT c.id AS client_id, c.name AS client_name,
+       count(s.id) AS open_sessions,
+       coalesce(sum(s.size), 0)::bigint AS open_bytes,
+       l.max_sessions,
+       l.max_bytes
+  FROM clients c
+  LEFT JOIN upload_sessions s
+    ON s.client_id = c.id
+   AND s.status IN ('INIT', 'IN_PROGRESS', 'COMPLETING')
+   AND chunksvc_session_status(s.status, s.expires_at) IN ('INIT', 'IN_PROGRESS', 'COMPLETING')
+  LEFT JOIN client_limits l ON l.client_id = c.id
+ WHERE (%(client_name)s::text IS NULL OR c.name = %(client_name)s)
+   AND (%(client_id)s::bigint IS NULL OR c.id = %(client_id)s)
+ GROUP BY c.id, c.name, l.max_sessions, l.max_bytes
+ ORDER BY c.name;
+
+-- name: set_client_limits
+-- An override: a column given replaces the stored one, a NULL keeps it (set --sessions alone
+-- leaves a bytes override as it was). Nothing when no client has that name.
+INSERT INTO client_limits (client_id, max_sessions, max_bytes)
+SELECT id, %(max_sessions)s, %(max_bytes)s FROM clients WHERE name = %(client_name)s
+ON CONFLICT (client_id) DO UPDATE
+   SET max_sessions = coalesce(EXCLUDED.max_sessions, client_limits.max_sessions),
+       max_bytes = coalesce(EXCLUDED.max_bytes, client_limits.max_bytes),
+       updated_at = now()
+RETURNING client_id;
+
+-- name: reset_client_limits
+-- Back to the defaults. The client's name is checked apart, so an unknown one is told.
+DELETE FROM client_limits WHERE client_id = (SELECT id FROM clients WHERE name = %(client_name)s)
+RETURNING client_id;
+
+-- name: client_id_by_name
+SELECT id FROM clients WHERE name = %(client_name)s;
