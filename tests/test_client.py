@@ -408,3 +408,23 @@ def test_cli_shows_a_progress_bar_on_a_terminal(server, tmp_path):
     assert finished.returncode == 0
     text = shown.decode(errors="replace")
     assert "100%" in text and "B/s" in text and "bar.bin" in text, text[-500:]
+
+
+def test_cli_reports_quota_exceeded_with_the_limit_and_the_use_and_shows_limits(server, tmp_path):
+    """A quota the upload would pass: exit 1, the code, the limit and the use, and no retry."""
+    client_name = f"quota-{uuid.uuid4().hex[:8]}"
+    key = harness.create_api_key(server["db"], client_name)
+    query(
+        server,
+        "INSERT INTO client_limits (client_id, max_bytes) SELECT id, 5 FROM clients WHERE name = %s",
+        (client_name,),
+    )
+    path = tmp_path / "too-big.bin"
+    path.write_bytes(b"x" * 10)
+    refused = cli(server, "upload", str(path), key=key)
+    assert refused.returncode == 1
+    assert "quota_exceeded" in refused.stderr and "limit is 5" in refused.stderr and "10 more" in refused.stderr
+    shown = cli(server, "limits", "--json", key=key)
+    assert shown.returncode == 0
+    assert json.loads(shown.stdout)["bytes"] == {"limit": 5, "used": 0}
+    assert "used of 5" in cli(server, "limits", key=key).stdout

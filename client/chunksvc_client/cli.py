@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     abort = commands.add_parser("abort", help="abort a session and remove its parts")
     abort.add_argument("id")
 
+    limits = commands.add_parser("limits", help="your quotas and what you use of them")
+    limits.add_argument("--json", action="store_true", help="the server's JSON")
+
     args = parser.parse_args(argv)
     if not args.url or not args.api_key:
         parser.error("the service URL and API key are needed: --url/--api-key or CHUNKSVC_URL/CHUNKSVC_API_KEY")
@@ -123,6 +126,16 @@ def run(client: Client, args: argparse.Namespace) -> int:
                 )
     elif args.command == "abort":
         client.abort(args.id)
+    elif args.command == "limits":
+        limits = client.limits()
+        if args.json:
+            print_json(limits)
+        else:
+            for name in ("sessions", "bytes"):
+                print(f"{name:<9} {limits[name]['used']:>16} used of {limits[name]['limit']}")
+            rate = limits["rate"]
+            shown = f"{rate['limit']}/s, bursts of {rate['burst']}" if rate["limit"] else "off"
+            print(f"{'rate':<9} {shown}")
     return 0
 
 

@@ -257,6 +257,11 @@ class Client:
                 on_assembling(session)
             self.retry.sleep(_retry_after(response) or poll_interval)
 
+    def limits(self) -> dict[str, Any]:
+        """The caller's quotas and its use of them (``GET /uploads/limits``)."""
+        result: dict[str, Any] = self._call("GET", "/uploads/limits").json()
+        return result
+
     def abort(self, session_id: str) -> None:
         """Abort the session and remove its stored parts (waits out an assembly in progress)."""
         self._call("DELETE", f"/uploads/sessions/{session_id}")

@@ -8,7 +8,9 @@ from typing import Any
 # too, whatever their body; 507 storage_full after a longer wait (see RetryPolicy).
 RETRYABLE_STATUSES = frozenset({502, 503, 504, 507})
 # 409 completion_in_progress: another request is assembling; wait, then repeat.
-RETRYABLE_CODES = frozenset({"completion_in_progress"})
+# rate_limited (v1.2): after its Retry-After. quota_exceeded, also a 429, is final: it lasts until the
+# client's own sessions end.
+RETRYABLE_CODES = frozenset({"completion_in_progress", "rate_limited"})
 # What a connection failure or timeout is called (the request may or may not have been applied).
 CONNECTION_ERROR = "connection_error"
 
