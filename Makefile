@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install lock run test chaos lint docs migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks bench-pgbouncer bench-curves loadtest clean
+.PHONY: install lock run test chaos lint docs migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks bench-pgbouncer bench-curves bench-e2e loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes. (PYTHONWARNINGS: setuptools' notice
 # about editable installs, printed by every build, is noise; pip's errors still show.)
@@ -91,6 +91,12 @@ reap: $(INSTALLED)
 ## ARGS="--peer tus" adds tus-node-server side by side (npm installs it under ~/.cache; skipped without Node).
 bench: $(BENCH_INSTALLED)
 	$(BIN)/python -m tools.bench $(ARGS)
+
+## make bench-e2e [ARGS="--sizes 256,1024 --rounds 3 --large --backends file,s3"]: time to a verified
+## object, end to end (chunksvc-client upload, Client.upload_file) against tus-node-server + tuspy,
+## cp+sync and (S3) boto3 upload_file; interleaved rounds, medians and ranges, the goals' ratios.
+bench-e2e: $(BENCH_INSTALLED)
+	$(BIN)/python -m tools.bench_e2e $(ARGS)
 
 ## make bench-large [ARGS="--size 10 --backends file,s3"]: a large upload end to end, through the
 ## client, completed in the background; several minutes and --size GiB of free disk (twice over).

@@ -85,6 +85,34 @@ def test_a_large_upload_is_accepted_with_202_and_assembled_in_the_background(bac
     assert again.json["object"] == done["object"]
 
 
+def test_prefer_wait_answers_200_once_the_background_assembly_is_verified(background, auth, storage):
+    app, _ = background
+    session_id, data = uploaded(app, auth, 5000)
+    done = app.post(f"/uploads/sessions/{session_id}/complete", headers={**auth, "Prefer": "wait=10"}, status=200)
+    assert done.headers["Preference-Applied"] == "wait=10"
+    assert done.json["status"] == "COMPLETED" and read_object(storage, done.json["object"]["key"]) == data
+    assert done.json["object"]["sha256"] == sha(data)
+
+
+def test_prefer_wait_answers_the_failure_found_in_the_background(background, auth):
+    app, _ = background
+    session_id, _ = uploaded(app, auth, 5000, sha256=sha(b"not these bytes"))
+    failed = app.post(f"/uploads/sessions/{session_id}/complete", headers={**auth, "Prefer": "wait=10"}, status=409)
+    assert_problem(failed, 409, "session_not_active")
+    assert app.get(f"/uploads/sessions/{session_id}", headers=auth).json["status"] == "FAILED"
+
+
+def test_prefer_wait_answers_202_after_the_wait_while_another_assembler_holds_it(background, auth, database_url):
+    app, _ = background
+    session_id, _ = uploaded(app, auth, 5000)
+    hold_completion_lease(database_url, session_id, 30)  # a live assembler elsewhere that is slow
+    started = time.monotonic()
+    waited = app.post(f"/uploads/sessions/{session_id}/complete", headers={**auth, "Prefer": "wait=1"}, status=202)
+    assert time.monotonic() - started >= 1.0
+    assert waited.headers["Preference-Applied"] == "wait=1" and waited.headers["Retry-After"] == "2"
+    assert waited.json["status"] == "COMPLETING"
+
+
 def test_small_uploads_still_complete_in_the_request(background, auth):
     app, _ = background
     session_id, _ = uploaded(app, auth, SYNC_MAX)

@@ -144,16 +144,32 @@ def test_upload_file_stores_the_file_byte_for_byte(server, tmp_path, parallel):
 
 
 def test_upload_file_waits_out_a_background_assembly(server, tmp_path):
-    """Above the server's synchronous limit complete answers 202: the client polls to the end."""
+    """Above the server's synchronous limit the assembly runs in the background; the client's
+    complete asks the server to wait for it (Prefer: wait), so one call answers COMPLETED."""
     data = payload(2 * SYNC_MAX + 3, seed=18)
     path = tmp_path / "background.bin"
     path.write_bytes(data)
-    progress = RecordedProgress()
-    with Client(server["url"], server["key"]) as client:
-        session = client.upload_file(path, part_size=256 * 1024, progress=progress)
+    attempts: list = []
+    with Client(server["url"], server["key"], on_attempt=attempts.append) as client:
+        session = client.upload_file(path, part_size=256 * 1024)
     assert session["status"] == "COMPLETED" and stored_bytes(server, session["object"]["key"]) == data
-    assert progress.assembling_seen, "the upload never saw a 202"
-    assert all(isinstance(seen, int) for seen in progress.assembling_seen)  # assembled_bytes, reported
+    completes = [(a.method, a.status) for a in attempts if a.path.endswith("/complete")]
+    assert completes == [("POST", 200)]  # no polling, no 2-second floor
+
+
+def test_complete_without_a_server_wait_polls_after_retry_after(server, tmp_path):
+    """A server that does not wait (here: asked not to) answers 202: the client polls to the end,
+    reporting assembled_bytes each time."""
+    data = payload(2 * SYNC_MAX + 3, seed=19)
+    seen: list = []
+    with Client(server["url"], server["key"], retry=RetryPolicy(base_delay=0.05)) as client:
+        session = client.create_session("poll.bin", len(data), part_size=256 * 1024)
+        for number in range(1, session["total_parts"] + 1):
+            client.put_part(session["id"], number, data[(number - 1) * 256 * 1024 : number * 256 * 1024])
+        done = client.complete(session["id"], server_wait=0, on_assembling=seen.append, poll_interval=0.05)
+    assert done["status"] == "COMPLETED" and stored_bytes(server, done["object"]["key"]) == data
+    assert seen, "the client never saw a 202"
+    assert all(s["status"] == "COMPLETING" and isinstance(s["assembled_bytes"], int) for s in seen)
 
 
 def test_uploading_a_completed_file_again_returns_its_session(server, tmp_path):

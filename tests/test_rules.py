@@ -291,3 +291,22 @@ def test_config_rejects_bad_storage_urls(url):
 def test_config_refuses_inconsistent_limits(env):
     with pytest.raises(errors.ConfigError):
         Config.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        (None, 0.0),
+        ("wait=5", 5.0),
+        ("respond-async, wait=7", 7.0),
+        ('WAIT = "3"', 3.0),
+        ("wait=100000", 20.0),  # capped
+        ("wait=-1", 0.0),
+        ("wait=soon", 0.0),
+        ("wait=\u00b2", 0.0),  # a digit to str.isdigit, not to RFC 7240
+        ("return=minimal", 0.0),
+        ("wait", 0.0),
+    ],
+)
+def test_prefer_wait_is_read_capped_and_a_malformed_one_ignored(header, seconds):
+    assert rules.parse_prefer_wait(header, 20) == seconds

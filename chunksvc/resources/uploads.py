@@ -12,7 +12,7 @@ from chunksvc.errors import InvalidRequest
 from chunksvc.resources.body import part_body
 from chunksvc.resources.middleware import publish_client
 from chunksvc.rows import ClaimedDeliveryRow, PartRow, SessionRow
-from chunksvc.services import states
+from chunksvc.services import rules, states
 from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.completion import Completion, CompletionService
 from chunksvc.services.quotas import QuotaService
@@ -22,6 +22,9 @@ MAX_JSON_BODY = 64 * 1024
 # After a 202 from complete: how soon to look again. Assembly runs at hundreds of MB/s, so a
 # few seconds shows progress without polling hard.
 RETRY_AFTER_SECONDS = 2
+# The longest ``Prefer: wait`` (RFC 7240) complete honours: the request holds one of the worker's
+# threads meanwhile (gunicorn.conf.py: 64 of them), and a proxy's read timeout must outlast it.
+MAX_PREFER_WAIT = 20
 
 
 def rfc3339(moment: datetime) -> str:
@@ -232,9 +235,19 @@ class CompleteResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
         body = read_json(req, required=False)
-        session, completion = self._completion.complete(req.context.client, session_id, body)
+        client = req.context.client
+        session, completion = self._completion.complete(client, session_id, body)
         if completion is Completion.BACKGROUND:
-            self._assembler.submit(session.id, req.context.client.id)
+            self._assembler.submit(session.id, client.id)
+        wait = rules.parse_prefer_wait(req.get_header("Prefer"), MAX_PREFER_WAIT)
+        if completion is not Completion.DONE and wait > 0:
+            # Answer as soon as the object is verified (or the completion ended otherwise): the
+            # outcome is what completing again now answers; still COMPLETING after the wait, 202.
+            resp.set_header("Preference-Applied", f"wait={wait:.0f}")
+            if self._completion.wait_while_completing(session.id, client.id, wait):
+                session, completion = self._completion.complete(client, session_id, body)
+                if completion is Completion.BACKGROUND:  # reopened and accepted again meanwhile
+                    self._assembler.submit(session.id, client.id)
         if completion is not Completion.DONE:  # assembling: complete again after Retry-After
             resp.status = falcon.HTTP_202
             resp.set_header("Retry-After", str(RETRY_AFTER_SECONDS))

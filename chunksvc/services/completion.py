@@ -81,6 +81,9 @@ PROGRESS_INTERVAL = 1.0  # seconds between renewals of an assembly's lease, whic
 # removed by a thread after it (their unlinking would otherwise hold the answer).
 INLINE_PART_REMOVAL = 256
 COMPLETION_LEASE = 30.0  # seconds a crashed assembler's lease outlives its last renewal
+# A completion waited for (``Prefer: wait``) is looked up at least this often: its assembler may
+# run in another process, whose outcome no in-process signal announces.
+OUTCOME_POLL = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +137,8 @@ class CompletionService:
         # Sessions whose completion lease an assembly in this process holds (give_back_leases).
         self._held: dict[UUID, UUID] = {}
         self._held_lock = threading.Lock()
+        # Notified whenever an assembly in this process ends, so a waiting complete answers at once.
+        self._assembly_ended = threading.Condition()
 
     def complete(self, client: Client, raw_id: str, body: Any) -> tuple[SessionRow, Completion]:
         """Complete the session: ``DONE`` once assembled here; ``BACKGROUND`` when it was accepted
@@ -153,6 +158,23 @@ class CompletionService:
             if session is None:
                 raise SessionNotFound() from None
             return session, Completion.ELSEWHERE
+
+    def wait_while_completing(self, session_id: UUID, client_id: int, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the session to leave ``COMPLETING`` (``Prefer: wait`` on
+        complete); True once it has. Woken when an assembly in this process ends, and otherwise
+        looks every ``OUTCOME_POLL`` seconds (the assembler may be another process's). No
+        connection is held while waiting."""
+        deadline = time.monotonic() + seconds
+        while True:
+            with self._db.connection() as conn:
+                session = dao.get_session(conn, session_id, client_id)
+            if session is None or session.effective_status != states.COMPLETING:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with self._assembly_ended:
+                self._assembly_ended.wait(min(OUTCOME_POLL, remaining))
 
     def resume(self, session_id: UUID, client_id: int) -> SessionRow:
         """Drive an accepted completion to its end, as calling ``complete`` again would: one
@@ -260,6 +282,8 @@ class CompletionService:
                 # completion over meanwhile, the entry is that one's (give_back_leases needs it).
                 if self._held.get(session.id) == lease.owner:
                     del self._held[session.id]
+            with self._assembly_ended:
+                self._assembly_ended.notify_all()
 
     def give_back_leases(self) -> int:
         """Give back the completion leases this process holds (a worker shutting down: its

@@ -247,3 +247,22 @@ def parse_content_digest(header: str | None) -> dict[str, bytes]:
     if not found:
         raise UnsupportedDigest("Content-Digest must carry sha-256 or sha-512")
     return found
+
+
+def parse_prefer_wait(header: str | None, maximum: float) -> float:
+    """The seconds of an RFC 7240 ``Prefer: wait=N`` (at most ``maximum``); 0 when there is none.
+
+    A preference may be ignored (RFC 7240, section 2), so a malformed one is not an error: it is
+    read as no wait at all. Preferences are comma-separated; a ``;`` starts a preference's own
+    parameters, which ``wait`` has none of.
+    """
+    if header is None:
+        return 0.0
+    for preference in header.split(","):
+        name, _, value = preference.split(";", 1)[0].partition("=")
+        if name.strip().lower() == "wait":
+            digits = value.strip().strip('"')
+            return (
+                float(min(int(digits), maximum)) if digits.isascii() and digits.isdigit() and len(digits) <= 9 else 0.0
+            )
+    return 0.0

@@ -33,6 +33,9 @@ DEAD = frozenset({"ABORTED", "EXPIRED", "FAILED"})
 MAX_FRESH_STARTS = 20
 # Rounds of "complete, then send what it says is missing" before giving up on a session.
 MAX_REPAIR_ROUNDS = 20
+# Seconds each complete asks the server to wait for the verified object (``Prefer: wait``); the
+# service honours up to 20, an older one ignores the header.
+COMPLETE_SERVER_WAIT = 15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +102,7 @@ class Client:
         self.url = url.rstrip("/")
         self.retry = retry or RetryPolicy()
         self._on_attempt = on_attempt
+        self._read_timeout = timeout
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {api_key}", "User-Agent": "chunksvc-client/0.1"},
@@ -223,21 +227,27 @@ class Client:
         wait: bool = True,
         on_assembling: Callable[[dict[str, Any]], None] | None = None,
         poll_interval: float = 2.0,
+        server_wait: int = COMPLETE_SERVER_WAIT,
     ) -> dict[str, Any]:
         """Complete the session; the completed session object.
 
-        A large upload is assembled in the background (``202``): with ``wait`` this polls
-        complete again after each ``Retry-After`` (it is idempotent, and takes over an assembly
-        whose worker died) until it is ``COMPLETED``; ``on_assembling`` sees the session each
-        time, with ``assembled_bytes``. It raises ``checksum_mismatch`` when the session ends
-        ``FAILED``, and ``parts_missing`` (the parts in ``error.problem``) when parts were lost
-        and the session was reopened for them.
+        A large upload is assembled in the background (``202``): with ``wait`` each complete asks
+        the server to answer once the object is verified (``Prefer: wait=<server_wait>``, RFC
+        7240), and calls again at once when it answered 202 after waiting (``Preference-Applied``);
+        a server that does not wait is polled after each ``Retry-After``. Complete is idempotent,
+        and takes over an assembly whose worker died. It goes on until ``COMPLETED``;
+        ``on_assembling`` sees the session each time, with ``assembled_bytes``. It raises
+        ``checksum_mismatch`` when the session ends ``FAILED``, and ``parts_missing`` (the parts
+        in ``error.problem``) when parts were lost and the session was reopened for them.
         """
         body = {"sha256": sha256} if sha256 else None
         path = f"/uploads/sessions/{session_id}/complete"
+        # The wait must end well inside one read's timeout, or the answer would never be read.
+        seconds = min(server_wait, int(self._read_timeout / 2)) if wait else 0
+        headers = {"Prefer": f"wait={seconds}"} if seconds > 0 else None
         while True:
             try:
-                response = self._call("POST", path, json_body=body)
+                response = self._call("POST", path, json_body=body, headers=headers)
             except ApiError as error:
                 if error.code == "session_not_active":
                     session = self.get_session(session_id)
@@ -255,7 +265,8 @@ class Client:
                 return session
             if on_assembling:
                 on_assembling(session)
-            self.retry.sleep(_retry_after(response) or poll_interval)
+            if headers is None or "Preference-Applied" not in response.headers:
+                self.retry.sleep(_retry_after(response) or poll_interval)
 
     def limits(self) -> dict[str, Any]:
         """The caller's quotas and its use of them (``GET /uploads/limits``)."""

@@ -1,0 +1,258 @@
+"""Time to a verified object, end to end: ``make bench-e2e`` (``python -m tools.bench_e2e``).
+
+What a user waits for, from the command to the object being there, for the same file of random
+bytes, in interleaved rounds (one of each route per round, then the next round):
+
+- ``chunksvc-cli``: ``chunksvc-client upload FILE --parallel 4`` (defaults), until ``COMPLETED``
+  with the whole-file SHA-256 verified; gunicorn with ``gunicorn.conf.py``, an embedded PostgreSQL.
+- ``chunksvc-lib``: ``Client.upload_file(FILE)`` (defaults) in a child process, which also times
+  each request (``on_attempt``): the last part's 2xx to ``COMPLETED`` is its figure.
+- ``tus`` (disk): tus-node-server (``tools/peer_tus.py`` installs it under ~/.cache) and tuspy
+  from PyPI, 8 MiB PATCHes: nothing fsynced, nothing verified.
+- ``cp+sync`` (disk): ``cp FILE DEST && sync DEST``, the floor for durable bytes on this disk.
+- ``boto3`` (s3): ``upload_file`` straight to the same S3 server (4 threads, 8 MiB parts).
+
+Prints medians with min-max, the issue's ratios, and the peak RSS of the busiest worker and of
+the CLI client (a fresh server per size, so the worker's figure is that size's). S3 runs on moto
+in a child process until a real S3 server harness is at hand (moto keeps every byte in RAM:
+keep ``--s3-sizes`` small).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from chunksvc.config import MiB, StorageSpec
+from tools import harness, peer_tus
+from tools.bench_large import worker_peak_mib, write_file
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Client.upload_file with its defaults; prints when the last part's 2xx came and when it ended.
+_LIBRARY = """
+import json, sys, time
+from chunksvc_client import Client
+url, key, path = sys.argv[1:4]
+last_part = []
+def seen(attempt):
+    if attempt.method == "PUT" and 200 <= attempt.status < 300:
+        last_part.append(time.monotonic())
+with Client(url, key, on_attempt=seen) as client:
+    started = time.monotonic()
+    session = client.upload_file(path)
+    ended = time.monotonic()
+assert session["status"] == "COMPLETED", session
+print(json.dumps({"total": ended - started, "tail": ended - max(last_part), "sha256": session["object"]["sha256"]}))
+"""
+
+_TUS = """
+import sys
+from tusclient import client
+# tuspy sends an empty Upload-Metadata without metadata, which tus-node-server refuses (400).
+uploader = client.TusClient(sys.argv[1] + "/files").uploader(
+    sys.argv[2], chunk_size=8 * 1024 * 1024, metadata={"filename": "source.bin"}
+)
+uploader.upload()
+"""
+
+_BOTO3 = """
+import sys, boto3
+from boto3.s3.transfer import TransferConfig
+endpoint, access, secret, bucket, path = sys.argv[1:6]
+s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=access, aws_secret_access_key=secret,
+                  region_name="us-east-1")
+config = TransferConfig(multipart_chunksize=8 * 1024 * 1024, max_concurrency=4)
+s3.upload_file(path, bucket, "boto3-peer/object", Config=config)
+"""
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
+    """Run ``argv``; its wall time, its peak RSS in KiB (wait4), and its stdout."""
+    started = time.monotonic()
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(process.pid, 0)
+        elapsed = time.monotonic() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+        if process.returncode != 0:
+            raise RuntimeError(f"{argv[:3]} failed ({process.returncode}): {stderr[-2000:]}")
+        out.seek(0)
+        return elapsed, usage.ru_maxrss, out.read()
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
+
+
+class Routes:
+    """One size's routes on one backend, each a callable that uploads the file once."""
+
+    def __init__(self, path: Path, work: Path) -> None:
+        self.path = path
+        self.work = work
+        self.times: dict[str, list[float]] = {}
+        self.client_kib: list[int] = []
+        self.tails: list[float] = []
+        self.worker_mib = 0.0
+
+    def record(self, name: str, seconds: float) -> None:
+        self.times.setdefault(name, []).append(seconds)
+
+    def chunksvc(self, server: harness.Server, key: str, clean: Callable[[], None]) -> None:
+        env = {"CHUNKSVC_URL": server.url, "CHUNKSVC_API_KEY": key}
+        # A fresh mtime each time: the CLI would otherwise find the last round's session COMPLETED.
+        os.utime(self.path)
+        seconds, kib, _ = timed([str(BIN / "chunksvc-client"), "upload", str(self.path), "--quiet"], env)
+        self.record("chunksvc-cli", seconds)
+        self.client_kib.append(kib)
+        clean()
+        os.utime(self.path)
+        _, _, out = timed([sys.executable, "-c", _LIBRARY, server.url, key, str(self.path)])
+        answer = json.loads(out)
+        self.record("chunksvc-lib", answer["total"])
+        self.tails.append(answer["tail"])
+        clean()
+
+
+def empty(directory: Path) -> Callable[[], None]:
+    """Removes everything under ``directory`` (the bench's own storage): rounds of 10 GiB add up."""
+
+    def clean() -> None:
+        for entry in directory.iterdir():
+            if entry.is_dir() and entry.name != ".incoming":
+                shutil.rmtree(entry, ignore_errors=True)
+        os.sync()
+
+    return clean
+
+
+def disk_rounds(url: str, key: str, size: int, rounds: int, work: Path, tus: peer_tus.Installation | None) -> Routes:
+    routes = Routes(work / "source.bin", work)
+    write_file(routes.path, size)
+    storage = work / "storage"
+    env = {"CHUNKSVC_LOG_LEVEL": "warning", "CHUNKSVC_ACCESS_LOG": ""}
+    spec = StorageSpec(kind="file", root=storage)
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(harness.gunicorn(url, spec, env=env, cwd=ROOT, unset=["PROMETHEUS_MULTIPROC_DIR"]))
+        tus_server = stack.enter_context(peer_tus.serve(tus, work / "tus")) if tus else None
+        os.sync()
+        for _ in range(rounds):
+            routes.chunksvc(server, key, empty(storage))
+            if tus_server is not None:
+                routes.record("tus", timed([sys.executable, "-c", _TUS, tus_server.url, str(routes.path)])[0])
+                shutil.rmtree(work / "tus", ignore_errors=True)
+                (work / "tus").mkdir()
+                os.sync()
+            dest = work / "copy.bin"
+            routes.record("cp+sync", timed(["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(routes.path), str(dest)])[0])
+            dest.unlink()
+            os.sync()
+        routes.worker_mib = worker_peak_mib(server)
+    routes.path.unlink()
+    return routes
+
+
+def s3_rounds(url: str, key: str, size: int, rounds: int, work: Path) -> Routes:
+    routes = Routes(work / "source.bin", work)
+    write_file(routes.path, size)
+    env = {"CHUNKSVC_LOG_LEVEL": "warning", "CHUNKSVC_ACCESS_LOG": ""}
+    with harness.moto_s3() as endpoint:
+        spec = harness.s3_spec(endpoint)
+        with harness.gunicorn(url, spec, env=env, cwd=ROOT, unset=["PROMETHEUS_MULTIPROC_DIR"]) as server:
+            for _ in range(rounds):
+                routes.chunksvc(server, key, lambda: None)
+                argv = [
+                    sys.executable,
+                    "-c",
+                    _BOTO3,
+                    f"http://{endpoint}",
+                    spec.access_key or "",
+                    spec.secret_key or "",
+                ]
+                routes.record("boto3", timed([*argv, spec.bucket or "", str(routes.path)])[0])
+            routes.worker_mib = worker_peak_mib(server)
+    routes.path.unlink()
+    return routes
+
+
+def ratio(routes: Routes, top: str, bottom: str) -> str:
+    if top not in routes.times or bottom not in routes.times:
+        return "n/a"
+    pairs = [a / b for a, b in zip(routes.times[top], routes.times[bottom], strict=True)]
+    return f"{statistics.median(pairs):.2f} ({min(pairs):.2f}-{max(pairs):.2f})"
+
+
+def report(backend: str, size: int, routes: Routes) -> None:
+    print(f"\n{backend}, {size // MiB} MiB, {len(routes.tails)} interleaved rounds")
+    for name, values in routes.times.items():
+        print(f"  {name:<13} {spread(values)}")
+    print(f"  last part's 2xx -> COMPLETED (library): {spread(routes.tails)}")
+    if backend == "file":
+        print(f"  tus / chunksvc-cli (goal >= 1.5): {ratio(routes, 'tus', 'chunksvc-cli')}")
+        print(f"  chunksvc-cli / cp+sync (goal <= 3): {ratio(routes, 'chunksvc-cli', 'cp+sync')}")
+    else:
+        print(f"  chunksvc-cli / boto3 (goal <= 1.3): {ratio(routes, 'chunksvc-cli', 'boto3')}")
+    print(f"  peak RSS: busiest worker {routes.worker_mib:.0f} MiB, CLI client {max(routes.client_kib) / 1024:.0f} MiB")
+
+
+def sizes(text: str) -> list[int]:
+    return [int(float(item) * MiB) for item in text.split(",") if item.strip()]
+
+
+@contextlib.contextmanager
+def tus_peer(wanted: bool) -> Iterator[peer_tus.Installation | None]:
+    if not wanted:
+        yield None
+        return
+    try:
+        yield peer_tus.prepare()
+    except peer_tus.PeerUnavailable as exc:
+        print(f"tus peer skipped: {exc}", file=sys.stderr)
+        yield None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="file", help="comma-separated: file, s3 (default file)")
+    parser.add_argument("--sizes", default="256,1024", help="MiB on disk, comma-separated (default 256,1024)")
+    parser.add_argument("--large", action="store_true", help="add 4 GiB and 10 GiB on disk")
+    parser.add_argument("--s3-sizes", default="256", help="MiB on S3 (moto holds them in RAM; default 256)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-tus", action="store_true", help="leave out tus-node-server")
+    parser.add_argument("--file-root", type=Path, help="where files and storage go (default: $TMPDIR)")
+    args = parser.parse_args(argv)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    disk_sizes = sizes(args.sizes) + ([4096 * MiB, 10240 * MiB] if args.large else [])
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    with (
+        tempfile.TemporaryDirectory(prefix="chunksvc-e2e-", dir=args.file_root) as tmp,
+        tus_peer(not args.no_tus and "file" in backends) as tus,
+    ):
+        work = Path(tmp)
+        with harness.embedded_database(work / "db") as url:
+            key = harness.create_api_key(url, "e2e")
+            if "file" in backends:
+                for size in disk_sizes:
+                    report("file", size, disk_rounds(url, key, size, args.rounds, work, tus))
+            if "s3" in backends:
+                for size in sizes(args.s3_sizes):
+                    report("s3 (moto)", size, s3_rounds(url, key, size, args.rounds, work))
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
