@@ -93,8 +93,8 @@ def test_the_readme_walkthrough_passes(stack, route):
     assert "stored and verified: " in result.stdout
 
 
-def test_the_walkthrough_script_is_the_readme_block():
-    readme = (ROOT / "README.md").read_text()
+def test_the_walkthrough_script_is_the_docs_block():
+    readme = (ROOT / "docs" / "client.md").read_text()
     section = readme.index("## A whole upload with curl")
     start = readme.index("```sh\n", section) + len("```sh\n")
     block = readme[start : readme.index("```\n", start)]
