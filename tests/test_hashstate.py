@@ -7,6 +7,7 @@ import hashlib
 import os
 
 import pytest
+
 from chunksvc import hashstate
 
 pytestmark = pytest.mark.skipif(not hashstate.available(), reason="no libcrypto with SHA-256 here")

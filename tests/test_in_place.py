@@ -12,10 +12,10 @@ import uuid
 
 import psycopg
 import pytest
+
 from chunksvc import hashstate
 from chunksvc.config import Config
 from chunksvc.services import layout
-
 from tests.helpers import complete, create, payload, put_part, sha, split, wait_for
 
 PART = 4096
