@@ -119,7 +119,9 @@ def build(
     quotas = QuotaService(db, config.quotas)
     # The whole-file SHA-256 carried on as parts arrive (for parts written in place).
     # Its lease no longer than the completion lease: a completion waits out a killed holder's.
-    frontier = HashFrontier(db, storage, config.block_size, lease=min(config.lease, FRONTIER_LEASE))
+    frontier = HashFrontier(
+        db, storage, config.block_size, lease=min(config.lease, FRONTIER_LEASE), min_part=config.in_place_min_part
+    )
     upload_service = UploadService(
         db,
         storage,
@@ -128,7 +130,6 @@ def build(
         events=events,
         quotas=quotas,
         frontier=frontier,
-        in_place_min_part=config.in_place_min_part,
     )
     completion = CompletionService(
         db,

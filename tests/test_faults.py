@@ -406,13 +406,13 @@ def test_a_worker_killed_mid_assembly_loses_nothing(
     assert unfinished_s3_uploads(spec) == []
 
 
-def test_a_worker_killed_mid_frontier_loses_nothing(request, pg_proxy, database_url, db, api_key, tmp_path):
-    """Parts written in place (disk): the worker is killed while its hash frontier saves a state
-    (the save never reaches the database). Its frontier lease stays behind until it runs out; the
-    parts sent after the restart, and the completion, carry the frontier on from the last saved
-    state, and the object is byte-identical."""
+def test_a_worker_killed_mid_frontier_loses_nothing(request, pg_proxy, database_url, db, spec, api_key, tmp_path):
+    """Parts hashed as they arrive (written in place on disk, read back on S3): the worker is
+    killed while its hash frontier saves a state (the save never reaches the database). Its
+    frontier lease stays behind until it runs out; the parts sent after the restart, and the
+    completion, carry the frontier on from the last saved state, and the object is
+    byte-identical."""
     proxy, proxied_url = pg_proxy
-    spec = StorageSpec(kind="file", root=tmp_path / "storage")
     part_size, parts = 1024 * 1024, 8
     data = payload(parts * part_size - 1, seed=5)
     tally = Tally()

@@ -408,9 +408,17 @@ class CompletionService:
             try:
                 in_place = self._storage.in_place
                 assembly = layout.assembly_key(session.id)
-                if self._frontier is not None and in_place is not None and any(s.key == assembly for s in sources):
+                frontier = self._frontier if self._frontier and self._frontier.applies(session.part_size) else None
+                if frontier is not None and in_place is not None and any(s.key == assembly for s in sources):
                     return self._finish_in_place(in_place, session, sources, keeping)
-                return self._storage.assemble(sources, key, self._block_size, keeping.progress)
+                # The frontier's digest, where it ran (over the parts as stored, read back as they
+                # arrived): the storage then need not read the assembled object back to hash it.
+                known = (
+                    frontier.finish(session.id, session.total_parts, keeping.check, 2 * frontier.lease)
+                    if frontier
+                    else None
+                )
+                return self._storage.assemble(sources, key, self._block_size, keeping.progress, known_sha256=known)
             except ObjectMissing:
                 pass
             finally:

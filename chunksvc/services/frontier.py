@@ -47,8 +47,11 @@ TAKE_POLL = 0.02  # seconds between tries while a completion waits for a live ho
 
 
 class HashFrontier:
-    def __init__(self, db: Database, storage: Storage, block_size: int, lease: float = FRONTIER_LEASE) -> None:
+    def __init__(
+        self, db: Database, storage: Storage, block_size: int, lease: float = FRONTIER_LEASE, min_part: int = 0
+    ) -> None:
         self._db = db
+        self._min_part = min_part
         self._storage = storage
         self._block_size = block_size
         self.lease = lease
@@ -56,6 +59,11 @@ class HashFrontier:
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[UUID] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None  # made on first use: after gunicorn's fork
+
+    def applies(self, part_size: int) -> bool:
+        """Whether sessions of this part size are hashed as their parts arrive (and, on storage
+        that can, written in place): ``CHUNKSVC_IN_PLACE_MIN_PART`` and above; 0 is never."""
+        return self._min_part > 0 and part_size >= self._min_part and self.resumable
 
     @property
     def resumable(self) -> bool:

@@ -99,13 +99,12 @@ class UploadService:
         events: UploadEvents | None = None,
         quotas: QuotaService | None = None,
         frontier: HashFrontier | None = None,
-        in_place_min_part: int = 0,
     ) -> None:
         self._db = db
+        # Sessions it applies to are hashed as their parts arrive, and written in place where the
+        # storage can.
         self._frontier = frontier
-        # Parts of at least this size are written in place where the storage can (0: never).
-        self._in_place = storage.in_place if in_place_min_part and frontier is not None else None
-        self._in_place_min_part = in_place_min_part
+        self._in_place = storage.in_place if frontier is not None else None
         self._quotas = quotas or QuotaService(db, Quotas())
         self._storage = storage
         self._limits = limits
@@ -236,7 +235,7 @@ class UploadService:
     def store_part(self, target: PartTarget, body: PartBody) -> PartResult:
         """Stream the body, hashing it, to its place in the session's file (``_store_in_place``)
         or else to a fresh key; then record it in one transaction."""
-        if self._in_place is not None and target.part_size >= self._in_place_min_part:
+        if self._in_place is not None and self._frontier is not None and self._frontier.applies(target.part_size):
             result = self._store_in_place(self._in_place, target, body)
             if result is not None:
                 return result
@@ -298,8 +297,7 @@ class UploadService:
         )
         if not result.uses_new_bytes:
             discard(self._storage, [key])  # a duplicate: the row points at the bytes stored the first time
-        elif self._in_place is not None and target.part_size >= self._in_place_min_part:
-            assert self._frontier is not None
+        elif self._frontier is not None and self._frontier.applies(target.part_size):
             self._frontier.poke(target.session_id)
         return result
 

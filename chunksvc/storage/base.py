@@ -174,9 +174,18 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def assemble(
-        self, sources: Sequence[PartSource], key: str, block_size: int, progress: Progress | None = None
+        self,
+        sources: Sequence[PartSource],
+        key: str,
+        block_size: int,
+        progress: Progress | None = None,
+        known_sha256: str | None = None,
     ) -> StoredObject:
         """Concatenate ``sources`` in order into ``key``; return the stored size and SHA-256.
+
+        ``known_sha256``: the caller read the sources as stored and hashed them in order (the
+        hash frontier). An adapter whose concatenation is a copy made by the store itself may
+        then return it, with the size it checked, instead of reading the result back to hash it.
 
         ``progress(n)`` is called now and then with the bytes of the object written so far.
 

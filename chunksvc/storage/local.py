@@ -485,10 +485,16 @@ class LocalStorage(Storage):
         self._store(check_key(key), length, fill, own_key=True)
 
     def assemble(
-        self, sources: Sequence[PartSource], key: str, block_size: int, progress: Progress | None = None
+        self,
+        sources: Sequence[PartSource],
+        key: str,
+        block_size: int,
+        progress: Progress | None = None,
+        known_sha256: str | None = None,
     ) -> StoredObject:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        del known_sha256  # the copy is hashed as it is written: it costs no extra pass here
         paths = [(src, self._path(src.key)) for src in sources]
 
         def fill(fd: int, behind: _WriteBehind) -> tuple[int, str]:
