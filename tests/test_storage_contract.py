@@ -485,10 +485,6 @@ def test_validate_limits_accepts(storage: Storage, limits: Limits) -> None:
     storage.validate_limits(limits)
 
 
-def test_local_validate_limits_accepts_anything(file_spec: StorageSpec) -> None:
-    open_storage(file_spec).validate_limits(Limits(max_parts=1_000_000, max_upload_size=50 * TiB))
-
-
 @pytest.mark.parametrize(
     "spec",
     [
