@@ -4,7 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install lock run test chaos lint docs migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks bench-pgbouncer bench-curves bench-e2e loadtest clean
+.PHONY: help install lock run test test-fast fmt schema chaos lint docs migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks bench-pgbouncer bench-curves bench-e2e loadtest clean
+
+## make help: this list (every target with a ## comment).
+help:
+	@awk '/^## /{sub(/^## /, ""); doc = doc (doc ? "\n    " : "") $$0; next} /^[a-z][a-z0-9-]*:/{if (doc) {split($$1, t, ":"); printf "%-16s %s\n", t[1], doc}; doc = ""; next} {doc = ""}' $(MAKEFILE_LIST)
 
 # The virtualenv is rebuilt when the dependency list changes. (PYTHONWARNINGS: setuptools' notice
 # about editable installs, printed by every build, is noise; pip's errors still show.)
@@ -38,8 +42,23 @@ $(BENCH_INSTALLED): $(INSTALLED)
 run: $(INSTALLED)
 	$(BIN)/python -m chunksvc serve
 
+## make test: the whole suite (every tier: unit, api, e2e, chaos, bench; see tests/conftest.py).
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## make test-fast: the unit and api tiers only (no gunicorn, nginx, PgBouncer, radosgw or faults).
+test-fast: $(INSTALLED)
+	$(BIN)/python -m pytest -m "unit or api" -q $(PYTEST_ARGS)
+
+## make fmt: ruff's fixes and formatting, in place (make lint checks them).
+fmt: $(INSTALLED)
+	$(BIN)/ruff check --fix --quiet .
+	$(BIN)/ruff format --quiet .
+
+## make schema: sql/schema.sql anew, dumped from a fresh database migrated to the newest migration
+## (tests/test_migrations.py checks that the migrations still produce it); commit it with a migration.
+schema: $(INSTALLED)
+	$(BIN)/python -m tools.schema --write
 
 ## The fault-injection suite alone (it is also part of `make test`): kill -9, outages through a
 ## misbehaving proxy, a full disk, load with invariants on two hosts.

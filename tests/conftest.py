@@ -102,3 +102,49 @@ def auth(api_key: str) -> dict[str, str]:
 @pytest.fixture
 def other_auth(keys: KeyManager) -> dict[str, str]:
     return {"Authorization": f"Bearer {keys.create('bob')[0]}"}
+
+
+# --- tiers ---------------------------------------------------------------------------------------
+# Every test gets one marker, so a tier can be run alone (`make test-fast` runs unit and api):
+#   unit   in-process: the code, a real PostgreSQL, a local directory;
+#   api    the WSGI app through webtest (a real PostgreSQL and directory behind it);
+#   e2e    real processes: gunicorn, nginx, PgBouncer, the client's CLI, or radosgw for S3;
+#   chaos  fault injection: kill -9, outages through fault proxies, full disks;
+#   bench  the benchmarks' own tests (their tools, not their figures).
+CHAOS_FILES = {"test_faults.py", "test_reliability.py"}
+BENCH_FILES = {"test_bench_curves.py", "test_bench_peer.py", "test_loadtest.py", "test_measure.py"}
+E2E_FILES = {"test_server.py", "test_nginx.py", "test_pgbouncer.py", "test_memory.py"}
+# A test that starts a real server in its own body (harness.gunicorn, a CLI subprocess...).
+E2E_CALLS = ("gunicorn(", "serving(", "subprocess.", "nginx", "pgbouncer")
+
+
+def tier_of(item: pytest.Item) -> str:
+    name = item.path.name
+    if name in CHAOS_FILES:
+        return "chaos"
+    if name in BENCH_FILES:
+        return "bench"
+    callspec = getattr(item, "callspec", None)
+    uses_s3 = callspec is not None and "s3" in str(callspec.id).split("-")
+    fixtures = set(getattr(item, "fixturenames", ()))
+    # "server": the module-scoped gunicorn fixtures of the client and CLI tests.
+    if name in E2E_FILES or uses_s3 or fixtures & {"radosgw_server", "s3_spec", "server"}:
+        return "e2e"
+    function = getattr(item, "function", None)
+    if function is not None:
+        import inspect
+
+        try:
+            source = inspect.getsource(function)
+        except OSError:
+            source = ""
+        if any(call in source for call in E2E_CALLS):
+            return "e2e"
+    if fixtures & {"app", "wsgi_app"}:
+        return "api"
+    return "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(getattr(pytest.mark, tier_of(item)))
