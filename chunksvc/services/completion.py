@@ -411,13 +411,13 @@ class CompletionService:
                 frontier = self._frontier if self._frontier and self._frontier.applies(session.part_size) else None
                 if frontier is not None and in_place is not None and any(s.key == assembly for s in sources):
                     return self._finish_in_place(in_place, session, sources, keeping)
-                # The frontier's digest, where it ran (over the parts as stored, read back as they
-                # arrived): the storage then need not read the assembled object back to hash it.
-                known = (
-                    frontier.finish(session.id, session.total_parts, keeping.check, 2 * frontier.lease)
-                    if frontier
-                    else None
-                )
+                # The frontier's digest (over the parts as stored, read back as they arrived), for
+                # a store whose assembly would otherwise read the object back to hash it (S3). A
+                # local copy hashes what it writes in the same pass: asking the frontier first
+                # would read everything twice.
+                known = None
+                if frontier is not None and in_place is None:
+                    known = frontier.finish(session.id, session.total_parts, keeping.check, 2 * frontier.lease)
                 return self._storage.assemble(sources, key, self._block_size, keeping.progress, known_sha256=known)
             except ObjectMissing:
                 pass
