@@ -51,6 +51,23 @@ class SessionRow:
 
 
 @dataclasses.dataclass(frozen=True)
+class TusStateRow(SessionRow):
+    """A session as ``/tus/`` sees it (``tus_state``): its tus row's columns (``concat`` is
+    ``none`` for a session the native API created), its part in the making (all three None when
+    there is none), and the bytes of its parts 1..n received without a gap."""
+
+    tus_created: bool  # created by POST /tus/ (else by the native API)
+    tus_metadata: str | None  # Upload-Metadata as sent at creation
+    concat: str  # none, partial or final
+    final_id: UUID | None  # a partial: the final upload it went into
+    incomplete_part_number: int | None
+    incomplete_size: int | None
+    incomplete_key: str | None
+    contiguous_parts: int
+    contiguous_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class OpsSessionRow(SessionRow):
     """A session with its client's name and completion lease: the operator's view (``sessions
     list`` / ``show``)."""

@@ -1,0 +1,352 @@
+"""The tus 1.0 endpoint (contract v1.2): the protocol's rules directly (webtest), then real clients.
+
+A tus upload is a chunksvc session, so each test also looks at it through the native API.
+The protocol tests run on disk (``storage_spec`` below); the real-client tests say where they run.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import pytest
+import webtest
+
+from chunksvc.config import StorageSpec
+from tests.helpers import ShortBody, payload, sha
+
+TUS = {"Tus-Resumable": "1.0.0"}
+PATCH_TYPE = {"Content-Type": "application/offset+octet-stream"}
+PART = 1024  # TEST_LIMITS.default_part_size: a tus upload's parts
+
+
+@pytest.fixture
+def storage_spec(file_spec: StorageSpec) -> StorageSpec:
+    return file_spec
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def create(app, auth, length: int, status: int = 201, headers: dict | None = None, **kwargs):
+    return app.post(
+        "/tus/", headers={**auth, **TUS, "Upload-Length": str(length), **(headers or {})}, status=status, **kwargs
+    )
+
+
+def upload_id(response) -> str:
+    return response.headers["Location"].rsplit("/", 1)[1]
+
+
+def patch(app, auth, uid: str, offset: int, data: bytes, status: int = 204, headers: dict | None = None):
+    return app.patch(
+        f"/tus/{uid}",
+        params=data,
+        headers={**auth, **TUS, **PATCH_TYPE, "Upload-Offset": str(offset), **(headers or {})},
+        status=status,
+    )
+
+
+def head(app, auth, uid: str, status: int = 200):
+    return app.head(f"/tus/{uid}", headers={**auth, **TUS}, status=status)
+
+
+def checksum(algorithm: str, data: bytes) -> str:
+    return f"{algorithm} {base64.b64encode(hashlib.new(algorithm, data).digest()).decode()}"
+
+
+def session(app, auth, uid: str) -> dict:
+    return app.get(f"/uploads/sessions/{uid}", headers=auth).json
+
+
+def stored_object(storage, session_json: dict) -> bytes:
+    with storage.open(session_json["object"]["key"]) as stream:
+        return stream.read()
+
+
+# --- discovery and the version rule -----------------------------------------------------------
+
+
+def test_options_needs_no_credentials_and_lists_what_the_contract_names(app):
+    response = app.options("/tus/", status=204)
+    assert response.headers["Tus-Resumable"] == "1.0.0"
+    assert response.headers["Tus-Version"] == "1.0.0"
+    extensions = set(response.headers["Tus-Extension"].split(","))
+    assert {"creation", "creation-with-upload", "termination", "expiration", "checksum", "concatenation"} <= extensions
+    assert {"sha256", "sha1"} <= set(response.headers["Tus-Checksum-Algorithm"].split(","))
+    assert int(response.headers["Tus-Max-Size"]) == 10 * 1024 * 1024 * 1024
+
+
+@pytest.mark.parametrize("version", [None, "0.2.2", "1.0"])
+def test_another_tus_version_is_412_with_tus_version(app, auth, version):
+    headers = {**auth, "Upload-Length": "10"}
+    if version is not None:
+        headers["Tus-Resumable"] = version
+    response = app.post("/tus/", headers=headers, status=412)
+    assert response.headers["Tus-Version"] == "1.0.0"
+    assert response.headers["Tus-Resumable"] == "1.0.0"
+    assert response.json["code"] == "unsupported_version"
+    assert app.get("/uploads/sessions", headers=auth).json["sessions"] == []
+
+
+def test_no_credentials_is_401_before_anything_else(app):
+    response = app.post("/tus/", headers={"Upload-Length": "10"}, status=401)
+    assert response.json["code"] == "unauthorized"
+    assert response.headers["Tus-Resumable"] == "1.0.0"
+
+
+# --- creation and HEAD ------------------------------------------------------------------------
+
+
+def test_creation_makes_an_ordinary_session_with_the_metadata(app, auth):
+    metadata = f"filename {b64('report.pdf')},filetype {b64('application/pdf')},owner {b64('ünïcode')},flag"
+    response = create(app, auth, 3000, headers={"Upload-Metadata": metadata})
+    assert response.headers["Location"].startswith("/tus/")
+    uid = upload_id(response)
+    found = session(app, auth, uid)
+    assert found["filename"] == "report.pdf"
+    assert found["content_type"] == "application/pdf"
+    assert found["metadata"] == {"owner": "ünïcode", "flag": ""}
+    assert found["size"] == 3000 and found["status"] == "INIT" and found["part_size"] == PART
+    described = head(app, auth, uid)
+    assert described.headers["Upload-Offset"] == "0"
+    assert described.headers["Upload-Length"] == "3000"
+    assert described.headers["Upload-Metadata"] == metadata
+    assert described.headers["Cache-Control"] == "no-store"
+    assert described.headers["Upload-Expires"].endswith(" GMT")
+
+
+def test_an_empty_upload_metadata_header_is_no_metadata(app, auth):
+    uid = upload_id(create(app, auth, 10, headers={"Upload-Metadata": ""}))
+    found = session(app, auth, uid)
+    assert found["metadata"] == {} and found["filename"] == "upload"
+    assert "Upload-Metadata" not in head(app, auth, uid).headers
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Upload-Length": "-1"},
+        {"Upload-Length": "ten"},
+        {"Upload-Metadata": "filename not*base64"},
+        {"Upload-Metadata": f"a {b64('x')},a {b64('y')}"},
+        {"Upload-Defer-Length": "1"},
+        {"Upload-Concat": "sideways"},
+    ],
+)
+def test_bad_creation_headers_are_400_and_create_nothing(app, auth, headers):
+    response = create(app, auth, 10, status=400, headers=headers)
+    assert response.json["code"] == "invalid_request"
+    assert app.get("/uploads/sessions", headers=auth).json["sessions"] == []
+
+
+def test_an_upload_above_tus_max_size_is_413(app, auth):
+    assert create(app, auth, 10 * 1024**3 + 1, status=413).json["code"] == "upload_too_large"
+
+
+def test_another_clients_upload_is_404_and_an_unknown_one_too(app, auth, other_auth):
+    uid = upload_id(create(app, auth, 10))
+    head(app, other_auth, uid, status=404)
+    assert patch(app, other_auth, uid, 0, b"x" * 10, status=404).json["code"] == "session_not_found"
+    app.delete(f"/tus/{uid}", headers={**other_auth, **TUS}, status=404)
+    head(app, auth, "00000000-0000-4000-8000-000000000000", status=404)
+    head(app, auth, "not-an-id", status=404)
+    assert head(app, auth, uid).headers["Upload-Offset"] == "0"
+
+
+# --- PATCH ------------------------------------------------------------------------------------
+
+
+def test_unaligned_patches_become_parts_and_the_upload_completes(app, auth, storage):
+    data = payload(5 * PART + 123)
+    uid = upload_id(create(app, auth, len(data)))
+    offset = 0
+    for size in (100, 1500, 1, 2047, len(data)):  # across part boundaries, never on them
+        chunk = data[offset : offset + size]
+        response = patch(app, auth, uid, offset, chunk)
+        offset += len(chunk)
+        assert response.headers["Upload-Offset"] == str(offset)
+        assert head(app, auth, uid).headers["Upload-Offset"] == str(offset)
+        if offset == len(data):
+            break
+    found = session(app, auth, uid)
+    assert found["status"] == "COMPLETED"
+    assert found["object"]["sha256"] == sha(data) and found["object"]["size"] == len(data)
+    assert stored_object(storage, found) == data
+    parts = app.get(f"/uploads/sessions/{uid}/parts", headers=auth).json["parts"]
+    assert [part["size"] for part in parts] == [PART] * 5 + [123]
+    assert [part["sha256"] for part in parts] == [sha(data[i : i + PART]) for i in range(0, len(data), PART)]
+
+
+def test_offset_mismatch_is_409_and_changes_nothing(app, auth):
+    uid = upload_id(create(app, auth, 3000))
+    patch(app, auth, uid, 0, b"a" * 700)
+    response = patch(app, auth, uid, 600, b"b" * 10, status=409)
+    assert response.json["code"] == "offset_mismatch" and response.json["offset"] == 700
+    patch(app, auth, uid, 800, b"b" * 10, status=409)
+    assert head(app, auth, uid).headers["Upload-Offset"] == "700"
+
+
+def test_a_patch_needs_the_tus_content_type_and_an_offset(app, auth):
+    uid = upload_id(create(app, auth, 100))
+    response = app.patch(
+        f"/tus/{uid}",
+        params=b"x",
+        headers={**auth, **TUS, "Content-Type": "application/octet-stream", "Upload-Offset": "0"},
+        status=415,
+    )
+    assert response.json["code"] == "unsupported_media_type"
+    app.patch(f"/tus/{uid}", params=b"x", headers={**auth, **TUS, **PATCH_TYPE}, status=400)
+    assert patch(app, auth, uid, 0, b"x" * 101, status=413).json["code"] == "upload_too_large"
+    assert head(app, auth, uid).headers["Upload-Offset"] == "0"
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha1"])
+def test_upload_checksum_is_verified_460_on_mismatch_and_the_offset_stays(app, auth, algorithm):
+    data = payload(2500)
+    uid = upload_id(create(app, auth, len(data)))
+    patch(app, auth, uid, 0, data[:900], headers={"Upload-Checksum": checksum(algorithm, data[:900])})
+    wrong = checksum(algorithm, b"other bytes")
+    response = patch(app, auth, uid, 900, data[900:2000], status=460, headers={"Upload-Checksum": wrong})
+    assert response.status == "460 Checksum Mismatch"
+    assert response.json["code"] == "checksum_mismatch"
+    assert head(app, auth, uid).headers["Upload-Offset"] == "900"
+    assert session(app, auth, uid)["received_parts"] == 0  # the full part the bad body held is not recorded
+    patch(app, auth, uid, 900, data[900:], headers={"Upload-Checksum": checksum(algorithm, data[900:])})
+    assert session(app, auth, uid)["object"]["sha256"] == sha(data)
+
+
+@pytest.mark.parametrize("header", ["md5 AAAA", "crc32 AAAA", "sha256 not-base64!", "sha256 " + b64("short")])
+def test_an_unknown_checksum_algorithm_or_bad_digest_is_400(app, auth, header):
+    uid = upload_id(create(app, auth, 10))
+    assert patch(app, auth, uid, 0, b"x" * 10, status=400, headers={"Upload-Checksum": header}).json["code"] == (
+        "invalid_request"
+    )
+    assert head(app, auth, uid).headers["Upload-Offset"] == "0"
+
+
+def test_a_body_cut_off_midway_keeps_what_arrived(app, auth, storage):
+    data = payload(4000)
+    uid = upload_id(create(app, auth, len(data)))
+    request = webtest.TestRequest.blank(
+        f"/tus/{uid}", method="PATCH", headers={**auth, **TUS, **PATCH_TYPE, "Upload-Offset": "0"}
+    )
+    arrived = data[: 2 * PART + 300]  # two parts and some: then the client is gone
+    request.environ["wsgi.input"] = ShortBody(arrived)
+    request.environ["CONTENT_LENGTH"] = str(len(data))
+    app.do_request(request, status=400)
+    assert head(app, auth, uid).headers["Upload-Offset"] == str(len(arrived))
+    assert session(app, auth, uid)["received_parts"] == 2
+    patch(app, auth, uid, len(arrived), data[len(arrived) :])
+    found = session(app, auth, uid)
+    assert found["status"] == "COMPLETED" and stored_object(storage, found) == data
+
+
+def test_creation_with_upload(app, auth, storage):
+    data = payload(1500)
+    response = create(
+        app, auth, len(data), headers={**PATCH_TYPE, "Upload-Checksum": checksum("sha1", data[:1200])}, params=data[:1200]
+    )
+    uid = upload_id(response)
+    assert response.headers["Upload-Offset"] == "1200"
+    patch(app, auth, uid, 1200, data[1200:])
+    assert stored_object(storage, session(app, auth, uid)) == data
+
+
+# --- ends: completed, terminated, expired -------------------------------------------------------
+
+
+def test_a_patch_to_a_completed_upload_is_409(app, auth):
+    uid = upload_id(create(app, auth, 10))
+    patch(app, auth, uid, 0, b"0123456789")
+    assert session(app, auth, uid)["status"] == "COMPLETED"
+    assert head(app, auth, uid).headers["Upload-Offset"] == "10"
+    assert patch(app, auth, uid, 10, b"", status=409).json["code"] == "session_completed"
+
+
+def test_termination_aborts_the_session_and_then_it_is_gone(app, auth):
+    uid = upload_id(create(app, auth, 3000))
+    patch(app, auth, uid, 0, b"x" * 1500)
+    app.delete(f"/tus/{uid}", headers={**auth, **TUS}, status=204)
+    assert session(app, auth, uid)["status"] == "ABORTED"
+    head(app, auth, uid, status=410)
+    assert patch(app, auth, uid, 1500, b"x", status=410).json["code"] == "session_gone"
+    app.delete(f"/tus/{uid}", headers={**auth, **TUS}, status=410)
+
+
+def test_an_expired_upload_is_410(app, auth, database_url):
+    import psycopg
+
+    uid = upload_id(create(app, auth, 3000))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s", (uid,))
+    head(app, auth, uid, status=410)
+    patch(app, auth, uid, 0, b"x", status=410)
+
+
+def test_a_native_session_can_be_driven_through_tus(app, auth, storage):
+    data = payload(2100)
+    created = app.post_json("/uploads/sessions", {"filename": "n.bin", "size": len(data)}, headers=auth).json
+    described = head(app, auth, created["id"])
+    assert base64.b64decode(described.headers["Upload-Metadata"].split(",")[0].split(" ")[1]) == b"n.bin"
+    patch(app, auth, created["id"], 0, data)
+    assert stored_object(storage, session(app, auth, created["id"])) == data
+
+
+# --- concatenation ----------------------------------------------------------------------------
+
+
+def test_concatenation_final_is_the_partials_in_order_and_only_it_is_visible(app, auth, storage):
+    data = payload(3 * PART + 700)
+    slices = [data[:1500], data[1500:1501], data[1501:]]
+    partials = []
+    for piece in slices:
+        uid = upload_id(create(app, auth, len(piece), headers={"Upload-Concat": "partial"}))
+        patch(app, auth, uid, 0, piece[: len(piece) // 2])
+        patch(app, auth, uid, len(piece) // 2, piece[len(piece) // 2 :])
+        assert head(app, auth, uid).headers["Upload-Concat"] == "partial"
+        partials.append(uid)
+    final = app.post(
+        "/tus/",
+        headers={
+            **auth,
+            **TUS,
+            "Upload-Concat": "final;" + " ".join(f"http://example.com/tus/{p}" for p in partials),
+            "Upload-Metadata": f"filename {b64('joined.bin')}",
+        },
+        status=201,
+    )
+    final_id = upload_id(final)
+    found = session(app, auth, final_id)
+    assert found["status"] == "COMPLETED" and found["filename"] == "joined.bin"
+    assert found["size"] == len(data) and stored_object(storage, found) == data
+    listed = app.get("/uploads/sessions", headers=auth).json["sessions"]
+    assert [s["id"] for s in listed] == [final_id]
+    assert head(app, auth, final_id).headers["Upload-Concat"] == "final;" + " ".join(f"/tus/{p}" for p in partials)
+    assert patch(app, auth, final_id, len(data), b"", status=403).json["code"] == "forbidden"
+    for uid in partials:  # ended with their final, silently
+        assert session(app, auth, uid)["status"] == "ABORTED"
+
+
+def test_a_final_may_come_before_its_partials_are_done(app, auth, storage):
+    data = payload(2 * PART)
+    first = upload_id(create(app, auth, PART, headers={"Upload-Concat": "partial"}))
+    second = upload_id(create(app, auth, PART, headers={"Upload-Concat": "partial"}))
+    patch(app, auth, first, 0, data[:PART])
+    final_id = upload_id(
+        app.post("/tus/", headers={**auth, **TUS, "Upload-Concat": f"final;/tus/{first} /tus/{second}"}, status=201)
+    )
+    assert session(app, auth, final_id)["status"] == "INIT"
+    patch(app, auth, second, 0, data[PART:])
+    found = session(app, auth, final_id)
+    assert found["status"] == "COMPLETED" and stored_object(storage, found) == data
+
+
+def test_a_partial_goes_into_one_final_only_and_must_be_a_partial(app, auth, other_auth):
+    partial = upload_id(create(app, auth, 10, headers={"Upload-Concat": "partial"}))
+    plain = upload_id(create(app, auth, 10))
+    final = {**auth, **TUS, "Upload-Concat": f"final;/tus/{partial}"}
+    app.post("/tus/", headers={**other_auth, **TUS, "Upload-Concat": f"final;/tus/{partial}"}, status=404)
+    app.post("/tus/", headers={**auth, **TUS, "Upload-Concat": f"final;/tus/{plain}"}, status=400)
+    app.post("/tus/", headers=final, status=201)
+    assert app.post("/tus/", headers=final, status=409).json["code"] == "session_not_active"
