@@ -166,9 +166,10 @@ class FinalUploadNotPatchable(ChunksvcError):
     title = "A final upload cannot be patched"
 
 
-class UploadChecksumMismatch(ChecksumMismatch):
+class UploadChecksumMismatch(ChunksvcError):
     """tus: a PATCH body differs from its Upload-Checksum (tus's own status, 460)."""
 
+    code = "upload_checksum_mismatch"
     title = "Body does not match Upload-Checksum"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+
 import pytest
 import webtest
 
@@ -209,7 +210,7 @@ def test_upload_checksum_is_verified_460_on_mismatch_and_the_offset_stays(app, a
     wrong = checksum(algorithm, b"other bytes")
     response = patch(app, auth, uid, 900, data[900:2000], status=460, headers={"Upload-Checksum": wrong})
     assert response.status == "460 Checksum Mismatch"
-    assert response.json["code"] == "checksum_mismatch"
+    assert response.json["code"] == "upload_checksum_mismatch"
     assert head(app, auth, uid).headers["Upload-Offset"] == "900"
     assert session(app, auth, uid)["received_parts"] == 0  # the full part the bad body held is not recorded
     patch(app, auth, uid, 900, data[900:], headers={"Upload-Checksum": checksum(algorithm, data[900:])})
@@ -244,9 +245,9 @@ def test_a_body_cut_off_midway_keeps_what_arrived(app, auth, storage):
 
 def test_creation_with_upload(app, auth, storage):
     data = payload(1500)
-    response = create(
-        app, auth, len(data), headers={**PATCH_TYPE, "Upload-Checksum": checksum("sha1", data[:1200])}, params=data[:1200]
-    )
+    first = data[:1200]
+    with_body = {**PATCH_TYPE, "Upload-Checksum": checksum("sha1", first)}
+    response = create(app, auth, len(data), headers=with_body, params=first)
     uid = upload_id(response)
     assert response.headers["Upload-Offset"] == "1200"
     patch(app, auth, uid, 1200, data[1200:])

@@ -119,16 +119,12 @@ class TusUploadsResource:
 
 
 class TusUploadResource:
-    """/tus/{upload_id} : HEAD (offset), PATCH (append), DELETE (termination), OPTIONS."""
-
-    auth_in_responder: ClassVar[frozenset[str]] = frozenset({"OPTIONS"})
+    """/tus/{upload_id} : HEAD (offset), PATCH (append), DELETE (termination). (tus discovery is
+    ``OPTIONS /tus/``; OPTIONS here is Falcon's own, and CORS preflights are answered before routing.)"""
 
     def __init__(self, tus: TusService, body_timeout: float | None = None) -> None:
         self._tus = tus
         self._body_timeout = body_timeout
-
-    def on_options(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
-        _options(self._tus, resp)
 
     def on_head(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
         _describe(resp, self._tus.head(req.context.client, upload_id))
