@@ -7,13 +7,29 @@ The protocol tests run on disk (``storage_spec`` below); the real-client tests s
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import uuid
+from pathlib import Path
 
+import psycopg
 import pytest
 import webtest
 
+from chunksvc import embedded
 from chunksvc.config import StorageSpec
-from tests.helpers import ShortBody, payload, sha
+from tests.helpers import ShortBody, payload, sha, wait_for
+from tests.storage_fixtures import drop_bucket, make_s3_spec
+from tools import harness
+from tools import tus_js as tus_js_client
+from tools.peer_tus import PeerUnavailable
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TUS = {"Tus-Resumable": "1.0.0"}
 PATCH_TYPE = {"Content-Type": "application/offset+octet-stream"}
@@ -276,8 +292,6 @@ def test_termination_aborts_the_session_and_then_it_is_gone(app, auth):
 
 
 def test_an_expired_upload_is_410(app, auth, database_url):
-    import psycopg
-
     uid = upload_id(create(app, auth, 3000))
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s", (uid,))
@@ -351,3 +365,206 @@ def test_a_partial_goes_into_one_final_only_and_must_be_a_partial(app, auth, oth
     app.post("/tus/", headers={**auth, **TUS, "Upload-Concat": f"final;/tus/{plain}"}, status=400)
     app.post("/tus/", headers=final, status=201)
     assert app.post("/tus/", headers=final, status=409).json["code"] == "session_not_active"
+
+
+# --- real clients against a real gunicorn -----------------------------------------------------
+
+SERVED_PART = 65536  # the served upload's part size: the clients' chunks are never aligned to it
+
+
+@contextlib.contextmanager
+def served(pg_admin_url: str, template_db: str, spec: StorageSpec, **env: str):
+    """gunicorn (gunicorn.conf.py, chunksvc.wsgi:app) on a database of its own, with a key."""
+    name = f"chunksvc_tus_{uuid.uuid4().hex[:12]}"
+    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
+    settings = {
+        "CHUNKSVC_WORKERS": "2",
+        "CHUNKSVC_MIN_PART_SIZE": "1",
+        "CHUNKSVC_DEFAULT_PART_SIZE": str(SERVED_PART),
+        "CHUNKSVC_ACCESS_LOG": "/dev/null",
+        **env,
+    }
+    try:
+        with harness.gunicorn(url, spec, env=settings, cwd=ROOT) as server:
+            yield server, harness.create_api_key(url, "tus-client")
+    finally:
+        embedded.drop_database(pg_admin_url, name)
+
+
+@pytest.fixture(scope="module")
+def disk_server(pg_admin_url, template_db, tmp_path_factory):
+    spec = StorageSpec(kind="file", root=tmp_path_factory.mktemp("tus") / "storage")
+    with served(pg_admin_url, template_db, spec) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def s3_server(pg_admin_url, template_db, radosgw_server):
+    spec = make_s3_spec(radosgw_server)
+    try:
+        with served(pg_admin_url, template_db, spec) as running:
+            yield running
+    finally:
+        drop_bucket(spec)
+
+
+@pytest.fixture(params=["file", "s3"])
+def server(request):
+    return request.getfixturevalue(f"{'disk' if request.param == 'file' else 's3'}_server")
+
+
+def native_session(server, key: str, uid: str) -> dict:
+    status, _, body = server.request("GET", f"/uploads/sessions/{uid}", headers={"Authorization": f"Bearer {key}"})
+    assert status == 200, body
+    return json.loads(body)
+
+
+def wait_completed(server, key: str, uid: str) -> dict:
+    return wait_for(
+        lambda: (found := native_session(server, key, uid))["status"] == "COMPLETED" and found,
+        f"session {uid} to complete",
+        timeout=60,
+        interval=0.1,
+    )
+
+
+def test_tuspy_unaligned_chunks_with_checksums_and_a_resume_from_a_new_client(server):
+    from tusclient.client import TusClient
+
+    gunicorn, key = server
+    data = payload(1_000_000 + 17, seed=1)
+    headers = {"Authorization": f"Bearer {key}"}
+    first = TusClient(f"{gunicorn.url}/tus/", headers=headers).uploader(
+        file_stream=io.BytesIO(data), chunk_size=100_003, upload_checksum=True, metadata={"filename": "py.bin"}
+    )
+    first.upload(stop_at=450_000)  # then this client is gone
+    uid = first.url.rsplit("/", 1)[1]
+    assert native_session(gunicorn, key, uid)["status"] == "IN_PROGRESS"
+    # Another client, knowing only the URL (as on another host): it asks for the offset and goes on.
+    second = TusClient(f"{gunicorn.url}/tus/", headers=headers).uploader(
+        file_stream=io.BytesIO(data), url=first.url, chunk_size=77_777, upload_checksum=True
+    )
+    assert second.offset == first.offset == 450_000
+    second.upload()
+    found = wait_completed(gunicorn, key, uid)
+    assert found["filename"] == "py.bin" and found["size"] == len(data)
+    assert found["sha256"] is None and found["object"]["sha256"] == sha(data)
+
+
+def test_tuspy_sends_an_empty_metadata_header_and_is_served(disk_server):
+    from tusclient.client import TusClient
+
+    gunicorn, key = disk_server
+    data = payload(70_000, seed=2)
+    uploader = TusClient(f"{gunicorn.url}/tus/", headers={"Authorization": f"Bearer {key}"}).uploader(
+        file_stream=io.BytesIO(data), chunk_size=30_000
+    )
+    uploader.upload()
+    found = wait_completed(gunicorn, key, uploader.url.rsplit("/", 1)[1])
+    assert found["metadata"] == {} and found["object"]["sha256"] == sha(data)
+
+
+@pytest.fixture(scope="module")
+def tus_js():
+    try:
+        return tus_js_client.prepare()
+    except PeerUnavailable as exc:
+        print(f"tus-js-client unavailable: {exc}")
+        pytest.skip(f"tus-js-client unavailable: {exc}")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"chunkSize": 100_001}, {"chunkSize": 150_000, "parallelUploads": 3}],
+    ids=["sequential", "parallel-3"],
+)
+def test_tus_js_client(disk_server, tus_js, tmp_path, options):
+    gunicorn, key = disk_server
+    data = payload(1_000_003, seed=4)
+    path = tmp_path / "js.bin"
+    path.write_bytes(data)
+    url = tus_js_client.upload(
+        tus_js,
+        path,
+        {
+            "endpoint": f"{gunicorn.url}/tus/",
+            "headers": {"Authorization": f"Bearer {key}"},
+            "metadata": {"filename": "js.bin", "filetype": "application/x-test"},
+            **options,
+        },
+    )
+    found = wait_completed(gunicorn, key, url.rsplit("/", 1)[1])
+    assert found["object"]["sha256"] == sha(data) and found["size"] == len(data)
+    assert (found["filename"], found["content_type"]) == ("js.bin", "application/x-test")
+    _status, _, body = gunicorn.request(
+        "GET", "/uploads/sessions?limit=1000", headers={"Authorization": f"Bearer {key}"}
+    )
+    listed = {session["id"] for session in json.loads(body)["sessions"]}
+    assert found["id"] in listed  # and no partial upload is listed beside it
+    if "parallelUploads" in options:
+        with psycopg.connect(gunicorn_database(gunicorn), autocommit=True) as conn:
+            partials = conn.execute("SELECT count(*) FROM tus_uploads WHERE final_id = %s", (found["id"],)).fetchone()
+        assert partials == (3,)
+        assert not listed & partial_ids(gunicorn, found["id"])
+
+
+def gunicorn_database(gunicorn) -> str:
+    return gunicorn_env(gunicorn)["DATABASE_URL"]
+
+
+def gunicorn_env(gunicorn) -> dict[str, str]:
+    environ = Path(f"/proc/{gunicorn.process.pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+
+
+def partial_ids(gunicorn, final_id: str) -> set[str]:
+    with psycopg.connect(gunicorn_database(gunicorn), autocommit=True) as conn:
+        rows = conn.execute("SELECT session_id::text FROM tus_uploads WHERE final_id = %s", (final_id,)).fetchall()
+    return {row[0] for row in rows}
+
+
+def test_a_worker_killed_mid_patch_leaves_a_durable_prefix_and_the_upload_completes(
+    pg_admin_url, template_db, tmp_path
+):
+    from tusclient.client import TusClient
+
+    data = payload(1_000_000, seed=5)
+    spec = StorageSpec(kind="file", root=tmp_path / "storage")
+    with served(pg_admin_url, template_db, spec, CHUNKSVC_WORKERS="1", CHUNKSVC_BLOCK_SIZE="4096") as (gunicorn, key):
+        headers = {"Authorization": f"Bearer {key}", **TUS}
+        status, response, _ = gunicorn.request("POST", "/tus/", headers={**headers, "Upload-Length": str(len(data))})
+        assert status == 201
+        uid = response.headers["Location"].rsplit("/", 1)[1]
+        sent = 300_000  # four parts and some of a fifth; then the worker dies with the body half-sent
+        with socket.create_connection(("127.0.0.1", gunicorn.port)) as sock:
+            sock.sendall(
+                f"PATCH /tus/{uid} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nTus-Resumable: 1.0.0\r\n"
+                f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n".encode()
+            )
+            sock.sendall(data[:sent])
+            wait_for(
+                lambda: native_session(gunicorn, key, uid)["received_parts"] >= 4, "the first parts to be recorded"
+            )
+            [worker] = gunicorn.worker_pids()
+            os.kill(worker, signal.SIGKILL)
+            wait_for(lambda: worker not in gunicorn.worker_pids(), "the master to reap the killed worker")
+        gunicorn.wait_until_serving()
+        status, response, _ = gunicorn.request("HEAD", f"/tus/{uid}", headers=headers)
+        offset = int(response.headers["Upload-Offset"])
+        assert 4 * SERVED_PART <= offset <= sent
+        # What the offset covers is durable and right: the recorded parts are the data's own.
+        status, _, body = gunicorn.request("GET", f"/uploads/sessions/{uid}/parts", headers=headers)
+        parts = json.loads(body)["parts"]
+        assert [p["sha256"] for p in parts] == [
+            sha(data[i * SERVED_PART : (i + 1) * SERVED_PART]) for i in range(len(parts))
+        ]
+        uploader = TusClient(f"{gunicorn.url}/tus/", headers={"Authorization": f"Bearer {key}"}).uploader(
+            file_stream=io.BytesIO(data), url=f"{gunicorn.url}/tus/{uid}", chunk_size=123_457
+        )
+        assert uploader.offset == offset
+        uploader.upload()
+        found = wait_completed(gunicorn, key, uid)
+        assert found["object"]["sha256"] == sha(data)
+        with open(spec.root / found["object"]["key"], "rb") as stored:
+            assert stored.read() == data
