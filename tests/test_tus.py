@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -15,6 +16,7 @@ import os
 import signal
 import socket
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -22,7 +24,12 @@ import pytest
 import webtest
 
 from chunksvc import embedded
-from chunksvc.config import StorageSpec
+from chunksvc.app import create_app
+from chunksvc.config import Quotas, StorageSpec
+from chunksvc.services.completion import CompletionService
+from chunksvc.services.reaper import Reaper, ReaperSettings
+from chunksvc.services.webhooks import SigningKey, WebhookRegistry
+from tests.conftest import TEST_LIMITS
 from tests.helpers import ShortBody, payload, sha, wait_for
 from tests.storage_fixtures import drop_bucket, make_s3_spec
 from tools import harness
@@ -367,6 +374,71 @@ def test_a_partial_goes_into_one_final_only_and_must_be_a_partial(app, auth, oth
     assert app.post("/tus/", headers=final, status=409).json["code"] == "session_not_active"
 
 
+# --- the same sessions: quotas, the reaper, webhooks, races ----------------------------------------
+
+
+def test_tus_creation_obeys_the_quotas(config, db, storage, auth):
+    limited = webtest.TestApp(
+        create_app(dataclasses.replace(config, quotas=Quotas(sessions=1, bytes=100)), db=db, storage=storage)
+    )
+    create(limited, auth, 60)
+    refused = create(limited, auth, 10, status=429).json
+    assert refused["code"] == "quota_exceeded" and (refused["limit"], refused["used"]) == (1, 1)
+    assert len(limited.get("/uploads/sessions", headers=auth).json["sessions"]) == 1
+
+
+def test_the_reaper_keeps_an_incomplete_part_and_purges_an_ended_upload(app, auth, db, storage, database_url):
+    data = payload(2500)
+    kept = upload_id(create(app, auth, len(data)))
+    patch(app, auth, kept, 0, data[:1300])  # one part and 276 bytes in the making
+    ended = upload_id(create(app, auth, 3000))
+    patch(app, auth, ended, 0, b"x" * 1500)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s", (ended,))
+    completion = CompletionService(db, storage, TEST_LIMITS, 4096)
+    # A day on (past every grace): a key of a live upload that nothing names would be swept now.
+    later = datetime.now(UTC) + timedelta(days=2)
+    result = Reaper(db, storage, completion, ReaperSettings(orphan_grace=0), clock=lambda: later).run()
+    assert result.errors == 0 and result.orphans_removed == 0
+    assert head(app, auth, kept).headers["Upload-Offset"] == "1300"
+    assert list(storage.list_keys(f"parts/{ended}/")) == []
+    patch(app, auth, kept, 1300, data[1300:])
+    assert stored_object(storage, session(app, auth, kept)) == data
+
+
+def test_only_the_final_upload_sends_a_webhook_event(app, auth, db, database_url):
+    WebhookRegistry(db, SigningKey(b"k" * 32)).add("alice", "http://127.0.0.1:9/events")
+    partials = []
+    for piece in (b"a" * 1100, b"b" * 50):
+        uid = upload_id(create(app, auth, len(piece), headers={"Upload-Concat": "partial"}))
+        patch(app, auth, uid, 0, piece)
+        partials.append(uid)
+    final_id = upload_id(
+        app.post("/tus/", headers={**auth, **TUS, "Upload-Concat": "final;" + " ".join(f"/tus/{p}" for p in partials)})
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        events = conn.execute("SELECT session_id::text, type FROM webhook_events ORDER BY seq").fetchall()
+    assert events == [(final_id, "session.completed")]
+
+
+def test_of_two_patches_at_the_same_offset_one_counts(app, auth, wsgi_app):
+    uid = upload_id(create(app, auth, 3000))
+    first_arrived = []
+
+    def second_patch_meanwhile():
+        # While the first body streams, another PATCH at the same offset is recorded first.
+        first_arrived.append(patch(app, auth, uid, 0, b"b" * 700).headers["Upload-Offset"])
+
+    request = webtest.TestRequest.blank(
+        f"/tus/{uid}", method="PATCH", headers={**auth, **TUS, **PATCH_TYPE, "Upload-Offset": "0"}
+    )
+    request.environ["wsgi.input"] = ShortBody(b"a" * 500, on_first_read=second_patch_meanwhile)
+    request.environ["CONTENT_LENGTH"] = "500"
+    response = app.do_request(request, status=409)
+    assert response.json["code"] == "offset_mismatch" and first_arrived == ["700"]
+    assert head(app, auth, uid).headers["Upload-Offset"] == "700"
+
+
 # --- real clients against a real gunicorn -----------------------------------------------------
 
 SERVED_PART = 65536  # the served upload's part size: the clients' chunks are never aligned to it
@@ -394,7 +466,9 @@ def served(pg_admin_url: str, template_db: str, spec: StorageSpec, **env: str):
 @pytest.fixture(scope="module")
 def disk_server(pg_admin_url, template_db, tmp_path_factory):
     spec = StorageSpec(kind="file", root=tmp_path_factory.mktemp("tus") / "storage")
-    with served(pg_admin_url, template_db, spec) as running:
+    # Uploads above 500,000 bytes complete in the background (the 1 MB ones below), smaller ones
+    # in their last PATCH: both paths of "complete as POST .../complete would".
+    with served(pg_admin_url, template_db, spec, CHUNKSVC_SYNC_COMPLETE_MAX="500000") as running:
         yield running
 
 
@@ -460,8 +534,8 @@ def test_tuspy_sends_an_empty_metadata_header_and_is_served(disk_server):
         file_stream=io.BytesIO(data), chunk_size=30_000
     )
     uploader.upload()
-    found = wait_completed(gunicorn, key, uploader.url.rsplit("/", 1)[1])
-    assert found["metadata"] == {} and found["object"]["sha256"] == sha(data)
+    found = native_session(gunicorn, key, uploader.url.rsplit("/", 1)[1])  # completed in the last PATCH
+    assert found["status"] == "COMPLETED" and found["metadata"] == {} and found["object"]["sha256"] == sha(data)
 
 
 @pytest.fixture(scope="module")
