@@ -277,6 +277,17 @@ def test_creation_with_upload(app, auth, storage):
     assert stored_object(storage, session(app, auth, uid)) == data
 
 
+def test_x_http_method_override_turns_a_post_into_a_patch(app, auth):
+    uid = upload_id(create(app, auth, 100))
+    response = app.post(
+        f"/tus/{uid}",
+        params=b"x" * 40,
+        headers={**auth, **TUS, **PATCH_TYPE, "Upload-Offset": "0", "X-HTTP-Method-Override": "PATCH"},
+        status=204,
+    )
+    assert response.headers["Upload-Offset"] == "40"
+
+
 # --- ends: completed, terminated, expired -------------------------------------------------------
 
 

@@ -358,8 +358,9 @@ class TusService:
         offset = offset_of(state)
         if state.effective_status in states.OPEN and (offset == state.size or state.concat == "final"):
             # All its bytes are in, but its completion did not run (it failed, or its PATCH's
-            # worker died after the last commit): start it again now.
+            # worker died after the last commit): start it again now, and answer what it made.
             self._finish(client, state.id)
+            state = self.state(client, raw_id)
         return self.describe(state)
 
     def describe(self, state: TusStateRow) -> TusUpload:
