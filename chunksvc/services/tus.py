@@ -42,7 +42,7 @@ from uuid import UUID
 
 from chunksvc import dao
 from chunksvc.config import Limits
-from chunksvc.db import Database
+from chunksvc.db import Connection, Database
 from chunksvc.errors import (
     ChunksvcError,
     DatabaseBusy,
@@ -311,7 +311,7 @@ class TusService:
         if body["size"] == 0:
             raise InvalidRequest("an upload of 0 bytes cannot be created: a session holds at least one byte")
 
-        def within(conn: Any, session: SessionRow) -> None:
+        def within(conn: Connection, session: SessionRow) -> None:
             dao.insert_tus_upload(conn, session.id, raw_metadata, concat.kind)
             if concat.kind == "final":
                 taken = dao.concatenate_tus_partials(conn, session.id, client.id, list(concat.partials))
