@@ -641,14 +641,22 @@ def insert_tus_upload(conn: Connection, session_id: UUID, metadata: str | None, 
     conn.execute("insert_tus_upload", session_id=session_id, metadata=metadata, concat=concat)
 
 
-def put_tus_incomplete_part(conn: Connection, session_id: UUID, part_number: int, size: int, storage_key: str) -> None:
+def add_tus_incomplete_part(
+    conn: Connection, session_id: UUID, part_number: int, start: int, size: int, storage_key: str
+) -> None:
     conn.execute(
-        "put_tus_incomplete_part", session_id=session_id, part_number=part_number, size=size, storage_key=storage_key
+        "add_tus_incomplete_part",
+        session_id=session_id,
+        part_number=part_number,
+        start=start,
+        size=size,
+        storage_key=storage_key,
     )
 
 
-def drop_tus_incomplete_part(conn: Connection, session_id: UUID, storage_key: str) -> None:
-    conn.execute("drop_tus_incomplete_part", session_id=session_id, storage_key=storage_key)
+def drop_tus_incomplete_parts(conn: Connection, session_id: UUID, part_number: int) -> list[str]:
+    """The keys of the pieces dropped (their bytes go once this commits)."""
+    return conn.values("drop_tus_incomplete_parts", str, session_id=session_id, part_number=part_number)
 
 
 def concatenate_tus_partials(conn: Connection, final_id: UUID, client_id: int, partial_ids: list[UUID]) -> list[UUID]:

@@ -202,6 +202,27 @@ def test_unaligned_patches_become_parts_and_the_upload_completes(app, auth, stor
     assert [part["sha256"] for part in parts] == [sha(data[i : i + PART]) for i in range(0, len(data), PART)]
 
 
+def test_small_patches_write_only_their_own_bytes_until_the_part_is_full(app, auth, storage):
+    data = payload(3000)
+    uid = upload_id(create(app, auth, len(data)))
+
+    def stored_sizes() -> list[int]:
+        sizes = []
+        for listed in storage.list_keys(f"parts/{uid}/"):
+            with storage.open(listed.key) as stream:
+                sizes.append(len(stream.read()))
+        return sorted(sizes)
+
+    offset = 0
+    for size in (100, 200, 300):
+        patch(app, auth, uid, offset, data[offset : offset + size])
+        offset += size
+    assert stored_sizes() == [100, 200, 300]  # one piece per PATCH, nothing rewritten
+    patch(app, auth, uid, offset, data[offset : offset + 500])  # fills part 1 (424 bytes), 76 over
+    assert stored_sizes() == [76, PART]
+    assert app.get(f"/uploads/sessions/{uid}/parts", headers=auth).json["parts"][0]["sha256"] == sha(data[:PART])
+
+
 def test_offset_mismatch_is_409_and_changes_nothing(app, auth):
     uid = upload_id(create(app, auth, 3000))
     patch(app, auth, uid, 0, b"a" * 700)

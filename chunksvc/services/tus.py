@@ -6,11 +6,12 @@ above ``sync_complete_max``); termination through ``UploadService.abort``. What 
 
 - PATCH bodies of any length. The bytes that fill a part are stored and recorded as an ordinary
   part (``dao.record_part``, as a native PUT records it). Bytes that do not fill a part yet are
-  stored as the upload's *incomplete part* (``tus_incomplete_parts``: a key of its own under the
-  session's parts prefix), and the next PATCH reads them back, adds its bytes and records the
-  part once it is full. The offset is the bytes of the parts 1..n received without a gap plus the
-  incomplete part's. Each piece of a body is spooled (memory, then a temporary file) before it is
-  stored, so a body cut off midway still leaves what arrived: it becomes the incomplete part.
+  stored as a piece of the upload's *incomplete part* (``tus_incomplete_parts``: a key of its own
+  under the session's parts prefix, written once); the PATCH that fills the part reads its pieces
+  back, stores them with its own bytes as the part and drops them. The offset is the bytes of the
+  parts 1..n received without a gap plus the pieces'. Each piece of a body is spooled (memory,
+  then a temporary file) before it is stored, so a body cut off midway still leaves what arrived:
+  it becomes a piece.
 - Checks in a fixed order before any write, as tusd's unrouted handler makes them.
 - A PATCH body is stored under fresh keys, then recorded under the session's row lock only if the
   upload is still where it was when the body began (``lock_tus_state``): of two PATCHes at once,
@@ -196,15 +197,7 @@ def offset_of(state: TusStateRow) -> int:
         return state.received_bytes  # the partials' sum once they are all in (mark_tus_final_ready)
     if state.effective_status in (states.COMPLETING, states.COMPLETED):
         return state.size
-    return state.contiguous_bytes + _held(state)
-
-
-def _held(state: TusStateRow) -> int:
-    """The incomplete part's bytes, if it is the part the offset has reached (a native PUT may
-    have filled that part meanwhile, leaving it stale)."""
-    if state.incomplete_size is None or state.incomplete_part_number != state.contiguous_parts + 1:
-        return 0
-    return state.incomplete_size
+    return state.contiguous_bytes + state.held_bytes
 
 
 # --- the service ----------------------------------------------------------------------------
@@ -222,14 +215,15 @@ class TusUpload:
 
 @dataclasses.dataclass(frozen=True)
 class _Step:
-    """One piece of a PATCH body, stored under ``key``: a full part, or the incomplete part."""
+    """One piece of a PATCH body, stored under ``key``: a full part (with the pieces stored
+    before it), or a piece of the part in the making, at ``start`` in it."""
 
     full: bool
     part_number: int
+    start: int
     size: int
     key: str
-    sha256: str
-    replaces: str | None  # the incomplete part's key whose bytes it took up
+    sha256: str  # a full part's (its name); "" for a piece
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +231,11 @@ class _Position:
     """Where an upload is, as ``lock_tus_state`` reads it: a PATCH records only from here."""
 
     parts: int
-    incomplete_key: str | None
+    held_keys: tuple[str, ...]
+
+    @classmethod
+    def of(cls, state: TusStateRow) -> _Position:
+        return cls(state.contiguous_parts, tuple(state.held_keys))
 
 
 class TusService:
@@ -422,10 +420,8 @@ class TusService:
         self, client: Client, state: TusStateRow, length: int, body: PartBody, checksum: Checksum | None
     ) -> int:
         part_number = state.contiguous_parts + 1
-        held = _held(state)
-        held_key = state.incomplete_key if held else None
-        position = _Position(state.contiguous_parts, state.incomplete_key)
-        first_position = position
+        held = list(zip(state.held_keys, state.held_sizes, strict=True))  # this part's pieces so far
+        position = first_position = _Position.of(state)
         digest = hashlib.new(checksum.algorithm) if checksum else None
         pending: list[_Step] = []
         stored = offset_of(state)
@@ -433,16 +429,21 @@ class TusService:
         cut: ChunksvcError | None = None
         while remaining > 0 and cut is None:
             part_size = rules.part_length(state.size, state.part_size, part_number)
-            want = min(part_size - held, remaining)
+            start = sum(size for _, size in held)
+            want = min(part_size - start, remaining)
             with _Spool() as spool:
                 cut = spool.fill(body, want, digest, self._block_size)
                 remaining -= spool.size
                 if not spool.size:
                     break
-                size = held + spool.size
                 key = layout.part_key(state.id)
-                sha256 = self._store(key, held_key, held, spool, size)
-            step = _Step(size == part_size, part_number, size, key, sha256, held_key)
+                if start + spool.size == part_size:
+                    # The part is full: its pieces read back, then these bytes, as one part.
+                    step = _Step(True, part_number, 0, part_size, key, self._store(key, held, spool, part_size))
+                else:
+                    # Another piece: only its own bytes are written (never those before it).
+                    self._store(key, [], spool, spool.size)
+                    step = _Step(False, part_number, start, spool.size, key, "")
             if checksum is None:
                 # No checksum to wait for: each piece is recorded as it is stored, so a body cut
                 # off later keeps everything before the cut.
@@ -451,11 +452,11 @@ class TusService:
             else:
                 pending.append(step)
             if step.full:
-                part_number, held, held_key = part_number + 1, 0, None
-                position = _Position(position.parts + 1, position.incomplete_key if step.replaces is None else None)
+                part_number, held = part_number + 1, []
+                position = _Position(position.parts + 1, ())
             else:
-                held, held_key = size, key
-                position = _Position(position.parts, key)
+                held.append((key, step.size))
+                position = _Position(position.parts, (*position.held_keys, key))
         if checksum is not None:
             assert digest is not None
             if cut is None and digest.digest() != checksum.digest:
@@ -469,11 +470,11 @@ class TusService:
             raise cut
         return stored
 
-    def _store(self, key: str, held_key: str | None, held: int, spool: _Spool, size: int) -> str:
-        """Store the incomplete part's bytes (read back) and the spooled ones under ``key``;
-        their SHA-256. On failure nothing is left under ``key`` (``Storage.write``)."""
+    def _store(self, key: str, held: list[tuple[str, int]], spool: _Spool, size: int) -> str:
+        """Store the ``held`` pieces' bytes (read back) and the spooled ones under ``key``; their
+        SHA-256. On failure nothing is left under ``key`` (``Storage.write``)."""
         with contextlib.ExitStack() as stack:
-            previous = [(stack.enter_context(self._storage.open(held_key)), held)] if held_key else []
+            previous = [(stack.enter_context(self._storage.open(piece)), piece_size) for piece, piece_size in held]
             reader = _HashingChain(previous, spool)
             self._storage.write(key, reader, size, self._block_size)
         return reader.hexdigest()
@@ -491,7 +492,8 @@ class TusService:
 
     def _record(self, client: Client, session_id: UUID, position: _Position, steps: list[_Step]) -> None:
         """Record stored pieces in one transaction, under the session's row lock, if the upload
-        is still at ``position``; then remove the incomplete parts they replaced."""
+        is still at ``position``; then remove the pieces that full parts took up."""
+        replaced: list[str] = []
         try:
             with self._db.transaction() as conn:
                 now = dao.lock_tus_state(conn, session_id, client.id)
@@ -501,7 +503,7 @@ class TusService:
                     raise SessionGone(f"the upload became {now.effective_status} during the PATCH")
                 if not states.accepts_parts(now.effective_status):
                     raise SessionNotActive(f"the upload became {now.effective_status} during the PATCH")
-                if _Position(now.contiguous_parts, now.incomplete_key) != position:
+                if _Position.of(now) != position:
                     raise OffsetMismatch("another request moved this upload on during the PATCH", offset=offset_of(now))
                 for step in steps:
                     if step.full:
@@ -510,10 +512,9 @@ class TusService:
                         )
                         if row is None or not row.inserted:
                             raise PartConflict(f"part {step.part_number} was already received")
-                        if step.replaces is not None:
-                            dao.drop_tus_incomplete_part(conn, session_id, step.replaces)
+                        replaced += dao.drop_tus_incomplete_parts(conn, session_id, step.part_number)
                     else:
-                        dao.put_tus_incomplete_part(conn, session_id, step.part_number, step.size, step.key)
+                        dao.add_tus_incomplete_part(conn, session_id, step.part_number, step.start, step.size, step.key)
         except self._NOT_RECORDED:
             discard(self._storage, [step.key for step in steps])
             raise
@@ -523,7 +524,6 @@ class TusService:
         for step in steps:
             if step.full:
                 self._events.part_stored(created=True, size=step.size, healed=False)
-        replaced = [step.replaces for step in steps if step.replaces is not None]
         if replaced:
             discard(self._storage, replaced)
 
@@ -612,8 +612,8 @@ class _Spool:
 
 
 class _HashingChain:
-    """``read(n)`` over the incomplete part's stored bytes (exactly ``held`` of them) and then a
-    spool, computing the SHA-256 of everything read (the part's name)."""
+    """``read(n)`` over stored pieces (exactly each one's size of each) and then a spool,
+    computing the SHA-256 of everything read (the part's name)."""
 
     def __init__(self, previous: Sequence[tuple[IO[bytes], int]], spool: _Spool) -> None:
         self._previous = previous
@@ -628,7 +628,7 @@ class _HashingChain:
             if self._left[index] > 0:
                 block = reader.read(min(size, self._left[index]) if size >= 0 else self._left[index])
                 if not block:
-                    raise IncompleteBody("the incomplete part's stored bytes ended early")
+                    raise IncompleteBody("a stored piece of the part in the making ended early")
                 self._left[index] -= len(block)
                 break
         else:

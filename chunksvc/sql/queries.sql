@@ -736,15 +736,14 @@ SELECT id FROM clients WHERE name = %(client_name)s;
 -- A session as /tus/ sees it, in one round trip: the session, its tus row (none for a session
 -- the native API created), its part in the making, and how far its parts reach without a gap
 -- (the parts numbered 1..n all present: a row numbered as its rank; once one is missing, every
--- later row is numbered above its rank). Upload-Offset is `contiguous_bytes` + `incomplete_size`.
+-- later row is numbered above its rank). Upload-Offset is `contiguous_bytes` + `held_bytes`.
 SELECT s.*, chunksvc_session_status(s.status, s.expires_at) AS effective_status,
        t.session_id IS NOT NULL AS tus_created, t.metadata AS tus_metadata,
        COALESCE(t.concat, 'none') AS concat, t.final_id,
-       i.part_number AS incomplete_part_number, i.size AS incomplete_size, i.storage_key AS incomplete_key,
-       c.parts AS contiguous_parts, c.bytes AS contiguous_bytes
+       c.parts AS contiguous_parts, c.bytes AS contiguous_bytes,
+       h.bytes AS held_bytes, h.keys AS held_keys, h.sizes AS held_sizes
   FROM upload_sessions s
   LEFT JOIN tus_uploads t ON t.session_id = s.id
-  LEFT JOIN tus_incomplete_parts i ON i.session_id = s.id
  CROSS JOIN LATERAL (
       SELECT count(*)::integer AS parts, COALESCE(sum(numbered.size), 0)::bigint AS bytes
         FROM (SELECT p.part_number, p.size, row_number() OVER (ORDER BY p.part_number) AS rank
@@ -752,6 +751,14 @@ SELECT s.*, chunksvc_session_status(s.status, s.expires_at) AS effective_status,
                WHERE p.session_id = s.id) numbered
        WHERE numbered.part_number = numbered.rank
  ) c
+ CROSS JOIN LATERAL (
+      -- Only pieces of the part the offset has reached: a native PUT may have filled theirs.
+      SELECT COALESCE(sum(i.size), 0)::bigint AS bytes,
+             COALESCE(array_agg(i.storage_key ORDER BY i.start), '{}') AS keys,
+             COALESCE(array_agg(i.size ORDER BY i.start), '{}') AS sizes
+        FROM tus_incomplete_parts i
+       WHERE i.session_id = s.id AND i.part_number = c.parts + 1
+ ) h
  WHERE s.id = %(id)s AND s.client_id = %(client_id)s;
 
 -- name: lock_tus_state
@@ -760,11 +767,10 @@ SELECT s.*, chunksvc_session_status(s.status, s.expires_at) AS effective_status,
 SELECT s.*, chunksvc_session_status(s.status, s.expires_at) AS effective_status,
        t.session_id IS NOT NULL AS tus_created, t.metadata AS tus_metadata,
        COALESCE(t.concat, 'none') AS concat, t.final_id,
-       i.part_number AS incomplete_part_number, i.size AS incomplete_size, i.storage_key AS incomplete_key,
-       c.parts AS contiguous_parts, c.bytes AS contiguous_bytes
+       c.parts AS contiguous_parts, c.bytes AS contiguous_bytes,
+       h.bytes AS held_bytes, h.keys AS held_keys, h.sizes AS held_sizes
   FROM upload_sessions s
   LEFT JOIN tus_uploads t ON t.session_id = s.id
-  LEFT JOIN tus_incomplete_parts i ON i.session_id = s.id
  CROSS JOIN LATERAL (
       SELECT count(*)::integer AS parts, COALESCE(sum(numbered.size), 0)::bigint AS bytes
         FROM (SELECT p.part_number, p.size, row_number() OVER (ORDER BY p.part_number) AS rank
@@ -772,6 +778,14 @@ SELECT s.*, chunksvc_session_status(s.status, s.expires_at) AS effective_status,
                WHERE p.session_id = s.id) numbered
        WHERE numbered.part_number = numbered.rank
  ) c
+ CROSS JOIN LATERAL (
+      -- Only pieces of the part the offset has reached: a native PUT may have filled theirs.
+      SELECT COALESCE(sum(i.size), 0)::bigint AS bytes,
+             COALESCE(array_agg(i.storage_key ORDER BY i.start), '{}') AS keys,
+             COALESCE(array_agg(i.size ORDER BY i.start), '{}') AS sizes
+        FROM tus_incomplete_parts i
+       WHERE i.session_id = s.id AND i.part_number = c.parts + 1
+ ) h
  WHERE s.id = %(id)s AND s.client_id = %(client_id)s
    FOR UPDATE OF s;
 
@@ -783,17 +797,17 @@ WITH hidden AS (
 )
 INSERT INTO tus_uploads (session_id, metadata, concat) VALUES (%(session_id)s, %(metadata)s, %(concat)s);
 
--- name: put_tus_incomplete_part
--- The caller holds the row lock and checked the upload's state (lock_tus_state).
-INSERT INTO tus_incomplete_parts (session_id, part_number, size, storage_key)
-VALUES (%(session_id)s, %(part_number)s, %(size)s, %(storage_key)s)
-ON CONFLICT (session_id) DO UPDATE
-   SET part_number = EXCLUDED.part_number, size = EXCLUDED.size, storage_key = EXCLUDED.storage_key,
-       created_at = now();
+-- name: add_tus_incomplete_part
+-- A piece of the part in the making (the caller holds the row lock and checked the state).
+INSERT INTO tus_incomplete_parts (session_id, part_number, start, size, storage_key)
+VALUES (%(session_id)s, %(part_number)s, %(start)s, %(size)s, %(storage_key)s);
 
--- name: drop_tus_incomplete_part
--- Once its bytes are in a recorded part (the caller holds the row lock).
-DELETE FROM tus_incomplete_parts WHERE session_id = %(session_id)s AND storage_key = %(storage_key)s;
+-- name: drop_tus_incomplete_parts
+-- Once part `part_number` is recorded: its pieces (and any left of earlier parts) are in it, or
+-- stale. Returns their keys, whose bytes go after the commit.
+DELETE FROM tus_incomplete_parts
+ WHERE session_id = %(session_id)s AND part_number <= %(part_number)s
+RETURNING storage_key;
 
 -- name: concatenate_tus_partials
 -- A final upload takes its partials, in order, under their row locks: each must be this client's

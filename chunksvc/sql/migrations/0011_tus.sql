@@ -4,17 +4,21 @@
 -- the Upload-Metadata header as the client sent it, and concatenation (partial uploads, hidden,
 -- whose bytes become a final upload's).
 
--- The bytes of the part a tus upload is in the middle of (at most one per session: PATCHes are
--- sequential), stored under their own key in the session's parts prefix, so abort, purge and the
--- orphan sweep treat them like part bytes (referenced_part_keys names them). The next PATCH reads
--- them back, adds its bytes and, once the part is full, records an ordinary part and drops this
--- row in the same transaction. Upload-Offset = the contiguous recorded parts' bytes + `size`.
+-- The bytes of the part a tus upload is in the middle of: the pieces of it PATCHes brought that did
+-- not fill it yet, each stored under its own key in the session's parts prefix (so abort, purge
+-- and the orphan sweep treat them like part bytes; referenced_part_keys names them), in order of
+-- `start` (its offset in the part). A piece is written once: a PATCH adds a row, it never rewrites
+-- the bytes before it. The PATCH that fills the part reads the pieces back, stores them with its
+-- own bytes as an ordinary part and drops these rows in the same transaction.
+-- Upload-Offset = the contiguous recorded parts' bytes + these pieces' sizes.
 CREATE TABLE tus_incomplete_parts (
-    session_id  uuid PRIMARY KEY REFERENCES upload_sessions (id) ON DELETE CASCADE,
+    session_id  uuid NOT NULL REFERENCES upload_sessions (id) ON DELETE CASCADE,
     part_number integer NOT NULL CHECK (part_number >= 1),
+    start       bigint NOT NULL CHECK (start >= 0),
     size        bigint NOT NULL CHECK (size > 0),
     storage_key text NOT NULL UNIQUE,
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (session_id, part_number, start)
 );
 
 -- Uploads created through POST /tus/. A session without a row here (created by the native API)
