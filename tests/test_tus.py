@@ -28,6 +28,7 @@ from chunksvc.app import create_app
 from chunksvc.config import Quotas, StorageSpec
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.reaper import Reaper, ReaperSettings
+from chunksvc.services.tus import SpoolMemory, _Spool
 from chunksvc.services.webhooks import SigningKey, WebhookRegistry
 from tests.conftest import TEST_LIMITS
 from tests.helpers import ShortBody, payload, sha, wait_for
@@ -86,6 +87,21 @@ def session(app, auth, uid: str) -> dict:
 def stored_object(storage, session_json: dict) -> bytes:
     with storage.open(session_json["object"]["key"]) as stream:
         return stream.read()
+
+
+@pytest.mark.parametrize("memory", [0, 100, 10_000], ids=["file", "memory-then-file", "memory"])
+def test_a_spool_holds_a_piece_in_memory_as_far_as_granted_then_in_a_file(memory):
+    budget = SpoolMemory(memory)
+    data = payload(5000)
+    with _Spool(budget, len(data)) as spool:
+        left = max(0, memory - len(data))
+        assert budget.take(10_000) == left  # the spool took what it needs, or all there was
+        budget.give_back(left)
+        assert spool.fill(io.BytesIO(data), len(data), None, 1024) is None
+        assert spool.read(10_000) == data
+        on_disk = getattr(spool._file, "_rolled", True)  # a SpooledTemporaryFile that rolled over, or a file
+        assert on_disk == (memory < len(data))
+    assert budget.take(10_000) == memory  # given back on close
 
 
 # --- discovery and the version rule -----------------------------------------------------------
