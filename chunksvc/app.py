@@ -24,6 +24,7 @@ from chunksvc.services.auth import Authenticator
 from chunksvc.services.census import SessionCensus
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.events import Observers
+from chunksvc.services.frontier import FRONTIER_LEASE, HashFrontier
 from chunksvc.services.health import HealthService
 from chunksvc.services.quotas import QuotaService
 from chunksvc.services.reaper import PeriodicReaper, Reaper, ReaperSettings
@@ -117,7 +118,20 @@ def build(
     )
     events = Observers([metrics, deliverer])
     quotas = QuotaService(db, config.quotas)
-    upload_service = UploadService(db, storage, config.limits, config.block_size, events=events, quotas=quotas)
+    # The whole-file SHA-256 carried on as parts arrive (for parts written in place).
+    # Its lease no longer than the completion lease: a completion waits out a killed holder's.
+    frontier = HashFrontier(
+        db, storage, config.block_size, lease=min(config.lease, FRONTIER_LEASE), min_part=config.in_place_min_part
+    )
+    upload_service = UploadService(
+        db,
+        storage,
+        config.limits,
+        config.block_size,
+        events=events,
+        quotas=quotas,
+        frontier=frontier,
+    )
     completion = CompletionService(
         db,
         storage,
@@ -128,6 +142,7 @@ def build(
         max_assemblies=max(1, config.pool_max_size // 2),
         sync_complete_max=config.sync_complete_max,
         lease=config.lease,
+        frontier=frontier,
     )
     assembler = BackgroundAssembler(completion, db, config.background_assemblies, config.assembly_poll_interval)
     # The reaper pass every CHUNKSVC_REAP_INTERVAL seconds, by one process at a time across all

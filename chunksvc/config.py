@@ -232,6 +232,11 @@ class Config:
     storage_min_free: int = 256 * MiB
     # Uploads larger than this complete in the background: complete answers 202 at once.
     sync_complete_max: int = 256 * MiB
+    # On local storage, sessions whose parts are at least this large have them written in place
+    # (one file per session, linked as the object: nothing copied at completion) and hashed as
+    # they arrive. Smaller parts cost more in locking and per-part bookkeeping than a copy saves.
+    # 0: never.
+    in_place_min_part: int = 1 * MiB
     # Background assemblies each worker process runs at once, and how often (seconds) each
     # worker looks for accepted completions no one is running (a host that died, say).
     background_assemblies: int = 1
@@ -291,6 +296,7 @@ class Config:
             body_timeout=_int(env, "CHUNKSVC_BODY_TIMEOUT", 60),
             storage_min_free=_int(env, "CHUNKSVC_STORAGE_MIN_FREE", 256 * MiB),
             sync_complete_max=_int(env, "CHUNKSVC_SYNC_COMPLETE_MAX", 256 * MiB),
+            in_place_min_part=_int(env, "CHUNKSVC_IN_PLACE_MIN_PART", 1 * MiB),
             background_assemblies=_int(env, "CHUNKSVC_BACKGROUND_ASSEMBLIES", 1),
             assembly_poll_interval=_int(env, "CHUNKSVC_ASSEMBLY_POLL", 5),
             reap_interval=_int(env, "CHUNKSVC_REAP_INTERVAL", 300),
@@ -318,6 +324,8 @@ class Config:
             raise ConfigError("CHUNKSVC_BLOCK_SIZE must be between 4 KiB and 64 MiB")
         if self.body_timeout < 1:
             raise ConfigError("CHUNKSVC_BODY_TIMEOUT must be at least 1 second")
+        if self.in_place_min_part < 0:
+            raise ConfigError("CHUNKSVC_IN_PLACE_MIN_PART must not be negative")
         if self.sync_complete_max < 0:
             raise ConfigError("CHUNKSVC_SYNC_COMPLETE_MAX must not be negative")
         if self.background_assemblies < 1 or self.assembly_poll_interval < 1:

@@ -47,6 +47,7 @@ from chunksvc.rows import (
     CompletionRow,
     EndedSessionRow,
     EventSessionRow,
+    FrontierRow,
     OpsSessionRow,
     OverdueRow,
     PartRow,
@@ -71,6 +72,7 @@ _OPS_SESSION = dataclass_row(OpsSessionRow)
 _PART = dataclass_row(PartRow)
 _TUS_STATE = dataclass_row(TusStateRow)
 _COMPLETION = dataclass_row(CompletionRow)
+_FRONTIER = dataclass_row(FrontierRow)
 _CLIENT = dataclass_row(ClientRow)
 _USAGE = dataclass_row(UsageRow)
 _CLIENT_USAGE = dataclass_row(ClientUsageRow)
@@ -333,6 +335,32 @@ def missing_parts(conn: Connection, session_id: UUID, total_parts: int, limit: i
 
 def part_sources(conn: Connection, session_id: UUID) -> list[PartRow]:
     return conn.all("part_sources", _PART, session_id=session_id)
+
+
+def parts_from(conn: Connection, session_id: UUID, after: int, limit: int) -> list[PartRow]:
+    return conn.all("parts_from", _PART, session_id=session_id, after=after, limit=limit)
+
+
+# --- the hash frontier ----------------------------------------------------------------------
+
+
+def take_frontier(conn: Connection, session_id: UUID, owner: UUID, seconds: float) -> FrontierRow | None:
+    """The frontier, now ``owner``'s for ``seconds``; None while a live holder has it."""
+    return conn.one("take_frontier", _FRONTIER, id=session_id, owner=owner, seconds=seconds)
+
+
+def save_frontier(
+    conn: Connection, session_id: UUID, owner: UUID, parts: int, hashed: int, state: bytes, seconds: float
+) -> bool:
+    """Whether ``owner`` still held the frontier, and saved this step (lease pushed on)."""
+    saved = conn.values(
+        "save_frontier", UUID, id=session_id, owner=owner, parts=parts, bytes=hashed, state=state, seconds=seconds
+    )
+    return bool(saved)
+
+
+def release_frontier(conn: Connection, session_id: UUID, owner: UUID) -> bool:
+    return bool(conn.values("release_frontier", UUID, id=session_id, owner=owner))
 
 
 # --- health ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from chunksvc.errors import ConfigError
+from chunksvc.services import states
 from chunksvc.services.events import UploadEvents
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -33,7 +34,7 @@ SESSION_EVENTS = ("created", "completed", "aborted", "expired", "failed")
 # Methods outside this set share one label value: clients must not be able to mint series.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 # Sessions not ended yet, by status as clients see it (see SessionGauges).
-LIVE_STATUSES = ("INIT", "IN_PROGRESS", "COMPLETING")
+LIVE_STATUSES = states.LIVE
 REAPER_OUTCOMES = ("succeeded", "failed")
 WEBHOOK_OUTCOMES = ("delivered", "failed", "dead")
 # From a delivery on the first try (milliseconds) to one after a day of retries.

@@ -155,6 +155,19 @@ class RecordedPartRow:
 
 
 @dataclasses.dataclass(frozen=True)
+class FrontierRow:
+    """A session's hash frontier, as its lease's new holder finds it (``take_frontier``)."""
+
+    id: UUID
+    part_size: int
+    total_parts: int
+    size: int
+    frontier_parts: int  # parts 1..frontier_parts are hashed into frontier_state
+    frontier_bytes: int
+    frontier_state: bytes | None  # chunksvc.hashstate's saved SHA-256; None before the first part
+
+
+@dataclasses.dataclass(frozen=True)
 class CompletionRow:
     """A ``COMPLETING`` session to drive to its end (the background assembler, the reaper)."""
 

@@ -354,8 +354,18 @@ def test_a_worker_killed_mid_assembly_loses_nothing(
             host, port = spec.endpoint.rsplit(":", 1)
             s3_proxy = stack.enter_context(FaultProxy((host, int(port))))
             serving_spec = through(spec, s3_proxy)
+        # On disk "copying" is the copy of parts stored apart (CHUNKSVC_IN_PLACE_MIN_PART=0);
+        # "recording" is of parts written in place, whose completion copies nothing.
+        in_place = "0" if moment == "copying" else "1"
         server = stack.enter_context(
-            serving(proxied_url, serving_spec, tmp_path, CHUNKSVC_WORKERS="1", CHUNKSVC_BLOCK_SIZE="4096")
+            serving(
+                proxied_url,
+                serving_spec,
+                tmp_path,
+                CHUNKSVC_WORKERS="1",
+                CHUNKSVC_BLOCK_SIZE="4096",
+                CHUNKSVC_IN_PLACE_MIN_PART=in_place,
+            )
         )
         chunksvc = stack.enter_context(client(server.url, api_key, tally))
         once = stack.enter_context(client(server.url, api_key, tally, attempts=1))
@@ -394,6 +404,54 @@ def test_a_worker_killed_mid_assembly_loses_nothing(
     counts = verdict(request, database_url, spec, {session_id: sha(data)}, tally)
     assert (counts["sessions"], counts["completed"], counts["stored_keys"]) == (1, 1, 1)
     assert unfinished_s3_uploads(spec) == []
+
+
+def test_a_worker_killed_mid_frontier_loses_nothing(request, pg_proxy, database_url, db, spec, api_key, tmp_path):
+    """Parts hashed as they arrive (written in place on disk, read back on S3): the worker is
+    killed while its hash frontier saves a state (the save never reaches the database). Its
+    frontier lease stays behind until it runs out; the parts sent after the restart, and the
+    completion, carry the frontier on from the last saved state, and the object is
+    byte-identical."""
+    proxy, proxied_url = pg_proxy
+    part_size, parts = 1024 * 1024, 8
+    data = payload(parts * part_size - 1, seed=5)
+    tally = Tally()
+    with (
+        serving(proxied_url, spec, tmp_path, CHUNKSVC_WORKERS="1", CHUNKSVC_IN_PLACE_MIN_PART="1") as server,
+        client(server.url, api_key, tally) as chunksvc,
+    ):
+        session_id = chunksvc.create_session("k", len(data), part_size=part_size, sha256=sha(data))["id"]
+        chunksvc.put_part(session_id, 1, data[:part_size])
+        wait_for(
+            lambda: (
+                query(database_url, "SELECT frontier_parts FROM upload_sessions WHERE id = %s", (session_id,))[0][0]
+                == 1
+            ),
+            "the frontier to hash part 1",
+        )
+        proxy.hold_after(b"SET frontier_parts")
+        chunksvc.put_part(session_id, 2, data[part_size : 2 * part_size])
+        wait_for(lambda: proxy.requests_held, "the frontier to save its state after part 2")
+        [worker] = server.worker_pids()
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: worker not in server.worker_pids(), "the master to reap the killed worker")
+        held = query(
+            database_url, "SELECT frontier_owner, frontier_parts FROM upload_sessions WHERE id = %s", (session_id,)
+        )
+        assert held[0][0] is not None and held[0][1] == 1  # a dead holder's lease; part 1's state saved
+        server.wait_until_serving()
+        for number in range(3, parts + 1):
+            chunksvc.put_part(session_id, number, data[(number - 1) * part_size : number * part_size])
+        done = finish(chunksvc, session_id, data, part_size)
+
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+    frontier = query(
+        database_url, "SELECT frontier_parts, frontier_owner FROM upload_sessions WHERE id = %s", (session_id,)
+    )
+    assert frontier == [(parts, None)]
+    assert reap(db, spec).errors == 0
+    counts = verdict(request, database_url, spec, {session_id: sha(data)}, tally)
+    assert (counts["sessions"], counts["completed"], counts["stored_keys"]) == (1, 1, 1)
 
 
 def test_sigterm_of_the_master_during_uploads_loses_nothing(request, database_url, db, api_key, tmp_path):

@@ -77,18 +77,6 @@ class PgBouncer:
             names = [column.name for column in cursor.description or ()]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
-    def server_connections(self, database: str) -> int:
-        """Server connections PgBouncer holds open to ``database`` now (active, idle, used...)."""
-        return sum(
-            int(pool["sv_active"])
-            + int(pool["sv_idle"])
-            + int(pool["sv_used"])
-            + int(pool["sv_tested"])
-            + int(pool["sv_login"])
-            for pool in self.show("POOLS")
-            if pool["database"] == database
-        )
-
 
 def _run_as(upstream: Mapping[str, str]) -> str | None:
     """The user to run PgBouncer as: None (ourselves) unless we are root."""

@@ -68,9 +68,11 @@ from chunksvc.rows import SessionRow
 from chunksvc.services import layout, rules, states
 from chunksvc.services.auth import Client
 from chunksvc.services.events import UploadEvents
+from chunksvc.services.frontier import HashFrontier
 from chunksvc.services.leases import LeaseKeeper
 from chunksvc.services.uploads import discard
 from chunksvc.storage import PartSource, Storage, StoredObject
+from chunksvc.storage.base import InPlace, Placement
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +118,10 @@ class CompletionService:
         max_assemblies: int = 4,
         sync_complete_max: int = 256 * 1024 * 1024,
         lease: float = COMPLETION_LEASE,
+        frontier: HashFrontier | None = None,
     ) -> None:
         self._db = db
+        self._frontier = frontier
         self._storage = storage
         self._limits = limits
         self._block_size = block_size
@@ -402,12 +406,47 @@ class CompletionService:
         with self._lease_keeper(conn, session.id, lease) as keeping:
             self._events.assembly_running(1)
             try:
-                return self._storage.assemble(sources, key, self._block_size, keeping.progress)
+                in_place = self._storage.in_place
+                assembly = layout.assembly_key(session.id)
+                frontier = self._frontier if self._frontier and self._frontier.applies(session.part_size) else None
+                if frontier is not None and in_place is not None and any(s.key == assembly for s in sources):
+                    return self._finish_in_place(in_place, session, sources, keeping)
+                # The frontier's digest, where it ran (over the parts as stored, read back as they
+                # arrived): the storage then need not read the assembled object back to hash it.
+                known = (
+                    frontier.finish(session.id, session.total_parts, keeping.check, 2 * frontier.lease)
+                    if frontier
+                    else None
+                )
+                return self._storage.assemble(sources, key, self._block_size, keeping.progress, known_sha256=known)
             except ObjectMissing:
                 pass
             finally:
                 self._events.assembly_running(-1)
             return self._lost_parts(session.id, sources, keeping.check)
+
+    def _finish_in_place(
+        self, in_place: InPlace, session: SessionRow, sources: list[PartSource], keeping: _Keeping
+    ) -> StoredObject:
+        """Parts written in place (``UploadService._store_in_place``): the frontier's digest, carried
+        to the end (for parts sent in order, only the last few are left to hash), then the
+        session's file made the object, with any part stored apart copied into its range first.
+        Nothing else is read or copied."""
+        assert self._frontier is not None
+        assembly = layout.assembly_key(session.id)
+        # Waits for another worker's hold on the frontier, or for part writers still holding
+        # ranges of the file: twice a killed holder's lease at most.
+        wait = 2 * self._frontier.lease
+        sha256 = self._frontier.finish(session.id, session.total_parts, keeping.check, wait)
+        elsewhere, offset = [], 0
+        for source in sources:
+            if source.key != assembly:
+                elsewhere.append(Placement(source.key, offset, source.size))
+            offset += source.size
+        keeping.check()
+        in_place.finish(assembly, layout.object_key(session.id), session.size, elsewhere, wait)
+        keeping.progress(session.size)
+        return StoredObject(layout.object_key(session.id), session.size, sha256)
 
     def _lost_parts(self, session_id: UUID, sources: list[PartSource], check: Callable[[], None]) -> list[str]:
         """The keys of ``sources`` the storage positively reports missing.
@@ -471,7 +510,8 @@ class CompletionService:
         if outcome is None:
             return self._not_ours(now)
         self._events.session_completed(assembly_seconds)
-        self._remove_parts([source.key for source in sources])
+        # Parts written in place share one key (the file now linked as the object): named once.
+        self._remove_parts(list(dict.fromkeys(source.key for source in sources)))
         return outcome
 
     def _remove_parts(self, keys: list[str]) -> None:

@@ -1,7 +1,8 @@
 """Where the service keeps an upload's bytes: the one statement of its storage key layout.
 
-    parts/<session id>/<uuid>   one part's stored body (a fresh key per request)
-    objects/<session id>        the assembled object
+    parts/<session id>/<uuid>      one part's stored body (a fresh key per request)
+    parts/<session id>/assembly    the parts written in place, at their offsets (local storage)
+    objects/<session id>           the assembled object (on local storage, the same file linked)
 
 Stored data depends on these names: completion, abort and the reaper find a session's bytes
 only under them, so changing the layout orphans every existing upload's bytes (a change needs a
@@ -25,6 +26,13 @@ PREFIXES = (PARTS, OBJECTS)
 def part_key(session_id: UUID | str) -> str:
     """A fresh key per incoming body: a retry or a conflicting upload never overwrites a part."""
     return f"{parts_prefix(session_id)}{uuid.uuid4()}"
+
+
+def assembly_key(session_id: UUID | str) -> str:
+    """The one file of the session's parts written in place: each part at its offset, shared by
+    their rows (``InPlace``); it becomes the object at completion. Never a fresh part key (those
+    are UUIDs)."""
+    return f"{parts_prefix(session_id)}assembly"
 
 
 def parts_prefix(session_id: UUID | str) -> str:

@@ -23,6 +23,8 @@ ALL = (INIT, IN_PROGRESS, COMPLETING, COMPLETED, ABORTED, EXPIRED, FAILED)
 
 #: States that accept parts (and a completion request).
 OPEN = frozenset({INIT, IN_PROGRESS})
+#: Sessions not ended yet: what the quotas count and the live-sessions gauge shows.
+LIVE = (INIT, IN_PROGRESS, COMPLETING)
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     INIT: frozenset({IN_PROGRESS, ABORTED, EXPIRED}),

@@ -39,9 +39,11 @@ from chunksvc.rows import PartRow, SessionRow
 from chunksvc.services import auth, layout, rules, states
 from chunksvc.services.auth import Client
 from chunksvc.services.events import UploadEvents
+from chunksvc.services.frontier import HashFrontier
 from chunksvc.services.quotas import QuotaService
 from chunksvc.services.streaming import READ_AHEAD_DEPTH, BufferPool, HashingBodyReader, PartBody
 from chunksvc.storage import Storage
+from chunksvc.storage.base import InPlace
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class PartTarget:
     part_number: int
     length: int
     expected_digests: dict[str, bytes]  # from Content-Digest, by hashlib name ({} when absent)
+    part_size: int = 0  # the session's: where the part starts in the whole file
+    session_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +98,13 @@ class UploadService:
         block_size: int,
         events: UploadEvents | None = None,
         quotas: QuotaService | None = None,
+        frontier: HashFrontier | None = None,
     ) -> None:
         self._db = db
+        # Sessions it applies to are hashed as their parts arrive, and written in place where the
+        # storage can.
+        self._frontier = frontier
+        self._in_place = storage.in_place if frontier is not None else None
         self._quotas = quotas or QuotaService(db, Quotas())
         self._storage = storage
         self._limits = limits
@@ -223,7 +232,7 @@ class UploadService:
         part_number = rules.parse_part_number(raw_part_number, session.total_parts)
         length = rules.check_part_length(raw_length, session.size, session.part_size, part_number)
         expected = rules.parse_content_digest(content_digest)
-        return PartTarget(client, session.id, part_number, length, expected)
+        return PartTarget(client, session.id, part_number, length, expected, session.part_size, session.size)
 
     # A part's bytes are stored before its row is recorded, under a key of their own. They are
     # removed only when it is known that no row points to them: the record was refused (these
@@ -235,6 +244,44 @@ class UploadService:
     _NOT_RECORDED = (DigestMismatch, SessionNotFound, SessionNotActive, PartConflict, DatabaseBusy)
 
     def store_part(self, target: PartTarget, body: PartBody) -> PartResult:
+        """Stream the body, hashing it, to its place in the session's file (``_store_in_place``)
+        or else to a fresh key; then record it in one transaction."""
+        if self._in_place is not None and self._frontier is not None and self._frontier.applies(target.part_size):
+            result = self._store_in_place(self._in_place, target, body)
+            if result is not None:
+                return result
+        return self._store_apart(target, body)
+
+    def _store_in_place(self, in_place: InPlace, target: PartTarget, body: PartBody) -> PartResult | None:
+        """The part written at its offset in the session's file; None (nothing read from the
+        body) when its range is held by another writer or its number is already recorded: those
+        bytes go to a fresh key (``_store_apart``), to be compared and, where needed, placed at
+        completion. Under the range's hold, the record is checked, then the bytes written and
+        made durable, then recorded: so a range a row points at is never written again, and the
+        first accepted bytes stay. If the record is refused or its outcome unknown, the range's
+        bytes are simply not anyone's (the next writer of the range overwrites them)."""
+        key = layout.assembly_key(target.session_id)
+        offset = (target.part_number - 1) * target.part_size
+        with in_place.claim(key, offset, target.length, target.session_size) as claim:
+            if claim is None:
+                return None
+            with self._db.connection() as conn:
+                if dao.get_part(conn, target.session_id, target.part_number) is not None:
+                    return None  # a retry: compared (and healed if need be) the usual way
+            with HashingBodyReader(body, target.length, self._buffers, also_hash=target.expected_digests) as reader:
+                claim.write(reader, target.length, self._block_size)
+            for algorithm, expected in target.expected_digests.items():
+                if reader.digest(algorithm) != expected:
+                    raise DigestMismatch(f"the body's {algorithm.upper()} differs from Content-Digest")
+            result = self._record_part(target, key, reader.hexdigest())
+        self._events.part_stored(
+            created=result.created, size=target.length, healed=not result.created and result.uses_new_bytes
+        )
+        if self._frontier is not None and result.uses_new_bytes:
+            self._frontier.poke(target.session_id)
+        return result
+
+    def _store_apart(self, target: PartTarget, body: PartBody) -> PartResult:
         """Stream the body to a fresh key while hashing it, then record it in one transaction."""
         key = layout.part_key(target.session_id)
         with HashingBodyReader(body, target.length, self._buffers, also_hash=target.expected_digests) as reader:
@@ -261,6 +308,8 @@ class UploadService:
         )
         if not result.uses_new_bytes:
             discard(self._storage, [key])  # a duplicate: the row points at the bytes stored the first time
+        elif self._frontier is not None and self._frontier.applies(target.part_size):
+            self._frontier.poke(target.session_id)
         return result
 
     def _record_part(self, target: PartTarget, key: str, sha256: str) -> PartResult:

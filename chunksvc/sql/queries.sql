@@ -173,7 +173,13 @@ UPDATE upload_sessions s
        expires_at = GREATEST(s.expires_at, now() + make_interval(secs => %(ttl)s)),
        updated_at = now(),
        completion_owner = NULL,
-       completion_lease_until = NULL
+       completion_lease_until = NULL,
+       -- Parts are re-sent, maybe into bytes the frontier already hashed: it starts over.
+       frontier_parts = 0,
+       frontier_bytes = 0,
+       frontier_state = NULL,
+       frontier_owner = NULL,
+       frontier_lease_until = NULL
  WHERE s.id = %(id)s AND s.status = 'COMPLETING' AND s.completion_owner = %(owner)s
 RETURNING *, chunksvc_session_status(status, expires_at) AS effective_status;
 
@@ -280,6 +286,47 @@ SELECT id, client_id, updated_at
 UPDATE upload_sessions
    SET status = 'ABORTED', updated_at = now(), completion_owner = NULL, completion_lease_until = NULL
  WHERE id = %(id)s;
+
+-- name: take_frontier
+-- The hash frontier's lease (services.frontier): whoever holds it carries the session's whole-file
+-- SHA-256 on from the saved state over the parts recorded next in order. Taken only when free
+-- (never taken, given back, or run out: its holder died mid-hash). While the session is open or
+-- completing; an ended session's frontier is of no use. No row: a live holder has it, or the
+-- session ended.
+UPDATE upload_sessions
+   SET frontier_owner = %(owner)s,
+       frontier_lease_until = clock_timestamp() + make_interval(secs => %(seconds)s)
+ WHERE id = %(id)s
+   AND status IN ('INIT', 'IN_PROGRESS', 'COMPLETING')
+   AND (frontier_lease_until IS NULL OR frontier_lease_until <= clock_timestamp())
+RETURNING id, part_size, total_parts, size, frontier_parts, frontier_bytes, frontier_state;
+
+-- name: save_frontier
+-- A step of the frontier: the state after `parts` parts, saved with the lease pushed on. Only by
+-- the holder, so a holder that stalled past its lease (and was taken over) saves nothing; and only
+-- forward, so a state is never replaced by an older one. No row: the lease is lost.
+UPDATE upload_sessions
+   SET frontier_parts = %(parts)s,
+       frontier_bytes = %(bytes)s,
+       frontier_state = %(state)s,
+       frontier_lease_until = clock_timestamp() + make_interval(secs => %(seconds)s)
+ WHERE id = %(id)s AND frontier_owner = %(owner)s AND frontier_parts <= %(parts)s
+RETURNING id;
+
+-- name: release_frontier
+UPDATE upload_sessions
+   SET frontier_owner = NULL, frontier_lease_until = NULL
+ WHERE id = %(id)s AND frontier_owner = %(owner)s
+RETURNING id;
+
+-- name: parts_from
+-- The recorded parts numbered `after` + 1 onward, in order (the frontier takes the run of them
+-- with no gap). The primary key (session_id, part_number) serves it.
+SELECT part_number, size, sha256, storage_key, created_at
+  FROM upload_parts
+ WHERE session_id = %(session_id)s AND part_number > %(after)s
+ ORDER BY part_number
+ LIMIT %(limit)s;
 
 -- name: ping
 SELECT 1 AS ok;

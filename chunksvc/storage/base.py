@@ -13,6 +13,7 @@ import abc
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import BinaryIO, Protocol
 
@@ -93,12 +94,65 @@ def read_exact_blocks(reader: Readable, length: int, block_size: int) -> Iterato
         yield block
 
 
+class RangeClaim(abc.ABC):
+    """An exclusive hold on one byte range of a file written in place (see ``InPlace.claim``)."""
+
+    @abc.abstractmethod
+    def write(self, reader: Readable, length: int, block_size: int) -> None:
+        """Write exactly ``length`` bytes of ``reader`` at the range's start, durable on return.
+
+        On any exception the range holds unknown bytes (the caller records none of them)."""
+
+
+class InPlace(abc.ABC):
+    """Bytes written where they belong in a file that becomes an object, so that nothing is
+    copied when the object is made: for a store whose files can be written at an offset and
+    renamed (a local file system), not for S3, whose objects are written whole.
+
+    Writers of different ranges of one file work at once; a range is held by one writer at a
+    time, across processes, and its hold dies with its writer (``claim``). The store knows
+    nothing of parts: which ranges hold accepted bytes is the caller's record.
+    """
+
+    @abc.abstractmethod
+    def claim(self, key: str, offset: int, length: int, size: int) -> AbstractContextManager[RangeClaim | None]:
+        """Hold ``[offset, offset + length)`` of the file ``key`` (made ``size`` bytes long,
+        sparse, if absent) while the block runs; None when another writer holds any of it
+        (never waits)."""
+
+    @abc.abstractmethod
+    def read(self, key: str, offset: int, length: int, block_size: int) -> Iterator[Block]:
+        """Exactly ``length`` bytes of ``key`` from ``offset``; ``ObjectMissing`` if no file."""
+
+    @abc.abstractmethod
+    def finish(self, key: str, object_key: str, size: int, elsewhere: Sequence[Placement], wait: float) -> None:
+        """Make the file ``key`` (``size`` bytes) the object ``object_key``, durably, once no range
+        writer is left (waiting up to ``wait`` seconds, else ``StorageError``): first each of
+        ``elsewhere`` (bytes stored under keys of their own) is copied to its offset, under the
+        same exclusion. The file stays under ``key`` too until deleted. ``ObjectMissing``
+        (naming the key) if the file or a source is absent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Bytes stored under ``key`` that belong at ``offset`` of a file written in place."""
+
+    key: str
+    offset: int
+    size: int
+
+
 class Storage(abc.ABC):
     """Byte storage for parts and assembled objects."""
 
     @property
     def bucket(self) -> str | None:
         """The bucket the keys live in, or None where there is none (a local directory)."""
+        return None
+
+    @property
+    def in_place(self) -> InPlace | None:
+        """Writing at offsets, where this storage can (see ``InPlace``); None where it cannot."""
         return None
 
     @abc.abstractmethod
@@ -120,9 +174,18 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def assemble(
-        self, sources: Sequence[PartSource], key: str, block_size: int, progress: Progress | None = None
+        self,
+        sources: Sequence[PartSource],
+        key: str,
+        block_size: int,
+        progress: Progress | None = None,
+        known_sha256: str | None = None,
     ) -> StoredObject:
         """Concatenate ``sources`` in order into ``key``; return the stored size and SHA-256.
+
+        ``known_sha256``: the caller read the sources as stored and hashed them in order (the
+        hash frontier). An adapter whose concatenation is a copy made by the store itself may
+        then return it, with the size it checked, instead of reading the result back to hash it.
 
         ``progress(n)`` is called now and then with the bytes of the object written so far.
 

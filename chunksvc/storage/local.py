@@ -36,6 +36,7 @@ from typing import BinaryIO, TypeVar
 from chunksvc.config import Limits
 from chunksvc.errors import ConfigError, ObjectMissing, StorageError, StorageFull, StorageUnavailable
 from chunksvc.storage.base import (
+    InPlace,
     ListedKey,
     PartSource,
     Progress,
@@ -287,8 +288,9 @@ class _WriteBehind:
     the fsync itself succeeded, so no write error is ever lost.
     """
 
-    def __init__(self, fd: int, length: int) -> None:
+    def __init__(self, fd: int, length: int, base: int = 0) -> None:
         self._fd = fd
+        self._base = base  # where in the file the writes begin (a part written in place)
         self._length = length  # bytes the file will hold: the last ones are the fsync's
         self._written = 0
         self._started = 0  # bytes before this offset were handed to writeback
@@ -302,7 +304,7 @@ class _WriteBehind:
             return
         assert _start_writeback is not None
         try:
-            _start_writeback(self._fd, self._started, pending)
+            _start_writeback(self._fd, self._base + self._started, pending)
         except OSError as exc:
             self._on = False
             if exc.errno not in _WRITE_BEHIND_UNSUPPORTED:
@@ -463,6 +465,12 @@ class LocalStorage(Storage):
     def __repr__(self) -> str:
         return f"LocalStorage({str(self._root)!r})"
 
+    @property
+    def in_place(self) -> InPlace:
+        from chunksvc.storage.inplace import LocalInPlace  # it builds on this module
+
+        return LocalInPlace(self)
+
     def validate_limits(self, limits: Limits) -> None:
         """A directory has no part-count or object-size limit of its own."""
 
@@ -477,10 +485,16 @@ class LocalStorage(Storage):
         self._store(check_key(key), length, fill, own_key=True)
 
     def assemble(
-        self, sources: Sequence[PartSource], key: str, block_size: int, progress: Progress | None = None
+        self,
+        sources: Sequence[PartSource],
+        key: str,
+        block_size: int,
+        progress: Progress | None = None,
+        known_sha256: str | None = None,
     ) -> StoredObject:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        del known_sha256  # the copy is hashed as it is written: it costs no extra pass here
         paths = [(src, self._path(src.key)) for src in sources]
 
         def fill(fd: int, behind: _WriteBehind) -> tuple[int, str]:
@@ -727,6 +741,22 @@ class LocalStorage(Storage):
             self._make_dirs(Path(directory))
             os.replace(tmp, dest)  # a missing tmp (swept) fails again, as it should
         return directory
+
+    def _make_dirs_for(self, path: str) -> None:
+        """The directories a file at ``path`` (under the root) needs, made durably."""
+        self._make_dirs(Path(path).parent)
+
+    def _link_durably(self, path: str, key: str) -> None:
+        """Give the file at ``path`` the name ``key`` too (replacing what is there), durably."""
+        dest = os.path.join(self._root_text, check_key(key))
+        tmp = os.path.join(self._incoming_text, os.urandom(16).hex())
+        os.link(path, tmp)
+        try:
+            _fsync_dir(self._rename(tmp, dest))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def _make_dirs(self, directory: Path) -> None:
         """Create missing directories below the root, fsyncing each parent so they survive a crash.
