@@ -67,10 +67,10 @@ CREATE FUNCTION public.chunksvc_session_event() RETURNS trigger
 DECLARE
     new_event webhook_events%ROWTYPE;
 BEGIN
-    -- FOR SHARE: an endpoint removed at the same moment either commits first (its removed_at is
-    -- seen here, re-checked under the lock) or waits for this transaction, and then its removal
-    -- finds and drops the delivery made here; without the lock a delivery could be left pending
-    -- to a removed endpoint for ever.
+    IF NEW.tus_partial THEN
+        RETURN NULL;
+    END IF;
+    -- FOR SHARE: as in 0005 (an endpoint removed at the same moment is seen or waits).
     PERFORM 1 FROM webhook_endpoints WHERE client_id = NEW.client_id AND removed_at IS NULL FOR SHARE;
     IF NOT FOUND THEN
         RETURN NULL;
@@ -89,6 +89,18 @@ $$;
 CREATE FUNCTION public.chunksvc_session_status(status text, expires_at timestamp with time zone) RETURNS text
     LANGUAGE sql STABLE PARALLEL SAFE
     RETURN CASE WHEN ((status = ANY (ARRAY['INIT'::text, 'IN_PROGRESS'::text])) AND (expires_at <= now())) THEN 'EXPIRED'::text ELSE status END;
+
+CREATE FUNCTION public.chunksvc_tus_final_ended() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    UPDATE upload_sessions s
+       SET status = 'ABORTED', updated_at = now()
+      FROM tus_uploads t
+     WHERE t.final_id = NEW.id AND s.id = t.session_id AND s.status IN ('INIT', 'IN_PROGRESS');
+    RETURN NULL;
+END
+$$;
 
 CREATE TABLE public.api_keys (
     id bigint NOT NULL,
@@ -157,6 +169,30 @@ CREATE TABLE public.schema_migrations (
     applied_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
+CREATE TABLE public.tus_incomplete_parts (
+    session_id uuid NOT NULL,
+    part_number integer NOT NULL,
+    start bigint NOT NULL,
+    size bigint NOT NULL,
+    storage_key text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT tus_incomplete_parts_part_number_check CHECK ((part_number >= 1)),
+    CONSTRAINT tus_incomplete_parts_size_check CHECK ((size > 0)),
+    CONSTRAINT tus_incomplete_parts_start_check CHECK ((start >= 0))
+);
+
+CREATE TABLE public.tus_uploads (
+    session_id uuid NOT NULL,
+    metadata text,
+    concat text DEFAULT 'none'::text NOT NULL,
+    final_id uuid,
+    "position" integer,
+    CONSTRAINT tus_final_position CHECK (((final_id IS NULL) = ("position" IS NULL))),
+    CONSTRAINT tus_only_partials_concatenate CHECK (((final_id IS NULL) OR (concat = 'partial'::text))),
+    CONSTRAINT tus_uploads_concat_check CHECK ((concat = ANY (ARRAY['none'::text, 'partial'::text, 'final'::text]))),
+    CONSTRAINT tus_uploads_position_check CHECK (("position" >= 1))
+);
+
 CREATE TABLE public.upload_parts (
     session_id uuid NOT NULL,
     part_number integer NOT NULL,
@@ -194,6 +230,7 @@ CREATE TABLE public.upload_sessions (
     assembled_bytes bigint,
     completion_owner uuid,
     completion_lease_until timestamp with time zone,
+    tus_partial boolean DEFAULT false NOT NULL,
     frontier_parts integer DEFAULT 0 NOT NULL,
     frontier_bytes bigint DEFAULT 0 NOT NULL,
     frontier_state bytea,
@@ -312,6 +349,18 @@ ALTER TABLE ONLY public.reaper_leases
 ALTER TABLE ONLY public.schema_migrations
     ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
 
+ALTER TABLE ONLY public.tus_incomplete_parts
+    ADD CONSTRAINT tus_incomplete_parts_pkey PRIMARY KEY (session_id, part_number, start);
+
+ALTER TABLE ONLY public.tus_incomplete_parts
+    ADD CONSTRAINT tus_incomplete_parts_storage_key_key UNIQUE (storage_key);
+
+ALTER TABLE ONLY public.tus_uploads
+    ADD CONSTRAINT tus_one_partial_per_position UNIQUE (final_id, "position");
+
+ALTER TABLE ONLY public.tus_uploads
+    ADD CONSTRAINT tus_uploads_pkey PRIMARY KEY (session_id);
+
 ALTER TABLE ONLY public.upload_parts
     ADD CONSTRAINT upload_parts_pkey PRIMARY KEY (session_id, part_number);
 
@@ -360,6 +409,8 @@ CREATE INDEX webhook_events_created_idx ON public.webhook_events USING btree (cr
 
 CREATE TRIGGER upload_sessions_outbox AFTER UPDATE OF status ON public.upload_sessions FOR EACH ROW WHEN (((old.status IS DISTINCT FROM new.status) AND (new.status = ANY (ARRAY['COMPLETED'::text, 'FAILED'::text, 'ABORTED'::text, 'EXPIRED'::text])))) EXECUTE FUNCTION public.chunksvc_session_event();
 
+CREATE TRIGGER upload_sessions_tus_final_ended AFTER UPDATE OF status ON public.upload_sessions FOR EACH ROW WHEN (((old.status IS DISTINCT FROM new.status) AND (new.status = ANY (ARRAY['COMPLETED'::text, 'FAILED'::text, 'ABORTED'::text, 'EXPIRED'::text])))) EXECUTE FUNCTION public.chunksvc_tus_final_ended();
+
 ALTER TABLE ONLY public.api_keys
     ADD CONSTRAINT api_keys_client_id_fkey FOREIGN KEY (client_id) REFERENCES public.clients(id);
 
@@ -368,6 +419,15 @@ ALTER TABLE ONLY public.client_limits
 
 ALTER TABLE ONLY public.lost_parts
     ADD CONSTRAINT lost_parts_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.tus_incomplete_parts
+    ADD CONSTRAINT tus_incomplete_parts_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.tus_uploads
+    ADD CONSTRAINT tus_uploads_final_id_fkey FOREIGN KEY (final_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.tus_uploads
+    ADD CONSTRAINT tus_uploads_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY public.upload_parts
     ADD CONSTRAINT upload_parts_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
