@@ -120,7 +120,7 @@ bench-pgbouncer: $(INSTALLED)
 	$(BIN)/python -m tools.bench_pgbouncer $(ARGS)
 
 ## make bench-curves [ARGS="--quick" or "--curves sessions --explain"]: cost as work grows, as curves
-## (min-median-max): complete vs part count (disk; S3 on moto), latencies with 10^3..10^6 sessions, MiB/s
+## (min-median-max): complete vs part count (disk; S3 on radosgw), latencies with 10^3..10^6 sessions, MiB/s
 ## with 1, 2, 4 hosts; 9-13 minutes (the 1,000-part S3 point is 3 of them and needs ~20 GiB of free
 ## memory, else it is skipped), --quick about 90 s.
 bench-curves: $(BENCH_INSTALLED)

@@ -13,9 +13,9 @@ bytes, in interleaved rounds (one of each route per round, then the next round):
 - ``boto3`` (s3): ``upload_file`` straight to the same S3 server (4 threads, 8 MiB parts).
 
 Prints medians with min-max, the issue's ratios, and the peak RSS of the busiest worker and of
-the CLI client (a fresh server per size, so the worker's figure is that size's). S3 runs on moto
-in a child process until a real S3 server harness is at hand (moto keeps every byte in RAM:
-keep ``--s3-sizes`` small).
+the CLI client (a fresh server per size, so the worker's figure is that size's). S3 runs on
+radosgw (``tools/radosgw.py``); on moto in a child process only when Ceph is not installed, which
+is printed (moto keeps every byte in RAM: keep ``--s3-sizes`` small there).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chunksvc.config import MiB, StorageSpec
-from tools import harness, peer_tus
+from tools import harness, peer_tus, radosgw
 from tools.bench_large import worker_peak_mib, write_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +169,8 @@ def s3_rounds(url: str, key: str, size: int, rounds: int, work: Path) -> Routes:
     routes = Routes(work / "source.bin", work)
     write_file(routes.path, size)
     env = {"CHUNKSVC_LOG_LEVEL": "warning", "CHUNKSVC_ACCESS_LOG": ""}
-    with harness.moto_s3() as endpoint:
+    with radosgw.bench_s3() as (endpoint, server_name):
+        print(f"S3 server: {server_name}")
         spec = harness.s3_spec(endpoint)
         with harness.gunicorn(url, spec, env=env, cwd=ROOT, unset=["PROMETHEUS_MULTIPROC_DIR"]) as server:
             for _ in range(rounds):
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="file", help="comma-separated: file, s3 (default file)")
     parser.add_argument("--sizes", default="256,1024", help="MiB on disk, comma-separated (default 256,1024)")
     parser.add_argument("--large", action="store_true", help="add 4 GiB and 10 GiB on disk")
-    parser.add_argument("--s3-sizes", default="256", help="MiB on S3 (moto holds them in RAM; default 256)")
+    parser.add_argument("--s3-sizes", default="256", help="MiB on S3 (default 256)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-tus", action="store_true", help="leave out tus-node-server")
     parser.add_argument("--file-root", type=Path, help="where files and storage go (default: $TMPDIR)")
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                     report("file", size, disk_rounds(url, key, size, args.rounds, work, tus))
             if "s3" in backends:
                 for size in sizes(args.s3_sizes):
-                    report("s3 (moto)", size, s3_rounds(url, key, size, args.rounds, work))
+                    report("s3", size, s3_rounds(url, key, size, args.rounds, work))
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     return 0
 
