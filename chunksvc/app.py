@@ -26,6 +26,7 @@ from chunksvc.services.completion import CompletionService
 from chunksvc.services.events import Observers
 from chunksvc.services.health import HealthService
 from chunksvc.services.quotas import QuotaService
+from chunksvc.services.ratelimit import RateLimiter
 from chunksvc.services.reaper import PeriodicReaper, Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
 from chunksvc.services.webhooks import DeliverySettings, SigningKey, WebhookDeliverer
@@ -147,7 +148,8 @@ def build(
     # Sessions by status, counted from the database by whichever worker answers a scrape.
     metrics.session_gauges.census = SessionCensus(db).count
     router = CompiledRouter()
-    bearer_auth = BearerAuth(Authenticator(db))
+    rate_limiter = RateLimiter(db, config.quotas, refused=metrics.request_rate_limited)
+    bearer_auth = BearerAuth(Authenticator(db), rate_limiter=rate_limiter)
     app = falcon.App(
         middleware=(
             RequestId(),
@@ -168,7 +170,7 @@ def build(
     app.add_route("/readyz", health.Readyz(HealthService(db, storage, min_free=config.storage_min_free)))
     app.add_route("/metrics", MetricsResource(metrics, db.stats))
     app.add_route("/openapi.json", openapi.OpenApi(config.limits))
-    app.add_route("/uploads/limits", uploads.LimitsResource(quotas))
+    app.add_route("/uploads/limits", uploads.LimitsResource(quotas, rate_limiter))
     app.add_route("/uploads/sessions", uploads.SessionsResource(upload_service, render_session))
     app.add_route("/uploads/sessions/{session_id}", uploads.SessionResource(upload_service, render_session))
     app.add_route("/uploads/sessions/{session_id}/parts", uploads.PartsResource(upload_service))

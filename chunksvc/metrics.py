@@ -166,6 +166,13 @@ class Metrics(UploadEvents):
             ["code"],
             registry=registry,
         )
+        # By client name: clients are made by operators (keys create), so the labels stay few.
+        self.rate_limited = Counter(
+            "chunksvc_rate_limited",
+            "Requests refused with 429 rate_limited (CHUNKSVC_RATE_LIMIT, limits set --rate), by client",
+            ["client"],
+            registry=registry,
+        )
         self.part_bytes = Counter(
             "chunksvc_part_bytes_received",
             "Bytes of part bodies received whole and recorded, by outcome",
@@ -319,6 +326,9 @@ class Metrics(UploadEvents):
         else:
             self.parts.labels("rejected").inc()
             self.parts_rejected.labels(code).inc()
+
+    def request_rate_limited(self, client: str) -> None:
+        self.rate_limited.labels(client).inc()
 
     def pool_sampled(self, stats: Mapping[str, int]) -> None:
         """Record a ``psycopg_pool`` ``get_stats()`` snapshot (empty while the pool is closed)."""

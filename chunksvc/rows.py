@@ -308,3 +308,22 @@ class ClientUsageRow(UsageRow):
 
     client_id: int
     client_name: str
+    rate_limit: float | None  # requests a second; None: the configured default
+    rate_burst: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RateOverrideRow:
+    """A client's rate override (``rate_overrides``); a None column is the configured default."""
+
+    client_id: int
+    rate_limit: float | None
+    rate_burst: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RateTokenRow:
+    """What ``take_rate_token`` left in the client's bucket, and whether it admitted the request."""
+
+    tokens: float
+    admitted: bool

@@ -678,12 +678,15 @@ SELECT count(s.id) AS open_sessions,
    AND chunksvc_session_status(s.status, s.expires_at) IN ('INIT', 'IN_PROGRESS', 'COMPLETING');
 
 -- name: client_usage
--- open_usage for every client (or one), for GET /uploads/limits and `limits show`.
+-- open_usage for every client (or one), with the rate overrides (migration 0013), for GET
+-- /uploads/limits and `limits show`.
 SELECT c.id AS client_id, c.name AS client_name,
        count(s.id) AS open_sessions,
        coalesce(sum(s.size), 0)::bigint AS open_bytes,
        l.max_sessions,
-       l.max_bytes
+       l.max_bytes,
+       l.rate_limit,
+       l.rate_burst
   FROM clients c
   LEFT JOIN upload_sessions s
     ON s.client_id = c.id
@@ -692,17 +695,19 @@ SELECT c.id AS client_id, c.name AS client_name,
   LEFT JOIN client_limits l ON l.client_id = c.id
  WHERE (%(client_name)s::text IS NULL OR c.name = %(client_name)s)
    AND (%(client_id)s::bigint IS NULL OR c.id = %(client_id)s)
- GROUP BY c.id, c.name, l.max_sessions, l.max_bytes
+ GROUP BY c.id, c.name, l.max_sessions, l.max_bytes, l.rate_limit, l.rate_burst
  ORDER BY c.name;
 
 -- name: set_client_limits
 -- An override: a column given replaces the stored one, a NULL keeps it (set --sessions alone
 -- leaves a bytes override as it was). Nothing when no client has that name.
-INSERT INTO client_limits (client_id, max_sessions, max_bytes)
-SELECT id, %(max_sessions)s, %(max_bytes)s FROM clients WHERE name = %(client_name)s
+INSERT INTO client_limits (client_id, max_sessions, max_bytes, rate_limit, rate_burst)
+SELECT id, %(max_sessions)s, %(max_bytes)s, %(rate_limit)s, %(rate_burst)s FROM clients WHERE name = %(client_name)s
 ON CONFLICT (client_id) DO UPDATE
    SET max_sessions = coalesce(EXCLUDED.max_sessions, client_limits.max_sessions),
        max_bytes = coalesce(EXCLUDED.max_bytes, client_limits.max_bytes),
+       rate_limit = coalesce(EXCLUDED.rate_limit, client_limits.rate_limit),
+       rate_burst = coalesce(EXCLUDED.rate_burst, client_limits.rate_burst),
        updated_at = now()
 RETURNING client_id;
 
@@ -713,3 +718,35 @@ RETURNING client_id;
 
 -- name: client_id_by_name
 SELECT id FROM clients WHERE name = %(client_name)s;
+
+
+-- Request-rate limits (contract v1.2): a token bucket per client (migration 0013).
+
+-- name: rate_overrides
+-- Every client's rate override. Each worker keeps this list a few seconds (RateLimiter), so a
+-- client with no limit at all (the default: CHUNKSVC_RATE_LIMIT=0) costs no statement per request.
+SELECT client_id, rate_limit, rate_burst
+  FROM client_limits
+ WHERE rate_limit IS NOT NULL OR rate_burst IS NOT NULL;
+
+-- name: take_rate_token
+-- Take one request's token from the client's bucket, in the one statement (and so the one round
+-- trip) a limited request costs, exact across every worker and host: the row lock of the upsert
+-- serialises one client's requests, and other clients' rows are never waited on.
+-- The bucket refills at %(rate)s tokens a second up to %(burst)s, by the database's clock. A
+-- request is admitted when at least one whole token is there; a refused one takes nothing, so a
+-- client flooding past its limit still gets exactly its rate. `now()` is this statement's start:
+-- one that waited for the lock may be older than the row, hence greatest(). The first request of
+-- a client finds a full bucket. Autocommit, on an UNLOGGED table: no WAL flush per request.
+-- Returns the tokens left and whether this request was admitted (RETURNING sees only the new
+-- row, so the decision is stored beside the tokens). chunksvc_refilled (migration 0013) is the
+-- bucket's level now, before this request: a plain SQL function, inlined by the planner.
+INSERT INTO client_rate_buckets AS b (client_id, tokens, refilled_at, admitted)
+VALUES (%(client_id)s, %(burst)s::double precision - 1, now(), true)
+ON CONFLICT (client_id) DO UPDATE
+   SET tokens = CASE WHEN chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s) >= 1
+                     THEN chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s) - 1
+                     ELSE chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s) END,
+       refilled_at = greatest(b.refilled_at, now()),
+       admitted = chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s) >= 1
+RETURNING b.tokens, b.admitted;
