@@ -639,8 +639,8 @@ def rate_overrides(conn: Connection) -> list[RateOverrideRow]:
     return conn.all("rate_overrides", _RATE_OVERRIDE)
 
 
-def take_rate_token(conn: Connection, client_id: int, rate: float, burst: float) -> RateTokenRow:
-    row = conn.one("take_rate_token", _RATE_TOKEN, client_id=client_id, rate=rate, burst=burst)
+def take_rate_tokens(conn: Connection, client_id: int, rate: float, burst: float, want: int) -> RateTokenRow:
+    row = conn.one("take_rate_token", _RATE_TOKEN, client_id=client_id, rate=rate, burst=burst, want=want)
     assert row is not None  # an upsert's RETURNING always has its row
     return row
 

@@ -323,7 +323,8 @@ class RateOverrideRow:
 
 @dataclasses.dataclass(frozen=True)
 class RateTokenRow:
-    """What ``take_rate_token`` left in the client's bucket, and whether it admitted the request."""
+    """What ``take_rate_token`` left in the client's bucket, and how many tokens it took (0: none
+    was there, the request is refused)."""
 
     tokens: float
-    admitted: bool
+    taken: int

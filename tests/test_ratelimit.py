@@ -18,7 +18,7 @@ from chunksvc.app import create_app
 from chunksvc.config import Config, Quotas, StorageSpec
 from chunksvc.db import Database
 from chunksvc.errors import ConfigError
-from chunksvc.services.ratelimit import effective_rate
+from chunksvc.services.ratelimit import HOLD, RateLimiter, effective_rate
 from tests.conftest import TEST_LIMITS
 from tests.helpers import create
 from tools import harness
@@ -108,6 +108,35 @@ def test_an_override_limits_one_client_and_leaves_the_others_on_the_default(rate
     assert "(defaults)" in limits_cli(database_url, "show", "alice").stdout
     assert limits_cli(database_url, "set", "alice", "--rate", "-1").returncode == 2
     assert limits_cli(database_url, "set", "alice", "--rate", "nan").returncode == 2
+
+
+def test_a_worker_takes_tokens_in_batches_at_high_rates_and_drops_them_after_hold(db, keys):
+    """At 1,000 a second a worker takes 20 tokens (20 ms of the rate) in one statement and spends
+    them itself; what it has not spent after HOLD seconds is dropped, never spent late."""
+    keys.create("fast")
+    with db.connection() as conn:
+        client_id = conn._conn.execute("SELECT id FROM clients WHERE name = 'fast'").fetchone()[0]
+    now = [100.0]
+    limiter = RateLimiter(db, Quotas(rate=1000, burst=40), clock=lambda: now[0])
+
+    def bucket() -> tuple:
+        with db.connection() as conn:
+            return conn._conn.execute(
+                "SELECT taken, refilled_at FROM client_rate_buckets WHERE client_id = %s", (client_id,)
+            ).fetchone()
+
+    limiter.admit(client_id, "fast")
+    first = bucket()
+    assert first[0] == 20
+    for _ in range(19):
+        limiter.admit(client_id, "fast")
+    assert bucket() == first  # spent locally: no statement
+    limiter.admit(client_id, "fast")
+    second = bucket()
+    assert second[1] > first[1]  # the 21st took a new batch
+    now[0] += HOLD + 0.01
+    limiter.admit(client_id, "fast")
+    assert bucket()[1] > second[1]  # the held 19 were dropped: a new batch
 
 
 @pytest.mark.parametrize("raw", ["fast", "-1", "nan", "inf"])

@@ -1,14 +1,21 @@
 """Per-client request-rate limits (contract v1.2, "Sharing one service").
 
-A token bucket per client, held in PostgreSQL (``client_rate_buckets``, migration 0013) and
-taken from by one statement per request (``take_rate_token``). Every worker on every host takes
-from the same row, so the limit holds for the client as a whole, exactly: the row's lock orders
-one client's requests, and another client's requests touch another row and never wait for it.
+A token bucket per client, held in PostgreSQL (``client_rate_buckets``, migration 0013), which
+every worker on every host takes tokens from with one statement (``take_rate_token``). The row's
+lock orders one client's takers; another client's requests touch another row and never wait.
 
-Why not local buckets that share their counts now and then: each process would admit up to its
-own share between two exchanges, and with processes coming and going (a rolling restart, a host
-added) the sum is right only on average. One round trip on an UNLOGGED table, with no WAL flush,
-costs about 0.1-0.2 ms of PostgreSQL time; it is paid only by clients that have a limit.
+A worker takes a few tokens at a time and spends them on the client's next requests itself: up to
+``BATCH_SECONDS`` of the client's rate (1 token for a rate under 50 a second, so small limits are
+checked request by request). The sum over every process can never pass the bucket, so the limit
+is never exceeded; a worker's unspent tokens are dropped after ``HOLD`` seconds, so a client can
+lose at most one batch per process that stopped getting its requests. Why batches: one round trip
+per request cost about 0.3 ms of wall time and 0.7 ms of CPU per 4 KiB part (331 against 435 parts
+a second); a batch divides that by its size where rates are high enough for it to matter.
+
+Why not local buckets that share their counts every few hundred milliseconds: each process would
+admit up to its own share between two exchanges, and with processes coming and going (a rolling
+restart, a host added) the sum is right only on average. Tokens taken from the shared row are
+right by construction.
 
 The limits are the configured defaults (``config.Quotas.rate``/``burst``) unless an operator set
 an override (``python -m chunksvc limits set CLIENT --rate R --burst B``). Each process keeps the
@@ -31,6 +38,10 @@ from chunksvc.errors import RateLimited
 
 #: Seconds each process keeps the operators' overrides before reading them again.
 OVERRIDES_REFRESH = 5.0
+#: A worker takes at most this many seconds of a client's rate from the shared bucket at once.
+BATCH_SECONDS = 0.02
+#: Seconds a worker keeps tokens it took but has not spent; then they are dropped.
+HOLD = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +81,9 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._overrides: dict[int, tuple[float | None, int | None]] = {}
         self._read_at: float | None = None
+        # Per client: tokens this process took from the shared bucket and has not spent, and until
+        # when it may spend them.
+        self._held: dict[int, tuple[int, float]] = {}
 
     def rate_of(self, client_id: int) -> Rate:
         """The client's rate now: its override, column by column, else the default."""
@@ -82,14 +96,26 @@ class RateLimiter:
         )
 
     def admit(self, client_id: int, client_name: str) -> None:
-        """Take one token of the client's bucket, or raise ``RateLimited`` with the seconds until
-        the next one. Does nothing for a client without a limit."""
+        """Spend one of the client's tokens, or raise ``RateLimited`` with the seconds until the
+        next one. Does nothing for a client without a limit."""
         rate = self.rate_of(client_id)
         if not rate.on:
             return
+        now = self._clock()
+        with self._lock:
+            held, until = self._held.get(client_id, (0, 0.0))
+            if held > 0 and now < until:
+                self._held[client_id] = (held - 1, until)
+                return
+        want = max(1, min(rate.burst, math.floor(rate.limit * BATCH_SECONDS)))
         with self._db.connection() as conn:
-            taken = dao.take_rate_token(conn, client_id, rate.limit, float(rate.burst))
-        if taken.admitted:
+            taken = dao.take_rate_tokens(conn, client_id, rate.limit, float(rate.burst), want)
+        if taken.taken > 0:
+            with self._lock:
+                # Tokens another thread took meanwhile are kept too: both were taken from the row.
+                held, until = self._held.get(client_id, (0, 0.0))
+                held = held if now < until else 0
+                self._held[client_id] = (held + taken.taken - 1, now + HOLD)
             return
         if self._refused is not None:
             self._refused(client_name)

@@ -730,23 +730,23 @@ SELECT client_id, rate_limit, rate_burst
  WHERE rate_limit IS NOT NULL OR rate_burst IS NOT NULL;
 
 -- name: take_rate_token
--- Take one request's token from the client's bucket, in the one statement (and so the one round
--- trip) a limited request costs, exact across every worker and host: the row lock of the upsert
--- serialises one client's requests, and other clients' rows are never waited on.
--- The bucket refills at %(rate)s tokens a second up to %(burst)s, by the database's clock. A
--- request is admitted when at least one whole token is there; a refused one takes nothing, so a
--- client flooding past its limit still gets exactly its rate. `now()` is this statement's start:
--- one that waited for the lock may be older than the row, hence greatest(). The first request of
--- a client finds a full bucket. Autocommit, on an UNLOGGED table: no WAL flush per request.
--- Returns the tokens left and whether this request was admitted (RETURNING sees only the new
--- row, so the decision is stored beside the tokens). chunksvc_refilled (migration 0013) is the
--- bucket's level now, before this request: a plain SQL function, inlined by the planner.
-INSERT INTO client_rate_buckets AS b (client_id, tokens, refilled_at, admitted)
-VALUES (%(client_id)s, %(burst)s::double precision - 1, now(), true)
+-- Take up to %(want)s whole tokens from the client's bucket (a worker spends them on its next
+-- requests, see RateLimiter), in one statement, exact across every worker and host: the row lock
+-- of the upsert serialises one client's takers, and other clients' rows are never waited on.
+-- The bucket refills at %(rate)s tokens a second up to %(burst)s, by the database's clock. A take
+-- gets the whole tokens there, at most %(want)s; none (0 taken) refuses the request and takes
+-- nothing, so a client flooding past its limit still gets exactly its rate. `now()` is this
+-- statement's start: one that waited for the lock may be older than the row, hence greatest().
+-- The first take of a client finds a full bucket. Autocommit, on an UNLOGGED table: no WAL flush.
+-- Returns the tokens left and how many were taken (RETURNING sees only the new row, so the count
+-- is stored beside the tokens). chunksvc_refilled (migration 0013) is the bucket's level before
+-- this take: a plain SQL function, inlined by the planner.
+INSERT INTO client_rate_buckets AS b (client_id, tokens, refilled_at, taken)
+VALUES (%(client_id)s, %(burst)s::double precision - least(%(want)s, floor(%(burst)s::double precision)),
+        now(), least(%(want)s, floor(%(burst)s::double precision)))
 ON CONFLICT (client_id) DO UPDATE
-   SET tokens = CASE WHEN chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s) >= 1
-                     THEN chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s) - 1
-                     ELSE chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s) END,
+   SET tokens = chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s)
+                - least(%(want)s, floor(chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s))),
        refilled_at = greatest(b.refilled_at, now()),
-       admitted = chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s) >= 1
-RETURNING b.tokens, b.admitted;
+       taken = least(%(want)s, floor(chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s)))
+RETURNING b.tokens, b.taken;

@@ -7,16 +7,16 @@ ALTER TABLE client_limits
     ADD COLUMN rate_burst integer CHECK (rate_burst >= 0);
 
 -- One token bucket per client, shared by every process: `tokens` as of `refilled_at` (the
--- database's clock, the one clock every host shares), and whether the last request taken from it
--- was admitted (the statement that takes a token returns it; see take_rate_token).
--- UNLOGGED: each request updates its client's row, and a logged table would flush WAL to disk for
+-- database's clock, the one clock every host shares), and how many tokens the last statement took
+-- from it (take_rate_token returns that: 0 refused the request).
+-- UNLOGGED: requests update their client's row, and a logged table would flush WAL to disk for
 -- every one of them. After a crash PostgreSQL empties the table, and every bucket starts full
 -- again: at most one burst more for each client, once.
 CREATE UNLOGGED TABLE client_rate_buckets (
     client_id   bigint PRIMARY KEY REFERENCES clients (id) ON DELETE CASCADE,
     tokens      double precision NOT NULL,
     refilled_at timestamptz NOT NULL,
-    admitted    boolean NOT NULL
+    taken       integer NOT NULL
 );
 
 -- A bucket's level at the statement's time: `tokens` as of `refilled_at`, plus `rate` a second
