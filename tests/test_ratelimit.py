@@ -180,3 +180,22 @@ def test_the_limit_holds_across_workers_and_hosts_and_spares_another_client(data
     assert len(flood) == 96 and set(flood) <= {200, 429}, flood
     assert 12 <= admitted <= 12 + 2 * elapsed + 1, (admitted, elapsed)
     assert calm_statuses == [200] * 8
+
+
+def test_the_client_library_waits_out_rate_limited_and_finishes(database_url, keys, tmp_path):
+    """A real upload through a limited gunicorn: the client meets 429 rate_limited, waits its
+    Retry-After and completes the upload; the refusals are in /metrics."""
+    from chunksvc_client import Client
+
+    key = keys.create("patient")[0]
+    env = {"CHUNKSVC_RATE_LIMIT": "4", "CHUNKSVC_RATE_BURST": "2", "CHUNKSVC_MIN_PART_SIZE": "4096"}
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(8 * 4096))
+    spec = StorageSpec(kind="file", root=tmp_path / "storage")
+    with harness.gunicorn(database_url, spec, env=env, cwd=ROOT) as server:
+        with Client(f"http://127.0.0.1:{server.port}", key) as client:
+            done = client.upload_file(source, part_size=4096, parallel=2)
+        _, _, metrics = server.request("GET", "/metrics")
+    assert done["status"] == "COMPLETED" and done["size"] == 8 * 4096
+    refused = [line for line in metrics.decode().splitlines() if line.startswith("chunksvc_rate_limited_total")]
+    assert refused and float(refused[0].rsplit(" ", 1)[1]) > 0, refused
