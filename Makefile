@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install lock run test chaos lint docs migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks bench-pgbouncer bench-curves bench-e2e loadtest clean
+.PHONY: install lock run test chaos lint docs migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks bench-pgbouncer bench-curves bench-e2e bench-fairness loadtest clean
 
 # The virtualenv is rebuilt when the dependency list changes. (PYTHONWARNINGS: setuptools' notice
 # about editable installs, printed by every build, is noise; pip's errors still show.)
@@ -97,6 +97,12 @@ bench: $(BENCH_INSTALLED)
 ## cp+sync and (S3) boto3 upload_file; interleaved rounds, medians and ranges, the goals' ratios.
 bench-e2e: $(BENCH_INSTALLED)
 	$(BIN)/python -m tools.bench_e2e $(ARGS)
+
+## make bench-fairness [ARGS="--rounds 3 --seconds 8 --rate 20 --flood 10"]: one client floods at 10x
+## its rate limit from 2 hosts while another uploads 8 MiB parts; the victim's ratios and the
+## flood's admitted requests against the limit's allowance.
+bench-fairness: $(BENCH_INSTALLED)
+	$(BIN)/python -m tools.bench_fairness $(ARGS)
 
 ## make bench-large [ARGS="--size 10 --backends file,s3"]: a large upload end to end, through the
 ## client, completed in the background; several minutes and --size GiB of free disk (twice over).
