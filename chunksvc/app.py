@@ -21,7 +21,7 @@ from chunksvc.resources.middleware import BearerAuth, RequestId
 from chunksvc.resources.observability import MetricsResource, RequestTelemetry
 from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.auth import Authenticator
-from chunksvc.services.census import SessionCensus
+from chunksvc.services.census import ClientLimitsCensus, SessionCensus
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.events import Observers
 from chunksvc.services.health import HealthService
@@ -150,6 +150,8 @@ def build(
     router = CompiledRouter()
     rate_limiter = RateLimiter(db, config.quotas, refused=metrics.request_rate_limited)
     bearer_auth = BearerAuth(Authenticator(db), rate_limiter=rate_limiter)
+    # Each client's limits and use, read from the database by whichever worker answers a scrape.
+    metrics.client_gauges.read = ClientLimitsCensus(db, quotas, rate_limiter).read
     app = falcon.App(
         middleware=(
             RequestId(),

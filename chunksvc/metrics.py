@@ -9,6 +9,7 @@ Without it (tests, one process) each ``Metrics`` has a private registry, so apps
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import os
 import threading
@@ -98,6 +99,59 @@ class SessionGauges:
                 "Webhook deliveries by state, read from the database at this scrape: pending (not"
                 " tried yet or under way), failing (pending after a failed attempt), dead (given up)",
                 labels=["state"],
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientLimitSample:
+    """One client's limits and use, for the client gauges (a rate of 0: no rate limit)."""
+
+    client: str
+    sessions_limit: int
+    sessions_used: int
+    bytes_limit: int
+    bytes_used: int
+    rate_limit: float
+
+
+class ClientLimitGauges:
+    """Each client's limits and use of them, read from the database at each scrape (like
+    ``SessionGauges``, and for the same reason), for alerting on a client near its quota:
+    ``chunksvc_client_used / chunksvc_client_limit`` by ``client`` and ``limit``."""
+
+    def __init__(self) -> None:
+        self.read: Callable[[], list[ClientLimitSample] | None] | None = None  # set by the app
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        samples = self.read() if self.read is not None else None
+        if samples is None:
+            return []
+        limits, used = self._families()
+        for sample in samples:
+            limits.add_metric([sample.client, "sessions"], sample.sessions_limit)
+            limits.add_metric([sample.client, "bytes"], sample.bytes_limit)
+            limits.add_metric([sample.client, "rate"], sample.rate_limit)
+            used.add_metric([sample.client, "sessions"], sample.sessions_used)
+            used.add_metric([sample.client, "bytes"], sample.bytes_used)
+        return [limits, used]
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "chunksvc_client_limit",
+                "Each client's limits, read from the database at this scrape: open sessions, open bytes,"
+                " requests a second (rate; 0: no rate limit)",
+                labels=["client", "limit"],
+            ),
+            GaugeMetricFamily(
+                "chunksvc_client_used",
+                "Each client's use of its quotas, read from the database at this scrape: open sessions, open bytes",
+                labels=["client", "limit"],
             ),
         )
 
@@ -279,6 +333,8 @@ class Metrics(UploadEvents):
         # Counted at scrape time from the database, once the app gives it a census.
         self.session_gauges = SessionGauges()
         self._exposition.register(self.session_gauges)
+        self.client_gauges = ClientLimitGauges()
+        self._exposition.register(self.client_gauges)
 
         # Series that exist from the start read 0 rather than being absent.
         for outcome in REAPER_OUTCOMES:

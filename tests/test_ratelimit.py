@@ -139,6 +139,22 @@ def test_a_worker_takes_tokens_in_batches_at_high_rates_and_drops_them_after_hol
     assert bucket()[1] > second[1]  # the held 19 were dropped: a new batch
 
 
+def test_metrics_show_each_clients_limits_and_use(rate_config, db, auth, other_auth):
+    app = limited_app(rate_config, db, Quotas(sessions=7, bytes=1000, rate=50))
+    create(app, auth, filename="a", size=30)
+    app.get("/uploads/limits", headers=other_auth)  # bob exists, with nothing open
+    metrics = app.get("/metrics").text
+    for line in (
+        'chunksvc_client_limit{client="alice",limit="sessions"} 7.0',
+        'chunksvc_client_limit{client="alice",limit="bytes"} 1000.0',
+        'chunksvc_client_limit{client="alice",limit="rate"} 50.0',
+        'chunksvc_client_used{client="alice",limit="sessions"} 1.0',
+        'chunksvc_client_used{client="alice",limit="bytes"} 30.0',
+        'chunksvc_client_used{client="bob",limit="sessions"} 0.0',
+    ):
+        assert line in metrics, line
+
+
 @pytest.mark.parametrize("raw", ["fast", "-1", "nan", "inf"])
 def test_a_bad_rate_is_refused_at_start(raw):
     with pytest.raises(ConfigError, match="CHUNKSVC_RATE_LIMIT"):
