@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: help install lock run test test-fast fmt schema chaos lint docs migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks bench-pgbouncer bench-curves bench-e2e loadtest clean
+.PHONY: help install lock run test test-fast fmt schema chaos lint docs migrate api-key keys sessions webhooks deliver psql reap bench bench-large bench-proxy bench-webhooks bench-pgbouncer bench-curves bench-e2e bench-fairness loadtest clean
 
 ## make help: this list (every target with a ## comment).
 help:
@@ -117,6 +117,12 @@ bench: $(BENCH_INSTALLED)
 bench-e2e: $(BENCH_INSTALLED)
 	$(BIN)/python -m tools.bench_e2e $(ARGS)
 
+## make bench-fairness [ARGS="--rounds 3 --seconds 8 --rate 20 --flood 10"]: one client floods at 10x
+## its rate limit from 2 hosts while another uploads 8 MiB parts; the victim's ratios and the
+## flood's admitted requests against the limit's allowance.
+bench-fairness: $(BENCH_INSTALLED)
+	$(BIN)/python -m tools.bench_fairness $(ARGS)
+
 ## make bench-large [ARGS="--size 10 --backends file,s3"]: a large upload end to end, through the
 ## client, completed in the background; several minutes and --size GiB of free disk (twice over).
 bench-large: $(BENCH_INSTALLED)
@@ -139,7 +145,7 @@ bench-pgbouncer: $(INSTALLED)
 	$(BIN)/python -m tools.bench_pgbouncer $(ARGS)
 
 ## make bench-curves [ARGS="--quick" or "--curves sessions --explain"]: cost as work grows, as curves
-## (min-median-max): complete vs part count (disk; S3 on moto), latencies with 10^3..10^6 sessions, MiB/s
+## (min-median-max): complete vs part count (disk; S3 on radosgw), latencies with 10^3..10^6 sessions, MiB/s
 ## with 1, 2, 4 hosts; 9-13 minutes (the 1,000-part S3 point is 3 of them and needs ~20 GiB of free
 ## memory, else it is skipped), --quick about 90 s.
 bench-curves: $(BENCH_INSTALLED)

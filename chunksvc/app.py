@@ -21,12 +21,13 @@ from chunksvc.resources.middleware import BearerAuth, RequestId
 from chunksvc.resources.observability import MetricsResource, RequestTelemetry
 from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.auth import Authenticator
-from chunksvc.services.census import SessionCensus
+from chunksvc.services.census import ClientLimitsCensus, SessionCensus
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.events import Observers
 from chunksvc.services.frontier import FRONTIER_LEASE, HashFrontier
 from chunksvc.services.health import HealthService
 from chunksvc.services.quotas import QuotaService
+from chunksvc.services.ratelimit import RateLimiter
 from chunksvc.services.reaper import PeriodicReaper, Reaper, ReaperSettings
 from chunksvc.services.tus import TusService
 from chunksvc.services.uploads import UploadService
@@ -163,10 +164,14 @@ def build(
     # Sessions by status, counted from the database by whichever worker answers a scrape.
     metrics.session_gauges.census = SessionCensus(db).count
     router = CompiledRouter()
+    rate_limiter = RateLimiter(db, config.quotas, refused=metrics.request_rate_limited)
     authenticator = Authenticator(db)
-    bearer_auth = BearerAuth(authenticator)
-    # /tus/ (contract v1.2) authenticates as /uploads does; its protocol checks come after.
-    tus_auth = BearerAuth(authenticator, prefix=tus.PREFIX)
+    bearer_auth = BearerAuth(authenticator, rate_limiter=rate_limiter)
+    # /tus/ (contract v1.2) authenticates as /uploads does, under the same rate limit; its
+    # protocol checks come after.
+    tus_auth = BearerAuth(authenticator, prefix=tus.PREFIX, rate_limiter=rate_limiter)
+    # Each client's limits and use, read from the database by whichever worker answers a scrape.
+    metrics.client_gauges.read = ClientLimitsCensus(db, quotas, rate_limiter).read
     app = falcon.App(
         middleware=(
             RequestId(),
@@ -190,7 +195,7 @@ def build(
     app.add_route("/readyz", health.Readyz(HealthService(db, storage, min_free=config.storage_min_free)))
     app.add_route("/metrics", MetricsResource(metrics, db.stats))
     app.add_route("/openapi.json", openapi.OpenApi(config.limits))
-    app.add_route("/uploads/limits", uploads.LimitsResource(quotas))
+    app.add_route("/uploads/limits", uploads.LimitsResource(quotas, rate_limiter))
     app.add_route("/uploads/sessions", uploads.SessionsResource(upload_service, render_session))
     app.add_route("/uploads/sessions/{session_id}", uploads.SessionResource(upload_service, render_session))
     app.add_route("/uploads/sessions/{session_id}/parts", uploads.PartsResource(upload_service))

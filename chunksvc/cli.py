@@ -29,6 +29,7 @@ from chunksvc.services import rules, states
 from chunksvc.services.auth import Client, KeyManager
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.quotas import QuotaService
+from chunksvc.services.ratelimit import RateLimiter
 from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
 from chunksvc.services.webhooks import DeliverySettings, SigningKey, WebhookDeliverer, WebhookRegistry
@@ -287,18 +288,21 @@ def cmd_deliver(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_limits(config: Config, args: argparse.Namespace) -> int:
-    """Per-client quotas: overrides of CHUNKSVC_QUOTA_SESSIONS / CHUNKSVC_QUOTA_BYTES, and use."""
+    """Per-client quotas and request rates: overrides of CHUNKSVC_QUOTA_SESSIONS / _BYTES and
+    CHUNKSVC_RATE_LIMIT / _BURST, and use."""
     with database_url(config) as url:
         require_schema(config, url)
         db = Database(url, min_size=1, max_size=1)
         quotas = QuotaService(db, config.quotas)
+        rates = RateLimiter(db, config.quotas)
         try:
             with db.connection() as conn:
                 if args.action == "set":
-                    if args.sessions is None and args.bytes is None:
-                        print("limits set: give --sessions and/or --bytes", file=sys.stderr)
+                    given = (args.sessions, args.bytes, args.rate, args.burst)
+                    if all(value is None for value in given):
+                        print("limits set: give --sessions, --bytes, --rate and/or --burst", file=sys.stderr)
                         return 2
-                    if not dao.set_client_limits(conn, args.client, args.sessions, args.bytes):
+                    if not dao.set_client_limits(conn, args.client, *given):
                         print(f"no client is named {args.client!r}", file=sys.stderr)
                         return 1
                 elif args.action == "reset":
@@ -310,17 +314,25 @@ def cmd_limits(config: Config, args: argparse.Namespace) -> int:
             if args.action == "show" and args.client and not rows:
                 print(f"no client is named {args.client!r}", file=sys.stderr)
                 return 1
-            print(f"{'CLIENT':<24} {'SESSIONS':>21} {'BYTES':>33}  OVERRIDES")
+            print(f"{'CLIENT':<24} {'SESSIONS':>21} {'BYTES':>33} {'RATE/S':>9} {'BURST':>6}  OVERRIDES")
             for row in rows:
                 usage = quotas.usage_of(row)
+                rate = rates.resolve(row.rate_limit, row.rate_burst)
                 overrides = ", ".join(
-                    f"{name}={value}"
-                    for name, value in (("sessions", row.max_sessions), ("bytes", row.max_bytes))
+                    f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+                    for name, value in (
+                        ("sessions", row.max_sessions),
+                        ("bytes", row.max_bytes),
+                        ("rate", row.rate_limit),
+                        ("burst", row.rate_burst),
+                    )
                     if value is not None
                 )
+                rate_text, burst_text = (f"{rate.limit:g}", str(rate.burst)) if rate.on else ("off", "-")
                 print(
                     f"{row.client_name:<24} {usage.sessions_used:>10} / {usage.sessions_limit:<8}"
-                    f" {usage.bytes_used:>16} / {usage.bytes_limit:<14}  {overrides or '(defaults)'}"
+                    f" {usage.bytes_used:>16} / {usage.bytes_limit:<14} {rate_text:>9} {burst_text:>6}"
+                    f"  {overrides or '(defaults)'}"
                 )
         finally:
             db.close()
@@ -417,6 +429,16 @@ def _non_negative_int(raw: str) -> int:
     return int(raw)
 
 
+def _rate(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e9:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be a number of requests a second >= 0, got {raw!r}")
+    return value
+
+
 def _seconds(raw: str) -> float:
     try:
         value = float(raw)
@@ -493,12 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=cmd_webhooks)
 
     limits = commands.add_parser(
-        "limits", help="per-client quotas: set, show, reset (defaults: CHUNKSVC_QUOTA_SESSIONS, _BYTES)"
+        "limits",
+        help="per-client quotas and rates: set, show, reset (defaults: CHUNKSVC_QUOTA_*, CHUNKSVC_RATE_*)",
     ).add_subparsers(dest="action", required=True)
-    limits_set = limits.add_parser("set", help="override a client's quotas (others keep the defaults)")
+    limits_set = limits.add_parser("set", help="override a client's quotas or rate (others keep the defaults)")
     limits_set.add_argument("client", help="client name")
     limits_set.add_argument("--sessions", type=_non_negative_int, help="open sessions at most")
     limits_set.add_argument("--bytes", type=_non_negative_int, help="bytes of open sessions at most")
+    limits_set.add_argument("--rate", type=_rate, help="requests a second at most (0: no limit)")
+    limits_set.add_argument("--burst", type=_non_negative_int, help="requests at once beyond the rate (0: a second's)")
     limits_show = limits.add_parser("show", help="each client's limits and use (or one client's)")
     limits_show.add_argument("client", nargs="?", help="only this client")
     limits_reset = limits.add_parser("reset", help="back to the configured defaults")

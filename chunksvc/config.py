@@ -188,10 +188,17 @@ class Quotas:
 
     sessions: int = 1000  # open sessions: INIT, IN_PROGRESS, COMPLETING
     bytes: int = 1 * TiB  # the sum of `size` over open sessions
+    # Requests a second per client (CHUNKSVC_RATE_LIMIT), across every worker and host; 0: off.
+    rate: float = 0.0
+    # Requests a client may send at once beyond its rate (CHUNKSVC_RATE_BURST); 0: one second's
+    # worth of its rate (at least 1).
+    burst: int = 0
 
     def validate(self) -> None:
         if self.sessions < 0 or self.bytes < 0:
             raise ConfigError("CHUNKSVC_QUOTA_SESSIONS and CHUNKSVC_QUOTA_BYTES must be at least 0")
+        if not (0 <= self.rate < 1e9) or self.burst < 0:
+            raise ConfigError("CHUNKSVC_RATE_LIMIT and CHUNKSVC_RATE_BURST must be at least 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +287,8 @@ class Config:
         quotas = Quotas(
             sessions=_int(env, "CHUNKSVC_QUOTA_SESSIONS", Quotas.sessions),
             bytes=_int(env, "CHUNKSVC_QUOTA_BYTES", Quotas.bytes),
+            rate=_float(env, "CHUNKSVC_RATE_LIMIT", Quotas.rate),
+            burst=_int(env, "CHUNKSVC_RATE_BURST", Quotas.burst),
         )
         config = cls(
             database_url=env.get("DATABASE_URL") or None,
@@ -429,6 +438,19 @@ def _optional_int(env: Mapping[str, str], name: str) -> int | None:
     if raw is None or raw.strip().lower() in ("", "none"):
         return None
     return _int(env, name, 0)
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip().replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value != value:  # NaN compares false with everything, so validate() would pass it
+        raise ConfigError(f"{name} must be a number, got {raw!r}")
+    return value
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -54,6 +54,8 @@ from chunksvc.rows import (
     PartSessionRow,
     PrunableCountRow,
     PrunableEventRow,
+    RateOverrideRow,
+    RateTokenRow,
     RecordedPartRow,
     RedeliveryRow,
     RevokedKeyRow,
@@ -76,6 +78,8 @@ _FRONTIER = dataclass_row(FrontierRow)
 _CLIENT = dataclass_row(ClientRow)
 _USAGE = dataclass_row(UsageRow)
 _CLIENT_USAGE = dataclass_row(ClientUsageRow)
+_RATE_OVERRIDE = dataclass_row(RateOverrideRow)
+_RATE_TOKEN = dataclass_row(RateTokenRow)
 _API_KEY = dataclass_row(ApiKeyRow)
 _REVOKED_KEY = dataclass_row(RevokedKeyRow)
 _RECORDED_PART = dataclass_row(RecordedPartRow)
@@ -639,11 +643,36 @@ def client_usage(
     return conn.all("client_usage", _CLIENT_USAGE, client_id=client_id, client_name=client_name)
 
 
-def set_client_limits(conn: Connection, client_name: str, max_sessions: int | None, max_bytes: int | None) -> bool:
-    """False when no client has that name."""
+def set_client_limits(
+    conn: Connection,
+    client_name: str,
+    max_sessions: int | None,
+    max_bytes: int | None,
+    rate_limit: float | None = None,
+    rate_burst: int | None = None,
+) -> bool:
+    """False when no client has that name. A None keeps what is stored."""
     return bool(
-        conn.values("set_client_limits", int, client_name=client_name, max_sessions=max_sessions, max_bytes=max_bytes)
+        conn.values(
+            "set_client_limits",
+            int,
+            client_name=client_name,
+            max_sessions=max_sessions,
+            max_bytes=max_bytes,
+            rate_limit=rate_limit,
+            rate_burst=rate_burst,
+        )
     )
+
+
+def rate_overrides(conn: Connection) -> list[RateOverrideRow]:
+    return conn.all("rate_overrides", _RATE_OVERRIDE)
+
+
+def take_rate_tokens(conn: Connection, client_id: int, rate: float, burst: float, want: int) -> RateTokenRow:
+    row = conn.one("take_rate_token", _RATE_TOKEN, client_id=client_id, rate=rate, burst=burst, want=want)
+    assert row is not None  # an upsert's RETURNING always has its row
+    return row
 
 
 def reset_client_limits(conn: Connection, client_name: str) -> None:

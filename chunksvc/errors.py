@@ -77,6 +77,17 @@ class QuotaExceeded(ChunksvcError):
     title = "The client's quota does not allow this upload"
 
 
+class RateLimited(ChunksvcError):
+    """The client is past its request rate; ``retry_after``: whole seconds until its next token."""
+
+    code = "rate_limited"
+    title = "Too many requests from this client"
+
+    def __init__(self, detail: str, *, retry_after: int, **extra: object) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after
+
+
 class IdempotencyKeyReused(ChunksvcError):
     code = "idempotency_key_reused"
     title = "Idempotency-Key already used with a different request"

@@ -9,6 +9,7 @@ Without it (tests, one process) each ``Metrics`` has a private registry, so apps
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import os
 import threading
@@ -103,6 +104,59 @@ class SessionGauges:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientLimitSample:
+    """One client's limits and use, for the client gauges (a rate of 0: no rate limit)."""
+
+    client: str
+    sessions_limit: int
+    sessions_used: int
+    bytes_limit: int
+    bytes_used: int
+    rate_limit: float
+
+
+class ClientLimitGauges:
+    """Each client's limits and use of them, read from the database at each scrape (like
+    ``SessionGauges``, and for the same reason), for alerting on a client near its quota:
+    ``chunksvc_client_used / chunksvc_client_limit`` by ``client`` and ``limit``."""
+
+    def __init__(self) -> None:
+        self.read: Callable[[], list[ClientLimitSample] | None] | None = None  # set by the app
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        samples = self.read() if self.read is not None else None
+        if samples is None:
+            return []
+        limits, used = self._families()
+        for sample in samples:
+            limits.add_metric([sample.client, "sessions"], sample.sessions_limit)
+            limits.add_metric([sample.client, "bytes"], sample.bytes_limit)
+            limits.add_metric([sample.client, "rate"], sample.rate_limit)
+            used.add_metric([sample.client, "sessions"], sample.sessions_used)
+            used.add_metric([sample.client, "bytes"], sample.bytes_used)
+        return [limits, used]
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "chunksvc_client_limit",
+                "Each client's limits, read from the database at this scrape: open sessions, open bytes,"
+                " requests a second (rate; 0: no rate limit)",
+                labels=["client", "limit"],
+            ),
+            GaugeMetricFamily(
+                "chunksvc_client_used",
+                "Each client's use of its quotas, read from the database at this scrape: open sessions, open bytes",
+                labels=["client", "limit"],
+            ),
+        )
+
+
 class _WorkerFilesCollector(MultiProcessCollector):
     """prometheus_client's merge of every worker's files, minus two races with starting and dying
     workers: a file a new worker has created but not yet sized (0 bytes: reading it raises), and a
@@ -165,6 +219,13 @@ class Metrics(UploadEvents):
             "chunksvc_parts_rejected",
             "Part uploads answered with an error other than part_conflict, by problem code",
             ["code"],
+            registry=registry,
+        )
+        # By client name: clients are made by operators (keys create), so the labels stay few.
+        self.rate_limited = Counter(
+            "chunksvc_rate_limited",
+            "Requests refused with 429 rate_limited (CHUNKSVC_RATE_LIMIT, limits set --rate), by client",
+            ["client"],
             registry=registry,
         )
         self.part_bytes = Counter(
@@ -273,6 +334,8 @@ class Metrics(UploadEvents):
         # Counted at scrape time from the database, once the app gives it a census.
         self.session_gauges = SessionGauges()
         self._exposition.register(self.session_gauges)
+        self.client_gauges = ClientLimitGauges()
+        self._exposition.register(self.client_gauges)
 
         # Series that exist from the start read 0 rather than being absent.
         for outcome in REAPER_OUTCOMES:
@@ -320,6 +383,9 @@ class Metrics(UploadEvents):
         else:
             self.parts.labels("rejected").inc()
             self.parts_rejected.labels(code).inc()
+
+    def request_rate_limited(self, client: str) -> None:
+        self.rate_limited.labels(client).inc()
 
     def pool_sampled(self, stats: Mapping[str, int]) -> None:
         """Record a ``psycopg_pool`` ``get_stats()`` snapshot (empty while the pool is closed)."""

@@ -339,3 +339,23 @@ class ClientUsageRow(UsageRow):
 
     client_id: int
     client_name: str
+    rate_limit: float | None  # requests a second; None: the configured default
+    rate_burst: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RateOverrideRow:
+    """A client's rate override (``rate_overrides``); a None column is the configured default."""
+
+    client_id: int
+    rate_limit: float | None
+    rate_burst: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RateTokenRow:
+    """What ``take_rate_token`` left in the client's bucket, and how many tokens it took (0: none
+    was there, the request is refused)."""
+
+    tokens: float
+    taken: int

@@ -7,7 +7,7 @@ packages (``apt-get install --no-install-recommends radosgw ceph-mon ceph-osd``;
 installs them) the S3 cases are skipped, saying so.
 
 radosgw runs in other processes, so its memory never counts in this one's ``tracemalloc``.
-moto (``moto_server``) stays for what radosgw cannot serve; each use says why.
+No test needs moto any more: what moto does differently is in docs/storage-s3.md.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from chunksvc.config import StorageSpec
 from chunksvc.storage import Storage, open_storage
 from tools import harness, radosgw
 
-# moto, boto3 and minio are imported where used: this plugin loads for every test run, and
+# boto3 and minio are imported where used: this plugin loads for every test run, and
 # most runs need none of them.
 
 ACCESS_KEY = "test-access-key"
@@ -72,24 +72,16 @@ def radosgw_cluster(objectstore: str = "bluestore") -> Iterator[radosgw.Radosgw]
 
 
 @pytest.fixture(scope="session")
-def radosgw_server() -> Iterator[str]:
-    """The session's S3 server, radosgw on bluestore; yields its endpoint, ``127.0.0.1:PORT``."""
+def radosgw_gateway() -> Iterator[radosgw.Radosgw]:
+    """The session's radosgw on bluestore, for tests that also administer it (``admin``: quotas)."""
     with radosgw_cluster() as cluster:
-        yield cluster.endpoint
+        yield cluster
 
 
 @pytest.fixture(scope="session")
-def moto_server() -> Iterator[str]:
-    """An S3 server (moto) in this process; yields its endpoint, ``127.0.0.1:PORT``."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"{host}:{port}"
-    finally:
-        server.stop()
+def radosgw_server(radosgw_gateway: radosgw.Radosgw) -> str:
+    """The session's S3 server (``radosgw_gateway``); its endpoint, ``127.0.0.1:PORT``."""
+    return radosgw_gateway.endpoint
 
 
 @pytest.fixture

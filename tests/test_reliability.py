@@ -269,8 +269,10 @@ def test_a_completion_on_a_full_disk_finishes_by_itself_once_space_returns(full_
 
 
 def test_storage_full_maps_from_s3s_insufficient_storage():
-    """MinIO answers a full drive with 507 XMinioStorageFull (moto never does); the S3 adapter's one
-    error boundary turns that answer into StorageFull."""
+    """MinIO answers a full drive with 507 XMinioStorageFull; the S3 adapter's one error boundary
+    turns that answer into StorageFull. Built by hand: MinIO's server cannot be installed here, and
+    neither radosgw nor moto ever answers 507 (radosgw's full quota, 403 QuotaExceeded, is proven on
+    radosgw in tests/test_storage_contract.py)."""
     from minio.error import S3Error
 
     from chunksvc.errors import StorageFull

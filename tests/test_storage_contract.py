@@ -6,6 +6,7 @@ behind the adapter, e.g. for unfinished multipart uploads.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import re
@@ -22,11 +23,12 @@ from types import SimpleNamespace
 import pytest
 
 from chunksvc.config import GiB, KiB, Limits, MiB, StorageSpec, TiB
-from chunksvc.errors import ConfigError, IncompleteBody, StorageError, StorageUnavailable
+from chunksvc.errors import ConfigError, IncompleteBody, StorageError, StorageFull, StorageUnavailable
 from chunksvc.storage import PartSource, Storage, open_storage, s3
 from chunksvc.storage.local import INCOMING, LocalStorage
 from chunksvc.storage.s3 import S3Storage, can_compose, part_size_for
 from tests.storage_fixtures import SECRET_KEY, make_s3_spec, radosgw_cluster, s3_admin
+from tools import radosgw
 
 BLOCK = 64 * KiB
 
@@ -390,7 +392,8 @@ def test_s3_an_upload_aborted_meanwhile_is_not_counted(s3_spec: StorageSpec) -> 
 
 
 def test_s3_unfinished_uploads_are_listed_page_by_page(monkeypatch: pytest.MonkeyPatch) -> None:
-    """moto ignores max-uploads, so pages are served here. minio 7.2 does not parse
+    """Pages are served here: a real page holds 1,000 uploads (radosgw, S3), and making 1,001 of
+    them on radosgw would cost the suite about a minute (moto ignored max-uploads). minio 7.2 does not parse
     NextUploadIdMarker: the last upload of a page marks where the next one starts."""
     pages = {
         (None, None): (["a/1", "a/2"], True),
@@ -461,6 +464,52 @@ def test_s3_missing_bucket_is_storage_error(radosgw_server: str) -> None:
     storage = S3Storage(make_s3_spec(radosgw_server, bucket="no-such-bucket", create=False))
     with pytest.raises(StorageError, match="NoSuchBucket"):
         put(storage, "objects/s", b"x")
+
+
+def test_s3_wrong_keys_fail_the_check(radosgw_server: str) -> None:
+    """moto accepts any keys; radosgw refuses them, and the check says so (not "did not answer")."""
+    bucket = make_s3_spec(radosgw_server).bucket
+    wrong_secret = dataclasses.replace(make_s3_spec(radosgw_server, bucket, create=False), secret_key="not-the-secret")
+    unknown_key = dataclasses.replace(wrong_secret, access_key="nobody")
+    for spec, code in ((wrong_secret, "SignatureDoesNotMatch"), (unknown_key, "InvalidAccessKeyId")):
+        # A HEAD's answer has no body: the SDK names a 403 AccessDenied itself.
+        with pytest.raises(
+            StorageUnavailable, match="refused the check of its bucket: AccessDenied \\(HTTP 403\\)"
+        ) as raised:
+            S3Storage(spec).check(2.0)
+        assert "not-the-secret" not in str(raised.value)
+        with pytest.raises(StorageError, match=f"answered {code} \\(HTTP 403\\)$"):  # radosgw's message is empty
+            put(S3Storage(spec), "objects/s", b"x")
+
+
+def test_an_empty_error_message_still_names_the_answer() -> None:
+    from minio.error import S3Error
+
+    response = SimpleNamespace(status=403)
+    with pytest.raises(StorageError) as raised, s3._boundary("write parts/x", "host/bucket"):
+        raise S3Error(response, "AccessDenied", "", "/bucket/parts/x", "req", "host")  # type: ignore[arg-type]
+    assert raised.value.detail == "write parts/x: host/bucket answered AccessDenied (HTTP 403)"
+
+
+def test_s3_a_full_quota_is_storage_full(radosgw_gateway: radosgw.Radosgw, s3_spec: StorageSpec) -> None:
+    """radosgw answers a full user or bucket quota with 403 QuotaExceeded (MinIO's full drives:
+    507): the same StorageFull, for a part's PUT and for an assembly, composed or streamed."""
+    storage = S3Storage(s3_spec)
+    parts = [PartSource("parts/big/1", 5 * MiB), PartSource("parts/big/2", KiB)]  # composed
+    small = [PartSource("parts/small/1", KiB), PartSource("parts/small/2", KiB)]  # streamed
+    for part in parts + small:
+        put(storage, part.key, b"p" * part.size, block_size=MiB)
+    # Every object the bucket may hold is there: the next one is over the quota.
+    radosgw_gateway.admin("quota", "set", "--quota-scope=bucket", f"--bucket={s3_spec.bucket}", "--max-objects=4")
+    radosgw_gateway.admin("quota", "enable", "--quota-scope=bucket", f"--bucket={s3_spec.bucket}")
+    with pytest.raises(StorageFull):
+        put(storage, "parts/one-too-many", b"x")
+    with pytest.raises(StorageFull):
+        storage.assemble(parts, "objects/composed", BLOCK)
+    with pytest.raises(StorageFull):
+        storage.assemble(small, "objects/streamed", BLOCK)
+    assert not storage.exists("objects/composed") and not storage.exists("objects/streamed")
+    assert leftovers(s3_spec) == []  # no multipart upload left behind either
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,9 @@ the growth from one size to the next (the exponent k of time ~ size^k: 0 flat, 1
   with ``CHUNKSVC_SYNC_COMPLETE_MAX`` at 1 TiB, so the answer is the 200 of a finished assembly),
   with the server's own assembly time beside it (its ``chunksvc_assembly_duration_seconds``). On
   disk: small parts (``--file-part-kib``, 16 KiB by default) so the count, not the bytes, is what
-  grows. On S3 (moto in a child process): 5 MiB parts, the minimum MinIO and S3 compose accept for
-  all but the last, so bytes grow with the count. moto joins a completed object in one in-memory
+  grows. On S3 (radosgw, ``tools/radosgw.py``; moto in a child process only without Ceph): 5 MiB
+  parts, the minimum MinIO and S3 compose accept for all but the last, so bytes grow with the
+  count. moto joins a completed object in one in-memory
   buffer and reads it whole to serve it (about 4.1 bytes of its RSS per byte: 1,000 parts peak
   at 20 GiB), so a point runs only when that much memory is available (else it says so); points
   over 1 GiB run in one round; 10,000 parts (49 GiB) do not fit this box.
@@ -52,7 +53,7 @@ from urllib.parse import quote
 import psycopg
 
 from chunksvc.config import GiB, KiB, MiB, StorageSpec
-from tools import harness
+from tools import harness, radosgw
 from tools.client import Client
 from tools.measure import percentile, spread
 
@@ -461,7 +462,7 @@ def print_complete(points: list[CompletePoint], moto_peak: int | None, parallel:
                 " it whole to serve it, so 10,000 parts of 5 MiB (49 GiB) do not fit this box"
             )
     print(f"  parts uploaded by {parallel} clients before each complete (not timed); each object removed after")
-    if any(p.backend == "s3" for p in points):
+    if any(p.backend == "s3" for p in points) and moto_peak is not None:
         print(
             "  s3: the server's own reaper is off (CHUNKSVC_REAP_INTERVAL=0): moto dates every multipart upload"
             " 2010-11-10, so the reaper's sweep of stale ones would abort a compose under way"
@@ -857,7 +858,15 @@ def main(argv: list[str] | None = None) -> int:
                         points += complete_curve(
                             "file", server, key, args.file_part_kib * KiB, file_parts, rounds, args.parallel, None
                         )
-                if "s3" in backends:
+                if "s3" in backends and not radosgw.missing_binaries():
+                    with radosgw.bench_s3() as (endpoint, _radosgw):
+                        spec = harness.s3_spec(endpoint)
+                        with serve(url, spec, env) as server:
+                            points += complete_curve(
+                                "s3", server, key, S3_PART, s3_parts, rounds, args.parallel, s3_remover(spec), None
+                            )
+                elif "s3" in backends:
+                    print(f"S3: moto, not radosgw: {', '.join(radosgw.missing_binaries())} not installed")
                     with harness.moto_s3_process() as (endpoint, moto):
                         spec = harness.s3_spec(endpoint)
                         # The server's own reaper off: moto dates every multipart upload 2010-11-10,

@@ -13,9 +13,9 @@ bytes, in interleaved rounds (one of each route per round, then the next round):
 - ``boto3`` (s3): ``upload_file`` straight to the same S3 server (4 threads, 8 MiB parts).
 
 Prints medians with min-max, the issue's ratios, and the peak RSS of the busiest worker and of
-the CLI client (a fresh server per size, so the worker's figure is that size's). S3 runs on a
-throwaway Ceph radosgw (``tools/radosgw.py``), or on moto, printed, where Ceph is not installed
-(moto keeps every byte in RAM: keep ``--s3-sizes`` small there).
+the CLI client (a fresh server per size, so the worker's figure is that size's). S3 runs on
+radosgw (``tools/radosgw.py``); on moto in a child process only when Ceph is not installed, which
+is printed (moto keeps every byte in RAM: keep ``--s3-sizes`` small there).
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ def s3_rounds(url: str, key: str, size: int, rounds: int, work: Path) -> Routes:
     routes = Routes(work / "source.bin", work)
     write_file(routes.path, size)
     env = {"CHUNKSVC_LOG_LEVEL": "warning", "CHUNKSVC_ACCESS_LOG": ""}
-    with radosgw.bench_s3() as (endpoint, _):
+    with radosgw.bench_s3() as (endpoint, server_name):
+        print(f"S3 server: {server_name}")
         spec = harness.s3_spec(endpoint)
         with harness.gunicorn(url, spec, env=env, cwd=ROOT, unset=["PROMETHEUS_MULTIPROC_DIR"]) as server:
             for _ in range(rounds):

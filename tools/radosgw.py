@@ -86,6 +86,22 @@ class Radosgw:
         """The radosgw process (a test may kill it; the cluster below it stays up)."""
         return self.processes["radosgw"]
 
+    def admin(self, *arguments: str, timeout: float = 30.0) -> str:
+        """``radosgw-admin ARGUMENTS`` against this cluster (e.g. ``quota set``); its stdout.
+        Fails with its output."""
+        result = subprocess.run(
+            ["radosgw-admin", *arguments, "-c", str(self.directory / "ceph.conf")],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"radosgw-admin {' '.join(arguments)} failed ({result.returncode}): {result.stderr[-2000:]}"
+            )
+        return result.stdout
+
 
 class _Cluster:
     """Runs the commands and daemons of one cluster under ``directory``, logs there too."""

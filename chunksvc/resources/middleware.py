@@ -10,6 +10,7 @@ import falcon
 
 from chunksvc import logs
 from chunksvc.services.auth import Authenticator, Client
+from chunksvc.services.ratelimit import RateLimiter
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
@@ -41,14 +42,19 @@ class BearerAuth:
     them), which authenticates before answering 404.
     """
 
-    def __init__(self, authenticator: Authenticator, prefix: str = "/uploads") -> None:
+    def __init__(
+        self, authenticator: Authenticator, prefix: str = "/uploads", rate_limiter: RateLimiter | None = None
+    ) -> None:
         self._authenticator = authenticator
         self._prefix = prefix
+        self._rate_limiter = rate_limiter
         #: For ``App.add_sink(auth.unrouted, auth.sink_prefix)``: the prefix and every path below it.
         self.sink_prefix = re.compile(re.escape(prefix) + r"(?:/|\Z)")
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.client = None
+        # publish_client admits the request against the client's rate, wherever it authenticates.
+        req.context.rate_limiter = self._rate_limiter
 
     def process_resource(
         self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict[str, Any]
@@ -71,6 +77,11 @@ class BearerAuth:
 
 def publish_client(req: falcon.Request, client: Client) -> None:
     """The request is ``client``'s: responders read it from ``req.context.client``, and every log
-    line of the request names it, its access line included."""
+    line of the request names it, its access line included. Then its rate is checked (429
+    ``rate_limited``), so a limited request is refused after 401 and before anything else: a
+    part's body is not read."""
     req.context.client = client
     logs.bind(client=client.name)
+    limiter: RateLimiter | None = getattr(req.context, "rate_limiter", None)
+    if limiter is not None:
+        limiter.admit(client.id, client.name)

@@ -35,13 +35,14 @@ STATUS: dict[type[errors.ChunksvcError], int] = {
     errors.UploadTooLarge: 413,
     errors.PartTooLarge: 413,
     errors.ChecksumMismatch: 422,
-    errors.QuotaExceeded: 429,
     errors.TusVersionUnsupported: 412,
     errors.SessionGone: 410,
     errors.OffsetMismatch: 409,
     errors.UnsupportedMediaType: 415,
     errors.FinalUploadNotPatchable: 403,
-    errors.UploadChecksumMismatch: 460,  # no Retry-After: it lasts until the client's own sessions end
+    errors.UploadChecksumMismatch: 460,
+    errors.QuotaExceeded: 429,  # no Retry-After: it lasts until the client's own sessions end
+    errors.RateLimited: 429,  # with Retry-After: the seconds until the client's next token
     errors.StorageError: 502,
     errors.DatabaseUnavailable: 503,
     errors.StorageUnavailable: 503,
@@ -99,6 +100,8 @@ def handle_domain_error(
         log.error("%s: %s", error.code, error.detail, exc_info=error.__cause__ or error)
     for name, value in HEADERS.get(type(error), {}).items():
         resp.set_header(name, value)
+    if isinstance(error, errors.RateLimited):
+        resp.set_header("Retry-After", str(error.retry_after))
     req.context.error_code = error.code  # for the access log and the metrics
     render(resp, status, error.code, error.title, error.detail, **error.extra)
 

@@ -16,6 +16,7 @@ from chunksvc.services import rules, states
 from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.completion import Completion, CompletionService
 from chunksvc.services.quotas import QuotaService
+from chunksvc.services.ratelimit import RateLimiter
 from chunksvc.services.uploads import PartResult, UploadService
 
 MAX_JSON_BODY = 64 * 1024
@@ -126,16 +127,18 @@ def render_part(part: PartRow) -> dict[str, Any]:
 class LimitsResource:
     """/uploads/limits: the caller's quotas and its use of them (contract v1.2)."""
 
-    def __init__(self, quotas: QuotaService) -> None:
+    def __init__(self, quotas: QuotaService, rates: RateLimiter) -> None:
         self._quotas = quotas
+        self._rates = rates
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         usage = self._quotas.usage(req.context.client.id)
+        rate = self._rates.rate_of(req.context.client.id)
         resp.media = {
             "sessions": {"limit": usage.sessions_limit, "used": usage.sessions_used},
             "bytes": {"limit": usage.bytes_limit, "used": usage.bytes_used},
-            # Request-rate limiting (CHUNKSVC_RATE_LIMIT) is not built yet: off, as its default is.
-            "rate": {"limit": 0, "burst": 0},
+            # Requests a second (0: no limit) and the burst enforced with it.
+            "rate": {"limit": rate.limit if rate.on else 0, "burst": rate.burst if rate.on else 0},
         }
 
 

@@ -16,8 +16,16 @@ import logging
 from chunksvc import dao
 from chunksvc.db import Database
 from chunksvc.errors import ChunksvcError
+from chunksvc.metrics import ClientLimitSample
+from chunksvc.services.quotas import QuotaService
+from chunksvc.services.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
+
+
+def _pool_busy(db: Database) -> bool:
+    stats = db.stats()
+    return bool(stats) and stats.get("pool_available", 0) == 0 and stats.get("pool_size", 0) >= stats.get("pool_max", 1)
 
 
 class SessionCensus:
@@ -28,8 +36,7 @@ class SessionCensus:
     def count(self) -> dict[str, int] | None:
         """``dao.session_census``'s counts with ``webhooks_pending``/``_failing``/``_dead``, or None
         when the database did not answer in time."""
-        stats = self._db.stats()
-        if stats and stats.get("pool_available", 0) == 0 and stats.get("pool_size", 0) >= stats.get("pool_max", 1):
+        if _pool_busy(self._db):
             # Every connection is serving requests: the gauges wait for a scrape that finds one
             # free, rather than queue behind (and be counted among) the requests that need it.
             log.warning("metrics: sessions not counted: every pooled database connection is in use")
@@ -46,3 +53,41 @@ class SessionCensus:
         counts["webhooks_failing"] = webhooks.failing
         counts["webhooks_dead"] = webhooks.dead
         return counts
+
+
+class ClientLimitsCensus:
+    """Every client's limits and use (``client_usage``), for the client gauges; None when the
+    database did not answer within ``timeout`` (the scrape answers without them)."""
+
+    def __init__(self, db: Database, quotas: QuotaService, rates: RateLimiter, timeout: float = 1.0) -> None:
+        self._db = db
+        self._quotas = quotas
+        self._rates = rates
+        self._timeout = timeout
+
+    def read(self) -> list[ClientLimitSample] | None:
+        if _pool_busy(self._db):  # as for the sessions gauges: the requests need them more
+            log.warning("metrics: client limits not read: every pooled database connection is in use")
+            return None
+        try:
+            with self._db.connection(timeout=self._timeout) as conn, conn.transaction():
+                dao.set_local_statement_timeout(conn, self._timeout)
+                rows = dao.client_usage(conn)
+        except ChunksvcError as exc:
+            log.warning("metrics: client limits not read within %ss: %s", self._timeout, exc.detail)
+            return None
+        samples = []
+        for row in rows:
+            usage = self._quotas.usage_of(row)
+            rate = self._rates.resolve(row.rate_limit, row.rate_burst)
+            samples.append(
+                ClientLimitSample(
+                    row.client_name,
+                    usage.sessions_limit,
+                    usage.sessions_used,
+                    usage.bytes_limit,
+                    usage.bytes_used,
+                    rate.limit,
+                )
+            )
+        return samples

@@ -739,12 +739,15 @@ SELECT count(s.id) AS open_sessions,
    AND chunksvc_session_status(s.status, s.expires_at) IN ('INIT', 'IN_PROGRESS', 'COMPLETING');
 
 -- name: client_usage
--- open_usage for every client (or one), for GET /uploads/limits and `limits show`.
+-- open_usage for every client (or one), with the rate overrides (migration 0013), for GET
+-- /uploads/limits and `limits show`.
 SELECT c.id AS client_id, c.name AS client_name,
        count(s.id) AS open_sessions,
        coalesce(sum(s.size), 0)::bigint AS open_bytes,
        l.max_sessions,
-       l.max_bytes
+       l.max_bytes,
+       l.rate_limit,
+       l.rate_burst
   FROM clients c
   LEFT JOIN upload_sessions s
     ON s.client_id = c.id
@@ -753,17 +756,19 @@ SELECT c.id AS client_id, c.name AS client_name,
   LEFT JOIN client_limits l ON l.client_id = c.id
  WHERE (%(client_name)s::text IS NULL OR c.name = %(client_name)s)
    AND (%(client_id)s::bigint IS NULL OR c.id = %(client_id)s)
- GROUP BY c.id, c.name, l.max_sessions, l.max_bytes
+ GROUP BY c.id, c.name, l.max_sessions, l.max_bytes, l.rate_limit, l.rate_burst
  ORDER BY c.name;
 
 -- name: set_client_limits
 -- An override: a column given replaces the stored one, a NULL keeps it (set --sessions alone
 -- leaves a bytes override as it was). Nothing when no client has that name.
-INSERT INTO client_limits (client_id, max_sessions, max_bytes)
-SELECT id, %(max_sessions)s, %(max_bytes)s FROM clients WHERE name = %(client_name)s
+INSERT INTO client_limits (client_id, max_sessions, max_bytes, rate_limit, rate_burst)
+SELECT id, %(max_sessions)s, %(max_bytes)s, %(rate_limit)s, %(rate_burst)s FROM clients WHERE name = %(client_name)s
 ON CONFLICT (client_id) DO UPDATE
    SET max_sessions = coalesce(EXCLUDED.max_sessions, client_limits.max_sessions),
        max_bytes = coalesce(EXCLUDED.max_bytes, client_limits.max_bytes),
+       rate_limit = coalesce(EXCLUDED.rate_limit, client_limits.rate_limit),
+       rate_burst = coalesce(EXCLUDED.rate_burst, client_limits.rate_burst),
        updated_at = now()
 RETURNING client_id;
 
@@ -901,3 +906,35 @@ UPDATE upload_sessions f
           AND (p.received_bytes < p.size OR p.status NOT IN ('INIT', 'IN_PROGRESS'))
    )
 RETURNING f.id;
+
+
+-- Request-rate limits (contract v1.2): a token bucket per client (migration 0013).
+
+-- name: rate_overrides
+-- Every client's rate override. Each worker keeps this list a few seconds (RateLimiter), so a
+-- client with no limit at all (the default: CHUNKSVC_RATE_LIMIT=0) costs no statement per request.
+SELECT client_id, rate_limit, rate_burst
+  FROM client_limits
+ WHERE rate_limit IS NOT NULL OR rate_burst IS NOT NULL;
+
+-- name: take_rate_token
+-- Take up to %(want)s whole tokens from the client's bucket (a worker spends them on its next
+-- requests, see RateLimiter), in one statement, exact across every worker and host: the row lock
+-- of the upsert serialises one client's takers, and other clients' rows are never waited on.
+-- The bucket refills at %(rate)s tokens a second up to %(burst)s, by the database's clock. A take
+-- gets the whole tokens there, at most %(want)s; none (0 taken) refuses the request and takes
+-- nothing, so a client flooding past its limit still gets exactly its rate. `now()` is this
+-- statement's start: one that waited for the lock may be older than the row, hence greatest().
+-- The first take of a client finds a full bucket. Autocommit, on an UNLOGGED table: no WAL flush.
+-- Returns the tokens left and how many were taken (RETURNING sees only the new row, so the count
+-- is stored beside the tokens). chunksvc_refilled (migration 0013) is the bucket's level before
+-- this take: a plain SQL function, inlined by the planner.
+INSERT INTO client_rate_buckets AS b (client_id, tokens, refilled_at, taken)
+VALUES (%(client_id)s, %(burst)s::double precision - least(%(want)s, floor(%(burst)s::double precision)),
+        now(), least(%(want)s, floor(%(burst)s::double precision)))
+ON CONFLICT (client_id) DO UPDATE
+   SET tokens = chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s)
+                - least(%(want)s, floor(chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s))),
+       refilled_at = greatest(b.refilled_at, now()),
+       taken = least(%(want)s, floor(chunksvc_refilled(b.tokens, b.refilled_at, %(rate)s, %(burst)s)))
+RETURNING b.tokens, b.taken;

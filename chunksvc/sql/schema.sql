@@ -61,6 +61,12 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.chunksvc_refilled(tokens double precision, refilled_at timestamp with time zone, rate double precision, burst double precision) RETURNS double precision
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT least(burst, tokens + rate * greatest(0, extract(epoch FROM now() - refilled_at))::double precision)
+$$;
+
 CREATE FUNCTION public.chunksvc_session_event() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -127,8 +133,19 @@ CREATE TABLE public.client_limits (
     max_sessions bigint,
     max_bytes bigint,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    rate_limit double precision,
+    rate_burst integer,
     CONSTRAINT client_limits_max_bytes_check CHECK ((max_bytes >= 0)),
-    CONSTRAINT client_limits_max_sessions_check CHECK ((max_sessions >= 0))
+    CONSTRAINT client_limits_max_sessions_check CHECK ((max_sessions >= 0)),
+    CONSTRAINT client_limits_rate_burst_check CHECK ((rate_burst >= 0)),
+    CONSTRAINT client_limits_rate_limit_check CHECK ((rate_limit >= (0)::double precision))
+);
+
+CREATE UNLOGGED TABLE public.client_rate_buckets (
+    client_id bigint NOT NULL,
+    tokens double precision NOT NULL,
+    refilled_at timestamp with time zone NOT NULL,
+    taken integer NOT NULL
 );
 
 CREATE TABLE public.clients (
@@ -328,6 +345,9 @@ ALTER TABLE ONLY public.api_keys
 ALTER TABLE ONLY public.client_limits
     ADD CONSTRAINT client_limits_pkey PRIMARY KEY (client_id);
 
+ALTER TABLE ONLY public.client_rate_buckets
+    ADD CONSTRAINT client_rate_buckets_pkey PRIMARY KEY (client_id);
+
 ALTER TABLE ONLY public.clients
     ADD CONSTRAINT clients_name_key UNIQUE (name);
 
@@ -416,6 +436,9 @@ ALTER TABLE ONLY public.api_keys
 
 ALTER TABLE ONLY public.client_limits
     ADD CONSTRAINT client_limits_client_id_fkey FOREIGN KEY (client_id) REFERENCES public.clients(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.client_rate_buckets
+    ADD CONSTRAINT client_rate_buckets_client_id_fkey FOREIGN KEY (client_id) REFERENCES public.clients(id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY public.lost_parts
     ADD CONSTRAINT lost_parts_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;

@@ -61,8 +61,9 @@ _TIMEOUT = urllib3.Timeout(connect=5.0, read=120.0)
 _RETRIES = urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504))
 
 _MISSING = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
-# MinIO's answer when its drives have no room (HTTP 507 Insufficient Storage).
-_FULL = frozenset({"XMinioStorageFull"})
+# No room: MinIO's full drives (HTTP 507 Insufficient Storage), and radosgw's user or bucket quota
+# (HTTP 403, code QuotaExceeded, no message). Both are the same StorageFull to the client.
+_FULL = frozenset({"XMinioStorageFull", "QuotaExceeded"})
 _INSUFFICIENT_STORAGE = 507
 # A request we send ourselves (a part's PUT, an abort) is signed just before it starts; S3 checks
 # the expiry when the request arrives.
@@ -107,7 +108,7 @@ def list_multipart_uploads(
     public way to sign any request, ``get_presigned_url``, needs an object name, which this
     bucket-level request does not have (the abort that follows a listing is signed that way, so
     it needs no private call). setup.cfg keeps minio below 8; tests/test_storage_contract.py runs
-    this against moto's S3 server, so an SDK that renames or reshapes the call fails there first.
+    this against radosgw, so an SDK that renames or reshapes the call fails there first.
     """
     return client._list_multipart_uploads(
         bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=upload_id_marker
@@ -139,7 +140,7 @@ def _boundary(action: str, where: str) -> Iterator[None]:
             # The client needs only the code; what the server said is in the log (the cause).
             raise StorageFull("the storage has no room left") from exc
         kind = StorageUnavailable if status >= 500 else StorageError
-        raise kind(f"{action}: {where} answered {exc.code}: {exc.message}") from exc
+        raise kind(f"{action}: {where} answered {_answer(exc, status)}") from exc
     except ServerError as exc:
         if exc.status_code == _INSUFFICIENT_STORAGE:
             raise StorageFull("the storage has no room left") from exc
@@ -149,6 +150,13 @@ def _boundary(action: str, where: str) -> Iterator[None]:
         raise StorageError(f"{action}: unexpected answer from {where}") from exc
     except urllib3.exceptions.HTTPError as exc:  # refused, reset, timed out, retries exhausted
         raise StorageUnavailable(f"{action}: {where} is unreachable or failing ({type(exc).__name__})") from exc
+
+
+def _answer(exc: S3Error, status: int) -> str:
+    """``NoSuchBucket (HTTP 404): The specified bucket does not exist``; radosgw leaves most
+    messages empty, so the code and the status are what is always there."""
+    answer = f"{exc.code or 'an error'} (HTTP {status})"
+    return f"{answer}: {exc.message}" if exc.message else answer
 
 
 class _ChunkStream:
@@ -388,6 +396,13 @@ class S3Storage(Storage):
         http = _http_client(urllib3.Timeout(total=timeout), retries=False)
         try:
             found = self._make_client(http).bucket_exists(self._bucket)
+        except S3Error as exc:
+            # It answered, and said no: wrong keys (SignatureDoesNotMatch, InvalidAccessKeyId),
+            # no permission. moto accepts any keys; a real server refuses them here.
+            status = getattr(exc.response, "status", 0) or 0
+            raise StorageUnavailable(
+                f"S3 storage {self._where} refused the check of its bucket: {_answer(exc, status)}"
+            ) from exc
         except (MinioException, urllib3.exceptions.HTTPError) as exc:
             raise StorageUnavailable(
                 f"S3 storage {self._where} did not answer within {timeout}s ({type(exc).__name__})"
