@@ -16,7 +16,7 @@ from chunksvc.config import Config
 from chunksvc.db import Database
 from chunksvc.errors import ConfigError, DatabaseUnavailable
 from chunksvc.metrics import Metrics
-from chunksvc.resources import health, openapi, problems, uploads
+from chunksvc.resources import health, openapi, problems, tus, uploads
 from chunksvc.resources.middleware import BearerAuth, RequestId
 from chunksvc.resources.observability import MetricsResource, RequestTelemetry
 from chunksvc.services.assembler import BackgroundAssembler
@@ -28,6 +28,7 @@ from chunksvc.services.frontier import FRONTIER_LEASE, HashFrontier
 from chunksvc.services.health import HealthService
 from chunksvc.services.quotas import QuotaService
 from chunksvc.services.reaper import PeriodicReaper, Reaper, ReaperSettings
+from chunksvc.services.tus import TusService
 from chunksvc.services.uploads import UploadService
 from chunksvc.services.webhooks import DeliverySettings, SigningKey, WebhookDeliverer
 from chunksvc.storage import Storage, open_storage
@@ -162,12 +163,17 @@ def build(
     # Sessions by status, counted from the database by whichever worker answers a scrape.
     metrics.session_gauges.census = SessionCensus(db).count
     router = CompiledRouter()
-    bearer_auth = BearerAuth(Authenticator(db))
+    authenticator = Authenticator(db)
+    bearer_auth = BearerAuth(authenticator)
+    # /tus/ (contract v1.2) authenticates as /uploads does; its protocol checks come after.
+    tus_auth = BearerAuth(authenticator, prefix=tus.PREFIX)
     app = falcon.App(
         middleware=(
             RequestId(),
             RequestTelemetry(router, metrics, db.stats, config.trusted_proxies),
             bearer_auth,
+            tus_auth,
+            tus.TusProtocol(),
         ),
         router=router,
         # Bodies are read by the resources themselves (parts stream; JSON is parsed strictly).
@@ -178,6 +184,7 @@ def build(
     problems.install(app)
     # Paths under /uploads that no route matches: 401 before their 404, as on the routes.
     app.add_sink(bearer_auth.unrouted, bearer_auth.sink_prefix)
+    app.add_sink(tus_auth.unrouted, tus_auth.sink_prefix)
 
     app.add_route("/healthz", health.Healthz())
     app.add_route("/readyz", health.Readyz(HealthService(db, storage, min_free=config.storage_min_free)))
@@ -193,4 +200,9 @@ def build(
     app.add_route(
         "/uploads/sessions/{session_id}/complete", uploads.CompleteResource(completion, assembler, render_session)
     )
+    tus_service = TusService(
+        db, storage, config.limits, config.block_size, upload_service, completion, assembler, events=events
+    )
+    app.add_route(tus.PREFIX + "/", tus.TusUploadsResource(tus_service, config.body_timeout))
+    app.add_route(tus.PREFIX + "/{upload_id}", tus.TusUploadResource(tus_service, config.body_timeout))
     return Service(app, assembler, reaper, deliverer)

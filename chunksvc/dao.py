@@ -59,6 +59,7 @@ from chunksvc.rows import (
     RevokedKeyRow,
     SessionRow,
     SweptSessionRow,
+    TusStateRow,
     UsageRow,
     WebhookCensusRow,
     WebhookDeliveryRow,
@@ -69,6 +70,7 @@ from chunksvc.rows import (
 _SESSION = dataclass_row(SessionRow)
 _OPS_SESSION = dataclass_row(OpsSessionRow)
 _PART = dataclass_row(PartRow)
+_TUS_STATE = dataclass_row(TusStateRow)
 _COMPLETION = dataclass_row(CompletionRow)
 _FRONTIER = dataclass_row(FrontierRow)
 _CLIENT = dataclass_row(ClientRow)
@@ -650,3 +652,52 @@ def reset_client_limits(conn: Connection, client_name: str) -> None:
 
 def client_exists(conn: Connection, client_name: str) -> bool:
     return bool(conn.values("client_id_by_name", int, client_name=client_name))
+
+
+# --- tus (migration 0011) -------------------------------------------------------------------
+
+
+def tus_state(conn: Connection, session_id: UUID, client_id: int) -> TusStateRow | None:
+    return conn.one("tus_state", _TUS_STATE, id=session_id, client_id=client_id)
+
+
+def lock_tus_state(conn: Connection, session_id: UUID, client_id: int) -> TusStateRow | None:
+    return conn.one("lock_tus_state", _TUS_STATE, id=session_id, client_id=client_id)
+
+
+def insert_tus_upload(conn: Connection, session_id: UUID, metadata: str | None, concat: str) -> None:
+    conn.execute("insert_tus_upload", session_id=session_id, metadata=metadata, concat=concat)
+
+
+def add_tus_incomplete_part(
+    conn: Connection, session_id: UUID, part_number: int, start: int, size: int, storage_key: str
+) -> None:
+    conn.execute(
+        "add_tus_incomplete_part",
+        session_id=session_id,
+        part_number=part_number,
+        start=start,
+        size=size,
+        storage_key=storage_key,
+    )
+
+
+def drop_tus_incomplete_parts(conn: Connection, session_id: UUID, part_number: int) -> list[str]:
+    """The keys of the pieces dropped (their bytes go once this commits)."""
+    return conn.values("drop_tus_incomplete_parts", str, session_id=session_id, part_number=part_number)
+
+
+def concatenate_tus_partials(conn: Connection, final_id: UUID, client_id: int, partial_ids: list[UUID]) -> list[UUID]:
+    """The partials the final took (fewer than asked: one was not eligible)."""
+    return conn.values(
+        "concatenate_tus_partials", UUID, final_id=final_id, client_id=client_id, partial_ids=partial_ids
+    )
+
+
+def tus_partials_of(conn: Connection, final_id: UUID) -> list[UUID]:
+    return conn.values("tus_partials_of", UUID, final_id=final_id)
+
+
+def mark_tus_final_ready(conn: Connection, final_id: UUID) -> bool:
+    """Whether the final upload now has all its bytes (every partial's parts are recorded)."""
+    return bool(conn.values("mark_tus_final_ready", UUID, final_id=final_id))

@@ -134,6 +134,45 @@ class ChecksumMismatch(ChunksvcError):
     title = "Assembled object does not match the expected size or SHA-256"
 
 
+# --- tus (contract v1.2) ---------------------------------------------------------------------
+
+
+class TusVersionUnsupported(ChunksvcError):
+    code = "unsupported_version"
+    title = "Tus-Resumable names a tus version this server does not speak"
+
+
+class SessionGone(ChunksvcError):
+    """tus: the upload ended (aborted, expired, failed), so it is gone for good (410)."""
+
+    code = "session_gone"
+    title = "Upload session has ended"
+
+
+class OffsetMismatch(ChunksvcError):
+    code = "offset_mismatch"
+    title = "Upload-Offset differs from the upload's offset"
+
+
+class UnsupportedMediaType(ChunksvcError):
+    code = "unsupported_media_type"
+    title = "Content-Type not accepted here"
+
+
+class FinalUploadNotPatchable(ChunksvcError):
+    """tus: a final upload's bytes are its partials'; it takes none of its own."""
+
+    code = "forbidden"
+    title = "A final upload cannot be patched"
+
+
+class UploadChecksumMismatch(ChunksvcError):
+    """tus: a PATCH body differs from its Upload-Checksum (tus's own status, 460)."""
+
+    code = "upload_checksum_mismatch"
+    title = "Body does not match Upload-Checksum"
+
+
 # --- dependency errors ----------------------------------------------------------------------
 
 

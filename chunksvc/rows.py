@@ -51,6 +51,24 @@ class SessionRow:
 
 
 @dataclasses.dataclass(frozen=True)
+class TusStateRow(SessionRow):
+    """A session as ``/tus/`` sees it (``tus_state``): its tus row's columns (``concat`` is
+    ``none`` for a session the native API created), the bytes of its parts 1..n received without
+    a gap, and the pieces stored so far of the part after them."""
+
+    tus_created: bool  # created by POST /tus/ (else by the native API)
+    tus_metadata: str | None  # Upload-Metadata as sent at creation
+    concat: str  # none, partial or final
+    final_id: UUID | None  # a partial: the final upload it went into
+    contiguous_parts: int
+    contiguous_bytes: int
+    # The part in the making (number contiguous_parts + 1): its pieces' bytes, keys and sizes.
+    held_bytes: int
+    held_keys: list[str]
+    held_sizes: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
 class OpsSessionRow(SessionRow):
     """A session with its client's name and completion lease: the operator's view (``sessions
     list`` / ``show``)."""

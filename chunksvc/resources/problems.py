@@ -35,7 +35,13 @@ STATUS: dict[type[errors.ChunksvcError], int] = {
     errors.UploadTooLarge: 413,
     errors.PartTooLarge: 413,
     errors.ChecksumMismatch: 422,
-    errors.QuotaExceeded: 429,  # no Retry-After: it lasts until the client's own sessions end
+    errors.QuotaExceeded: 429,
+    errors.TusVersionUnsupported: 412,
+    errors.SessionGone: 410,
+    errors.OffsetMismatch: 409,
+    errors.UnsupportedMediaType: 415,
+    errors.FinalUploadNotPatchable: 403,
+    errors.UploadChecksumMismatch: 460,  # no Retry-After: it lasts until the client's own sessions end
     errors.StorageError: 502,
     errors.DatabaseUnavailable: 503,
     errors.StorageUnavailable: 503,
@@ -46,7 +52,11 @@ STATUS: dict[type[errors.ChunksvcError], int] = {
 HEADERS: dict[type[errors.ChunksvcError], dict[str, str]] = {
     errors.Unauthorized: {"WWW-Authenticate": 'Bearer realm="chunksvc"'},
     errors.UnsupportedDigest: {"Want-Content-Digest": "sha-256=10, sha-512=3"},
+    errors.TusVersionUnsupported: {"Tus-Version": "1.0.0"},
 }
+
+# Statuses HTTP itself does not name (tus's own), with the reason phrase their protocol gives.
+REASONS = {460: "460 Checksum Mismatch"}
 
 # Falcon's own errors (unknown route, wrong method, bad header) get stable codes too.
 _FALCON_CODES = {
@@ -67,7 +77,7 @@ def status_of(error: errors.ChunksvcError) -> int:
 
 
 def render(resp: falcon.Response, status: int, code: str, title: str, detail: str, **extra: Any) -> None:
-    resp.status = status
+    resp.status = REASONS.get(status, status)
     resp.content_type = PROBLEM_JSON
     resp.text = json.dumps(
         {

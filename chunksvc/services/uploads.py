@@ -14,14 +14,14 @@ import dataclasses
 import json
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 from chunksvc import dao
 from chunksvc.config import Limits, Quotas
-from chunksvc.db import Database
+from chunksvc.db import Connection, Database
 from chunksvc.errors import (
     ChunksvcError,
     CompletionInProgress,
@@ -115,8 +115,17 @@ class UploadService:
 
     # --- sessions ---------------------------------------------------------------------------
 
-    def create_session(self, client: Client, body: Any, idempotency_key: str | None) -> tuple[SessionRow, bool]:
-        """Create a session; ``(session, False)`` when this is a replay of an earlier create."""
+    def create_session(
+        self,
+        client: Client,
+        body: Any,
+        idempotency_key: str | None,
+        within: Callable[[Connection, SessionRow], None] | None = None,
+    ) -> tuple[SessionRow, bool]:
+        """Create a session; ``(session, False)`` when this is a replay of an earlier create.
+
+        ``within`` is called with the new session in the creating transaction (tus adds its own
+        rows there: the session and they commit together, or neither does)."""
         idempotency_key = rules.parse_idempotency_key(idempotency_key)
         new = rules.validate_new_session(body, self._limits)
         fingerprint = rules.request_fingerprint(body) if idempotency_key else None
@@ -143,6 +152,8 @@ class UploadService:
                     request_fingerprint=fingerprint,
                     ttl=self._limits.session_ttl,
                 )
+                if row is not None and within is not None:
+                    within(conn, row)
             created = row is not None
             if row is None and idempotency_key is not None:
                 # A retry of an earlier create with this key; or, from a release whose creates do

@@ -72,9 +72,10 @@ SELECT *, chunksvc_session_status(status, expires_at) AS effective_status
 -- instead of walking the client's whole history through the function (10^6 sessions: 553 ms ->
 -- 0.2 ms for IN_PROGRESS, make bench-curves). Not for ended statuses: EXPIRED is also stored as
 -- INIT/IN_PROGRESS past expiry, and the extra condition made the planner pick a worse plan.
+-- tus partial uploads (migration 0011) are not what the client uploaded: left out.
 SELECT *, chunksvc_session_status(status, expires_at) AS effective_status
   FROM upload_sessions
- WHERE client_id = %(client_id)s
+ WHERE client_id = %(client_id)s AND NOT tus_partial
    AND (%(status)s::text IS NULL OR chunksvc_session_status(status, expires_at) = %(status)s::text)
    AND (%(status)s::text IS NULL OR %(status)s::text NOT IN ('INIT', 'IN_PROGRESS', 'COMPLETING')
         OR status = %(status)s::text)
@@ -190,11 +191,19 @@ SELECT n AS part_number
  LIMIT %(limit)s;
 
 -- name: part_sources
--- What an assembly reads, in order.
+-- What an assembly reads, in order: the session's parts; for a tus final upload (migration 0011,
+-- which has no parts of its own) its partial uploads' parts, partial after partial.
 SELECT part_number, size, sha256, storage_key, created_at
-  FROM upload_parts
- WHERE session_id = %(session_id)s
- ORDER BY part_number;
+  FROM (
+      SELECT 0 AS position, part_number, size, sha256, storage_key, created_at
+        FROM upload_parts
+       WHERE session_id = %(session_id)s
+      UNION ALL
+      SELECT t.position, p.part_number, p.size, p.sha256, p.storage_key, p.created_at
+        FROM tus_uploads t JOIN upload_parts p ON p.session_id = t.session_id
+       WHERE t.final_id = %(session_id)s
+  ) sources
+ ORDER BY position, part_number;
 
 -- name: mark_completing
 UPDATE upload_sessions
@@ -428,6 +437,11 @@ SELECT storage_key
 UNION ALL
 SELECT storage_key
   FROM lost_parts
+ WHERE session_id = ANY(%(session_ids)s::uuid[]) AND storage_key = ANY(%(storage_keys)s::text[])
+UNION ALL
+-- A tus upload's part in the making (migration 0011): its bytes are the upload's too.
+SELECT storage_key
+  FROM tus_incomplete_parts
  WHERE session_id = ANY(%(session_ids)s::uuid[]) AND storage_key = ANY(%(storage_keys)s::text[]);
 
 -- name: take_reaper_lease
@@ -760,3 +774,130 @@ RETURNING client_id;
 
 -- name: client_id_by_name
 SELECT id FROM clients WHERE name = %(client_name)s;
+
+-- tus (contract v1.2, migration 0011) ------------------------------------------------------
+-- A tus upload is a session; these read and change what tus adds. Every change runs under the
+-- session's row lock (lock_tus_state), as parts, completion and abort do.
+
+-- name: tus_state
+-- A session as /tus/ sees it, in one round trip: the session, its tus row (none for a session
+-- the native API created), its part in the making, and how far its parts reach without a gap
+-- (the parts numbered 1..n all present: a row numbered as its rank; once one is missing, every
+-- later row is numbered above its rank). Upload-Offset is `contiguous_bytes` + `held_bytes`.
+SELECT s.*, chunksvc_session_status(s.status, s.expires_at) AS effective_status,
+       t.session_id IS NOT NULL AS tus_created, t.metadata AS tus_metadata,
+       COALESCE(t.concat, 'none') AS concat, t.final_id,
+       c.parts AS contiguous_parts, c.bytes AS contiguous_bytes,
+       h.bytes AS held_bytes, h.keys AS held_keys, h.sizes AS held_sizes
+  FROM upload_sessions s
+  LEFT JOIN tus_uploads t ON t.session_id = s.id
+ CROSS JOIN LATERAL (
+      SELECT count(*)::integer AS parts, COALESCE(sum(numbered.size), 0)::bigint AS bytes
+        FROM (SELECT p.part_number, p.size, row_number() OVER (ORDER BY p.part_number) AS rank
+                FROM upload_parts p
+               WHERE p.session_id = s.id) numbered
+       WHERE numbered.part_number = numbered.rank
+ ) c
+ CROSS JOIN LATERAL (
+      -- Only pieces of the part the offset has reached: a native PUT may have filled theirs.
+      SELECT COALESCE(sum(i.size), 0)::bigint AS bytes,
+             COALESCE(array_agg(i.storage_key ORDER BY i.start), '{}') AS keys,
+             COALESCE(array_agg(i.size ORDER BY i.start), '{}') AS sizes
+        FROM tus_incomplete_parts i
+       WHERE i.session_id = s.id AND i.part_number = c.parts + 1
+ ) h
+ WHERE s.id = %(id)s AND s.client_id = %(client_id)s;
+
+-- name: lock_tus_state
+-- tus_state under the session's row lock: a PATCH checks here, before recording anything, that
+-- the upload is where it was when its body began (no other PATCH moved it meanwhile).
+SELECT s.*, chunksvc_session_status(s.status, s.expires_at) AS effective_status,
+       t.session_id IS NOT NULL AS tus_created, t.metadata AS tus_metadata,
+       COALESCE(t.concat, 'none') AS concat, t.final_id,
+       c.parts AS contiguous_parts, c.bytes AS contiguous_bytes,
+       h.bytes AS held_bytes, h.keys AS held_keys, h.sizes AS held_sizes
+  FROM upload_sessions s
+  LEFT JOIN tus_uploads t ON t.session_id = s.id
+ CROSS JOIN LATERAL (
+      SELECT count(*)::integer AS parts, COALESCE(sum(numbered.size), 0)::bigint AS bytes
+        FROM (SELECT p.part_number, p.size, row_number() OVER (ORDER BY p.part_number) AS rank
+                FROM upload_parts p
+               WHERE p.session_id = s.id) numbered
+       WHERE numbered.part_number = numbered.rank
+ ) c
+ CROSS JOIN LATERAL (
+      -- Only pieces of the part the offset has reached: a native PUT may have filled theirs.
+      SELECT COALESCE(sum(i.size), 0)::bigint AS bytes,
+             COALESCE(array_agg(i.storage_key ORDER BY i.start), '{}') AS keys,
+             COALESCE(array_agg(i.size ORDER BY i.start), '{}') AS sizes
+        FROM tus_incomplete_parts i
+       WHERE i.session_id = s.id AND i.part_number = c.parts + 1
+ ) h
+ WHERE s.id = %(id)s AND s.client_id = %(client_id)s
+   FOR UPDATE OF s;
+
+-- name: insert_tus_upload
+-- In the transaction that created the session (UploadService.create_session's `within`); a
+-- partial is marked hidden in the same step.
+WITH hidden AS (
+    UPDATE upload_sessions SET tus_partial = true WHERE id = %(session_id)s AND %(concat)s::text = 'partial'
+)
+INSERT INTO tus_uploads (session_id, metadata, concat) VALUES (%(session_id)s, %(metadata)s, %(concat)s);
+
+-- name: add_tus_incomplete_part
+-- A piece of the part in the making (the caller holds the row lock and checked the state).
+INSERT INTO tus_incomplete_parts (session_id, part_number, start, size, storage_key)
+VALUES (%(session_id)s, %(part_number)s, %(start)s, %(size)s, %(storage_key)s);
+
+-- name: drop_tus_incomplete_parts
+-- Once part `part_number` is recorded: its pieces (and any left of earlier parts) are in it, or
+-- stale. Returns their keys, whose bytes go after the commit.
+DELETE FROM tus_incomplete_parts
+ WHERE session_id = %(session_id)s AND part_number <= %(part_number)s
+RETURNING storage_key;
+
+-- name: concatenate_tus_partials
+-- A final upload takes its partials, in order, under their row locks: each must be this client's
+-- partial, in no other final, and not ended. Their expiry moves to the final's (they hold its
+-- bytes until it is assembled). Returns the partials taken: fewer than asked means one was not
+-- eligible, and the caller rolls the whole creation back.
+WITH wanted AS (
+    SELECT id, ordinality::integer AS position
+      FROM unnest(%(partial_ids)s::uuid[]) WITH ORDINALITY AS w (id, ordinality)
+), locked AS (
+    SELECT s.id, w.position
+      FROM upload_sessions s JOIN wanted w ON w.id = s.id
+      JOIN tus_uploads t ON t.session_id = s.id
+     WHERE s.client_id = %(client_id)s AND t.concat = 'partial' AND t.final_id IS NULL
+       AND chunksvc_session_status(s.status, s.expires_at) IN ('INIT', 'IN_PROGRESS')
+       FOR UPDATE OF s, t
+), extended AS (
+    UPDATE upload_sessions s
+       SET expires_at = GREATEST(s.expires_at, (SELECT f.expires_at FROM upload_sessions f WHERE f.id = %(final_id)s))
+      FROM locked
+     WHERE s.id = locked.id
+)
+UPDATE tus_uploads t
+   SET final_id = %(final_id)s, position = locked.position
+  FROM locked
+ WHERE t.session_id = locked.id
+RETURNING t.session_id;
+
+-- name: tus_partials_of
+-- A final upload's partials, in order (HEAD answers them in Upload-Concat).
+SELECT session_id FROM tus_uploads WHERE final_id = %(final_id)s ORDER BY position;
+
+-- name: mark_tus_final_ready
+-- Under the final's row lock: once every partial has all its parts recorded, the final has all
+-- its bytes: its counters say so (completion checks them), and it can be completed. No row: not
+-- yet (or it moved on already).
+UPDATE upload_sessions f
+   SET received_parts = f.total_parts, received_bytes = f.size, status = 'IN_PROGRESS', updated_at = now()
+ WHERE f.id = %(final_id)s AND f.status = 'INIT' AND f.expires_at > now()
+   AND NOT EXISTS (
+       SELECT 1
+         FROM tus_uploads t JOIN upload_sessions p ON p.id = t.session_id
+        WHERE t.final_id = f.id
+          AND (p.received_bytes < p.size OR p.status NOT IN ('INIT', 'IN_PROGRESS'))
+   )
+RETURNING f.id;
