@@ -17,7 +17,7 @@ from chunksvc.db import Database
 from chunksvc.errors import ConfigError, DatabaseUnavailable
 from chunksvc.metrics import Metrics
 from chunksvc.resources import health, openapi, problems, tus, uploads
-from chunksvc.resources.middleware import BearerAuth, RequestId
+from chunksvc.resources.middleware import BearerAuth, Cors, RequestId
 from chunksvc.resources.observability import MetricsResource, RequestTelemetry
 from chunksvc.services.assembler import BackgroundAssembler
 from chunksvc.services.auth import Authenticator
@@ -171,6 +171,8 @@ def build(
         middleware=(
             RequestId(),
             RequestTelemetry(router, metrics, db.stats, config.trusted_proxies),
+            # Before authentication: a browser's preflight carries no credentials.
+            Cors(config.cors),
             bearer_auth,
             tus_auth,
             tus.TusProtocol(),

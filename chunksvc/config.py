@@ -181,6 +181,47 @@ class TrustedProxies:
         return address
 
 
+# An origin as a browser sends it: scheme, host and an optional port, nothing after them.
+_ORIGIN = re.compile(r"^https?://[^/?#\s,]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorsOrigins:
+    """The browser origins allowed to call the API (``CHUNKSVC_CORS_ORIGINS``, contract v1.2).
+
+    Comma-separated exact origins (``https://portal.example.com``), or ``*`` for any. Empty, the
+    default, allows none: no response carries a CORS header. Origins are compared exactly, as the
+    browser sends them (``https://portal.example.com:8443``; never a trailing slash or a path).
+    """
+
+    origins: frozenset[str] = frozenset()
+    any_origin: bool = False
+
+    @classmethod
+    def parse(cls, raw: str) -> CorsOrigins:
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+        if items == ["*"]:
+            return cls(any_origin=True)
+        for item in items:
+            if item == "*":
+                raise ConfigError("CHUNKSVC_CORS_ORIGINS: `*` allows every origin; give it alone, not in a list")
+            if not _ORIGIN.match(item):
+                raise ConfigError(
+                    f"CHUNKSVC_CORS_ORIGINS: {item!r} is not an origin"
+                    " (scheme://host[:port], no path or trailing slash: https://portal.example.com)"
+                )
+        return cls(origins=frozenset(items))
+
+    @property
+    def enabled(self) -> bool:
+        return self.any_origin or bool(self.origins)
+
+    def allows(self, origin: str | None) -> bool:
+        if not origin:
+            return False
+        return self.any_origin or origin in self.origins
+
+
 @dataclasses.dataclass(frozen=True)
 class Quotas:
     """Each client's default quotas (contract v1.2); `python -m chunksvc limits set` overrides
@@ -262,6 +303,8 @@ class Config:
     trusted_proxies: TrustedProxies = dataclasses.field(
         default_factory=lambda: TrustedProxies.parse(DEFAULT_FORWARDED_ALLOW_IPS)
     )
+    # Browser origins that may call /uploads and /tus (none by default: no CORS headers at all).
+    cors: CorsOrigins = dataclasses.field(default_factory=CorsOrigins)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -301,6 +344,7 @@ class Config:
             assembly_poll_interval=_int(env, "CHUNKSVC_ASSEMBLY_POLL", 5),
             reap_interval=_int(env, "CHUNKSVC_REAP_INTERVAL", 300),
             trusted_proxies=TrustedProxies.parse(env.get("CHUNKSVC_FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)),
+            cors=CorsOrigins.parse(env.get("CHUNKSVC_CORS_ORIGINS", "")),
             webhook_key=env.get("CHUNKSVC_WEBHOOK_KEY") or None,
             webhook_key_file=Path(env.get("CHUNKSVC_WEBHOOK_KEY_FILE") or var_dir / "webhook-signing.key").resolve(),
             webhook_concurrency=_int(env, "CHUNKSVC_WEBHOOK_CONCURRENCY", 8),

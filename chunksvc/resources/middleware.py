@@ -1,4 +1,4 @@
-"""Request-wide concerns: request ids and authentication."""
+"""Request-wide concerns: request ids, CORS and authentication."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import falcon
 
 from chunksvc import logs
+from chunksvc.config import CorsOrigins
 from chunksvc.services.auth import Authenticator, Client
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
@@ -27,6 +28,69 @@ class RequestId:
         request_id = getattr(req.context, "request_id", None)
         if request_id:
             resp.set_header("X-Request-ID", request_id)
+
+
+# What a browser may send and read (contract v1.2 names at least these). Prefer and
+# Upload-Defer-Length too: the native client's `Prefer: wait`, tus's deferred length.
+CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, Content-Digest, Idempotency-Key, X-Request-ID, Prefer, Tus-Resumable, "
+    "Upload-Length, Upload-Defer-Length, Upload-Offset, Upload-Metadata, Upload-Checksum, Upload-Concat, "
+    "X-HTTP-Method-Override"
+)
+CORS_EXPOSE_HEADERS = (
+    "Location, ETag, Retry-After, X-Request-ID, Preference-Applied, Upload-Offset, Upload-Length, "
+    "Upload-Expires, Upload-Metadata, Upload-Concat, Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, "
+    "Tus-Checksum-Algorithm"
+)
+CORS_ALLOW_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+# Chromium keeps a preflight at most 2 hours (Firefox a day): longer would not save more of them.
+CORS_MAX_AGE = 7200
+# The paths a browser's preflight is answered for (the API's; the rest needs no preflight).
+_PREFLIGHT_PATH = re.compile(r"^/(?:uploads|tus)(?:/|\Z)")
+
+
+class Cors:
+    """CORS for ``CHUNKSVC_CORS_ORIGINS`` (contract v1.2).
+
+    A preflight (OPTIONS with ``Access-Control-Request-Method``) from an allowed origin to a path
+    under /uploads or /tus is answered 204 here, before authentication and routing: a browser sends
+    no credentials with it. Every other response to an allowed origin, errors included (a browser
+    hides a 401 or a 429 from the page unless it carries Allow-Origin), names that origin and the
+    headers the page may read. A request from any other origin, or with no Origin, gets no
+    ``Access-Control-*`` header, and a preflight from one goes on as a plain OPTIONS request.
+    """
+
+    def __init__(self, origins: CorsOrigins) -> None:
+        self._origins = origins
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if (
+            req.method == "OPTIONS"
+            and req.get_header("Access-Control-Request-Method")
+            and _PREFLIGHT_PATH.match(req.path)
+            and self._origins.allows(req.get_header("Origin"))
+        ):
+            resp.status = falcon.HTTP_204
+            resp.set_header("Access-Control-Allow-Methods", CORS_ALLOW_METHODS)
+            resp.set_header("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS)
+            resp.set_header("Access-Control-Max-Age", str(CORS_MAX_AGE))
+            req.context.cors_preflight = True
+            resp.complete = True  # no authentication, routing or responder: process_response still runs
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        if not self._origins.enabled:
+            return
+        # Whatever the origin: a cache must not hand one origin's answer to another.
+        resp.append_header("Vary", "Origin")
+        origin = req.get_header("Origin")
+        if not self._origins.allows(origin):
+            return
+        assert origin is not None
+        resp.set_header("Access-Control-Allow-Origin", origin)
+        if not getattr(req.context, "cors_preflight", False):
+            resp.set_header("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)
 
 
 class BearerAuth:
