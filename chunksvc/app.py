@@ -20,7 +20,7 @@ from chunksvc.resources import health, openapi, problems, tus, uploads
 from chunksvc.resources.middleware import BearerAuth, Cors, RequestId
 from chunksvc.resources.observability import MetricsResource, RequestTelemetry
 from chunksvc.services.assembler import BackgroundAssembler
-from chunksvc.services.auth import Authenticator
+from chunksvc.services.auth import Authenticator, UploadTokens
 from chunksvc.services.census import SessionCensus
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.events import Observers
@@ -201,6 +201,10 @@ def build(
     )
     app.add_route(
         "/uploads/sessions/{session_id}/complete", uploads.CompleteResource(completion, assembler, render_session)
+    )
+    app.add_route(
+        "/uploads/sessions/{session_id}/tokens",
+        uploads.TokensResource(UploadTokens(db, config.token_ttl, config.token_max_ttl)),
     )
     tus_service = TusService(
         db, storage, config.limits, config.block_size, upload_service, completion, assembler, events=events

@@ -305,6 +305,10 @@ class Config:
     )
     # Browser origins that may call /uploads and /tus (none by default: no CORS headers at all).
     cors: CorsOrigins = dataclasses.field(default_factory=CorsOrigins)
+    # Upload tokens (POST .../tokens): seconds a token lives when the request names none, and the
+    # most it may ask for (never past its session's expires_at either).
+    token_ttl: int = 3600
+    token_max_ttl: int = 24 * 3600
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -345,6 +349,8 @@ class Config:
             reap_interval=_int(env, "CHUNKSVC_REAP_INTERVAL", 300),
             trusted_proxies=TrustedProxies.parse(env.get("CHUNKSVC_FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)),
             cors=CorsOrigins.parse(env.get("CHUNKSVC_CORS_ORIGINS", "")),
+            token_ttl=_int(env, "CHUNKSVC_TOKEN_TTL", 3600),
+            token_max_ttl=_int(env, "CHUNKSVC_TOKEN_MAX_TTL", 24 * 3600),
             webhook_key=env.get("CHUNKSVC_WEBHOOK_KEY") or None,
             webhook_key_file=Path(env.get("CHUNKSVC_WEBHOOK_KEY_FILE") or var_dir / "webhook-signing.key").resolve(),
             webhook_concurrency=_int(env, "CHUNKSVC_WEBHOOK_CONCURRENCY", 8),
@@ -376,6 +382,8 @@ class Config:
             raise ConfigError("CHUNKSVC_BACKGROUND_ASSEMBLIES and CHUNKSVC_ASSEMBLY_POLL must be at least 1")
         if self.reap_interval < 0:
             raise ConfigError("CHUNKSVC_REAP_INTERVAL must not be negative (0 turns the server's own reaper off)")
+        if not 1 <= self.token_ttl <= self.token_max_ttl:
+            raise ConfigError("need 1 <= CHUNKSVC_TOKEN_TTL <= CHUNKSVC_TOKEN_MAX_TTL")
         if self.storage_min_free < 0:
             raise ConfigError("CHUNKSVC_STORAGE_MIN_FREE must not be negative")
         if self.webhook_concurrency < 1 or self.webhook_poll_interval < 1 or self.webhook_retry_for < 1:

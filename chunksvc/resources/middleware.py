@@ -10,6 +10,8 @@ import falcon
 
 from chunksvc import logs
 from chunksvc.config import CorsOrigins
+from chunksvc.errors import Forbidden, SessionNotFound
+from chunksvc.services import auth, rules
 from chunksvc.services.auth import Authenticator, Client
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
@@ -103,6 +105,12 @@ class BearerAuth:
     before its other checks and hands the client to ``publish_client``. Paths under the prefix
     that no route matches reach ``unrouted`` (a sink: Falcon calls no ``process_resource`` for
     them), which authenticates before answering 404.
+
+    An upload token (``Client.session_scope``) may call a resource only with the methods it names
+    in ``token_methods`` (none by default: a new resource is closed to tokens until it says
+    otherwise), else 403 ``forbidden``; and only on its own session, the route's ``{session_id}``
+    or ``{upload_id}``, else 404 ``session_not_found``. A resource that authenticates in its
+    responder (the part PUT) applies the same rules there.
     """
 
     def __init__(self, authenticator: Authenticator, prefix: str = "/uploads") -> None:
@@ -122,15 +130,29 @@ class BearerAuth:
             return
         if req.method in getattr(resource, "auth_in_responder", ()):
             return
-        self._authenticate(req)
+        client = self._authenticate(req)
+        if client.session_scope is None:
+            return
+        if req.method not in getattr(resource, "token_methods", ()):
+            raise Forbidden(
+                f"an upload token cannot {req.method} {template}; it allows only its own session's upload calls"
+            )
+        raw_id = params.get("session_id", params.get("upload_id"))
+        try:
+            session_id = rules.parse_session_id(raw_id) if raw_id is not None else None
+        except SessionNotFound:
+            session_id = None
+        auth.check_scope(client, session_id)
 
     def unrouted(self, req: falcon.Request, resp: falcon.Response, **params: str) -> None:
         """A path under the prefix that no route matches: 401 without a valid key, else 404."""
         self._authenticate(req)
         raise falcon.HTTPRouteNotFound()
 
-    def _authenticate(self, req: falcon.Request) -> None:
-        publish_client(req, self._authenticator.authenticate(req.get_header("Authorization")))
+    def _authenticate(self, req: falcon.Request) -> Client:
+        client = self._authenticator.authenticate(req.get_header("Authorization"))
+        publish_client(req, client)
+        return client
 
 
 def publish_client(req: falcon.Request, client: Client) -> None:
@@ -138,3 +160,5 @@ def publish_client(req: falcon.Request, client: Client) -> None:
     line of the request names it, its access line included."""
     req.context.client = client
     logs.bind(client=client.name)
+    if client.session_scope is not None:
+        logs.bind(credential="upload_token")

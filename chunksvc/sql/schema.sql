@@ -27,6 +27,45 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.chunksvc_authenticate_2(p_key_hash bytea, p_token_hash bytea, p_session_id uuid) RETURNS TABLE(client_id bigint, client_name text, token_session_id uuid, token_expired boolean, session_id uuid, effective_status text, size bigint, part_size bigint, total_parts integer)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    key_id    bigint;
+    last_used timestamptz;
+    wanted    uuid := p_session_id;
+BEGIN
+    IF p_token_hash IS NOT NULL THEN
+        SELECT t.client_id, c.name, t.session_id, t.expires_at <= now()
+          INTO client_id, client_name, token_session_id, token_expired
+          FROM upload_tokens t JOIN clients c ON c.id = t.client_id
+         WHERE t.token_hash = p_token_hash;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+        wanted := token_session_id;
+    ELSE
+        SELECT k.id, k.client_id, c.name, k.last_used_at
+          INTO key_id, client_id, client_name, last_used
+          FROM api_keys k JOIN clients c ON c.id = k.client_id
+         WHERE k.key_hash = p_key_hash AND k.revoked_at IS NULL;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+        IF last_used IS NULL OR last_used < now() - interval '1 minute' THEN
+            -- As in 0007: the condition again, for a concurrent request that wrote it meanwhile.
+            UPDATE api_keys SET last_used_at = now()
+             WHERE id = key_id AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute');
+        END IF;
+    END IF;
+    SELECT s.id, chunksvc_session_status(s.status, s.expires_at), s.size, s.part_size, s.total_parts
+      INTO session_id, effective_status, size, part_size, total_parts
+      FROM upload_sessions s
+     WHERE s.id = wanted AND s.client_id = chunksvc_authenticate_2.client_id;
+    RETURN NEXT;  -- the session's columns are NULL when it was not found (or none asked for)
+END;
+$$;
+
 CREATE FUNCTION public.chunksvc_record_part(p_session_id uuid, p_client_id bigint, p_part_number integer, p_size bigint, p_sha256 text, p_storage_key text) RETURNS TABLE(effective_status text, inserted boolean, received_parts integer, received_bytes bigint, status text)
     LANGUAGE plpgsql
     AS $$
@@ -67,10 +106,10 @@ CREATE FUNCTION public.chunksvc_session_event() RETURNS trigger
 DECLARE
     new_event webhook_events%ROWTYPE;
 BEGIN
-    -- FOR SHARE: an endpoint removed at the same moment either commits first (its removed_at is
-    -- seen here, re-checked under the lock) or waits for this transaction, and then its removal
-    -- finds and drops the delivery made here; without the lock a delivery could be left pending
-    -- to a removed endpoint for ever.
+    IF NEW.tus_partial THEN
+        RETURN NULL;
+    END IF;
+    -- FOR SHARE: as in 0005 (an endpoint removed at the same moment is seen or waits).
     PERFORM 1 FROM webhook_endpoints WHERE client_id = NEW.client_id AND removed_at IS NULL FOR SHARE;
     IF NOT FOUND THEN
         RETURN NULL;
@@ -89,6 +128,18 @@ $$;
 CREATE FUNCTION public.chunksvc_session_status(status text, expires_at timestamp with time zone) RETURNS text
     LANGUAGE sql STABLE PARALLEL SAFE
     RETURN CASE WHEN ((status = ANY (ARRAY['INIT'::text, 'IN_PROGRESS'::text])) AND (expires_at <= now())) THEN 'EXPIRED'::text ELSE status END;
+
+CREATE FUNCTION public.chunksvc_tus_final_ended() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    UPDATE upload_sessions s
+       SET status = 'ABORTED', updated_at = now()
+      FROM tus_uploads t
+     WHERE t.final_id = NEW.id AND s.id = t.session_id AND s.status IN ('INIT', 'IN_PROGRESS');
+    RETURN NULL;
+END
+$$;
 
 CREATE TABLE public.api_keys (
     id bigint NOT NULL,
@@ -157,6 +208,30 @@ CREATE TABLE public.schema_migrations (
     applied_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
+CREATE TABLE public.tus_incomplete_parts (
+    session_id uuid NOT NULL,
+    part_number integer NOT NULL,
+    start bigint NOT NULL,
+    size bigint NOT NULL,
+    storage_key text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT tus_incomplete_parts_part_number_check CHECK ((part_number >= 1)),
+    CONSTRAINT tus_incomplete_parts_size_check CHECK ((size > 0)),
+    CONSTRAINT tus_incomplete_parts_start_check CHECK ((start >= 0))
+);
+
+CREATE TABLE public.tus_uploads (
+    session_id uuid NOT NULL,
+    metadata text,
+    concat text DEFAULT 'none'::text NOT NULL,
+    final_id uuid,
+    "position" integer,
+    CONSTRAINT tus_final_position CHECK (((final_id IS NULL) = ("position" IS NULL))),
+    CONSTRAINT tus_only_partials_concatenate CHECK (((final_id IS NULL) OR (concat = 'partial'::text))),
+    CONSTRAINT tus_uploads_concat_check CHECK ((concat = ANY (ARRAY['none'::text, 'partial'::text, 'final'::text]))),
+    CONSTRAINT tus_uploads_position_check CHECK (("position" >= 1))
+);
+
 CREATE TABLE public.upload_parts (
     session_id uuid NOT NULL,
     part_number integer NOT NULL,
@@ -194,6 +269,7 @@ CREATE TABLE public.upload_sessions (
     assembled_bytes bigint,
     completion_owner uuid,
     completion_lease_until timestamp with time zone,
+    tus_partial boolean DEFAULT false NOT NULL,
     frontier_parts integer DEFAULT 0 NOT NULL,
     frontier_bytes bigint DEFAULT 0 NOT NULL,
     frontier_state bytea,
@@ -215,6 +291,26 @@ CREATE TABLE public.upload_sessions (
     CONSTRAINT upload_sessions_sha256_check CHECK ((sha256 ~ '^[0-9a-f]{64}$'::text)),
     CONSTRAINT upload_sessions_size_check CHECK ((size > 0)),
     CONSTRAINT upload_sessions_status_check CHECK ((status = ANY (ARRAY['INIT'::text, 'IN_PROGRESS'::text, 'COMPLETING'::text, 'COMPLETED'::text, 'ABORTED'::text, 'EXPIRED'::text, 'FAILED'::text])))
+);
+
+CREATE TABLE public.upload_tokens (
+    id bigint NOT NULL,
+    token_hash bytea NOT NULL,
+    session_id uuid NOT NULL,
+    client_id bigint NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    CONSTRAINT upload_token_expires_after_creation CHECK ((expires_at > created_at)),
+    CONSTRAINT upload_tokens_token_hash_check CHECK ((octet_length(token_hash) = 32))
+);
+
+ALTER TABLE public.upload_tokens ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME public.upload_tokens_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
 );
 
 CREATE TABLE public.webhook_deliveries (
@@ -312,11 +408,29 @@ ALTER TABLE ONLY public.reaper_leases
 ALTER TABLE ONLY public.schema_migrations
     ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
 
+ALTER TABLE ONLY public.tus_incomplete_parts
+    ADD CONSTRAINT tus_incomplete_parts_pkey PRIMARY KEY (session_id, part_number, start);
+
+ALTER TABLE ONLY public.tus_incomplete_parts
+    ADD CONSTRAINT tus_incomplete_parts_storage_key_key UNIQUE (storage_key);
+
+ALTER TABLE ONLY public.tus_uploads
+    ADD CONSTRAINT tus_one_partial_per_position UNIQUE (final_id, "position");
+
+ALTER TABLE ONLY public.tus_uploads
+    ADD CONSTRAINT tus_uploads_pkey PRIMARY KEY (session_id);
+
 ALTER TABLE ONLY public.upload_parts
     ADD CONSTRAINT upload_parts_pkey PRIMARY KEY (session_id, part_number);
 
 ALTER TABLE ONLY public.upload_sessions
     ADD CONSTRAINT upload_sessions_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.upload_tokens
+    ADD CONSTRAINT upload_tokens_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.upload_tokens
+    ADD CONSTRAINT upload_tokens_token_hash_key UNIQUE (token_hash);
 
 ALTER TABLE ONLY public.webhook_deliveries
     ADD CONSTRAINT webhook_deliveries_pkey PRIMARY KEY (event_id, endpoint_id);
@@ -348,6 +462,10 @@ CREATE INDEX upload_sessions_open_expiry_idx ON public.upload_sessions USING btr
 
 CREATE INDEX upload_sessions_unpurged_idx ON public.upload_sessions USING btree (updated_at, id) WHERE ((purged_at IS NULL) AND (status = ANY (ARRAY['COMPLETED'::text, 'ABORTED'::text, 'EXPIRED'::text, 'FAILED'::text])));
 
+CREATE INDEX upload_tokens_expires_idx ON public.upload_tokens USING btree (expires_at);
+
+CREATE INDEX upload_tokens_session_idx ON public.upload_tokens USING btree (session_id);
+
 CREATE INDEX webhook_deliveries_dead_idx ON public.webhook_deliveries USING btree (endpoint_id) WHERE (state = 'dead'::text);
 
 CREATE INDEX webhook_deliveries_due_idx ON public.webhook_deliveries USING btree (endpoint_id, next_attempt_at) WHERE (state = 'pending'::text);
@@ -360,6 +478,8 @@ CREATE INDEX webhook_events_created_idx ON public.webhook_events USING btree (cr
 
 CREATE TRIGGER upload_sessions_outbox AFTER UPDATE OF status ON public.upload_sessions FOR EACH ROW WHEN (((old.status IS DISTINCT FROM new.status) AND (new.status = ANY (ARRAY['COMPLETED'::text, 'FAILED'::text, 'ABORTED'::text, 'EXPIRED'::text])))) EXECUTE FUNCTION public.chunksvc_session_event();
 
+CREATE TRIGGER upload_sessions_tus_final_ended AFTER UPDATE OF status ON public.upload_sessions FOR EACH ROW WHEN (((old.status IS DISTINCT FROM new.status) AND (new.status = ANY (ARRAY['COMPLETED'::text, 'FAILED'::text, 'ABORTED'::text, 'EXPIRED'::text])))) EXECUTE FUNCTION public.chunksvc_tus_final_ended();
+
 ALTER TABLE ONLY public.api_keys
     ADD CONSTRAINT api_keys_client_id_fkey FOREIGN KEY (client_id) REFERENCES public.clients(id);
 
@@ -369,11 +489,26 @@ ALTER TABLE ONLY public.client_limits
 ALTER TABLE ONLY public.lost_parts
     ADD CONSTRAINT lost_parts_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
 
+ALTER TABLE ONLY public.tus_incomplete_parts
+    ADD CONSTRAINT tus_incomplete_parts_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.tus_uploads
+    ADD CONSTRAINT tus_uploads_final_id_fkey FOREIGN KEY (final_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.tus_uploads
+    ADD CONSTRAINT tus_uploads_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
+
 ALTER TABLE ONLY public.upload_parts
     ADD CONSTRAINT upload_parts_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY public.upload_sessions
     ADD CONSTRAINT upload_sessions_client_id_fkey FOREIGN KEY (client_id) REFERENCES public.clients(id);
+
+ALTER TABLE ONLY public.upload_tokens
+    ADD CONSTRAINT upload_tokens_client_id_fkey FOREIGN KEY (client_id) REFERENCES public.clients(id);
+
+ALTER TABLE ONLY public.upload_tokens
+    ADD CONSTRAINT upload_tokens_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY public.webhook_deliveries
     ADD CONSTRAINT webhook_deliveries_endpoint_id_fkey FOREIGN KEY (endpoint_id) REFERENCES public.webhook_endpoints(id) ON DELETE CASCADE;
