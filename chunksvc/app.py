@@ -17,10 +17,10 @@ from chunksvc.db import Database
 from chunksvc.errors import ConfigError, DatabaseUnavailable
 from chunksvc.metrics import Metrics
 from chunksvc.resources import health, openapi, problems, tus, uploads
-from chunksvc.resources.middleware import BearerAuth, RequestId
+from chunksvc.resources.middleware import BearerAuth, Cors, RequestId
 from chunksvc.resources.observability import MetricsResource, RequestTelemetry
 from chunksvc.services.assembler import BackgroundAssembler
-from chunksvc.services.auth import Authenticator
+from chunksvc.services.auth import Authenticator, UploadTokens
 from chunksvc.services.census import ClientLimitsCensus, SessionCensus
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.events import Observers
@@ -176,6 +176,8 @@ def build(
         middleware=(
             RequestId(),
             RequestTelemetry(router, metrics, db.stats, config.trusted_proxies),
+            # Before authentication: a browser's preflight carries no credentials.
+            Cors(config.cors),
             bearer_auth,
             tus_auth,
             tus.TusProtocol(),
@@ -204,6 +206,10 @@ def build(
     )
     app.add_route(
         "/uploads/sessions/{session_id}/complete", uploads.CompleteResource(completion, assembler, render_session)
+    )
+    app.add_route(
+        "/uploads/sessions/{session_id}/tokens",
+        uploads.TokensResource(UploadTokens(db, config.token_ttl, config.token_max_ttl)),
     )
     tus_service = TusService(
         db, storage, config.limits, config.block_size, upload_service, completion, assembler, events=events

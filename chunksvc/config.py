@@ -181,6 +181,47 @@ class TrustedProxies:
         return address
 
 
+# An origin as a browser sends it: scheme, host and an optional port, nothing after them.
+_ORIGIN = re.compile(r"^https?://[^/?#\s,]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorsOrigins:
+    """The browser origins allowed to call the API (``CHUNKSVC_CORS_ORIGINS``, contract v1.2).
+
+    Comma-separated exact origins (``https://portal.example.com``), or ``*`` for any. Empty, the
+    default, allows none: no response carries a CORS header. Origins are compared exactly, as the
+    browser sends them (``https://portal.example.com:8443``; never a trailing slash or a path).
+    """
+
+    origins: frozenset[str] = frozenset()
+    any_origin: bool = False
+
+    @classmethod
+    def parse(cls, raw: str) -> CorsOrigins:
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+        if items == ["*"]:
+            return cls(any_origin=True)
+        for item in items:
+            if item == "*":
+                raise ConfigError("CHUNKSVC_CORS_ORIGINS: `*` allows every origin; give it alone, not in a list")
+            if not _ORIGIN.match(item):
+                raise ConfigError(
+                    f"CHUNKSVC_CORS_ORIGINS: {item!r} is not an origin"
+                    " (scheme://host[:port], no path or trailing slash: https://portal.example.com)"
+                )
+        return cls(origins=frozenset(items))
+
+    @property
+    def enabled(self) -> bool:
+        return self.any_origin or bool(self.origins)
+
+    def allows(self, origin: str | None) -> bool:
+        if not origin:
+            return False
+        return self.any_origin or origin in self.origins
+
+
 @dataclasses.dataclass(frozen=True)
 class Quotas:
     """Each client's default quotas (contract v1.2); `python -m chunksvc limits set` overrides
@@ -269,6 +310,12 @@ class Config:
     trusted_proxies: TrustedProxies = dataclasses.field(
         default_factory=lambda: TrustedProxies.parse(DEFAULT_FORWARDED_ALLOW_IPS)
     )
+    # Browser origins that may call /uploads and /tus (none by default: no CORS headers at all).
+    cors: CorsOrigins = dataclasses.field(default_factory=CorsOrigins)
+    # Upload tokens (POST .../tokens): seconds a token lives when the request names none, and the
+    # most it may ask for (never past its session's expires_at either).
+    token_ttl: int = 3600
+    token_max_ttl: int = 24 * 3600
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -310,6 +357,9 @@ class Config:
             assembly_poll_interval=_int(env, "CHUNKSVC_ASSEMBLY_POLL", 5),
             reap_interval=_int(env, "CHUNKSVC_REAP_INTERVAL", 300),
             trusted_proxies=TrustedProxies.parse(env.get("CHUNKSVC_FORWARDED_ALLOW_IPS", DEFAULT_FORWARDED_ALLOW_IPS)),
+            cors=CorsOrigins.parse(env.get("CHUNKSVC_CORS_ORIGINS", "")),
+            token_ttl=_int(env, "CHUNKSVC_TOKEN_TTL", 3600),
+            token_max_ttl=_int(env, "CHUNKSVC_TOKEN_MAX_TTL", 24 * 3600),
             webhook_key=env.get("CHUNKSVC_WEBHOOK_KEY") or None,
             webhook_key_file=Path(env.get("CHUNKSVC_WEBHOOK_KEY_FILE") or var_dir / "webhook-signing.key").resolve(),
             webhook_concurrency=_int(env, "CHUNKSVC_WEBHOOK_CONCURRENCY", 8),
@@ -341,6 +391,8 @@ class Config:
             raise ConfigError("CHUNKSVC_BACKGROUND_ASSEMBLIES and CHUNKSVC_ASSEMBLY_POLL must be at least 1")
         if self.reap_interval < 0:
             raise ConfigError("CHUNKSVC_REAP_INTERVAL must not be negative (0 turns the server's own reaper off)")
+        if not 1 <= self.token_ttl <= self.token_max_ttl:
+            raise ConfigError("need 1 <= CHUNKSVC_TOKEN_TTL <= CHUNKSVC_TOKEN_MAX_TTL")
         if self.storage_min_free < 0:
             raise ConfigError("CHUNKSVC_STORAGE_MIN_FREE must not be negative")
         if self.webhook_concurrency < 1 or self.webhook_poll_interval < 1 or self.webhook_retry_for < 1:

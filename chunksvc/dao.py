@@ -62,6 +62,7 @@ from chunksvc.rows import (
     SessionRow,
     SweptSessionRow,
     TusStateRow,
+    UploadTokenRow,
     UsageRow,
     WebhookCensusRow,
     WebhookDeliveryRow,
@@ -96,6 +97,7 @@ _WEBHOOK_DELIVERY = dataclass_row(WebhookDeliveryRow)
 _REDELIVERY = dataclass_row(RedeliveryRow)
 _PRUNABLE_EVENT = dataclass_row(PrunableEventRow)
 _PRUNABLE_COUNT = dataclass_row(PrunableCountRow)
+_UPLOAD_TOKEN = dataclass_row(UploadTokenRow)
 
 
 # --- clients and keys -----------------------------------------------------------------------
@@ -108,18 +110,33 @@ def _auth_row(cursor: psycopg.Cursor[Any]) -> RowMaker[AuthRow]:
         raise TypeError(f"authenticate returns {column_names(cursor)}, not {_AUTH_COLUMNS}")
 
     def make(values: Sequence[Any]) -> AuthRow:
-        client_id, client_name, session_id, status, size, part_size, total_parts = values
+        client_id, client_name, token_session_id, token_expired, session_id, status, size, part_size, total_parts = (
+            values
+        )
         session = PartSessionRow(session_id, status, size, part_size, total_parts) if session_id is not None else None
-        return AuthRow(client_id, client_name, session)
+        return AuthRow(client_id, client_name, session, token_session_id, bool(token_expired))
 
     return make
 
 
-_AUTH_COLUMNS = ("client_id", "client_name", "session_id", "effective_status", "size", "part_size", "total_parts")
+_AUTH_COLUMNS = (
+    "client_id",
+    "client_name",
+    "token_session_id",
+    "token_expired",
+    "session_id",
+    "effective_status",
+    "size",
+    "part_size",
+    "total_parts",
+)
 
 
-def authenticate(conn: Connection, key_hash: bytes, session_id: UUID | None = None) -> AuthRow | None:
-    return conn.one("authenticate", _auth_row, key_hash=key_hash, session_id=session_id)
+def authenticate(
+    conn: Connection, key_hash: bytes | None, session_id: UUID | None = None, *, token_hash: bytes | None = None
+) -> AuthRow | None:
+    """By an API key's hash, or (``key_hash`` None) by an upload token's."""
+    return conn.one("authenticate", _auth_row, key_hash=key_hash, token_hash=token_hash, session_id=session_id)
 
 
 def upsert_client(conn: Connection, name: str) -> ClientRow:
@@ -138,6 +155,23 @@ def list_api_keys(conn: Connection) -> list[ApiKeyRow]:
 
 def revoke_api_keys(conn: Connection, target: str) -> list[RevokedKeyRow]:
     return conn.all("revoke_api_keys", _REVOKED_KEY, target=target)
+
+
+def insert_upload_token(
+    conn: Connection, token_hash: bytes, session_id: UUID, client_id: int, ttl: int
+) -> UploadTokenRow | None:
+    return conn.one(
+        "insert_upload_token", _UPLOAD_TOKEN, token_hash=token_hash, session_id=session_id, client_id=client_id, ttl=ttl
+    )
+
+
+def delete_dead_upload_tokens(conn: Connection, limit: int) -> list[UUID]:
+    """The sessions of the tokens removed (one entry per token)."""
+    return conn.values("delete_dead_upload_tokens", UUID, limit=limit)
+
+
+def count_dead_upload_tokens(conn: Connection) -> int:
+    return conn.value("count_dead_upload_tokens", int)
 
 
 # --- sessions -------------------------------------------------------------------------------

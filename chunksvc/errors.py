@@ -37,7 +37,14 @@ class InvalidRequest(ChunksvcError):
 
 class Unauthorized(ChunksvcError):
     code = "unauthorized"
-    title = "Missing, unknown or revoked API key"
+    title = "Missing, unknown or revoked API key, or an upload token expired or whose session ended"
+
+
+class Forbidden(ChunksvcError):
+    """The credential is valid but may not do this: an upload token outside its session's calls."""
+
+    code = "forbidden"
+    title = "This credential may not make this request"
 
 
 class SessionNotFound(ChunksvcError):

@@ -93,12 +93,26 @@ class PartSessionRow:
 
 @dataclasses.dataclass(frozen=True)
 class AuthRow:
-    """``authenticate``: the client behind an unrevoked API key and, when one was asked for and
-    is that client's, what a part's checks read of the session (None otherwise)."""
+    """``authenticate``: the client behind an unrevoked API key or an upload token and what a
+    part's checks read of a session (None when not found or none asked for): for a key, the
+    session asked for if it is that client's; for a token, always the token's own session.
+
+    ``token_session_id`` is the token's session (None: an API key); ``token_expired`` whether the
+    token is past its expiry (False for a key)."""
 
     client_id: int
     client_name: str
     session: PartSessionRow | None
+    token_session_id: UUID | None = None
+    token_expired: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadTokenRow:
+    """``insert_upload_token``: a token minted (its value is only ever in the answer)."""
+
+    session_id: UUID
+    expires_at: datetime
 
 
 @dataclasses.dataclass(frozen=True)

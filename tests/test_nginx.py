@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -28,6 +29,7 @@ from tools import harness, nginx
 ROOT = Path(__file__).resolve().parents[1]
 MAX_PART = 16 * 1024 * 1024
 HONEST, SPOOFER, TRICKLER = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+PORTAL = "https://portal.example.com"  # the browser origin the stack allows (CHUNKSVC_CORS_ORIGINS)
 
 if nginx.nginx_binary() is None:
     if os.environ.get("CI"):
@@ -50,6 +52,7 @@ def stack(pg_admin_url, template_db, tmp_path_factory):
         "CHUNKSVC_MAX_UPLOAD_SIZE": str(1024 * MAX_PART),
         "CHUNKSVC_ACCESS_LOG": str(access_log),
         "CHUNKSVC_FORWARDED_ALLOW_IPS": "127.0.0.1",  # nginx; not the test's own source addresses
+        "CHUNKSVC_CORS_ORIGINS": PORTAL,
     }
     try:
         with harness.gunicorn(url, spec, env=env, cwd=ROOT, stderr_path=work / "gunicorn.log") as server:
@@ -99,6 +102,38 @@ def test_the_walkthrough_script_is_the_docs_block():
     start = readme.index("```sh\n", section) + len("```sh\n")
     block = readme[start : readme.index("```\n", start)]
     assert (ROOT / "docs" / "walkthrough.sh").read_text() == "#!/usr/bin/env bash\n" + block
+
+
+@pytest.mark.parametrize("route", ["http", "tls"])
+def test_a_browsers_preflight_and_its_exposed_headers_pass_through(stack, route):
+    """nginx adds nothing and drops nothing: the service answers the preflight (no credentials),
+    and the page may read a tus upload's Upload-Offset and Location."""
+    proxy = stack["nginx"]
+    url = {"http": proxy.http_url, "tls": proxy.tls_url}[route]
+    auth = {"Authorization": f"Bearer {stack['key']}", "Origin": PORTAL, "Tus-Resumable": "1.0.0"}
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(proxy.certificate)), timeout=30) as http:
+        preflight = http.options(
+            f"{url}/tus/",
+            headers={
+                "Origin": PORTAL,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,tus-resumable,upload-length",
+            },
+        )
+        created = http.post(f"{url}/tus/", headers={**auth, "Upload-Length": "3"})
+        head = http.head(url + created.headers["Location"], headers=auth)
+        stranger = http.head(url + created.headers["Location"], headers={**auth, "Origin": "https://evil.example"})
+    assert preflight.status_code == 204, preflight.text
+    assert preflight.headers["Access-Control-Allow-Origin"] == PORTAL
+    assert "upload-length" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    assert int(preflight.headers["Access-Control-Max-Age"]) > 0
+    assert created.status_code == 201 and head.status_code == 200
+    for response in (created, head):
+        assert response.headers["Access-Control-Allow-Origin"] == PORTAL
+        exposed = {name.strip().lower() for name in response.headers["Access-Control-Expose-Headers"].split(",")}
+        assert {"location", "upload-offset", "tus-resumable"} <= exposed
+    assert head.headers["Upload-Offset"] == "0"
+    assert not [name for name in stranger.headers if name.lower().startswith("access-control-")]
 
 
 def test_the_parallel_client_uploads_through_tls(stack, tmp_path):

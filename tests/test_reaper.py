@@ -426,12 +426,15 @@ def test_a_listing_names_the_first_items_of_each_kind_and_counts_the_rest():
 
 def test_two_reapers_at_once_do_each_piece_of_work_once(app, auth, db, database_url, storage_spec, storage):
     expiring = [uploaded(app, auth, parts=1, seed=i)[0] for i in range(24)]
+    aborted = [uploaded(app, auth, parts=1, seed=100 + i)[0] for i in range(8)]
+    stuck = [uploaded(app, auth, parts=2, seed=200 + i) for i in range(4)]
+    # An upload token on each: those of the ended sessions go (once), the completed ones' stay.
+    for session_id in [*expiring, *aborted, *(session_id for session_id, _ in stuck)]:
+        app.post(f"/uploads/sessions/{session_id}/tokens", headers=auth, status=201)
     for session_id in expiring:
         make_overdue(database_url, session_id)
-    aborted = [uploaded(app, auth, parts=1, seed=100 + i)[0] for i in range(8)]
     for session_id in aborted:
         force_status(database_url, session_id, "ABORTED")
-    stuck = [uploaded(app, auth, parts=2, seed=200 + i) for i in range(4)]
     for session_id, _ in stuck:
         stall_completion(database_url, session_id)
     ghosts = [layout.part_key(uuid.uuid4()) for _ in range(10)]
@@ -475,7 +478,11 @@ def test_two_reapers_at_once_do_each_piece_of_work_once(app, auth, db, database_
         "completions_reopened": 0,
         "completions_failed": 0,
         "webhook_events_pruned": 0,  # no endpoints here: tests/test_webhooks.py prunes events
+        "tokens_removed": 24 + 8,
     }, [result.summary() for result in results]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        kept = {row[0] for row in conn.execute("SELECT session_id FROM upload_tokens")}
+    assert kept == {uuid.UUID(session_id) for session_id, _ in stuck}
     assert stored(storage, layout.PARTS) == []
     assert stored(storage, layout.OBJECTS) == sorted(layout.object_key(session_id) for session_id, _ in stuck)
     assert all(read(storage, layout.object_key(session_id)) == data for session_id, data in stuck)

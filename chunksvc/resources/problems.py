@@ -24,6 +24,7 @@ STATUS: dict[type[errors.ChunksvcError], int] = {
     errors.UnsupportedDigest: 400,
     errors.IncompleteBody: 400,
     errors.Unauthorized: 401,
+    errors.Forbidden: 403,
     errors.SessionNotFound: 404,
     errors.SessionNotActive: 409,
     errors.SessionCompleted: 409,

@@ -120,7 +120,12 @@ class TusUploadsResource:
 
 class TusUploadResource:
     """/tus/{upload_id} : HEAD (offset), PATCH (append), DELETE (termination). (tus discovery is
-    ``OPTIONS /tus/``; OPTIONS here is Falcon's own, and CORS preflights are answered before routing.)"""
+    ``OPTIONS /tus/``; OPTIONS here is Falcon's own, and CORS preflights are answered before routing.)
+
+    An upload token may HEAD, PATCH and DELETE its own session's upload here (BearerAuth holds
+    it to ``{upload_id}``; creation, ``POST /tus/``, is for API keys only)."""
+
+    token_methods: ClassVar[frozenset[str]] = frozenset({"HEAD", "PATCH", "DELETE"})
 
     def __init__(self, tus: TusService, body_timeout: float | None = None) -> None:
         self._tus = tus

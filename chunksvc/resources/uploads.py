@@ -14,6 +14,7 @@ from chunksvc.resources.middleware import publish_client
 from chunksvc.rows import ClaimedDeliveryRow, PartRow, SessionRow
 from chunksvc.services import rules, states
 from chunksvc.services.assembler import BackgroundAssembler
+from chunksvc.services.auth import UploadTokens
 from chunksvc.services.completion import Completion, CompletionService
 from chunksvc.services.quotas import QuotaService
 from chunksvc.services.ratelimit import RateLimiter
@@ -166,8 +167,15 @@ class SessionsResource:
         resp.media = {"sessions": [self._render(s) for s in sessions], "next_cursor": next_cursor}
 
 
+# ``token_methods``: what an upload token may call (contract v1.2), per resource: its own
+# session's status, parts, complete and abort (BearerAuth refuses every other method of a token
+# with 403, and another session with 404). A resource without it is closed to tokens.
+
+
 class SessionResource:
     """/uploads/sessions/{session_id}"""
+
+    token_methods: ClassVar[frozenset[str]] = frozenset({"GET", "DELETE"})
 
     def __init__(self, uploads: UploadService, render: SessionRenderer) -> None:
         self._uploads = uploads
@@ -183,6 +191,8 @@ class SessionResource:
 
 class PartsResource:
     """/uploads/sessions/{session_id}/parts"""
+
+    token_methods: ClassVar[frozenset[str]] = frozenset({"GET"})
 
     def __init__(self, uploads: UploadService) -> None:
         self._uploads = uploads
@@ -200,6 +210,8 @@ class PartResource:
     # A part authenticates in the same database round trip that fetches its session (the hot
     # path), still before every other check: BearerAuth leaves PUT to the responder.
     auth_in_responder: ClassVar[frozenset[str]] = frozenset({"PUT"})
+    # Held to its session by check_part, as the responder authenticates.
+    token_methods: ClassVar[frozenset[str]] = frozenset({"PUT"})
 
     def __init__(self, uploads: UploadService, body_timeout: float | None = None) -> None:
         self._uploads = uploads
@@ -228,8 +240,28 @@ class PartResource:
         }
 
 
+class TokensResource:
+    """/uploads/sessions/{session_id}/tokens (contract v1.2): the owner mints an upload token."""
+
+    def __init__(self, tokens: UploadTokens) -> None:
+        self._tokens = tokens
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, session_id: str) -> None:
+        minted = self._tokens.mint(req.context.client, session_id, read_json(req, required=False))
+        resp.status = falcon.HTTP_201
+        # A credential: no cache may keep the answer.
+        resp.cache_control = ["no-store"]
+        resp.media = {
+            "token": minted.token,
+            "session_id": str(minted.session_id),
+            "expires_at": rfc3339(minted.expires_at),
+        }
+
+
 class CompleteResource:
     """/uploads/sessions/{session_id}/complete"""
+
+    token_methods: ClassVar[frozenset[str]] = frozenset({"POST"})
 
     def __init__(self, completion: CompletionService, assembler: BackgroundAssembler, render: SessionRenderer) -> None:
         self._completion = completion

@@ -1,7 +1,14 @@
-"""API keys: minting, hashing, looking up the client behind a Bearer token.
+"""Credentials: API keys and upload tokens, minting, hashing, looking up the client behind a
+Bearer credential.
 
 A key is ``csk_<8 hex>_<43 url-safe chars>``: the first part is its public prefix (shown in
 ``keys list``, used to revoke), the whole key has 256 random bits and is stored only as SHA-256.
+
+An upload token (contract v1.2) is ``cst_<43 url-safe chars>``, 256 random bits, stored only as
+SHA-256 too. Its owner's session's owner mints it; it acts as that client, but only on that one
+session (``Client.session_scope``) and only for the calls a browser or device uploading it needs.
+The resources say which calls those are (``token_methods``); ``check_scope`` holds a scoped
+client to its session.
 """
 
 from __future__ import annotations
@@ -10,20 +17,41 @@ import dataclasses
 import hashlib
 import re
 import secrets
+from datetime import datetime
+from typing import Any
+from uuid import UUID
 
 from chunksvc import dao
 from chunksvc.db import Database
-from chunksvc.errors import InvalidRequest, Unauthorized
-from chunksvc.rows import ApiKeyRow, RevokedKeyRow
+from chunksvc.errors import Forbidden, InvalidRequest, SessionNotActive, SessionNotFound, Unauthorized
+from chunksvc.rows import ApiKeyRow, AuthRow, RevokedKeyRow
+from chunksvc.services import rules, states
 
 _KEY = re.compile(r"^csk_[0-9a-f]{8}_[A-Za-z0-9_-]{43}$")
+_TOKEN = re.compile(r"^cst_[A-Za-z0-9_-]{43}$")
+TOKEN_PREFIX = "cst_"
 _CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A token's session in one of these states ended: its token answers 401 (contract v1.2). Not
+# COMPLETED: the token still reads the session it finished (its object, its SHA-256).
+TOKEN_DEAD_STATES = frozenset({states.ABORTED, states.EXPIRED, states.FAILED})
 
 
 @dataclasses.dataclass(frozen=True)
 class Client:
+    """Who a request acts as. ``session_scope``: the request came with an upload token, and may
+    touch only this session of the client's (None: an API key, every session of the client)."""
+
     id: int
     name: str
+    session_scope: UUID | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    """A Bearer credential's hash, by kind: exactly one of the two is set."""
+
+    key_hash: bytes | None = None
+    token_hash: bytes | None = None
 
 
 def hash_key(key: str) -> bytes:
@@ -45,13 +73,48 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() or None
 
 
-def presented_key_hash(authorization: str | None) -> bytes:
-    """The hash to look up for an ``Authorization`` header; malformed keys are refused here,
-    without a database round trip."""
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def presented_credential(authorization: str | None) -> Credential:
+    """The hash to look up for an ``Authorization`` header, as a key's or a token's (told apart by
+    their prefixes); malformed ones are refused here, without a database round trip."""
     token = bearer_token(authorization)
-    if token is None or not _KEY.match(token):
-        raise Unauthorized("send Authorization: Bearer <api-key>")
-    return hash_key(token)
+    if token is not None and _KEY.match(token):
+        return Credential(key_hash=hash_key(token))
+    if token is not None and _TOKEN.match(token):
+        return Credential(token_hash=hash_key(token))
+    raise Unauthorized("send Authorization: Bearer <api-key or upload token>")
+
+
+def client_of(found: AuthRow | None) -> Client:
+    """The client an ``authenticate`` row names, or ``Unauthorized``: an unknown or revoked key,
+    an unknown or expired token, or a token whose session ended (checked before anything about
+    the request: 401 comes first)."""
+    if found is None:
+        raise Unauthorized("unknown or revoked API key, or unknown upload token")
+    if found.token_session_id is None:
+        return Client(id=found.client_id, name=found.client_name)
+    if found.token_expired:
+        raise Unauthorized("the upload token has expired")
+    if found.session is None or found.session.effective_status in TOKEN_DEAD_STATES:
+        status = found.session.effective_status if found.session is not None else "gone"
+        raise Unauthorized(f"the upload token's session has ended ({status})")
+    return Client(id=found.client_id, name=found.client_name, session_scope=found.token_session_id)
+
+
+def check_scope(client: Client, session_id: UUID | None) -> None:
+    """A token's request names its own session, or it is told there is no such session (404, as
+    for another client's: a token learns nothing of the others). ``None``: a malformed id."""
+    if client.session_scope is not None and session_id != client.session_scope:
+        raise SessionNotFound()
+
+
+def refuse_token(client: Client, what: str) -> None:
+    """``Forbidden`` for an upload token: ``what`` is for API keys only."""
+    if client.session_scope is not None:
+        raise Forbidden(f"an upload token cannot {what}; it allows only its own session's upload calls")
 
 
 class Authenticator:
@@ -59,12 +122,41 @@ class Authenticator:
         self._db = db
 
     def authenticate(self, authorization: str | None) -> Client:
-        key_hash = presented_key_hash(authorization)
+        credential = presented_credential(authorization)
         with self._db.connection() as conn:
-            found = dao.authenticate(conn, key_hash)
-        if found is None:
-            raise Unauthorized("unknown or revoked API key")
-        return Client(id=found.client_id, name=found.client_name)
+            return client_of(dao.authenticate(conn, credential.key_hash, token_hash=credential.token_hash))
+
+
+@dataclasses.dataclass(frozen=True)
+class MintedToken:
+    token: str  # the only time it exists in clear: the service keeps its hash
+    session_id: UUID
+    expires_at: datetime
+
+
+class UploadTokens:
+    """``POST /uploads/sessions/{id}/tokens``: the session's owner mints a token for it."""
+
+    def __init__(self, db: Database, default_ttl: int, max_ttl: int) -> None:
+        self._db = db
+        self._default_ttl = default_ttl
+        self._max_ttl = max_ttl
+
+    def mint(self, client: Client, raw_id: str, body: Any) -> MintedToken:
+        refuse_token(client, "mint tokens")  # a token must not outlive, or widen, its own grant
+        session_id = rules.parse_session_id(raw_id)
+        ttl = rules.parse_token_ttl(body, self._default_ttl, self._max_ttl)
+        token = new_token()
+        with self._db.transaction() as conn:
+            session = dao.get_session(conn, session_id, client.id)
+            if session is None:
+                raise SessionNotFound()
+            if session.effective_status in TOKEN_DEAD_STATES:
+                raise SessionNotActive(f"the session is {session.effective_status}: a token for it could do nothing")
+            minted = dao.insert_upload_token(conn, hash_key(token), session_id, client.id, ttl)
+        if minted is None:  # it expired between the two statements
+            raise SessionNotActive("the session is EXPIRED: a token for it could do nothing")
+        return MintedToken(token, minted.session_id, minted.expires_at)
 
 
 class KeyManager:

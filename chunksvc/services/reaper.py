@@ -20,6 +20,9 @@ Phases, in this order (each one's output feeds the next):
 6. prune events: completion events older than ``webhook_retention`` (``CHUNKSVC_WEBHOOK_RETENTION``)
    whose every delivery is delivered or dead, with their deliveries, in batches of
    ``prune_batch_size`` events, one transaction each (never an event with a pending delivery).
+7. tokens: upload tokens no request can use any more (expired, or their session aborted, expired
+   or failed; they answer 401 already) are deleted, in batches. A completed session's tokens stay
+   until they expire: they still read it.
 
 Where a storage call and a database change both happen, the bytes go only after the database
 says no row needs them, and a failure between the two leaves work for the next run, not loss:
@@ -125,6 +128,7 @@ class ReapResult:
     completions_reopened: int = 0  # parts' bytes were gone: reopened for the client to re-send
     completions_failed: int = 0
     webhook_events_pruned: int = 0  # completion events removed with their deliveries
+    tokens_removed: int = 0  # upload tokens expired or of ended sessions
     errors: int = 0  # things that could not be cleaned (details in the log)
     # What the work touched (a dry run: would touch), by the kinds above: session ids and
     # storage keys, the first LIST_LIMIT of each kind.
@@ -140,6 +144,7 @@ class ReapResult:
         "orphans_removed",
         "incomplete_swept",
         "webhook_events_pruned",
+        "tokens_removed",
     )
 
     def work(self) -> dict[str, int]:
@@ -168,6 +173,8 @@ class ReapResult:
                 else f"stalled completions re-driven: {self.completions_redriven} completed,"
                 f" {self.completions_reopened} reopened for lost parts, {self.completions_failed} failed",
                 f"{_n(self.webhook_events_pruned, 'completion event')} pruned",
+                # Bookkeeping only (the tokens answer 401 already): named when there were any.
+                *([f"{_n(self.tokens_removed, 'dead upload token')} removed"] if self.tokens_removed else []),
                 _n(self.errors, "error"),
             )
         )
@@ -187,6 +194,7 @@ class ReapResult:
             "incomplete_swept": "sweep unfinished writes",
             "webhook_events_pruned": "prune completion events past their retention, no delivery pending"
             " (with their deliveries)",
+            "tokens_removed": "remove upload tokens expired or of ended sessions (by session)",
         }
         lines = []
         for kind, heading in headings.items():
@@ -242,6 +250,7 @@ class Reaper:
             self.sweep_orphans,
             self.sweep_incomplete,
             self.prune_webhook_events,
+            self.remove_dead_tokens,
         )
         for phase in phases:
             if stopping():
@@ -390,6 +399,21 @@ class Reaper:
                 if len(claimed) < batch:
                     return
                 after = (claimed[-1].created_at, claimed[-1].id)
+
+    def remove_dead_tokens(self, result: ReapResult) -> None:
+        """Upload tokens that can no longer be used go, a batch per transaction."""
+        if self._settings.dry_run:
+            with self._db.connection() as conn:
+                result.tokens_removed += dao.count_dead_upload_tokens(conn)
+            return
+        while not self._stopping():
+            with self._db.transaction() as conn:
+                removed = dao.delete_dead_upload_tokens(conn, self._settings.prune_batch_size)
+            result.tokens_removed += len(removed)
+            for session_id in removed:
+                result.note("tokens_removed", str(session_id))
+            if len(removed) < self._settings.prune_batch_size:
+                return
 
     # --- internals --------------------------------------------------------------------------
 

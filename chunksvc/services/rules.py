@@ -266,3 +266,19 @@ def parse_prefer_wait(header: str | None, maximum: float) -> float:
                 float(min(int(digits), maximum)) if digits.isascii() and digits.isdigit() and len(digits) <= 9 else 0.0
             )
     return 0.0
+
+
+def parse_token_ttl(body: Any, default: int, maximum: int) -> int:
+    """A token request's lifetime in seconds: ``{"ttl": n}`` with 1 <= n <= ``maximum``, or
+    ``default`` for no body (or no ttl)."""
+    if body is None:
+        return default
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    unknown = sorted(set(body) - {"ttl"})
+    if unknown:
+        raise InvalidRequest(f"unknown fields: {', '.join(unknown)}")
+    ttl = body.get("ttl", default)
+    if not _is_int(ttl) or not 1 <= ttl <= maximum:
+        raise InvalidRequest(f"ttl must be a whole number of seconds from 1 to {maximum}")
+    return ttl

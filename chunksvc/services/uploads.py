@@ -33,7 +33,6 @@ from chunksvc.errors import (
     SessionCompleted,
     SessionNotActive,
     SessionNotFound,
-    Unauthorized,
 )
 from chunksvc.rows import PartRow, SessionRow
 from chunksvc.services import auth, layout, rules, states
@@ -212,18 +211,21 @@ class UploadService:
     ) -> PartTarget:
         """The contract's checks 1-6 (and the Content-Digest syntax), before any body byte is read.
 
-        The key and the session are looked up in one round trip: the part path is the hot one.
+        The credential and the session are looked up in one round trip: the part path is the hot
+        one. An upload token is refused (401) if expired or its session ended, then held to its
+        session (another one: 404), before any other check.
         """
-        key_hash = auth.presented_key_hash(authorization)
+        credential = auth.presented_credential(authorization)
         try:
             session_id: UUID | None = rules.parse_session_id(raw_id)
         except SessionNotFound:
             session_id = None  # still authenticated first: 401 comes before 404
         with self._db.connection() as conn:
-            found = dao.authenticate(conn, key_hash, session_id)
-        if found is None:
-            raise Unauthorized("unknown or revoked API key")
-        client = Client(id=found.client_id, name=found.client_name)
+            found = dao.authenticate(conn, credential.key_hash, session_id, token_hash=credential.token_hash)
+        client = auth.client_of(found)
+        auth.check_scope(client, session_id)
+        assert found is not None  # client_of refused a missing row
+        # For a token, the row's session is the token's own: the one asked for (check_scope).
         session = found.session
         if session is None:
             raise SessionNotFound()

@@ -5,14 +5,19 @@
 -- Session rows carry `status` (as stored) and `effective_status` (as clients see it).
 
 -- name: authenticate
--- The client behind an unrevoked key and, in the same round trip (the part path is the hot
--- one), the few columns a part's checks read of that client's session `session_id`. No row:
--- unknown or revoked key. `session_id` NULL: no such session of this client, or none asked for
--- (NULL; a malformed id is passed as NULL too). last_used_at is refreshed at most once a minute,
--- so this rarely writes. A PL/pgSQL function (migration 0007), so its plans are kept by the
--- server connection instead of made on every request.
-SELECT client_id, client_name, session_id, effective_status, size, part_size, total_parts
-  FROM chunksvc_authenticate(%(key_hash)s::bytea, %(session_id)s::uuid);
+-- The client behind an unrevoked key (`key_hash`) or an upload token (`token_hash`; one of the
+-- two is NULL) and, in the same round trip (the part path is the hot one), the few columns a
+-- part's checks read of a session: for a key, that client's session `session_id` (NULL: none
+-- asked for; a malformed id is passed as NULL too); for a token, always the token's own session,
+-- so the caller can answer 401 for an ended session before 404 for another one. No row: unknown
+-- or revoked key, unknown token. `session_id` NULL: no such session of this client.
+-- `token_expired` is decided by the database's clock, the one every host shares. last_used_at
+-- (keys) is refreshed at most once a minute, so this rarely writes. A PL/pgSQL function
+-- (migrations 0007, 0010), so its plans are kept by the server connection instead of made on
+-- every request.
+SELECT client_id, client_name, token_session_id, token_expired,
+       session_id, effective_status, size, part_size, total_parts
+  FROM chunksvc_authenticate_2(%(key_hash)s::bytea, %(token_hash)s::bytea, %(session_id)s::uuid);
 
 -- name: upsert_client
 INSERT INTO clients (name) VALUES (%(name)s)
@@ -34,6 +39,38 @@ UPDATE api_keys k SET revoked_at = now()
  WHERE c.id = k.client_id AND k.revoked_at IS NULL
    AND (k.prefix = %(target)s OR c.name = %(target)s)
 RETURNING c.name AS client_name, k.prefix;
+
+-- name: insert_upload_token
+-- An upload token (only its hash) for the client's session `session_id`, expiring `ttl` seconds
+-- from now but never after the session does, in whole seconds (as the API shows times: the
+-- expiry a client reads is never later than the real one). No row: no such session of this
+-- client, or it is past its expiry (the caller checked its status just before; this closes the
+-- gap, and keeps the table's expires_at > created_at check from failing).
+INSERT INTO upload_tokens (token_hash, session_id, client_id, expires_at)
+SELECT %(token_hash)s, s.id, s.client_id,
+       LEAST(date_trunc('second', now() + make_interval(secs => %(ttl)s)), s.expires_at)
+  FROM upload_sessions s
+ WHERE s.id = %(session_id)s AND s.client_id = %(client_id)s AND s.expires_at > now()
+RETURNING session_id, expires_at;
+
+-- name: delete_dead_upload_tokens
+-- The reaper's: up to `limit` tokens no request can use any more, past their expiry or of an
+-- ended session (by stored status: the expire phase stores EXPIRED first). A COMPLETED session's
+-- tokens stay until they expire: they still read the session. They answer 401 already; this only
+-- keeps the table small. SKIP LOCKED: two reapers delete different ones.
+DELETE FROM upload_tokens
+ WHERE id IN (SELECT t.id
+                FROM upload_tokens t JOIN upload_sessions s ON s.id = t.session_id
+               WHERE t.expires_at <= now() OR s.status IN ('ABORTED', 'EXPIRED', 'FAILED')
+               LIMIT %(limit)s
+                 FOR UPDATE OF t SKIP LOCKED)
+RETURNING session_id;
+
+-- name: count_dead_upload_tokens
+-- What delete_dead_upload_tokens would remove, for a dry run.
+SELECT count(*)
+  FROM upload_tokens t JOIN upload_sessions s ON s.id = t.session_id
+ WHERE t.expires_at <= now() OR s.status IN ('ABORTED', 'EXPIRED', 'FAILED');
 
 -- name: insert_session
 -- Returns nothing when the client already used this Idempotency-Key.

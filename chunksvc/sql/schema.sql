@@ -27,6 +27,45 @@ BEGIN
 END;
 $$;
 
+CREATE FUNCTION public.chunksvc_authenticate_2(p_key_hash bytea, p_token_hash bytea, p_session_id uuid) RETURNS TABLE(client_id bigint, client_name text, token_session_id uuid, token_expired boolean, session_id uuid, effective_status text, size bigint, part_size bigint, total_parts integer)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    key_id    bigint;
+    last_used timestamptz;
+    wanted    uuid := p_session_id;
+BEGIN
+    IF p_token_hash IS NOT NULL THEN
+        SELECT t.client_id, c.name, t.session_id, t.expires_at <= now()
+          INTO client_id, client_name, token_session_id, token_expired
+          FROM upload_tokens t JOIN clients c ON c.id = t.client_id
+         WHERE t.token_hash = p_token_hash;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+        wanted := token_session_id;
+    ELSE
+        SELECT k.id, k.client_id, c.name, k.last_used_at
+          INTO key_id, client_id, client_name, last_used
+          FROM api_keys k JOIN clients c ON c.id = k.client_id
+         WHERE k.key_hash = p_key_hash AND k.revoked_at IS NULL;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+        IF last_used IS NULL OR last_used < now() - interval '1 minute' THEN
+            -- As in 0007: the condition again, for a concurrent request that wrote it meanwhile.
+            UPDATE api_keys SET last_used_at = now()
+             WHERE id = key_id AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute');
+        END IF;
+    END IF;
+    SELECT s.id, chunksvc_session_status(s.status, s.expires_at), s.size, s.part_size, s.total_parts
+      INTO session_id, effective_status, size, part_size, total_parts
+      FROM upload_sessions s
+     WHERE s.id = wanted AND s.client_id = chunksvc_authenticate_2.client_id;
+    RETURN NEXT;  -- the session's columns are NULL when it was not found (or none asked for)
+END;
+$$;
+
 CREATE FUNCTION public.chunksvc_record_part(p_session_id uuid, p_client_id bigint, p_part_number integer, p_size bigint, p_sha256 text, p_storage_key text) RETURNS TABLE(effective_status text, inserted boolean, received_parts integer, received_bytes bigint, status text)
     LANGUAGE plpgsql
     AS $$
@@ -271,6 +310,26 @@ CREATE TABLE public.upload_sessions (
     CONSTRAINT upload_sessions_status_check CHECK ((status = ANY (ARRAY['INIT'::text, 'IN_PROGRESS'::text, 'COMPLETING'::text, 'COMPLETED'::text, 'ABORTED'::text, 'EXPIRED'::text, 'FAILED'::text])))
 );
 
+CREATE TABLE public.upload_tokens (
+    id bigint NOT NULL,
+    token_hash bytea NOT NULL,
+    session_id uuid NOT NULL,
+    client_id bigint NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    CONSTRAINT upload_token_expires_after_creation CHECK ((expires_at > created_at)),
+    CONSTRAINT upload_tokens_token_hash_check CHECK ((octet_length(token_hash) = 32))
+);
+
+ALTER TABLE public.upload_tokens ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME public.upload_tokens_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
 CREATE TABLE public.webhook_deliveries (
     event_id uuid NOT NULL,
     endpoint_id bigint NOT NULL,
@@ -387,6 +446,12 @@ ALTER TABLE ONLY public.upload_parts
 ALTER TABLE ONLY public.upload_sessions
     ADD CONSTRAINT upload_sessions_pkey PRIMARY KEY (id);
 
+ALTER TABLE ONLY public.upload_tokens
+    ADD CONSTRAINT upload_tokens_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.upload_tokens
+    ADD CONSTRAINT upload_tokens_token_hash_key UNIQUE (token_hash);
+
 ALTER TABLE ONLY public.webhook_deliveries
     ADD CONSTRAINT webhook_deliveries_pkey PRIMARY KEY (event_id, endpoint_id);
 
@@ -416,6 +481,10 @@ CREATE INDEX upload_sessions_open_by_client_idx ON public.upload_sessions USING 
 CREATE INDEX upload_sessions_open_expiry_idx ON public.upload_sessions USING btree (expires_at) WHERE (status = ANY (ARRAY['INIT'::text, 'IN_PROGRESS'::text]));
 
 CREATE INDEX upload_sessions_unpurged_idx ON public.upload_sessions USING btree (updated_at, id) WHERE ((purged_at IS NULL) AND (status = ANY (ARRAY['COMPLETED'::text, 'ABORTED'::text, 'EXPIRED'::text, 'FAILED'::text])));
+
+CREATE INDEX upload_tokens_expires_idx ON public.upload_tokens USING btree (expires_at);
+
+CREATE INDEX upload_tokens_session_idx ON public.upload_tokens USING btree (session_id);
 
 CREATE INDEX webhook_deliveries_dead_idx ON public.webhook_deliveries USING btree (endpoint_id) WHERE (state = 'dead'::text);
 
@@ -457,6 +526,12 @@ ALTER TABLE ONLY public.upload_parts
 
 ALTER TABLE ONLY public.upload_sessions
     ADD CONSTRAINT upload_sessions_client_id_fkey FOREIGN KEY (client_id) REFERENCES public.clients(id);
+
+ALTER TABLE ONLY public.upload_tokens
+    ADD CONSTRAINT upload_tokens_client_id_fkey FOREIGN KEY (client_id) REFERENCES public.clients(id);
+
+ALTER TABLE ONLY public.upload_tokens
+    ADD CONSTRAINT upload_tokens_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY public.webhook_deliveries
     ADD CONSTRAINT webhook_deliveries_endpoint_id_fkey FOREIGN KEY (endpoint_id) REFERENCES public.webhook_endpoints(id) ON DELETE CASCADE;
