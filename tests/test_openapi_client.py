@@ -50,7 +50,12 @@ def api(server, tmp_path_factory) -> ModuleType:
     status, _, document = server["gunicorn"].request("GET", "/openapi.json")
     assert status == 200
     work = tmp_path_factory.mktemp("openapi-client-gen")
-    (work / "openapi.json").write_bytes(document)
+    # The /tus/ operations are for tus clients (tuspy, tus-js-client), which speak the tus protocol
+    # and need no generated client; their application/offset+octet-stream bodies are a media type
+    # openapi-python-client does not generate. Everything else must generate without a warning.
+    described = json.loads(document)
+    described["paths"] = {path: item for path, item in described["paths"].items() if not path.startswith("/tus/")}
+    (work / "openapi.json").write_text(json.dumps(described))
     (work / "config.json").write_text(json.dumps(GENERATOR_CONFIG))
     generated = subprocess.run(
         [
