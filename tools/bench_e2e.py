@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chunksvc.config import MiB, StorageSpec
-from tools import harness, peer_tus, radosgw
+from tools import harness, peer_tus, radosgw, tus_js
 from tools.bench_large import worker_peak_mib, write_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,19 @@ def empty(directory: Path) -> Callable[[], None]:
     return clean
 
 
-def disk_rounds(url: str, key: str, size: int, rounds: int, work: Path, tus: peer_tus.Installation | None) -> Routes:
+def tus_js_upload(directory: Path, path: Path, options: dict[str, object]) -> None:
+    tus_js.upload(directory, path, options, timeout=600)
+
+
+def disk_rounds(
+    url: str,
+    key: str,
+    size: int,
+    rounds: int,
+    work: Path,
+    tus: peer_tus.Installation | None,
+    tus_js: Path | None = None,
+) -> Routes:
     routes = Routes(work / "source.bin", work)
     write_file(routes.path, size)
     storage = work / "storage"
@@ -156,6 +168,25 @@ def disk_rounds(url: str, key: str, size: int, rounds: int, work: Path, tus: pee
                 shutil.rmtree(work / "tus", ignore_errors=True)
                 (work / "tus").mkdir()
                 os.sync()
+            if tus_js is not None:
+                # The same tus client against both servers: chunksvc's /tus/ (durable, verified) and
+                # tus-node-server's file store.
+                options = {"chunkSize": 8 * MiB, "metadata": {"filename": "source.bin"}}
+                started = time.monotonic()
+                tus_js_upload(
+                    tus_js,
+                    routes.path,
+                    {**options, "endpoint": f"{server.url}/tus/", "headers": {"Authorization": f"Bearer {key}"}},
+                )
+                routes.record("tus-js>chunksvc", time.monotonic() - started)
+                empty(storage)()
+                if tus_server is not None:
+                    started = time.monotonic()
+                    tus_js_upload(tus_js, routes.path, {**options, "endpoint": f"{tus_server.url}/files"})
+                    routes.record("tus-js>tus-node", time.monotonic() - started)
+                    shutil.rmtree(work / "tus", ignore_errors=True)
+                    (work / "tus").mkdir()
+                    os.sync()
             dest = work / "copy.bin"
             routes.record("cp+sync", timed(["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(routes.path), str(dest)])[0])
             dest.unlink()
@@ -199,11 +230,13 @@ def ratio(routes: Routes, top: str, bottom: str) -> str:
 def report(backend: str, size: int, routes: Routes) -> None:
     print(f"\n{backend}, {size // MiB} MiB, {len(routes.tails)} interleaved rounds")
     for name, values in routes.times.items():
-        print(f"  {name:<13} {spread(values)}")
+        print(f"  {name:<16} {spread(values)}")
     print(f"  last part's 2xx -> COMPLETED (library): {spread(routes.tails)}")
     if backend == "file":
         print(f"  tus / chunksvc-cli (goal >= 1.5): {ratio(routes, 'tus', 'chunksvc-cli')}")
         print(f"  chunksvc-cli / cp+sync (goal <= 3): {ratio(routes, 'chunksvc-cli', 'cp+sync')}")
+        if "tus-js>chunksvc" in routes.times:
+            print(f"  tus-js-client, chunksvc / tus-node-server: {ratio(routes, 'tus-js>chunksvc', 'tus-js>tus-node')}")
     else:
         print(f"  chunksvc-cli / boto3 (goal <= 1.3): {ratio(routes, 'chunksvc-cli', 'boto3')}")
     print(f"  peak RSS: busiest worker {routes.worker_mib:.0f} MiB, CLI client {max(routes.client_kib) / 1024:.0f} MiB")
@@ -243,11 +276,17 @@ def main(argv: list[str] | None = None) -> int:
         tus_peer(not args.no_tus and "file" in backends) as tus,
     ):
         work = Path(tmp)
+        tus_js_client = None
+        if not args.no_tus and "file" in backends:
+            try:
+                tus_js_client = tus_js.prepare()
+            except peer_tus.PeerUnavailable as exc:
+                print(f"tus-js-client skipped: {exc}", file=sys.stderr)
         with harness.embedded_database(work / "db") as url:
             key = harness.create_api_key(url, "e2e")
             if "file" in backends:
                 for size in disk_sizes:
-                    report("file", size, disk_rounds(url, key, size, args.rounds, work, tus))
+                    report("file", size, disk_rounds(url, key, size, args.rounds, work, tus, tus_js_client))
             if "s3" in backends:
                 for size in sizes(args.s3_sizes):
                     report("s3", size, s3_rounds(url, key, size, args.rounds, work))
