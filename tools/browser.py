@@ -16,10 +16,9 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
-from tools.peer_tus import PeerUnavailable, _write_atomically, default_cache, npm_error
+from tools.peer_tus import PeerUnavailable, _write_atomically, default_cache, npm_install
 
 CHROMIUM = "/usr/bin/chromium"
 PACKAGES = {"@uppy/core": "6.3.1", "@uppy/tus": "6.0.0", "esbuild": "0.28.2", "playwright-core": "1.65.2"}
@@ -133,39 +132,10 @@ def prepare(cache: Path | None = None) -> Path:
 
 
 def _install(npm: str, directory: Path) -> None:
-    """npm install into a staging directory renamed into place once complete (see peer_tus)."""
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
-    except OSError as exc:
-        raise PeerUnavailable(f"cannot create {directory.parent}: {exc}") from None
-    try:
-        manifest = {"name": "chunksvc-test-browser", "private": True, "type": "module", "dependencies": PACKAGES}
-        (staging / "package.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        # --ignore-scripts: esbuild's binary comes as an optional dependency; playwright-core's
-        # browsers are not wanted (Debian's Chromium is used).
-        command = [npm, "install", "--no-audit", "--no-fund", "--ignore-scripts", "--omit=dev", "--loglevel=error"]
-        env = {**os.environ, "npm_config_update_notifier": "false", "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1"}
-        try:
-            done = subprocess.run(
-                command, cwd=staging, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT
-            )
-        except subprocess.TimeoutExpired:
-            raise PeerUnavailable(f"npm install did not finish in {INSTALL_TIMEOUT} s") from None
-        except OSError as exc:
-            raise PeerUnavailable(f"npm install could not run: {exc}") from None
-        if done.returncode != 0:
-            raise PeerUnavailable(
-                f"npm install failed (exit {done.returncode}): {npm_error(done.stderr or done.stdout)}"
-            )
-        (staging / ".installed").write_text("")
-        try:
-            staging.rename(directory)
-        except OSError:
-            if not (directory / ".installed").is_file():
-                raise PeerUnavailable(f"cannot move the install into {directory}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    manifest = {"name": "chunksvc-test-browser", "private": True, "type": "module", "dependencies": PACKAGES}
+    # esbuild's binary comes as an optional dependency (scripts stay off); playwright-core's own
+    # browsers are not wanted: Debian's Chromium is used.
+    npm_install(npm, directory, manifest, env={"PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1"})
 
 
 def bundle(directory: Path, entry: Path, outfile: Path) -> None:

@@ -130,20 +130,26 @@ def prepare(cache: Path | None = None, which: Callable[[str], str | None] | None
 
 
 def _install(npm: str, directory: Path) -> None:
-    """npm install into a directory of its own, renamed into place when it is complete: a failed or
-    concurrent install never leaves a half-made ``directory``."""
+    npm_install(npm, directory, package_json())
+
+
+def npm_install(npm: str, directory: Path, manifest: dict[str, object], env: dict[str, str] | None = None) -> None:
+    """npm install of ``manifest`` into a directory of its own, renamed into place when it is
+    complete: a failed or concurrent install never leaves a half-made ``directory``. The one
+    install of every Node peer the tests and benches use (tus-node-server, tus-js-client, the
+    browser's Uppy and playwright-core); ``env`` adds to npm's environment."""
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
     except OSError as exc:
         raise PeerUnavailable(f"cannot create {directory.parent}: {exc}") from None
     try:
-        (staging / "package.json").write_text(json.dumps(package_json(), indent=2) + "\n")
+        (staging / "package.json").write_text(json.dumps(manifest, indent=2) + "\n")
         command = [npm, "install", "--no-audit", "--no-fund", "--ignore-scripts", "--omit=dev", "--loglevel=error"]
-        env = {**os.environ, "npm_config_update_notifier": "false"}
+        npm_env = {**os.environ, "npm_config_update_notifier": "false", **(env or {})}
         try:
             done = subprocess.run(
-                command, cwd=staging, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT
+                command, cwd=staging, env=npm_env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT
             )
         except subprocess.TimeoutExpired:
             raise PeerUnavailable(f"npm install did not finish in {INSTALL_TIMEOUT} s") from None

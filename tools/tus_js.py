@@ -10,13 +10,11 @@ with a one-line reason (the tests print it and skip).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
-from tools.peer_tus import PeerUnavailable, _write_atomically, default_cache, npm_error
+from tools.peer_tus import PeerUnavailable, _write_atomically, default_cache, npm_install
 
 TUS_JS_CLIENT = "4.3.1"
 INSTALL_TIMEOUT = 300
@@ -58,38 +56,8 @@ def prepare(cache: Path | None = None) -> Path:
 
 
 def _install(npm: str, directory: Path) -> None:
-    """npm install into a staging directory renamed into place once complete (see peer_tus)."""
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
-    except OSError as exc:
-        raise PeerUnavailable(f"cannot create {directory.parent}: {exc}") from None
-    try:
-        manifest = {"name": "chunksvc-test-tus-js", "private": True, "type": "module"}
-        manifest["dependencies"] = {"tus-js-client": TUS_JS_CLIENT}  # type: ignore[assignment]
-        (staging / "package.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        command = [npm, "install", "--no-audit", "--no-fund", "--ignore-scripts", "--omit=dev", "--loglevel=error"]
-        env = {**os.environ, "npm_config_update_notifier": "false"}
-        try:
-            done = subprocess.run(
-                command, cwd=staging, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT
-            )
-        except subprocess.TimeoutExpired:
-            raise PeerUnavailable(f"npm install did not finish in {INSTALL_TIMEOUT} s") from None
-        except OSError as exc:
-            raise PeerUnavailable(f"npm install could not run: {exc}") from None
-        if done.returncode != 0:
-            raise PeerUnavailable(
-                f"npm install failed (exit {done.returncode}): {npm_error(done.stderr or done.stdout)}"
-            )
-        (staging / ".installed").write_text("")
-        try:
-            staging.rename(directory)
-        except OSError:
-            if not (directory / ".installed").is_file():
-                raise PeerUnavailable(f"cannot move the install into {directory}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    manifest = {"name": "chunksvc-test-tus-js", "private": True, "type": "module"}
+    npm_install(npm, directory, {**manifest, "dependencies": {"tus-js-client": TUS_JS_CLIENT}})
 
 
 def upload(directory: Path, path: Path, options: dict[str, object], timeout: float = 120) -> str:
