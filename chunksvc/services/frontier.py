@@ -168,8 +168,10 @@ class HashFrontier:
         return run
 
     def _next_recorded(self, session_id: UUID, parts: int) -> bool:
+        """Whether the part right after the first ``parts`` is recorded (one row, not a run)."""
         with self._db.connection() as conn:
-            return bool(self._next_run(conn, session_id, parts))
+            following = dao.parts_from(conn, session_id, parts, 1)
+        return bool(following) and following[0].part_number == parts + 1
 
     def _read(self, session_id: UUID, part: PartRow, offset: int) -> Iterator[Block]:
         """The part's stored bytes; ``offset`` is where it starts in the whole file."""
