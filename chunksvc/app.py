@@ -29,6 +29,7 @@ from chunksvc.services.health import HealthService
 from chunksvc.services.quotas import QuotaService
 from chunksvc.services.ratelimit import RateLimiter
 from chunksvc.services.reaper import PeriodicReaper, Reaper, ReaperSettings
+from chunksvc.services.staging import Stager
 from chunksvc.services.tus import TusService
 from chunksvc.services.uploads import UploadService
 from chunksvc.services.webhooks import DeliverySettings, SigningKey, WebhookDeliverer
@@ -119,10 +120,17 @@ def build(
     )
     events = Observers([metrics, deliverer])
     quotas = QuotaService(db, config.quotas)
-    # The whole-file SHA-256 carried on as parts arrive (for parts written in place).
+    # The whole-file SHA-256 carried on as parts arrive (for parts written in place), and where the
+    # store builds objects from stored keys (S3), each object staged as its parts pass.
     # Its lease no longer than the completion lease: a completion waits out a killed holder's.
+    stager = Stager(db, storage.staged) if storage.staged is not None else None
     frontier = HashFrontier(
-        db, storage, config.block_size, lease=min(config.lease, FRONTIER_LEASE), min_part=config.in_place_min_part
+        db,
+        storage,
+        config.block_size,
+        lease=min(config.lease, FRONTIER_LEASE),
+        min_part=config.in_place_min_part,
+        stager=stager,
     )
     upload_service = UploadService(
         db,
@@ -144,6 +152,7 @@ def build(
         sync_complete_max=config.sync_complete_max,
         lease=config.lease,
         frontier=frontier,
+        stager=stager,
     )
     assembler = BackgroundAssembler(completion, db, config.background_assemblies, config.assembly_poll_interval)
     # The reaper pass every CHUNKSVC_REAP_INTERVAL seconds, by one process at a time across all

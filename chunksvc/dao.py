@@ -60,6 +60,7 @@ from chunksvc.rows import (
     RedeliveryRow,
     RevokedKeyRow,
     SessionRow,
+    StagedPieceRow,
     SweptSessionRow,
     TusStateRow,
     UploadTokenRow,
@@ -76,6 +77,7 @@ _PART = dataclass_row(PartRow)
 _TUS_STATE = dataclass_row(TusStateRow)
 _COMPLETION = dataclass_row(CompletionRow)
 _FRONTIER = dataclass_row(FrontierRow)
+_STAGED_PIECE = dataclass_row(StagedPieceRow)
 _CLIENT = dataclass_row(ClientRow)
 _USAGE = dataclass_row(UsageRow)
 _CLIENT_USAGE = dataclass_row(ClientUsageRow)
@@ -399,6 +401,47 @@ def save_frontier(
 
 def release_frontier(conn: Connection, session_id: UUID, owner: UUID) -> bool:
     return bool(conn.values("release_frontier", UUID, id=session_id, owner=owner))
+
+
+# --- staged objects -------------------------------------------------------------------------
+
+
+def begin_staging(conn: Connection, session_id: UUID, owner: UUID, staged_id: str) -> bool:
+    """Whether ``owner`` (the frontier's holder) recorded ``staged_id`` as the session's staging."""
+    return bool(conn.values("begin_staging", UUID, id=session_id, owner=owner, staged_id=staged_id))
+
+
+def record_staged_piece(
+    conn: Connection, session_id: UUID, staged_id: str, part_number: int, sha256: str, token: str
+) -> bool:
+    """Whether the part (still those bytes, in that staging) now records its piece's token."""
+    recorded = conn.values(
+        "record_staged_piece",
+        int,
+        id=session_id,
+        staged_id=staged_id,
+        part_number=part_number,
+        sha256=sha256,
+        token=token,
+    )
+    return bool(recorded)
+
+
+def staged_pieces(conn: Connection, session_id: UUID) -> list[StagedPieceRow]:
+    return conn.all("staged_pieces", _STAGED_PIECE, session_id=session_id)
+
+
+def forget_staging(conn: Connection, session_id: UUID, staged_id: str) -> bool:
+    return bool(conn.values("forget_staging", UUID, id=session_id, staged_id=staged_id))
+
+
+def session_staging(conn: Connection, session_id: UUID) -> str | None:
+    found = conn.values("session_staging", str, id=session_id)
+    return found[0] if found else None
+
+
+def live_stagings(conn: Connection) -> set[str]:
+    return set(conn.values("live_stagings", str))
 
 
 # --- health ---------------------------------------------------------------------------------

@@ -225,6 +225,14 @@ class ObjectMissing(StorageError):
         self.key = key
 
 
+class StagingLost(StorageError):
+    """An object being staged (``StagedObject``) is no longer staged: finished, abandoned or swept
+    behind the caller's back, or one of its pieces replaced. Nothing is lost: the parts it was
+    built from are still stored, and the object is made from them the usual way."""
+
+    title = "Staged object lost"
+
+
 class StorageFull(ChunksvcError):
     """Storage has no room for the bytes (disk full, quota, MinIO's XMinioStorageFull)."""
 

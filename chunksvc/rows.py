@@ -179,6 +179,18 @@ class FrontierRow:
     frontier_parts: int  # parts 1..frontier_parts are hashed into frontier_state
     frontier_bytes: int
     frontier_state: bytes | None  # chunksvc.hashstate's saved SHA-256; None before the first part
+    staged_id: str | None  # the session's staging (StagedObject.begin), if one was begun
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedPieceRow:
+    """A part of a session being staged, with the token of its piece (``staged_pieces``)."""
+
+    part_number: int
+    size: int
+    sha256: str
+    storage_key: str
+    staged_token: str | None  # None: not copied into the staging (yet)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,7 @@ from chunksvc.services.auth import Client
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.frontier import HashFrontier
 from chunksvc.services.leases import LeaseKeeper
+from chunksvc.services.staging import Stager
 from chunksvc.services.uploads import discard
 from chunksvc.storage import PartSource, Storage, StoredObject
 from chunksvc.storage.base import InPlace, Placement
@@ -119,9 +120,11 @@ class CompletionService:
         sync_complete_max: int = 256 * 1024 * 1024,
         lease: float = COMPLETION_LEASE,
         frontier: HashFrontier | None = None,
+        stager: Stager | None = None,
     ) -> None:
         self._db = db
         self._frontier = frontier
+        self._stager = stager
         self._storage = storage
         self._limits = limits
         self._block_size = block_size
@@ -418,6 +421,9 @@ class CompletionService:
                 known = None
                 if frontier is not None and in_place is None:
                     known = frontier.finish(session.id, session.total_parts, keeping.check, 2 * frontier.lease)
+                    staged = self._finish_staged(session, sources, known, keeping)
+                    if staged is not None:
+                        return staged
                 return self._storage.assemble(sources, key, self._block_size, keeping.progress, known_sha256=known)
             except ObjectMissing:
                 pass
@@ -447,6 +453,25 @@ class CompletionService:
         in_place.finish(assembly, layout.object_key(session.id), session.size, elsewhere, wait)
         keeping.progress(session.size)
         return StoredObject(layout.object_key(session.id), session.size, sha256)
+
+    def _finish_staged(
+        self, session: SessionRow, sources: list[PartSource], sha256: str, keeping: _Keeping
+    ) -> StoredObject | None:
+        """The object staged while the parts arrived (``services.staging``), completed: what the
+        frontier did not copy in yet is copied now (for parts sent in order, the last one or two).
+        The frontier's digest stands for it, as for a compose: the store's own copy of the parts it
+        hashed as stored; its size is checked. None: nothing staged, or lost; made from the parts."""
+        if self._stager is None or not self._stager.applies(session.part_size, session.total_parts):
+            return None
+        size = self._stager.finish(session.id, sources, keeping.check)
+        if size is None:
+            return None
+        key = layout.object_key(session.id)
+        if size != session.size:
+            self._storage.delete([key])
+            raise StorageError(f"assemble {key}: stored {size} bytes, expected {session.size}")
+        keeping.progress(size)
+        return StoredObject(key, size, sha256)
 
     def _lost_parts(self, session_id: UUID, sources: list[PartSource], check: Callable[[], None]) -> list[str]:
         """The keys of ``sources`` the storage positively reports missing.

@@ -21,6 +21,7 @@ once a row points at it), any other from its own key.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
@@ -28,13 +29,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from uuid import UUID
 
 from chunksvc import dao, hashstate
 from chunksvc.db import Connection, Database
 from chunksvc.errors import ChunksvcError, CompletionInProgress, StorageError
-from chunksvc.rows import PartRow
+from chunksvc.rows import FrontierRow, PartRow
 from chunksvc.services import layout
+from chunksvc.services.staging import Stager, StagingRun
 from chunksvc.storage import Storage
 from chunksvc.storage.base import Block
 
@@ -48,9 +51,17 @@ TAKE_POLL = 0.02  # seconds between tries while a completion waits for a live ho
 
 class HashFrontier:
     def __init__(
-        self, db: Database, storage: Storage, block_size: int, lease: float = FRONTIER_LEASE, min_part: int = 0
+        self,
+        db: Database,
+        storage: Storage,
+        block_size: int,
+        lease: float = FRONTIER_LEASE,
+        min_part: int = 0,
+        stager: Stager | None = None,
     ) -> None:
         self._db = db
+        # Where the store builds objects from stored keys (S3), each part passed is copied in too.
+        self._stager = stager
         self._min_part = min_part
         self._storage = storage
         self._block_size = block_size
@@ -131,25 +142,42 @@ class HashFrontier:
             try:
                 sha = hashstate.ResumableSha256(row.frontier_state)
                 parts, hashed, saved = row.frontier_parts, row.frontier_bytes, row.frontier_bytes
-                while parts < row.total_parts:
-                    run = self._next_run(conn, session_id, parts)
-                    if not run:
-                        break
-                    for part in run:
-                        check()
-                        if hashed != (part.part_number - 1) * row.part_size:
-                            raise StorageError(f"hash frontier at byte {hashed}, part {part.part_number} is elsewhere")
-                        for block in self._read(session_id, part, hashed):
-                            sha.update(block)
-                        parts, hashed = part.part_number, hashed + part.size
-                        if hashed - saved >= SAVE_EVERY or parts == row.total_parts:
-                            self._save(conn, session_id, owner, parts, hashed, sha)
-                            saved = hashed
+
+                def renew() -> None:  # the state as of the last part passed, saved again
+                    self._save(conn, session_id, owner, parts, hashed, sha)
+
+                with self._staging(conn, row, owner, renew) as staging:
+                    while parts < row.total_parts:
+                        run = self._next_run(conn, session_id, parts)
+                        if not run:
+                            break
+                        for part in run:
+                            check()
+                            if hashed != (part.part_number - 1) * row.part_size:
+                                raise StorageError(
+                                    f"hash frontier at byte {hashed}, part {part.part_number} is elsewhere"
+                                )
+                            for block in self._read(session_id, part, hashed):
+                                sha.update(block)
+                            parts, hashed = part.part_number, hashed + part.size
+                            if staging is not None:
+                                staging.place(part)  # read back whole just now: copied in as stored
+                            if hashed - saved >= SAVE_EVERY or parts == row.total_parts:
+                                self._save(conn, session_id, owner, parts, hashed, sha)
+                                saved = hashed
                 if hashed != saved:
                     self._save(conn, session_id, owner, parts, hashed, sha)
                 return parts, sha.hexdigest()
             finally:
                 dao.release_frontier(conn, session_id, owner)
+
+    def _staging(
+        self, conn: Connection, row: FrontierRow, owner: UUID, renew: Callable[[], None]
+    ) -> AbstractContextManager[StagingRun | None]:
+        """The stager's run for this holder, where the session's object can be staged; else none."""
+        if self._stager is None or not self._stager.applies(row.part_size, row.total_parts):
+            return contextlib.nullcontext()
+        return self._stager.run(conn, row, owner, renew)
 
     def _save(
         self, conn: Connection, session_id: UUID, owner: UUID, parts: int, hashed: int, sha: hashstate.ResumableSha256

@@ -2,7 +2,9 @@
 
     parts/<session id>/<uuid>      one part's stored body (a fresh key per request)
     parts/<session id>/assembly    the parts written in place, at their offsets (local storage)
-    objects/<session id>           the assembled object (on local storage, the same file linked)
+    objects/<session id>           the assembled object (on local storage, the same file linked;
+                                   on S3, while the parts arrive, also the key of the session's
+                                   staging, a multipart upload: ``services.staging``)
 
 Stored data depends on these names: completion, abort and the reaper find a session's bytes
 only under them, so changing the layout orphans every existing upload's bytes (a change needs a

@@ -64,7 +64,7 @@ from chunksvc import dao
 from chunksvc.db import Connection, Database
 from chunksvc.errors import ChecksumMismatch, ChunksvcError, CompletionInProgress, PartsMissing, SessionNotActive
 from chunksvc.rows import SweptSessionRow
-from chunksvc.services import layout, states
+from chunksvc.services import layout, staging, states
 from chunksvc.services.completion import COMPLETION_LEASE, CompletionService
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.leases import reaper_lease
@@ -354,11 +354,15 @@ class Reaper:
         # One storage call: the lease is checked before it, and kept alive while it runs.
         with reaper_lease(self._db, "incomplete", self._settings.lease) as lease:
             if lease is not None:
+                # Read before the listing: a staging begun after it is younger than the cutoff.
+                with self._db.connection() as conn:
+                    live = dao.live_stagings(conn)
                 result.incomplete_swept += self._storage.sweep_incomplete(
                     layout.PREFIXES,
                     cutoff,
                     self._settings.dry_run,
                     found=lambda item: result.note("incomplete_swept", item),
+                    keep=live,
                 )
 
     def prune_webhook_events(self, result: ReapResult) -> None:
@@ -443,6 +447,8 @@ class Reaper:
 
     def _purge_session(self, session_id: UUID, status: str, result: ReapResult) -> bool:
         try:
+            if status != states.COMPLETED:  # a completed session's staging became its object
+                staging.abandon(self._db, self._storage, session_id)
             self._storage.delete_prefix(layout.parts_prefix(session_id))
             if status != states.COMPLETED:
                 self._storage.delete([layout.object_key(session_id)])

@@ -35,7 +35,7 @@ from chunksvc.errors import (
     SessionNotFound,
 )
 from chunksvc.rows import PartRow, SessionRow
-from chunksvc.services import auth, layout, rules, states
+from chunksvc.services import auth, layout, rules, staging, states
 from chunksvc.services.auth import Client
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.frontier import HashFrontier
@@ -412,6 +412,7 @@ class UploadService:
         # removes them. Remove by prefix: it also catches bytes no part row points to. Parts
         # still streaming will find the session ABORTED under the lock and remove their own bytes.
         try:
+            staging.abandon(self._db, self._storage, session_id)
             self._storage.delete_prefix(layout.parts_prefix(session_id))
             self._storage.delete([layout.object_key(session_id)])
         except ChunksvcError:

@@ -336,7 +336,7 @@ UPDATE upload_sessions
  WHERE id = %(id)s
    AND status IN ('INIT', 'IN_PROGRESS', 'COMPLETING')
    AND (frontier_lease_until IS NULL OR frontier_lease_until <= clock_timestamp())
-RETURNING id, part_size, total_parts, size, frontier_parts, frontier_bytes, frontier_state;
+RETURNING id, part_size, total_parts, size, frontier_parts, frontier_bytes, frontier_state, staged_id;
 
 -- name: save_frontier
 -- A step of the frontier: the state after `parts` parts, saved with the lease pushed on. Only by
@@ -364,6 +364,65 @@ SELECT part_number, size, sha256, storage_key, created_at
  WHERE session_id = %(session_id)s AND part_number > %(after)s
  ORDER BY part_number
  LIMIT %(limit)s;
+
+-- name: begin_staging
+-- The session's staging (StagedObject.begin) recorded, by the frontier's holder (`owner`) only and
+-- only while the session is open or completing, so an abort (which takes the row lock) either sees
+-- it and abandons it, or comes first and this records nothing (the caller abandons the staging).
+-- Any earlier staging's tokens are forgotten with it: they name pieces of another upload.
+WITH forgotten AS (
+    UPDATE upload_parts SET staged_token = NULL
+     WHERE session_id = %(id)s AND staged_token IS NOT NULL
+       AND EXISTS (SELECT 1 FROM upload_sessions s
+                    WHERE s.id = %(id)s AND s.frontier_owner = %(owner)s
+                      AND s.status IN ('INIT', 'IN_PROGRESS', 'COMPLETING'))
+)
+UPDATE upload_sessions
+   SET staged_id = %(staged_id)s
+ WHERE id = %(id)s AND frontier_owner = %(owner)s AND status IN ('INIT', 'IN_PROGRESS', 'COMPLETING')
+RETURNING id;
+
+-- name: record_staged_piece
+-- Part `part_number` was copied into the session's staging `staged_id` and the store answered
+-- `token`. Only if the part's row still holds the bytes that were copied (`sha256`: a part
+-- dropped as lost and sent again with other bytes is not this one) and the staging is still the
+-- session's.
+UPDATE upload_parts p
+   SET staged_token = %(token)s
+  FROM upload_sessions s
+ WHERE p.session_id = %(id)s AND p.part_number = %(part_number)s AND p.sha256 = %(sha256)s
+   AND s.id = p.session_id AND s.staged_id = %(staged_id)s
+RETURNING p.part_number;
+
+-- name: staged_pieces
+-- What completing a staged object needs: every part in order, with the token of its piece (NULL:
+-- not copied in yet).
+SELECT part_number, size, sha256, storage_key, staged_token
+  FROM upload_parts
+ WHERE session_id = %(session_id)s
+ ORDER BY part_number;
+
+-- name: forget_staging
+-- The session's staging is gone (finished, aborted or swept behind its back): its id and tokens
+-- are forgotten, so the next part the frontier passes begins another. Only if it is still that one.
+WITH forgotten AS (
+    UPDATE upload_parts SET staged_token = NULL
+     WHERE session_id = %(id)s AND staged_token IS NOT NULL
+       AND EXISTS (SELECT 1 FROM upload_sessions s WHERE s.id = %(id)s AND s.staged_id = %(staged_id)s)
+)
+UPDATE upload_sessions SET staged_id = NULL
+ WHERE id = %(id)s AND staged_id = %(staged_id)s
+RETURNING id;
+
+-- name: session_staging
+-- The session's staging, if one was begun (what completing, aborting or purging it acts on).
+SELECT staged_id FROM upload_sessions WHERE id = %(id)s AND staged_id IS NOT NULL;
+
+-- name: live_stagings
+-- Stagings the reaper's sweep of unfinished uploads must leave alone: those of sessions whose
+-- bytes are not purged yet (an ended session's staging goes with its purge, or, if that failed,
+-- with the sweep after it).
+SELECT staged_id FROM upload_sessions WHERE staged_id IS NOT NULL AND purged_at IS NULL;
 
 -- name: ping
 SELECT 1 AS ok;

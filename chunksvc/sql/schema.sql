@@ -256,6 +256,7 @@ CREATE TABLE public.upload_parts (
     sha256 text NOT NULL,
     storage_key text NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
+    staged_token text,
     CONSTRAINT upload_parts_part_number_check CHECK ((part_number >= 1)),
     CONSTRAINT upload_parts_sha256_check CHECK ((sha256 ~ '^[0-9a-f]{64}$'::text)),
     CONSTRAINT upload_parts_size_check CHECK ((size > 0))
@@ -292,6 +293,7 @@ CREATE TABLE public.upload_sessions (
     frontier_state bytea,
     frontier_owner uuid,
     frontier_lease_until timestamp with time zone,
+    staged_id text,
     CONSTRAINT frontier_in_range CHECK ((((frontier_parts >= 0) AND (frontier_parts <= total_parts)) AND ((frontier_bytes >= 0) AND (frontier_bytes <= size)))),
     CONSTRAINT frontier_state_iff_started CHECK (((frontier_parts = 0) = (frontier_state IS NULL))),
     CONSTRAINT idempotency_fingerprint CHECK (((idempotency_key IS NULL) = (request_fingerprint IS NULL))),
@@ -475,6 +477,8 @@ CREATE INDEX upload_parts_storage_key_idx ON public.upload_parts USING btree (st
 CREATE INDEX upload_sessions_client_created_idx ON public.upload_sessions USING btree (client_id, created_at DESC, id DESC);
 
 CREATE INDEX upload_sessions_closed_status_idx ON public.upload_sessions USING btree (status, updated_at) WHERE (status = ANY (ARRAY['COMPLETING'::text, 'ABORTED'::text, 'EXPIRED'::text, 'FAILED'::text]));
+
+CREATE INDEX upload_sessions_live_staging_idx ON public.upload_sessions USING btree (id) WHERE ((staged_id IS NOT NULL) AND (purged_at IS NULL));
 
 CREATE INDEX upload_sessions_open_by_client_idx ON public.upload_sessions USING btree (client_id) INCLUDE (size, expires_at) WHERE (status = ANY (ARRAY['INIT'::text, 'IN_PROGRESS'::text, 'COMPLETING'::text]));
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import BinaryIO, Protocol
@@ -142,6 +142,56 @@ class Placement:
     size: int
 
 
+@dataclasses.dataclass(frozen=True)
+class StagedPiece:
+    """What the store holds as one piece of a staged object: its size and its token."""
+
+    size: int
+    token: str
+
+
+class StagedObject(abc.ABC):
+    """An object the store builds from stored keys piece by piece, while they arrive, and makes
+    visible whole with ``finish``: for S3, a multipart upload filled by server-side copies of the
+    parts (UploadPartCopy), so that making the object after the last part copies only the last
+    few rather than every part. Not for a local file system, whose parts are written in place.
+
+    The store knows nothing of sessions or parts: which pieces were placed from which key is the
+    caller's record. A piece placed again (a retry, a copier that outlived its lease) replaces the
+    earlier one, so ``placed`` says what the store holds now, and ``finish`` refuses a token that
+    is not the one the store holds for that piece.
+    """
+
+    @abc.abstractmethod
+    def fits(self, piece_size: int, pieces: int) -> bool:
+        """Whether an object of ``pieces`` pieces of ``piece_size`` bytes (the last one may be
+        smaller) can be staged here (S3: 5 MiB to 5 GiB each, at most 10,000)."""
+
+    @abc.abstractmethod
+    def begin(self, key: str) -> str:
+        """Start staging the object ``key``; the staging's id (an S3 multipart upload id)."""
+
+    @abc.abstractmethod
+    def place(self, key: str, staging: str, number: int, source: str) -> str:
+        """Copy the stored key ``source`` in as piece ``number`` (from 1); its token.
+        ``ObjectMissing`` (naming ``source``) if there is no such key; ``StagingLost`` if the
+        staging is gone (finished or abandoned)."""
+
+    @abc.abstractmethod
+    def placed(self, key: str, staging: str) -> dict[int, StagedPiece]:
+        """Every piece the store holds now, by number; ``StagingLost`` if the staging is gone."""
+
+    @abc.abstractmethod
+    def finish(self, key: str, staging: str, tokens: Sequence[str]) -> int:
+        """Make pieces 1..len(tokens), in order, the object ``key``, durably; its size as stored.
+        ``StagingLost`` if the staging is gone, or a piece is not the one its token names (it was
+        placed again)."""
+
+    @abc.abstractmethod
+    def abandon(self, key: str, staging: str) -> bool:
+        """Drop the staging and every piece placed in it; False if it was already gone."""
+
+
 class Storage(abc.ABC):
     """Byte storage for parts and assembled objects."""
 
@@ -153,6 +203,12 @@ class Storage(abc.ABC):
     @property
     def in_place(self) -> InPlace | None:
         """Writing at offsets, where this storage can (see ``InPlace``); None where it cannot."""
+        return None
+
+    @property
+    def staged(self) -> StagedObject | None:
+        """Objects built while their parts arrive, where this storage can (see ``StagedObject``);
+        None where it cannot."""
         return None
 
     @abc.abstractmethod
@@ -220,6 +276,7 @@ class Storage(abc.ABC):
         older_than: datetime,
         dry_run: bool = False,
         found: Callable[[str], None] | None = None,
+        keep: Collection[str] = (),
     ) -> int:
         """Remove unfinished writes begun (or last written) before ``older_than``; return how many.
 
@@ -230,7 +287,8 @@ class Storage(abc.ABC):
         them. With ``dry_run`` only count them. ``found`` is called with a description of
         each one counted (its temporary file, or its key and multipart upload id), for a dry run
         to list. A write still in progress that is swept fails (it is never stored half-done), so
-        ``older_than`` must leave live writes alone.
+        ``older_than`` must leave live writes alone. ``keep``: ids of stagings still in use
+        (``StagedObject.begin``), left alone whatever their age.
         """
 
     def free_bytes(self) -> int | None:

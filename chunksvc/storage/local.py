@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -601,6 +601,7 @@ class LocalStorage(Storage):
         older_than: datetime,
         dry_run: bool = False,
         found: Callable[[str], None] | None = None,
+        keep: Collection[str] = (),  # nothing is staged here (no ``StagedObject``)
     ) -> int:
         """Remove temporary files in ``.incoming`` last written before ``older_than``.
 

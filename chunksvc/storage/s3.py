@@ -14,7 +14,7 @@ import os
 import queue
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import BinaryIO, cast
@@ -29,13 +29,15 @@ from minio.deleteobjects import DeleteObject
 from minio.error import MinioException, S3Error, ServerError
 
 from chunksvc.config import GiB, Limits, MiB, StorageSpec, TiB
-from chunksvc.errors import ConfigError, ObjectMissing, StorageError, StorageFull, StorageUnavailable
+from chunksvc.errors import ConfigError, ObjectMissing, StagingLost, StorageError, StorageFull, StorageUnavailable
 from chunksvc.storage.base import (
     Block,
     ListedKey,
     PartSource,
     Progress,
     Readable,
+    StagedObject,
+    StagedPiece,
     Storage,
     StoredObject,
     check_key,
@@ -64,6 +66,11 @@ _MISSING = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
 # No room: MinIO's full drives (HTTP 507 Insufficient Storage), and radosgw's user or bucket quota
 # (HTTP 403, code QuotaExceeded, no message). Both are the same StorageFull to the client.
 _FULL = frozenset({"XMinioStorageFull", "QuotaExceeded"})
+# A multipart upload that is gone (completed, aborted, swept), or a part that is not the one its
+# ETag names (placed again since): the staged object is lost, its sources are not.
+_STAGING_LOST = frozenset({"NoSuchUpload", "InvalidPart", "InvalidPartOrder"})
+# ListParts answers this many parts a page (S3's most).
+_LIST_PARTS_PAGE = 1000
 _INSUFFICIENT_STORAGE = 507
 # A request we send ourselves (a part's PUT, an abort) is signed just before it starts; S3 checks
 # the expiry when the request arrives.
@@ -139,6 +146,8 @@ def _boundary(action: str, where: str) -> Iterator[None]:
         if exc.code in _FULL or status == _INSUFFICIENT_STORAGE:
             # The client needs only the code; what the server said is in the log (the cause).
             raise StorageFull("the storage has no room left") from exc
+        if exc.code in _STAGING_LOST:
+            raise StagingLost(f"{action}: {where} answered {_answer(exc, status)}") from exc
         kind = StorageUnavailable if status >= 500 else StorageError
         raise kind(f"{action}: {where} answered {_answer(exc, status)}") from exc
     except ServerError as exc:
@@ -265,6 +274,7 @@ class S3Storage(Storage):
             self._client = self._make_client(self._http)
         except ValueError as exc:  # a malformed endpoint; the message holds no credentials
             raise ConfigError(f"S3 storage {spec.redacted()}: {exc}") from None
+        self._staged = _StagedMultipart(self)
 
     def __repr__(self) -> str:
         return f"S3Storage({self._spec.redacted()!r})"
@@ -272,6 +282,10 @@ class S3Storage(Storage):
     @property
     def bucket(self) -> str:
         return self._bucket
+
+    @property
+    def staged(self) -> StagedObject:
+        return self._staged
 
     def validate_limits(self, limits: Limits) -> None:
         problems = []
@@ -374,16 +388,18 @@ class S3Storage(Storage):
         older_than: datetime,
         dry_run: bool = False,
         found: Callable[[str], None] | None = None,
+        keep: Collection[str] = (),
     ) -> int:
-        """Abort the multipart uploads under ``prefixes`` initiated before ``older_than``; one
-        anywhere else in the bucket is not the caller's to abort.
+        """Abort the multipart uploads under ``prefixes`` initiated before ``older_than``, but for
+        the upload ids in ``keep`` (objects still being staged); one anywhere else in the bucket
+        is not the caller's to abort.
 
         A live upload that is aborted fails at its next request, so nothing is stored half-done.
         """
         count = 0
         for prefix in map(check_prefix, prefixes):
             for upload in self._multipart_uploads(prefix):
-                if upload.initiated_time is None or upload.initiated_time >= older_than:
+                if upload.initiated_time is None or upload.initiated_time >= older_than or upload.upload_id in keep:
                     continue
                 if dry_run or self._abort_upload(upload.object_name, cast(str, upload.upload_id)):
                     count += 1
@@ -495,27 +511,18 @@ class S3Storage(Storage):
             for src, size in zip(sources, pool.map(self._size, [src.key for src in sources]), strict=True):
                 if size != src.size:
                     raise StorageError(f"{action}: part {src.key} has {size} bytes, expected {src.size}")
-            # The SDK's own multipart calls (not its public API, as compose_object uses them;
-            # minio is pinned): create, copy each part, complete; aborted on any failure.
-            with _boundary(action, self._where):
-                upload_id = self._client._create_multipart_upload(self._bucket, key, {})
+            staging = self._staged.begin(key)
             try:
-
-                def copy(numbered: tuple[int, PartSource]) -> Part:
-                    number, src = numbered
-                    source = quote(f"/{self._bucket}/{src.key}")
-                    with _boundary(action, self._where):
-                        etag, _ = self._client._upload_part_copy(
-                            self._bucket, key, upload_id, number, {"x-amz-copy-source": source}
-                        )
-                    return Part(number, etag)
-
-                parts = list(pool.map(copy, enumerate(sources, 1)))
-                with _boundary(action, self._where):
-                    self._client._complete_multipart_upload(self._bucket, key, upload_id, parts)
+                tokens = list(
+                    pool.map(
+                        lambda numbered: self._staged.place(key, staging, *numbered),
+                        enumerate([src.key for src in sources], 1),
+                    )
+                )
+                self._staged.finish(key, staging, tokens)
             except BaseException:
                 with contextlib.suppress(StorageError, StorageUnavailable):  # the first failure is the one
-                    self._abort_upload(key, upload_id)
+                    self._staged.abandon(key, staging)
                 raise
 
     def _sdk_compose(self, sources: Sequence[PartSource], key: str) -> None:
@@ -629,3 +636,64 @@ class S3Storage(Storage):
         if failures:
             first = failures[0]
             raise StorageError(f"delete: {len(failures)} objects not deleted, e.g. {first.name}: {first.code}")
+
+
+class _StagedMultipart(StagedObject):
+    """A staged object as one multipart upload under the object's key, its parts server-side
+    copies of stored keys (UploadPartCopy): ``begin`` creates it, ``place`` copies a part in,
+    ``finish`` completes it with the ETags ``place`` returned (S3 refuses an ETag that is not the
+    part's now, InvalidPart), ``abandon`` aborts it. The SDK's own multipart calls, not its public
+    API (``compose_object`` uses them; minio is pinned below 8, and the storage contract runs
+    them against radosgw)."""
+
+    def __init__(self, storage: S3Storage) -> None:
+        self._storage = storage
+
+    def fits(self, piece_size: int, pieces: int) -> bool:
+        return MIN_PART_SIZE <= piece_size <= MAX_PART_SIZE and 1 <= pieces <= MAX_PARTS
+
+    def begin(self, key: str) -> str:
+        storage = self._storage
+        with _boundary(f"stage {check_key(key)}", storage._where):
+            return storage._client._create_multipart_upload(storage._bucket, key, {})
+
+    def place(self, key: str, staging: str, number: int, source: str) -> str:
+        storage = self._storage
+        copy_source = quote(f"/{storage._bucket}/{check_key(source)}")
+        try:
+            with _boundary(f"stage {check_key(key)} part {number}", storage._where):
+                etag, _ = storage._client._upload_part_copy(
+                    storage._bucket, key, staging, number, {"x-amz-copy-source": copy_source}
+                )
+        except ObjectMissing as exc:  # the server names the object the request was for, not its source
+            raise ObjectMissing(source, f"stage {key} part {number}: no object {source}") from exc
+        return etag
+
+    def placed(self, key: str, staging: str) -> dict[int, StagedPiece]:
+        storage = self._storage
+        pieces: dict[int, StagedPiece] = {}
+        marker: str | None = None
+        while True:
+            action = f"list the staged parts of {check_key(key)}"
+            try:
+                with _boundary(action, storage._where):
+                    page = storage._client._list_parts(
+                        storage._bucket, key, staging, max_parts=_LIST_PARTS_PAGE, part_number_marker=marker
+                    )
+            except ObjectMissing as exc:  # radosgw 16 answers NoSuchKey, not NoSuchUpload, for a gone upload
+                raise StagingLost(f"{action}: {storage._where} has no multipart upload {staging}") from exc
+            for part in page.parts:
+                pieces[part.part_number] = StagedPiece(part.size if part.size is not None else -1, part.etag)
+            if not page.is_truncated or not page.parts:
+                return pieces
+            marker = page.next_part_number_marker or str(page.parts[-1].part_number)
+
+    def finish(self, key: str, staging: str, tokens: Sequence[str]) -> int:
+        storage = self._storage
+        parts = [Part(number, token) for number, token in enumerate(tokens, 1)]
+        with _boundary(f"assemble {check_key(key)}", storage._where):
+            storage._client._complete_multipart_upload(storage._bucket, key, staging, parts)
+        return storage._size(key)  # from a stat: radosgw's completion answers no ETag, nor a size
+
+    def abandon(self, key: str, staging: str) -> bool:
+        return self._storage._abort_upload(check_key(key), staging)
