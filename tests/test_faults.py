@@ -454,6 +454,79 @@ def test_a_worker_killed_mid_frontier_loses_nothing(request, pg_proxy, database_
     assert (counts["sessions"], counts["completed"], counts["stored_keys"]) == (1, 1, 1)
 
 
+@pytest.mark.parametrize("moment", ["staging", "completing"])
+def test_a_worker_killed_while_it_stages_the_object_loses_nothing(
+    request, moment, pg_proxy, database_url, db, api_key, tmp_path
+):
+    """S3 only (a local file system writes parts in place, it stages nothing): parts of 5 MiB are
+    copied into the session's multipart upload as the frontier passes them. The worker is killed
+    while a copy is under way (S3 holds its UploadPartCopy: it may still land after the kill), or
+    after the staging became the object and before ``COMPLETED`` was recorded (the staging is
+    gone, the parts are not). The restarted worker completes from what is left, and the object is
+    byte-identical; no multipart upload is left."""
+    spec = make_s3_spec(request.getfixturevalue("radosgw_server"))
+    proxy, proxied_url = pg_proxy
+    part_size, parts = 5 * 1024 * 1024, 4
+    data = payload(parts * part_size - 7, seed=6)
+    tally = Tally()
+    with contextlib.ExitStack() as stack:
+        host, port = spec.endpoint.rsplit(":", 1)
+        s3_proxy = stack.enter_context(FaultProxy((host, int(port))))
+        server = stack.enter_context(
+            serving(
+                proxied_url, through(spec, s3_proxy), tmp_path, CHUNKSVC_WORKERS="1", CHUNKSVC_IN_PLACE_MIN_PART="1"
+            )
+        )
+        chunksvc = stack.enter_context(client(server.url, api_key, tally))
+        once = stack.enter_context(client(server.url, api_key, tally, attempts=1))
+        session_id = chunksvc.create_session("k", len(data), part_size=part_size, sha256=sha(data))["id"]
+        if moment == "staging":
+            # The copy of part 2 into the staging (the only request with this query on this key
+            # before completion) is held; parts 1 and 2 are sent, then the worker killed under it.
+            s3_proxy.hold_after(f"/{spec.bucket}/{layout.object_key(session_id)}?partNumber=2".encode())
+            for number in (1, 2):
+                chunksvc.put_part(session_id, number, data[(number - 1) * part_size : number * part_size])
+            wait_for(lambda: s3_proxy.requests_held, "the frontier to copy part 2 in")
+        else:
+            for number in range(1, parts + 1):
+                chunksvc.put_part(session_id, number, data[(number - 1) * part_size : number * part_size])
+            staged = "SELECT count(staged_token) FROM upload_parts WHERE session_id = %s"
+            wait_for(lambda: query(database_url, staged, (session_id,))[0][0] == parts, "every part staged")
+            proxy.hold_after(b"SET status = 'COMPLETED'")
+
+            def complete_once() -> None:
+                with contextlib.suppress(ApiError):  # the worker dies under it: no answer
+                    once.complete(session_id)
+
+            completing = threading.Thread(target=complete_once)
+            completing.start()
+            wait_for(lambda: proxy.requests_held, "the assembler to record its outcome")
+        [worker] = server.worker_pids()
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: worker not in server.worker_pids(), "the master to reap the killed worker")
+        if moment == "completing":
+            completing.join()
+            # The staging became the object before the kill; the session is still COMPLETING.
+            assert query(database_url, "SELECT status FROM upload_sessions WHERE id = %s", (session_id,)) == [
+                ("COMPLETING",)
+            ]
+        server.wait_until_serving()
+        if moment == "staging":
+            for number in range(3, parts + 1):
+                chunksvc.put_part(session_id, number, data[(number - 1) * part_size : number * part_size])
+        done = finish(chunksvc, session_id, data, part_size)
+
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+    # After the kill at "completing" the staging was gone (it had become the object): forgotten,
+    # and the object made again from the parts. At "staging" it survived, and became the object.
+    [(staged_id,)] = query(database_url, "SELECT staged_id FROM upload_sessions WHERE id = %s", (session_id,))
+    assert (staged_id is None) == (moment == "completing")
+    assert reap(db, spec).errors == 0
+    counts = verdict(request, database_url, spec, {session_id: sha(data)}, tally)
+    assert (counts["sessions"], counts["completed"], counts["stored_keys"]) == (1, 1, 1)
+    assert unfinished_s3_uploads(spec) == []
+
+
 def test_sigterm_of_the_master_during_uploads_loses_nothing(request, database_url, db, api_key, tmp_path):
     """Graceful shutdown: requests in flight finish, new ones are refused; a new server resumes."""
     spec = StorageSpec(kind="file", root=tmp_path / "storage")
