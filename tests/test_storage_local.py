@@ -16,7 +16,8 @@ import time
 import pytest
 
 from chunksvc.errors import StorageError, StorageFull
-from chunksvc.storage import PartSource, local
+from chunksvc.storage import PartSource, local, syscalls, writeback
+from chunksvc.storage import spares as spares_module
 from chunksvc.storage.local import LocalStorage
 from tests.helpers import payload
 
@@ -77,7 +78,7 @@ def recording_writeback(monkeypatch: pytest.MonkeyPatch, error: OSError | None =
         if error is not None:
             raise error
 
-    monkeypatch.setattr(local, "_start_writeback", start)
+    monkeypatch.setattr(writeback, "_start_writeback", start)
     return calls
 
 
@@ -111,7 +112,7 @@ def test_without_write_behind_the_file_is_still_stored_and_fsynced(tmp_path, mon
     """No sync_file_range (not Linux, no libc call) or one refused for this file or file system:
     the write goes on without it, once told, and durability is the final fsync's as ever."""
     if missing == "absent":
-        monkeypatch.setattr(local, "_start_writeback", None)
+        monkeypatch.setattr(writeback, "_start_writeback", None)
         calls: list[tuple[int, int]] = []
     else:
         code = getattr(errno, missing)
@@ -143,7 +144,7 @@ def test_a_write_behind_failure_is_the_final_fsyncs_failure(tmp_path, monkeypatc
 
 @pytest.mark.skipif(sys.platform != "linux", reason="sync_file_range is Linux's")
 def test_the_real_sync_file_range_is_found_and_accepts_a_file(tmp_path):
-    start = local._libc_sync_file_range()
+    start = syscalls.libc_sync_file_range()
     assert start is not None
     path = tmp_path / "f"
     with open(path, "wb") as f:
@@ -308,14 +309,14 @@ def test_a_spare_that_cannot_be_named_gives_way_to_a_file_made_in_place(tmp_path
     names = recording_links(monkeypatch, fail=True)
     storage = LocalStorage(tmp_path / "storage")
     storage.write("parts/s/p0", io.BytesIO(b"x"), 1, MiB)
-    for number in range(1, local._SPARE_LINK_FAILURES + 2):
-        if number <= local._SPARE_LINK_FAILURES:
+    for number in range(1, spares_module._SPARE_LINK_FAILURES + 2):
+        if number <= spares_module._SPARE_LINK_FAILURES:
             spares_ready(storage)
         storage.write(f"parts/s/p{number}", io.BytesIO(b"y" * number), number, MiB)
         with storage.open(f"parts/s/p{number}") as stored:
             assert stored.read() == b"y" * number
     # Given up after the third failure in a row: the last write did not try a spare.
-    assert len(names) == local._SPARE_LINK_FAILURES
+    assert len(names) == spares_module._SPARE_LINK_FAILURES
     assert storage._spares is not None and storage._spares.take() is None
     assert os.listdir(tmp_path / "storage" / ".incoming") == []
 
@@ -335,14 +336,14 @@ def test_spares_given_up_after_failures_to_name_them_are_tried_again_later(tmp_p
         real(fd, path)
 
     monkeypatch.setattr(local, "_link_descriptor", link)
-    monkeypatch.setattr(local, "_SPARE_PAUSE", 0.5)
+    monkeypatch.setattr(spares_module, "_SPARE_PAUSE", 0.5)
     storage = LocalStorage(tmp_path / "storage")
     storage.write("parts/s/p0", io.BytesIO(b"x"), 1, MiB)
-    for number in range(1, local._SPARE_LINK_FAILURES + 1):
+    for number in range(1, spares_module._SPARE_LINK_FAILURES + 1):
         spares_ready(storage)
         storage.write(f"parts/s/p{number}", io.BytesIO(b"x"), 1, MiB)
     storage.write("parts/s/paused", io.BytesIO(b"x"), 1, MiB)
-    assert len(names) == local._SPARE_LINK_FAILURES  # given up for now: none tried
+    assert len(names) == spares_module._SPARE_LINK_FAILURES  # given up for now: none tried
     failing[0] = False
     time.sleep(0.6)
     storage.write("parts/s/after", io.BytesIO(b"x"), 1, MiB)  # asks for spares again
@@ -387,7 +388,7 @@ def test_old_spares_are_not_used(tmp_path, monkeypatch):
     storage = LocalStorage(tmp_path / "storage")
     storage.write("parts/s/p0", io.BytesIO(b"x"), 1, MiB)
     spares_ready(storage)
-    monkeypatch.setattr(local, "_SPARE_MAX_AGE", -1.0)
+    monkeypatch.setattr(spares_module, "_SPARE_MAX_AGE", -1.0)
     storage.write("parts/s/p1", io.BytesIO(b"x"), 1, MiB)
     assert names == []
 
@@ -435,7 +436,7 @@ def test_a_child_forked_while_the_thread_closes_old_spares_inherits_none(tmp_pat
     storage = LocalStorage(tmp_path / "storage")
     incoming = str(tmp_path / "storage" / ".incoming")
     storage.write("parts/s/p0", io.BytesIO(b"x"), 1, MiB)
-    spares_ready(storage, local._SPARES)
+    spares_ready(storage, spares_module._SPARES)
     spares = storage._spares
     assert spares is not None
     old = {fd for fd, _ in spares._ready}
@@ -449,7 +450,7 @@ def test_a_child_forked_while_the_thread_closes_old_spares_inherits_none(tmp_pat
         real_close(fd)
 
     monkeypatch.setattr(os, "close", slow_close)
-    monkeypatch.setattr(local, "_SPARE_MAX_AGE", -1.0)
+    monkeypatch.setattr(spares_module, "_SPARE_MAX_AGE", -1.0)
     storage.write("parts/s/p1", io.BytesIO(b"x"), 1, MiB)  # all too old: the thread closes them
     assert closing.wait(10)
     threading.Timer(0.5, may_close.set).start()

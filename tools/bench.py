@@ -247,7 +247,9 @@ def small_parts(
     return ratios, part_rates, health_rates, cpu
 
 
-def concurrent(server_url: str, key: str, data: bytes, clients: int, parts: int, rounds: int) -> tuple[list, list]:
+def concurrent(
+    server_url: str, key: str, data: bytes, clients: int, parts: int, rounds: int
+) -> tuple[list[float], list[float]]:
     """(aggregate MB/s per round, every part's latency in seconds)."""
     rates: list[float] = []
     latencies: list[float] = []
@@ -402,9 +404,13 @@ def direct_put_rate(spec: StorageSpec, data: bytes, count: int) -> float:
             sdk.remove_object(bucket, key)
 
 
-def s3_path(client: Client, spec: StorageSpec, data: bytes, rounds: int, parts: int) -> tuple[list, list, list]:
+def s3_path(
+    client: Client, spec: StorageSpec, data: bytes, rounds: int, parts: int
+) -> tuple[list[float], list[float], list[float]]:
     """(ratios, service MB/s, direct MB/s), alternating the two in each round."""
-    ratios, service, direct = [], [], []
+    ratios: list[float] = []
+    service: list[float] = []
+    direct: list[float] = []
     direct_put_rate(spec, data, 2)
     for _ in range(rounds):
         direct_rate = direct_put_rate(spec, data, parts)
@@ -625,7 +631,7 @@ def bench_backend(
         if "client" in wanted:
             with tempfile.TemporaryDirectory(dir=args.file_root) as work:
                 for parallel in CLIENT_PARALLEL:
-                    ratios, client_mbs, raw_mbs, cpu = client_rates(
+                    ratios, client_mbs, raw_mbs, client_cpu = client_rates(
                         server.url, key, part, args.client_parts, parallel, args.client_rounds, Path(work)
                     )
                     yield Figure(
@@ -636,7 +642,7 @@ def bench_backend(
                         met=statistics.median(ratios) >= 0.9,
                         note=f"upload_file {statistics.median(client_mbs):.0f} MB/s,"
                         f" server-side aggregate {statistics.median(raw_mbs):.0f} MB/s;"
-                        f" client CPU {statistics.median(cpu):.2f} s/GiB",
+                        f" client CPU {statistics.median(client_cpu):.2f} s/GiB",
                     )
                 rss = client_peak_rss(server.url, key, args.client_rss_size * MiB, STREAM_PART, 4, Path(work))
             yield Figure(

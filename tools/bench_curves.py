@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -47,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import psycopg
@@ -58,6 +59,7 @@ from tools.client import Client
 from tools.measure import percentile, spread
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 CLIENT_NAME = "bench"
 CURVES = ("complete", "sessions", "hosts")
 SYNC_ALWAYS = 1 << 40  # CHUNKSVC_SYNC_COMPLETE_MAX: every completion is assembled in its request
@@ -293,7 +295,7 @@ def peak_rss(pid: int) -> int:
     return _status_bytes(pid, "VmHWM")
 
 
-def timed(call: Callable[[], Any], into: list[float]) -> Any:
+def timed(call: Callable[[], T], into: list[float]) -> T:
     started = time.perf_counter()
     result = call()
     into.append(time.perf_counter() - started)
@@ -506,7 +508,7 @@ def fresh_parts(server: harness.Server, key: str, puts: int) -> tuple[list[float
             )
             sessions.append(session)
             for number in range(1, PARTS_PER_FRESH_SESSION + 1):
-                timed(lambda n=number, s=session: client.put_part(s, n, data), part_times)
+                timed(functools.partial(client.put_part, session, number, data), part_times)
         for session in sessions:
             client.abort(session)
     return creates, part_times
@@ -542,12 +544,13 @@ def list_series(
                 client.request("GET", "/uploads/sessions" + (f"?cursor={quote(cursor)}" if cursor else ""))
             )
             cursor = page["next_cursor"] or cursor
-    total = conn.execute("SELECT count(*) FROM upload_sessions WHERE client_id = %s", (client_id,)).fetchone()[0]
-    middle_at, middle_id = conn.execute(
+    (total,) = one_row(conn, "SELECT count(*) FROM upload_sessions WHERE client_id = %s", (client_id,))
+    middle_at, middle_id = one_row(
+        conn,
         "SELECT created_at, id FROM upload_sessions WHERE client_id = %s"
         " ORDER BY created_at DESC, id DESC OFFSET %s LIMIT 1",
         (client_id, total // 2),
-    ).fetchone()
+    )
     page_at, page_id = decode_cursor(cursor) if cursor else (None, None)
     params = {"client_id": client_id, "status": None, "after_created_at": None, "after_id": None, "limit": 101}
     return {
@@ -561,6 +564,14 @@ def list_series(
         ),
         LIST_SERIES[3]: ListSeries("?status=IN_PROGRESS", {**params, "status": "IN_PROGRESS"}),
     }
+
+
+def one_row(conn: psycopg.Connection[Any], sql: str, params: Sequence[Any] | None = None) -> tuple[Any, ...]:
+    """The one row ``sql`` answers (a count, an id)."""
+    row: tuple[Any, ...] | None = conn.execute(sql, params).fetchone()
+    if row is None:
+        raise RuntimeError(f"no row from {sql!r}")
+    return row
 
 
 def explain_list(conn: psycopg.Connection[Any], params: dict[str, Any]) -> str:
@@ -592,19 +603,20 @@ def sessions_curve(
 ) -> list[SessionsPoint]:
     points = []
     with psycopg.connect(database_url, autocommit=True) as conn:
-        (client_id,) = conn.execute("SELECT id FROM clients WHERE name = %s", (client_name,)).fetchone()
+        (client_id,) = one_row(conn, "SELECT id FROM clients WHERE name = %s", (client_name,))
         others = [
-            conn.execute(
+            one_row(
+                conn,
                 "INSERT INTO clients (name) VALUES (%s) ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name"
                 " RETURNING id",
                 (name,),
-            ).fetchone()[0]
+            )[0]
             for name in ("tenant-b", "tenant-c", "tenant-d")
         ]
         client_ids = [client_id, *others]
         filled = 0
         for level in levels:
-            existing = conn.execute("SELECT count(*) FROM upload_sessions").fetchone()[0]
+            (existing,) = one_row(conn, "SELECT count(*) FROM upload_sessions")
             target = filled + max(0, level - existing)
             started = time.monotonic()
             fill_to(conn, filled, target, client_ids)
@@ -612,8 +624,8 @@ def sessions_curve(
             progress("sessions: VACUUM ANALYZE upload_sessions")
             conn.execute("VACUUM (ANALYZE) upload_sessions")
             fill_s = time.monotonic() - started
-            total = conn.execute("SELECT count(*) FROM upload_sessions").fetchone()[0]
-            mine = conn.execute("SELECT count(*) FROM upload_sessions WHERE client_id = %s", (client_id,)).fetchone()[0]
+            (total,) = one_row(conn, "SELECT count(*) FROM upload_sessions")
+            (mine,) = one_row(conn, "SELECT count(*) FROM upload_sessions WHERE client_id = %s", (client_id,))
             point = SessionsPoint(total, mine, fill_s)
             series = list_series(server, key, conn, client_id)
             for round_number in range(rounds):
@@ -679,7 +691,9 @@ class HostsPoint:
     latencies: list[float] = dataclasses.field(default_factory=list)
 
 
-def hosts_round(urls: Sequence[str], key: str, data: bytes, clients: int, parts: int) -> tuple[float, float, list]:
+def hosts_round(
+    urls: Sequence[str], key: str, data: bytes, clients: int, parts: int
+) -> tuple[float, float, list[float]]:
     """``clients`` clients (client j on host j % n), each PUTting ``parts`` parts into a session of
     its own: (aggregate MiB/s, cores busy meanwhile, every part's latency)."""
     sessions = []
@@ -697,7 +711,7 @@ def hosts_round(urls: Sequence[str], key: str, data: bytes, clients: int, parts:
             mine: list[float] = []
             barrier.wait()
             for number in range(1, parts + 1):
-                timed(lambda n=number: client.put_part(sessions[j], n, data), mine)
+                timed(functools.partial(client.put_part, sessions[j], number, data), mine)
             latencies.extend(mine)
         except BaseException as exc:
             errors.append(exc)

@@ -15,6 +15,7 @@ byte in memory, so keep ``--s3-size`` well inside RAM there).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -77,7 +78,18 @@ def assembly_seconds(server: harness.Server) -> float:
     raise RuntimeError("the server reported no completed assembly")
 
 
-def run(backend: str, spec: StorageSpec, url: str, key: str, size: int, parallel: int, work: Path) -> dict:
+@dataclasses.dataclass(frozen=True)
+class LargeResult:
+    backend: str
+    size_gib: float
+    upload_mib_s: float
+    complete_s: float  # the last part's 2xx to COMPLETED
+    assembly_mib_s: float
+    worker_peak_mib: float
+    client_peak_mib: float
+
+
+def run(backend: str, spec: StorageSpec, url: str, key: str, size: int, parallel: int, work: Path) -> LargeResult:
     path = work / f"large-{backend}.bin"
     write_file(path, size)
     os.sync()  # the source file's own write-back must not compete with the service's writes
@@ -99,15 +111,15 @@ def run(backend: str, spec: StorageSpec, url: str, key: str, size: int, parallel
     accepted = timing["accepted"]  # the last part's 2xx
     upload_s = accepted - timing["started"]
     complete_s = timing["ended"] - accepted
-    return {
-        "backend": backend,
-        "size_gib": size / GiB,
-        "upload_mib_s": size / MiB / upload_s,
-        "complete_s": complete_s,
-        "assembly_mib_s": size / MiB / assembly_s,
-        "worker_peak_mib": worker_mib,
-        "client_peak_mib": timing["client_kib"] / 1024,
-    }
+    return LargeResult(
+        backend=backend,
+        size_gib=size / GiB,
+        upload_mib_s=size / MiB / upload_s,
+        complete_s=complete_s,
+        assembly_mib_s=size / MiB / assembly_s,
+        worker_peak_mib=worker_mib,
+        client_peak_mib=timing["client_kib"] / 1024,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,17 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                         spec = harness.s3_spec(endpoint)
                         results.append(run(backend, spec, url, key, int(args.s3_size * GiB), args.parallel, work))
     for result in results:
-        print(f"{result['backend']}: {result['size_gib']:.1f} GiB, parallel {args.parallel}")
-        print(f"  upload {result['upload_mib_s']:.0f} MiB/s; last part's 2xx to COMPLETED {result['complete_s']:.2f} s")
-        rate = result["assembly_mib_s"]
+        print(f"{result.backend}: {result.size_gib:.1f} GiB, parallel {args.parallel}")
+        print(f"  upload {result.upload_mib_s:.0f} MiB/s; last part's 2xx to COMPLETED {result.complete_s:.2f} s")
+        rate = result.assembly_mib_s
         print(
             f"  assembly (assemble, verify, fsync) {rate:.0f} MiB/s: 100 GiB in {100 * 1024 / rate / 60:.1f} min,"
             f" 5 TiB in {5 * 1024 * 1024 / rate / 3600:.1f} h"
         )
-        print(
-            f"  peak RSS: busiest worker {result['worker_peak_mib']:.0f} MiB,"
-            f" client {result['client_peak_mib']:.0f} MiB"
-        )
+        print(f"  peak RSS: busiest worker {result.worker_peak_mib:.0f} MiB, client {result.client_peak_mib:.0f} MiB")
     return 0
 
 

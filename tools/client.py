@@ -8,7 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 
@@ -34,9 +34,10 @@ class Client:
         """Send one request; return the body of a 2xx answer, else raise ``ApiError``."""
         if self._conn.sock is None:
             self._conn.connect()
+            sock = cast(socket.socket, self._conn.sock)  # connect() opened it
             # Headers and body go out in separate writes (the body is never copied into one
             # buffer with them); without NODELAY, Nagle would hold the body back for an ACK.
-            self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._conn.request(method, path, body=body, headers={**self._auth, **(headers or {})})
         response = self._conn.getresponse()
         data = response.read()
@@ -47,16 +48,21 @@ class Client:
     def create_session(self, size: int, part_size: int) -> str:
         body = json.dumps({"filename": "bench.bin", "size": size, "part_size": part_size})
         answer = self.request("POST", "/uploads/sessions", body, {"Content-Type": "application/json"})
-        return json.loads(answer)["id"]
+        session_id: str = json.loads(answer)["id"]
+        return session_id
 
     def put_part(self, session_id: str, number: int, data: bytes | memoryview) -> dict[str, Any]:
         # A memoryview is sent as it is; http.client would copy bytes into the header buffer.
         body = data if isinstance(data, memoryview) else memoryview(data)
         headers = {"Content-Length": str(len(body)), "Content-Type": "application/octet-stream"}
-        return json.loads(self.request("PUT", f"/uploads/sessions/{session_id}/parts/{number}", body, headers))
+        part: dict[str, Any] = json.loads(
+            self.request("PUT", f"/uploads/sessions/{session_id}/parts/{number}", body, headers)
+        )
+        return part
 
     def complete(self, session_id: str) -> dict[str, Any]:
-        return json.loads(self.request("POST", f"/uploads/sessions/{session_id}/complete"))
+        session: dict[str, Any] = json.loads(self.request("POST", f"/uploads/sessions/{session_id}/complete"))
+        return session
 
     def abort(self, session_id: str) -> None:
         self.request("DELETE", f"/uploads/sessions/{session_id}")

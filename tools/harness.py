@@ -46,7 +46,8 @@ server.stop()
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @contextlib.contextmanager
@@ -76,15 +77,15 @@ def moto_s3_process() -> Iterator[tuple[str, subprocess.Popen[str]]]:
     child = subprocess.Popen(
         [sys.executable, "-c", _MOTO_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
+    assert child.stdin is not None and child.stdout is not None  # both pipes (PIPE above)
     try:
-        assert child.stdout is not None
         port = child.stdout.readline().strip()
         if not port.isdigit():
             raise RuntimeError(f"the moto S3 server did not start (exit code {child.poll()})")
         yield f"127.0.0.1:{port}", child
     finally:
         with contextlib.suppress(OSError):
-            child.stdin.close()  # type: ignore[union-attr]
+            child.stdin.close()
         try:
             child.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -108,20 +109,16 @@ def s3_spec(
     create: bool = True,
 ) -> StorageSpec:
     """A uniquely named bucket on ``endpoint`` (plain http), created now unless ``create`` is false."""
+    bucket = bucket or f"bucket-{uuid.uuid4().hex[:16]}"
     spec = StorageSpec(
-        kind="s3",
-        endpoint=endpoint,
-        access_key=access_key,
-        secret_key=secret_key,
-        bucket=bucket or f"bucket-{uuid.uuid4().hex[:16]}",
-        secure=False,
+        kind="s3", endpoint=endpoint, access_key=access_key, secret_key=secret_key, bucket=bucket, secure=False
     )
     if create:
         from minio import Minio  # only S3 runs need minio
 
         client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=False, region=spec.region)
-        if not client.bucket_exists(spec.bucket):
-            client.make_bucket(spec.bucket)
+        if not client.bucket_exists(bucket):
+            client.make_bucket(bucket)
     return spec
 
 

@@ -30,7 +30,12 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:  # locust is imported when the load runs (this module's helpers need it not)
+    from locust import User
+    from locust.env import Environment
+    from locust.stats import RequestStats
 
 MiB = 1024 * 1024
 
@@ -83,12 +88,16 @@ def endpoint(method: str, path: str) -> str:
 EXPECTED: contextvars.ContextVar[str | None] = contextvars.ContextVar("expected_code", default=None)
 
 
-def make_user(settings: Settings, api_key: str) -> type:
+def new_totals() -> dict[str, int]:
+    """Files started, files completed and verified, part bytes accepted."""
+    return {"files": 0, "completed": 0, "bytes": 0}
+
+
+def make_user(settings: Settings, api_key: str, totals: dict[str, int] | None = None) -> type[User]:
     """A locust user class that uploads files as ``settings`` says, through ``chunksvc_client``
     (the project's one client: its retry policy is the one under test).
 
-    Its ``totals`` (files started, files completed and verified, part bytes accepted) are shared
-    by all its users.
+    Its ``totals`` (``new_totals``; these, if given) are shared by all its users.
     """
     import gevent.pool
     from locust import User, constant, task
@@ -96,12 +105,16 @@ def make_user(settings: Settings, api_key: str) -> type:
 
     from chunksvc_client import ApiError, Attempt, Client, RetryPolicy
 
+    shared = new_totals() if totals is None else totals
+
     class UploadUser(User):
         wait_time = constant(0)
-        totals = {"files": 0, "completed": 0, "bytes": 0}  # users are greenlets of one thread: no lock needed
+        totals = shared  # users are greenlets of one thread: no lock needed
 
         def on_start(self) -> None:
             retry = RetryPolicy(attempts=settings.retries + 1, base_delay=0.2, max_delay=5.0)
+            if self.host is None:
+                raise RuntimeError("no chunksvc to load: give locust --host")
             self.client = Client(
                 self.host,
                 api_key,
@@ -121,14 +134,13 @@ def make_user(settings: Settings, api_key: str) -> type:
             error = attempt.error
             expected = EXPECTED.get()
             name = endpoint(attempt.method, attempt.path)
+            exception: str | AssertionError | None = None
             if expected is not None:
                 name = CONFLICT
-                error = (
-                    None
-                    if error is not None and error.code == expected
-                    else (error or AssertionError(f"expected {expected}, got {attempt.status}"))
-                )
-            exception = None
+                if error is None:  # a deliberate request that was accepted
+                    exception = AssertionError(f"expected {expected}, got {attempt.status}")
+                elif error.code == expected:
+                    error = None
             if error is not None:
                 exception = f"{error.code} (retried)" if error.retryable else error.code
             self.environment.events.request.fire(
@@ -205,7 +217,9 @@ class Progress:
     (and verified), part throughput over the last interval and overall, and failed requests
     (those the client retried apart: they are expected under faults)."""
 
-    def __init__(self, totals: Mapping[str, int], stats, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, totals: Mapping[str, int], stats: RequestStats, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._totals = totals
         self._stats = stats  # locust's RequestStats
         self._clock = clock
@@ -249,12 +263,13 @@ def run_load(
     import gevent
     from locust.env import Environment
 
-    user_class = make_user(settings, api_key)
+    totals = new_totals()
+    user_class = make_user(settings, api_key, totals)
     environment = Environment(user_classes=[user_class], host=url.rstrip("/"), stop_timeout=60)
     runner = environment.create_local_runner()
     runner.start(users, spawn_rate=spawn_rate)
     stopper = gevent.spawn_later(run_time, runner.quit)
-    progress = Progress(user_class.totals, environment.stats)
+    progress = Progress(totals, environment.stats)
     reporter = gevent.spawn(progress.run, progress_every) if progress_every > 0 else None
 
     def quit_when_all_stopped() -> None:
@@ -269,12 +284,13 @@ def run_load(
     watcher.kill()
     if reporter is not None:
         reporter.kill()
-    return report(environment, settings, users, user_class.totals["bytes"], user_class.totals["completed"])
+    return report(environment, settings, users, totals["bytes"], totals["completed"])
 
 
-def report(environment, settings: Settings, users: int, part_bytes: int, files: int) -> int:
+def report(environment: Environment, settings: Settings, users: int, part_bytes: int, files: int) -> int:
     stats = environment.stats
-    elapsed = max(stats.total.last_request_timestamp - stats.total.start_time, 1e-9) if stats.total.num_requests else 0
+    last = stats.total.last_request_timestamp  # None until the first request
+    elapsed = max(last - stats.total.start_time, 1e-9) if stats.total.num_requests and last is not None else 0
     parts = stats.entries.get((PART, "PUT"))
     accepted = (parts.num_requests - parts.num_failures) if parts else 0
     print(

@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from tools.harness import free_port
 
@@ -178,7 +179,7 @@ http {{
         log.close()
 
 
-def _wait_for_ports(process: subprocess.Popen[bytes], ports: tuple[int, ...], log) -> None:
+def _wait_for_ports(process: subprocess.Popen[bytes], ports: tuple[int, ...], log: BinaryIO) -> None:
     deadline = time.monotonic() + 20
     pending = list(ports)
     while pending:

@@ -25,6 +25,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlsplit
 
 # tus-node-server 2.x, as measured in issue 13; its dependencies that matter for speed are pinned
@@ -277,7 +278,8 @@ class TusClient:
     ) -> http.client.HTTPResponse:
         if self._conn.sock is None:
             self._conn.connect()
-            self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = cast(socket.socket, self._conn.sock)  # connect() opened it
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._conn.request(method, path, body=body, headers={"Tus-Resumable": TUS_RESUMABLE, **(headers or {})})
         response = self._conn.getresponse()
         data = response.read()

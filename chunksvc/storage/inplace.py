@@ -26,7 +26,9 @@ from collections.abc import Iterator, Sequence
 
 from chunksvc.errors import ObjectMissing, StorageError
 from chunksvc.storage.base import Block, InPlace, Placement, RangeClaim, Readable, check_key, read_exact_blocks
-from chunksvc.storage.local import LocalStorage, _fs_errors, _fsync_dir, _WriteBehind
+from chunksvc.storage.local import LocalStorage
+from chunksvc.storage.syscalls import fs_errors, fsync_dir
+from chunksvc.storage.writeback import WriteBehind
 
 # struct flock on Linux/x86_64 and aarch64: l_type, l_whence, l_start, l_len, l_pid (0 for OFD).
 _FLOCK = "hhqqi4x"
@@ -57,21 +59,21 @@ class _Claim(RangeClaim):
 
     def write(self, reader: Readable, length: int, block_size: int) -> None:
         action = f"write {self._key} at {self._offset}"
-        behind = _WriteBehind(self._fd, length, base=self._offset)
+        behind = WriteBehind(self._fd, length, base=self._offset)
         position = self._offset
         for block in read_exact_blocks(reader, length, block_size):
-            with _fs_errors(action):
+            with fs_errors(action):
                 view = memoryview(block)
                 while view:
                     written = os.pwrite(self._fd, view, position)
                     position += written
                     view = view[written:]
             behind.written(len(block))
-        with _fs_errors(action):
+        with fs_errors(action):
             os.fdatasync(self._fd)
             behind.check()
             # The file's name, made by whichever writer came first, must outlive a crash too.
-            _fsync_dir(os.path.dirname(self._path))
+            fsync_dir(os.path.dirname(self._path))
 
 
 class LocalInPlace(InPlace):
@@ -83,10 +85,10 @@ class LocalInPlace(InPlace):
         if offset < 0 or length < 1 or offset + length > size:
             raise ValueError(f"range {offset}+{length} is outside a file of {size} bytes")
         path = str(self._storage._path(key))
-        with _fs_errors(f"open {key}"):
+        with fs_errors(f"open {key}"):
             fd = self._open_or_make(path, size)
         try:
-            with _fs_errors(f"lock {key}"):
+            with fs_errors(f"lock {key}"):
                 held = _try_lock(fd, offset, length)
             yield _Claim(self._storage, key, fd, offset, path) if held else None
         finally:
@@ -105,7 +107,7 @@ class LocalInPlace(InPlace):
             source.seek(offset)
             remaining = length
             while remaining:
-                with _fs_errors(f"read {key}"):
+                with fs_errors(f"read {key}"):
                     count = source.readinto(buffer[: min(len(buffer), remaining)])
                 if not count:
                     raise StorageError(f"read {key}: {remaining} bytes short at {offset + length - remaining}")
@@ -120,7 +122,7 @@ class LocalInPlace(InPlace):
         except FileNotFoundError:
             raise ObjectMissing(key) from None
         try:
-            with _fs_errors(f"finish {key}"):
+            with fs_errors(f"finish {key}"):
                 deadline = time.monotonic() + wait
                 # Every range writer is done once the whole file can be locked; a writer that
                 # comes later finds its range held and stores its bytes elsewhere.
@@ -133,7 +135,7 @@ class LocalInPlace(InPlace):
                     raise StorageError(f"finish {key}: the file has {stored} bytes, expected {size}")
             for placement in elsewhere:
                 self._place(placement, fd, key)
-            with _fs_errors(f"finish {key}"):
+            with fs_errors(f"finish {key}"):
                 os.fdatasync(fd)
                 self._storage._link_durably(path, object_key)
         finally:
@@ -165,7 +167,7 @@ class LocalInPlace(InPlace):
         except FileNotFoundError:
             raise ObjectMissing(placement.key, f"finish {key}: part {placement.key} is missing") from None
         try:
-            with _fs_errors(f"place {placement.key} in {key}"):
+            with fs_errors(f"place {placement.key} in {key}"):
                 self._copy(src, dest, placement.offset, placement.size, placement.key)
         finally:
             os.close(src)
