@@ -154,6 +154,32 @@ def abort(world: World, session: SessionRow) -> bool:
     return True
 
 
+def abort_statement(world: World, session: SessionRow) -> bool:
+    """The abort's statement alone, without the service's check of the table before it (with the
+    completion lease the service takes first on a COMPLETING session)."""
+    with world.db.transaction() as conn:
+        assert dao.lock_session(conn, session.id, world.client.id) is not None
+        assert dao.take_completion_lease(conn, session.id, uuid.uuid4(), 0)
+        return dao.mark_aborted(conn, session.id) > 0
+
+
+def tus_final_ends(world: World, session: SessionRow) -> bool:
+    """The session is a tus partial whose final upload is aborted (migration 0011's trigger ends
+    the partials with it). Linked by hand, not by concatenate_tus_partials, whose own check of the
+    partials' state would leave most states out: here only the trigger's check decides."""
+    final = world.new_session()
+    with world.db.transaction() as conn:
+        dao.insert_tus_upload(conn, final.id, None, "final")
+    with psycopg.connect(world.database_url, autocommit=True) as admin:
+        admin.execute(
+            "INSERT INTO tus_uploads (session_id, concat, final_id, position) VALUES (%s, 'partial', %s, 1)",
+            (session.id, final.id),
+        )
+    assert abort(world, final)
+    # The trigger says nothing; it changed the partial if it dated a change on it.
+    return world.read(session).updated_at != session.updated_at
+
+
 def expire(world: World, session: SessionRow) -> bool:
     """The session's expiry passes, and the reaper's expire phase runs."""
     world.expiry_passes(session)
@@ -184,10 +210,23 @@ STORES = Operation("the assembly stores the object", states.COMPLETED, assembly_
 FAILS = Operation("the assembly fails", states.FAILED, assembly_fails)
 PARTS_LOST = Operation("the assembly finds parts' bytes lost", states.IN_PROGRESS, assembly_finds_parts_lost)
 ABORT = Operation("abort", states.ABORTED, abort)
+ABORT_STATEMENT = Operation("the abort's statement alone", states.ABORTED, abort_statement)
+TUS_FINAL_ENDS = Operation("its tus final upload ends", states.ABORTED, tus_final_ends)
 EXPIRE = Operation("expiry and the reaper", states.EXPIRED, expire)
 EXPIRY_PASSES = Operation("its expiry passes", states.EXPIRED, expiry_passes)
 
-OPERATIONS = (PUT_PART, TUS_FINAL_READY, COMPLETE, STORES, FAILS, PARTS_LOST, ABORT, EXPIRE)
+OPERATIONS = (
+    PUT_PART,
+    TUS_FINAL_READY,
+    COMPLETE,
+    STORES,
+    FAILS,
+    PARTS_LOST,
+    ABORT,
+    ABORT_STATEMENT,
+    TUS_FINAL_ENDS,
+    EXPIRE,
+)
 
 
 @dataclasses.dataclass(frozen=True)
