@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from chunksvc import dao
+from chunksvc.config import StorageSpec
 from chunksvc.db import Database
 from chunksvc.errors import ChunksvcError
 from chunksvc.rows import SessionRow
@@ -253,7 +254,7 @@ STARTS = (
 
 
 @pytest.fixture
-def world(db: Database, database_url: str, file_spec) -> Iterator[World]:
+def world(db: Database, database_url: str, file_spec: StorageSpec) -> Iterator[World]:
     storage = open_storage(file_spec)
     with db.transaction() as conn:
         client = Client(dao.upsert_client(conn, "alice").id, "alice")
@@ -268,7 +269,7 @@ def world(db: Database, database_url: str, file_spec) -> Iterator[World]:
     storage.close()
 
 
-def test_the_moves_that_happen_are_exactly_the_tables(world):
+def test_the_moves_that_happen_are_exactly_the_tables(world: World) -> None:
     made: dict[tuple[str, str], list[str]] = {}
     wrong: list[str] = []
     for start in STARTS:
