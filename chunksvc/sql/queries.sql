@@ -318,11 +318,13 @@ SELECT id, client_id, updated_at
  LIMIT %(limit)s;
 
 -- name: mark_aborted
--- The caller holds the row lock and, for a COMPLETING session, took its free completion lease
--- in the same transaction (take_completion_lease): the lease ends here.
+-- The caller holds the row lock, checked that the session may be aborted (states.TRANSITIONS)
+-- and, for a COMPLETING session, took its free completion lease in the same transaction
+-- (take_completion_lease): the lease ends here. The check is repeated (the one state that
+-- cannot be aborted), so this statement alone never ends a completed upload.
 UPDATE upload_sessions
    SET status = 'ABORTED', updated_at = now(), completion_owner = NULL, completion_lease_until = NULL
- WHERE id = %(id)s;
+ WHERE id = %(id)s AND status <> 'COMPLETED';
 
 -- name: take_frontier
 -- The hash frontier's lease (services.frontier): whoever holds it carries the session's whole-file
@@ -881,59 +883,20 @@ SELECT id FROM clients WHERE name = %(client_name)s;
 -- session's row lock (lock_tus_state), as parts, completion and abort do.
 
 -- name: tus_state
--- A session as /tus/ sees it, in one round trip: the session, its tus row (none for a session
--- the native API created), its part in the making, and how far its parts reach without a gap
--- (the parts numbered 1..n all present: a row numbered as its rank; once one is missing, every
--- later row is numbered above its rank). Upload-Offset is `contiguous_bytes` + `held_bytes`.
-SELECT s.*, chunksvc_session_status(s.status, s.expires_at) AS effective_status,
-       t.session_id IS NOT NULL AS tus_created, t.metadata AS tus_metadata,
-       COALESCE(t.concat, 'none') AS concat, t.final_id,
-       c.parts AS contiguous_parts, c.bytes AS contiguous_bytes,
-       h.bytes AS held_bytes, h.keys AS held_keys, h.sizes AS held_sizes
+-- A session as /tus/ sees it, in one round trip: the session and what tus adds to it
+-- (chunksvc_tus_state, migration 0015: its tus row, its part in the making, and how far its
+-- parts reach without a gap; Upload-Offset is `contiguous_bytes` + `held_bytes`).
+SELECT s.*, chunksvc_session_status(s.status, s.expires_at) AS effective_status, tus.*
   FROM upload_sessions s
-  LEFT JOIN tus_uploads t ON t.session_id = s.id
- CROSS JOIN LATERAL (
-      SELECT count(*)::integer AS parts, COALESCE(sum(numbered.size), 0)::bigint AS bytes
-        FROM (SELECT p.part_number, p.size, row_number() OVER (ORDER BY p.part_number) AS rank
-                FROM upload_parts p
-               WHERE p.session_id = s.id) numbered
-       WHERE numbered.part_number = numbered.rank
- ) c
- CROSS JOIN LATERAL (
-      -- Only pieces of the part the offset has reached: a native PUT may have filled theirs.
-      SELECT COALESCE(sum(i.size), 0)::bigint AS bytes,
-             COALESCE(array_agg(i.storage_key ORDER BY i.start), '{}') AS keys,
-             COALESCE(array_agg(i.size ORDER BY i.start), '{}') AS sizes
-        FROM tus_incomplete_parts i
-       WHERE i.session_id = s.id AND i.part_number = c.parts + 1
- ) h
+ CROSS JOIN LATERAL chunksvc_tus_state(s.id) tus
  WHERE s.id = %(id)s AND s.client_id = %(client_id)s;
 
 -- name: lock_tus_state
 -- tus_state under the session's row lock: a PATCH checks here, before recording anything, that
 -- the upload is where it was when its body began (no other PATCH moved it meanwhile).
-SELECT s.*, chunksvc_session_status(s.status, s.expires_at) AS effective_status,
-       t.session_id IS NOT NULL AS tus_created, t.metadata AS tus_metadata,
-       COALESCE(t.concat, 'none') AS concat, t.final_id,
-       c.parts AS contiguous_parts, c.bytes AS contiguous_bytes,
-       h.bytes AS held_bytes, h.keys AS held_keys, h.sizes AS held_sizes
+SELECT s.*, chunksvc_session_status(s.status, s.expires_at) AS effective_status, tus.*
   FROM upload_sessions s
-  LEFT JOIN tus_uploads t ON t.session_id = s.id
- CROSS JOIN LATERAL (
-      SELECT count(*)::integer AS parts, COALESCE(sum(numbered.size), 0)::bigint AS bytes
-        FROM (SELECT p.part_number, p.size, row_number() OVER (ORDER BY p.part_number) AS rank
-                FROM upload_parts p
-               WHERE p.session_id = s.id) numbered
-       WHERE numbered.part_number = numbered.rank
- ) c
- CROSS JOIN LATERAL (
-      -- Only pieces of the part the offset has reached: a native PUT may have filled theirs.
-      SELECT COALESCE(sum(i.size), 0)::bigint AS bytes,
-             COALESCE(array_agg(i.storage_key ORDER BY i.start), '{}') AS keys,
-             COALESCE(array_agg(i.size ORDER BY i.start), '{}') AS sizes
-        FROM tus_incomplete_parts i
-       WHERE i.session_id = s.id AND i.part_number = c.parts + 1
- ) h
+ CROSS JOIN LATERAL chunksvc_tus_state(s.id) tus
  WHERE s.id = %(id)s AND s.client_id = %(client_id)s
    FOR UPDATE OF s;
 

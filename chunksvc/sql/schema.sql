@@ -147,6 +147,30 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION public.chunksvc_tus_state(p_session_id uuid) RETURNS TABLE(tus_created boolean, tus_metadata text, concat text, final_id uuid, contiguous_parts integer, contiguous_bytes bigint, held_bytes bigint, held_keys text[], held_sizes bigint[])
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT t.session_id IS NOT NULL, t.metadata, COALESCE(t.concat, 'none'), t.final_id,
+           c.parts, c.bytes, h.bytes, h.keys, h.sizes
+      FROM (SELECT p_session_id AS id) s
+      LEFT JOIN tus_uploads t ON t.session_id = s.id
+     CROSS JOIN LATERAL (
+          SELECT count(*)::integer AS parts, COALESCE(sum(numbered.size), 0)::bigint AS bytes
+            FROM (SELECT p.part_number, p.size, row_number() OVER (ORDER BY p.part_number) AS rank
+                    FROM upload_parts p
+                   WHERE p.session_id = s.id) numbered
+           WHERE numbered.part_number = numbered.rank
+     ) c
+     CROSS JOIN LATERAL (
+          -- Only pieces of the part the offset has reached: a native PUT may have filled theirs.
+          SELECT COALESCE(sum(i.size), 0)::bigint AS bytes,
+                 COALESCE(array_agg(i.storage_key ORDER BY i.start), '{}') AS keys,
+                 COALESCE(array_agg(i.size ORDER BY i.start), '{}') AS sizes
+            FROM tus_incomplete_parts i
+           WHERE i.session_id = s.id AND i.part_number = c.parts + 1
+     ) h
+$$;
+
 CREATE TABLE public.api_keys (
     id bigint NOT NULL,
     client_id bigint NOT NULL,
