@@ -82,6 +82,13 @@ class ShortBody(io.RawIOBase):
         return self._data.read(size)
 
 
+def query(database_url: str, statement: str, params: tuple = ()) -> list[tuple]:
+    """``statement`` on its own autocommit connection: its rows ([] for a statement without any)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        cursor = conn.execute(statement, params)
+        return cursor.fetchall() if cursor.description else []
+
+
 def wait_for(what, describe: str, timeout: float = 60, interval: float = 0.01):
     """Poll until ``what()`` is truthy (an event in another process, not a speed requirement)."""
     deadline = time.monotonic() + timeout

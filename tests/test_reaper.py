@@ -48,7 +48,7 @@ from chunksvc.services.reaper import (
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import Storage, open_storage
 from tests.conftest import TEST_LIMITS
-from tests.helpers import complete, create, hold_completion_lease, payload, put_part, sha, split, wait_for
+from tests.helpers import complete, create, hold_completion_lease, payload, put_part, query, sha, split, wait_for
 from tests.storage_fixtures import make_s3_spec, s3_admin
 from tools import harness
 
@@ -58,12 +58,6 @@ OLD = 2 * 3600  # seconds: older than the grace period the tests give (one hour)
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def query(database_url: str, statement: str, params: tuple = ()) -> list[tuple]:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        cursor = conn.execute(statement, params)
-        return cursor.fetchall() if cursor.description else []
 
 
 def status(database_url: str, session_id) -> str:
