@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from chunksvc import embedded
 from chunksvc.config import StorageSpec
 from chunksvc.storage import open_storage
 from chunksvc_client import ApiError, Client, RetryPolicy
@@ -44,10 +43,8 @@ SERVER_PACKAGES = {
 
 
 @pytest.fixture(scope="module", params=["file", "s3"])
-def server(request, pg_admin_url, template_db, tmp_path_factory):
+def server(request, gunicorn_server, tmp_path_factory):
     """gunicorn as ops run it (2 workers), on its own database; disk or S3 storage."""
-    name = f"chunksvc_cli_{uuid.uuid4().hex[:12]}"
-    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     if request.param == "file":
         spec = StorageSpec(kind="file", root=tmp_path_factory.mktemp("client") / "storage")
     else:
@@ -60,14 +57,16 @@ def server(request, pg_admin_url, template_db, tmp_path_factory):
         "CHUNKSVC_SYNC_COMPLETE_MAX": str(SYNC_MAX),
     }  # above it, completion answers 202
     log = tmp_path_factory.mktemp("client-log") / "gunicorn.log"
-    try:
-        with harness.gunicorn(url, spec, env=env, cwd=ROOT, stderr_path=log) as gunicorn:
-            key = harness.create_api_key(url, "client-tests")
-            storage = open_storage(spec)
-            yield {"gunicorn": gunicorn, "url": gunicorn.url, "key": key, "db": url, "storage": storage}
-            storage.close()
-    finally:
-        embedded.drop_database(pg_admin_url, name)
+    with gunicorn_server(spec, env, name="cli", client="client-tests", stderr_path=log) as served:
+        storage = open_storage(spec)
+        yield {
+            "gunicorn": served.server,
+            "url": served.server.url,
+            "key": served.key,
+            "db": served.database_url,
+            "storage": storage,
+        }
+        storage.close()
 
 
 def stored_bytes(server, key: str) -> bytes:
