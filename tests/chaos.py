@@ -19,11 +19,10 @@ import threading
 import time
 from pathlib import Path
 
-import psycopg
-
 from chunksvc.services import layout
 from chunksvc.storage import Storage
 from chunksvc_client import ApiError, Attempt, Client, RetryPolicy
+from tests.helpers import query
 
 CONNECTION_ERROR = "connection_error"
 
@@ -82,11 +81,6 @@ def finish(chunksvc: Client, session_id: str, data: bytes, part_size: int) -> di
 
 
 # --- the verdict ---------------------------------------------------------------------------------
-
-
-def query(database_url: str, statement: str, params: tuple = ()) -> list[tuple]:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        return conn.execute(statement, params).fetchall()
 
 
 def stored_keys(storage: Storage) -> set[str]:

@@ -19,7 +19,7 @@ from chunksvc.config import Config, Limits
 from chunksvc.db import Database
 from chunksvc.services.auth import KeyManager
 
-pytest_plugins = ["tests.storage_fixtures"]
+pytest_plugins = ["tests.storage_fixtures", "tests.servers"]
 
 # Small limits so tests move kilobytes, not gigabytes; the rules are the same.
 TEST_LIMITS = Limits(
@@ -127,8 +127,9 @@ def tier_of(item: pytest.Item) -> str:
     callspec = getattr(item, "callspec", None)
     uses_s3 = callspec is not None and "s3" in str(callspec.id).split("-")
     fixtures = set(getattr(item, "fixturenames", ()))
-    # "server": the module-scoped gunicorn fixtures of the client and CLI tests.
-    if name in E2E_FILES or uses_s3 or fixtures & {"radosgw_server", "s3_spec", "server"}:
+    # "server": the module-scoped server fixtures of the client and CLI tests; "gunicorn_server":
+    # tests/servers.py, which every fixture that starts gunicorn goes through.
+    if name in E2E_FILES or uses_s3 or fixtures & {"radosgw_server", "s3_spec", "server", "gunicorn_server"}:
         return "e2e"
     function = getattr(item, "function", None)
     if function is not None:

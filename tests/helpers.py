@@ -55,6 +55,18 @@ def complete(app: webtest.TestApp, auth: dict, session_id: str, status: int = 20
     return app.post_json(f"/uploads/sessions/{session_id}/complete", body, headers=auth, status=status)
 
 
+def uploaded(
+    app: webtest.TestApp, auth: dict, size: int, part_size: int = 1024, sha256: str | None = None, seed: int = 0
+) -> tuple[str, bytes]:
+    """A session of ``size`` bytes with every part uploaded, announcing ``sha256`` (by default the
+    data's own); ``(id, data)``."""
+    data = payload(size, seed)
+    session_id = create(app, auth, size=len(data), part_size=part_size, sha256=sha256 or sha(data)).json["id"]
+    for number, chunk in enumerate(split(data, part_size), start=1):
+        put_part(app, auth, session_id, number, chunk)
+    return session_id, data
+
+
 def raw_put(app: webtest.TestApp, auth: dict, session_id: str, number, stream, content_length, status):
     """A PUT whose body stream and Content-Length we control (None: no Content-Length)."""
     request = webtest.TestRequest.blank(f"/uploads/sessions/{session_id}/parts/{number}", method="PUT", headers=auth)
@@ -80,6 +92,13 @@ class ShortBody(io.RawIOBase):
             hook, self._on_first_read = self._on_first_read, None
             hook()
         return self._data.read(size)
+
+
+def query(database_url: str, statement: str, params: tuple = ()) -> list[tuple]:
+    """``statement`` on its own autocommit connection: its rows ([] for a statement without any)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        cursor = conn.execute(statement, params)
+        return cursor.fetchall() if cursor.description else []
 
 
 def wait_for(what, describe: str, timeout: float = 60, interval: float = 0.01):

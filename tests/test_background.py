@@ -40,6 +40,7 @@ from tests.helpers import (
     put_part,
     sha,
     split,
+    uploaded,
     wait_for,
 )
 from tests.test_api import assert_problem, read_object, stored_part_keys
@@ -57,14 +58,6 @@ def background(config, db, storage):
     app, assembler, *_ = build(dataclasses.replace(config, sync_complete_max=SYNC_MAX), db=db, storage=storage)
     yield webtest.TestApp(app), assembler
     assembler.stop()
-
-
-def uploaded(app, auth, size: int, sha256: str | None = None, seed: int = 0) -> tuple[str, bytes]:
-    data = payload(size, seed)
-    session_id = create(app, auth, size=len(data), part_size=1024, sha256=sha256 or sha(data)).json["id"]
-    for number, chunk in enumerate(split(data, 1024), start=1):
-        put_part(app, auth, session_id, number, chunk)
-    return session_id, data
 
 
 def test_a_large_upload_is_accepted_with_202_and_assembled_in_the_background(background, auth, storage):

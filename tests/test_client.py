@@ -15,16 +15,14 @@ import time
 import uuid
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from chunksvc import embedded
 from chunksvc.config import StorageSpec
 from chunksvc.storage import open_storage
 from chunksvc_client import ApiError, Client, RetryPolicy
 from chunksvc_client.client import _FileUpload
 from chunksvc_client.progress import NoProgress
-from tests.helpers import payload, wait_for
+from tests.helpers import payload, query, wait_for
 from tests.storage_fixtures import make_s3_spec
 from tools import harness
 
@@ -45,10 +43,8 @@ SERVER_PACKAGES = {
 
 
 @pytest.fixture(scope="module", params=["file", "s3"])
-def server(request, pg_admin_url, template_db, tmp_path_factory):
+def server(request, gunicorn_server, tmp_path_factory):
     """gunicorn as ops run it (2 workers), on its own database; disk or S3 storage."""
-    name = f"chunksvc_cli_{uuid.uuid4().hex[:12]}"
-    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     if request.param == "file":
         spec = StorageSpec(kind="file", root=tmp_path_factory.mktemp("client") / "storage")
     else:
@@ -61,25 +57,21 @@ def server(request, pg_admin_url, template_db, tmp_path_factory):
         "CHUNKSVC_SYNC_COMPLETE_MAX": str(SYNC_MAX),
     }  # above it, completion answers 202
     log = tmp_path_factory.mktemp("client-log") / "gunicorn.log"
-    try:
-        with harness.gunicorn(url, spec, env=env, cwd=ROOT, stderr_path=log) as gunicorn:
-            key = harness.create_api_key(url, "client-tests")
-            storage = open_storage(spec)
-            yield {"gunicorn": gunicorn, "url": gunicorn.url, "key": key, "db": url, "storage": storage}
-            storage.close()
-    finally:
-        embedded.drop_database(pg_admin_url, name)
+    with gunicorn_server(spec, env, name="cli", client="client-tests", stderr_path=log) as served:
+        storage = open_storage(spec)
+        yield {
+            "gunicorn": served.server,
+            "url": served.server.url,
+            "key": served.key,
+            "db": served.database_url,
+            "storage": storage,
+        }
+        storage.close()
 
 
 def stored_bytes(server, key: str) -> bytes:
     with server["storage"].open(key) as stored:
         return stored.read()
-
-
-def query(server, statement: str, params: tuple = ()) -> list[tuple]:
-    with psycopg.connect(server["db"], autocommit=True) as conn:
-        cursor = conn.execute(statement, params)
-        return cursor.fetchall() if cursor.description else []
 
 
 def part_counts(server) -> dict[str, float]:
@@ -198,7 +190,9 @@ def test_resume_sends_only_missing_parts_and_repairs_lost_ones(server, tmp_path,
         for number in (1, 2, 3):
             client.put_part(session["id"], number, data[(number - 1) * part_size : number * part_size])
         [(lost_key,)] = query(
-            server, "SELECT storage_key FROM upload_parts WHERE session_id = %s AND part_number = 2", (session["id"],)
+            server["db"],
+            "SELECT storage_key FROM upload_parts WHERE session_id = %s AND part_number = 2",
+            (session["id"],),
         )
         server["storage"].delete([lost_key])
         before = part_counts(server)
@@ -222,7 +216,9 @@ def test_an_expired_session_is_replaced_by_a_fresh_one(server, tmp_path):
         stale = client.create_session(path.name, len(data), part_size=4096, idempotency_key=earlier.resume_key(0))
         client.put_part(stale["id"], 1, data[:4096])
         query(
-            server, "UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s", (stale["id"],)
+            server["db"],
+            "UPDATE upload_sessions SET expires_at = now() - interval '1 second' WHERE id = %s",
+            (stale["id"],),
         )
 
         done = client.upload_file(path, part_size=4096)
@@ -246,7 +242,7 @@ def test_a_worker_killed_mid_upload_is_retried_through(server, tmp_path):
         upload.start()
         wait_for(
             lambda: query(
-                server, "SELECT 1 FROM upload_sessions WHERE filename = 'killed.bin' AND received_parts >= 2"
+                server["db"], "SELECT 1 FROM upload_sessions WHERE filename = 'killed.bin' AND received_parts >= 2"
             ),
             "the upload to be under way",
         )
@@ -337,7 +333,9 @@ def test_cli_killed_mid_upload_resumes_the_same_session(server, tmp_path):
     )
     try:
         [(session_id,)] = wait_for(
-            lambda: query(server, "SELECT id FROM upload_sessions WHERE filename = 'big.bin' AND received_parts >= 4"),
+            lambda: query(
+                server["db"], "SELECT id FROM upload_sessions WHERE filename = 'big.bin' AND received_parts >= 4"
+            ),
             "some parts to arrive",
         )
     finally:
@@ -348,7 +346,9 @@ def test_cli_killed_mid_upload_resumes_the_same_session(server, tmp_path):
         """received_parts once a part the killed client had fully sent is recorded (or dropped)."""
         counts = []
         for _ in range(2):
-            counts.append(query(server, "SELECT received_parts FROM upload_sessions WHERE id = %s", (session_id,)))
+            counts.append(
+                query(server["db"], "SELECT received_parts FROM upload_sessions WHERE id = %s", (session_id,))
+            )
             time.sleep(0.5)
         return counts[0][0][0] if counts[0] == counts[1] else None
 
@@ -431,7 +431,7 @@ def test_cli_reports_quota_exceeded_with_the_limit_and_the_use_and_shows_limits(
     client_name = f"quota-{uuid.uuid4().hex[:8]}"
     key = harness.create_api_key(server["db"], client_name)
     query(
-        server,
+        server["db"],
         "INSERT INTO client_limits (client_id, max_bytes) SELECT id, 5 FROM clients WHERE name = %s",
         (client_name,),
     )

@@ -34,10 +34,10 @@ from chunksvc.services.completion import CompletionService
 from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.storage import open_storage
 from chunksvc_client import ApiError
-from tests.chaos import Tally, client, finish, measure_invariants, query, record_fault, upload
+from tests.chaos import Tally, client, finish, measure_invariants, record_fault, upload
 from tests.conftest import TEST_LIMITS
 from tests.faults import HANG, PASS, PG_READY_FOR_QUERY, REFUSE, RESET, FaultProxy
-from tests.helpers import payload, wait_for
+from tests.helpers import payload, query, wait_for
 from tests.storage_fixtures import make_s3_spec
 from tools import harness
 

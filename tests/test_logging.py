@@ -6,19 +6,17 @@ from __future__ import annotations
 import io
 import json
 import logging
-import uuid
 from pathlib import Path
 
 import falcon
 import pytest
 
-from chunksvc import embedded, logs
+from chunksvc import logs
 from chunksvc.config import StorageSpec
 from chunksvc.resources.middleware import publish_client
 from chunksvc.services.auth import Client
 from tests.helpers import create, payload, put_part
 from tests.test_api import assert_problem
-from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 PART_ROUTE = "/uploads/sessions/{session_id}/parts/{part_number}"
@@ -167,9 +165,7 @@ def test_logging_config_is_valid_for_dictconfig(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(pg_admin_url, template_db, tmp_path_factory):
-    name = f"chunksvc_logs_{uuid.uuid4().hex[:12]}"
-    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
+def server(gunicorn_server, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("logs-server")
     env = {
         "CHUNKSVC_WORKERS": "2",
@@ -178,12 +174,13 @@ def server(pg_admin_url, template_db, tmp_path_factory):
         "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
     }
     storage = StorageSpec(kind="file", root=workdir / "storage")
-    try:
-        with harness.gunicorn(url, storage, env=env, cwd=ROOT, stderr_path=workdir / "stderr.log") as gunicorn:
-            key = harness.create_api_key(url, "ops-client")
-            yield {"gunicorn": gunicorn, "key": key, "access": workdir / "access.log", "stderr": workdir / "stderr.log"}
-    finally:
-        embedded.drop_database(pg_admin_url, name)
+    with gunicorn_server(storage, env, name="logs", client="ops-client", stderr_path=workdir / "stderr.log") as served:
+        yield {
+            "gunicorn": served.server,
+            "key": served.key,
+            "access": workdir / "access.log",
+            "stderr": workdir / "stderr.log",
+        }
 
 
 def test_gunicorn_writes_json_access_and_error_logs(server):

@@ -8,13 +8,11 @@ import hashlib
 import http.client
 import json
 import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from chunksvc import embedded
 from chunksvc.config import KiB, MiB, StorageSpec
 from tests.helpers import payload
 from tests.storage_fixtures import make_s3_spec
@@ -54,21 +52,15 @@ class Served:
 
 
 @pytest.fixture(scope="module", params=["file", "s3"])
-def served(request, pg_admin_url: str, template_db: str, tmp_path_factory) -> Iterator[Served]:
+def served(request, gunicorn_server, tmp_path_factory) -> Iterator[Served]:
     """gunicorn with one worker (so the one that serves is known) on a database of its own."""
-    name = f"chunksvc_mem_{uuid.uuid4().hex[:12]}"
-    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     if request.param == "file":
         spec = StorageSpec(kind="file", root=tmp_path_factory.mktemp("mem") / "storage")
     else:
         spec = make_s3_spec(request.getfixturevalue("radosgw_server"))  # radosgw's memory is not ours
-    try:
-        key = harness.create_api_key(url, "memory")
-        env = {"CHUNKSVC_WORKERS": "1", "CHUNKSVC_MIN_PART_SIZE": "1", "CHUNKSVC_LOG_LEVEL": "warning"}
-        with harness.gunicorn(url, spec, env=env) as server:
-            yield Served(server, key)
-    finally:
-        embedded.drop_database(pg_admin_url, name)
+    env = {"CHUNKSVC_WORKERS": "1", "CHUNKSVC_MIN_PART_SIZE": "1", "CHUNKSVC_LOG_LEVEL": "warning"}
+    with gunicorn_server(spec, env, name="mem", client="memory") as running:
+        yield Served(running.server, running.key)
 
 
 def status_kib(pid: int, field: str) -> int:

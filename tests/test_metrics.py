@@ -299,10 +299,8 @@ def test_a_file_a_starting_worker_has_not_sized_yet_does_not_fail_the_scrape(tmp
 
 
 @pytest.fixture(scope="module")
-def server(pg_admin_url, template_db, tmp_path_factory):
+def server(gunicorn_server, tmp_path_factory):
     """gunicorn with three workers, its metrics directory holding values left by an earlier run."""
-    name = f"chunksvc_metrics_{uuid.uuid4().hex[:12]}"
-    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     workdir = tmp_path_factory.mktemp("metrics-server")
     metrics_dir = workdir / "prometheus"
     metrics_dir.mkdir()
@@ -316,19 +314,15 @@ def server(pg_admin_url, template_db, tmp_path_factory):
         "CHUNKSVC_ACCESS_LOG": str(workdir / "access.log"),
     }
     storage = StorageSpec(kind="file", root=workdir / "storage")
-    try:
-        with harness.gunicorn(url, storage, env=env, cwd=ROOT, stderr_path=workdir / "stderr.log") as gunicorn:
-            key = harness.create_api_key(url, "metrics")
-            yield {
-                "gunicorn": gunicorn,
-                "dir": metrics_dir,
-                "stale": stale,
-                "key": key,
-                "access_log": workdir / "access.log",
-                "url": url,
-            }
-    finally:
-        embedded.drop_database(pg_admin_url, name)
+    with gunicorn_server(storage, env, name="metrics", stderr_path=workdir / "stderr.log") as served:
+        yield {
+            "gunicorn": served.server,
+            "dir": metrics_dir,
+            "stale": stale,
+            "key": served.key,
+            "access_log": workdir / "access.log",
+            "url": served.database_url,
+        }
 
 
 def gunicorn_scrape(server) -> dict:

@@ -18,9 +18,7 @@ from typing import Any
 
 import pytest
 
-from chunksvc import embedded
 from chunksvc.config import StorageSpec
-from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "chunksvc_openapi_client"  # the generated package's name; nothing else may be called that
@@ -30,18 +28,13 @@ GENERATOR_CONFIG = {"post_hooks": []}
 
 
 @pytest.fixture(scope="module")
-def server(pg_admin_url, template_db, tmp_path_factory):
+def server(gunicorn_server, tmp_path_factory):
     """gunicorn as ops run it, on its own database, with disk storage and 1-byte minimum parts."""
-    name = f"chunksvc_openapi_{uuid.uuid4().hex[:12]}"
-    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     spec = StorageSpec(kind="file", root=tmp_path_factory.mktemp("openapi-client") / "storage")
     env = {"CHUNKSVC_WORKERS": "1", "CHUNKSVC_MIN_PART_SIZE": "1", "CHUNKSVC_ACCESS_LOG": "/dev/null"}
     log = tmp_path_factory.mktemp("openapi-client-log") / "gunicorn.log"
-    try:
-        with harness.gunicorn(url, spec, env=env, cwd=ROOT, stderr_path=log) as gunicorn:
-            yield {"gunicorn": gunicorn, "url": gunicorn.url, "key": harness.create_api_key(url, "openapi-client")}
-    finally:
-        embedded.drop_database(pg_admin_url, name)
+    with gunicorn_server(spec, env, name="openapi", client="openapi-client", stderr_path=log) as served:
+        yield {"gunicorn": served.server, "url": served.server.url, "key": served.key}
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ from tests.helpers import (
     hold_completion_lease,
     migrate_twice_at_once,
     payload,
+    query,
     sha,
     split,
     wait_for,
@@ -99,12 +100,6 @@ def server_backends(database_url: str) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def query(database_url: str, statement: str, params: tuple = ()) -> list[tuple]:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        cursor = conn.execute(statement, params)
-        return cursor.fetchall() if cursor.description else []
 
 
 @contextlib.contextmanager

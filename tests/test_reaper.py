@@ -48,7 +48,18 @@ from chunksvc.services.reaper import (
 from chunksvc.services.uploads import UploadService
 from chunksvc.storage import Storage, open_storage
 from tests.conftest import TEST_LIMITS
-from tests.helpers import complete, create, hold_completion_lease, payload, put_part, sha, split, wait_for
+from tests.helpers import (
+    complete,
+    create,
+    hold_completion_lease,
+    payload,
+    put_part,
+    query,
+    sha,
+    split,
+    uploaded,
+    wait_for,
+)
 from tests.storage_fixtures import make_s3_spec, s3_admin
 from tools import harness
 
@@ -58,12 +69,6 @@ OLD = 2 * 3600  # seconds: older than the grace period the tests give (one hour)
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def query(database_url: str, statement: str, params: tuple = ()) -> list[tuple]:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        cursor = conn.execute(statement, params)
-        return cursor.fetchall() if cursor.description else []
 
 
 def status(database_url: str, session_id) -> str:
@@ -107,13 +112,9 @@ def stall_completion(database_url: str, session_id) -> None:
     )
 
 
-def uploaded(app: webtest.TestApp, auth: dict, parts: int = 2, seed: int = 0) -> tuple[str, bytes]:
-    """A session with every part uploaded (and its SHA-256 announced); ``(id, data)``."""
-    data = payload(parts * PART - 100, seed)
-    session_id = create(app, auth, size=len(data), part_size=PART, sha256=sha(data)).json["id"]
-    for number, chunk in enumerate(split(data, PART), start=1):
-        put_part(app, auth, session_id, number, chunk)
-    return session_id, data
+def uploaded_in_parts(app: webtest.TestApp, auth: dict, parts: int = 2, seed: int = 0) -> tuple[str, bytes]:
+    """A session of ``parts`` parts (the last one short), every part uploaded; ``(id, data)``."""
+    return uploaded(app, auth, parts * PART - 100, part_size=PART, seed=seed)
 
 
 def stored(storage: Storage, prefix: str = "") -> list[str]:
@@ -175,7 +176,7 @@ def reap(db, storage):
 def test_expire_stores_expired_on_overdue_open_sessions_only(app, auth, reap, database_url, storage):
     fresh = create(app, auth, size=10).json["id"]
     overdue_init = create(app, auth, size=10).json["id"]
-    overdue_started, _ = uploaded(app, auth)
+    overdue_started, _ = uploaded_in_parts(app, auth)
     overdue_aborted = create(app, auth, size=10).json["id"]
     app.delete(f"/uploads/sessions/{overdue_aborted}", headers=auth, status=204)
     for session_id in (overdue_init, overdue_started, overdue_aborted):
@@ -215,14 +216,14 @@ def test_a_session_locked_by_a_request_is_skipped_not_waited_for(app, auth, reap
 
 
 def test_purge_removes_what_each_ended_session_left(app, auth, reap, database_url, storage):
-    aborted, _ = uploaded(app, auth, seed=1)
+    aborted, _ = uploaded_in_parts(app, auth, seed=1)
     force_status(database_url, aborted, "ABORTED")  # the abort's own removal failed
-    expired, _ = uploaded(app, auth, seed=2)
+    expired, _ = uploaded_in_parts(app, auth, seed=2)
     force_status(database_url, expired, "EXPIRED")
-    failed, _ = uploaded(app, auth, seed=3)
+    failed, _ = uploaded_in_parts(app, auth, seed=3)
     force_status(database_url, failed, "FAILED")
     write(storage, layout.object_key(failed))  # the object of a failed assembly, not removed
-    completed, data = uploaded(app, auth, seed=4)
+    completed, data = uploaded_in_parts(app, auth, seed=4)
     complete(app, auth, completed)
     write(storage, part_keys(database_url, completed)[0])  # completion died before removing its parts
 
@@ -237,7 +238,7 @@ def test_purge_removes_what_each_ended_session_left(app, auth, reap, database_ur
 
 
 def test_an_abort_that_removed_its_bytes_is_not_purged_again(app, auth, reap, database_url, storage):
-    session_id, _ = uploaded(app, auth)
+    session_id, _ = uploaded_in_parts(app, auth)
     app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=204)
     assert purged(database_url, session_id)
     assert done(reap()) == {}
@@ -247,10 +248,10 @@ def test_an_abort_that_removed_its_bytes_is_not_purged_again(app, auth, reap, da
 
 
 def test_orphans_are_removed_once_older_than_the_grace_period(app, auth, reap, database_url, storage):
-    live, _ = uploaded(app, auth, seed=1)  # still open: its recorded parts stay
+    live, _ = uploaded_in_parts(app, auth, seed=1)  # still open: its recorded parts stay
     aborted = create(app, auth, size=10).json["id"]
     app.delete(f"/uploads/sessions/{aborted}", headers=auth, status=204)
-    completed, data = uploaded(app, auth, seed=2)
+    completed, data = uploaded_in_parts(app, auth, seed=2)
     complete(app, auth, completed)
     assert done(reap()) == {"completed_parts_removed": 1}  # the completed session: now nothing is pending
     ghost = uuid.uuid4()  # no such session
@@ -307,11 +308,11 @@ def test_unfinished_writes_are_swept_once_older_than_the_grace_period(reap, stor
 
 
 def test_a_completion_whose_assembler_died_is_driven_to_the_end(app, auth, reap, db, database_url, storage):
-    stuck, data = uploaded(app, auth, parts=3, seed=1)
+    stuck, data = uploaded_in_parts(app, auth, parts=3, seed=1)
     stall_completion(database_url, stuck)
-    recent, _ = uploaded(app, auth, seed=2)
+    recent, _ = uploaded_in_parts(app, auth, seed=2)
     force_status(database_url, recent, "COMPLETING")  # within the lease: its client may retry itself
-    busy, _ = uploaded(app, auth, seed=3)
+    busy, _ = uploaded_in_parts(app, auth, seed=3)
     stall_completion(database_url, busy)
 
     hold_completion_lease(database_url, busy, 60)  # a live assembler holds the completion lease
@@ -329,7 +330,7 @@ def test_a_completion_whose_assembler_died_is_driven_to_the_end(app, auth, reap,
 def test_a_stuck_completion_whose_part_bytes_are_gone_is_reopened_for_the_client(
     app, auth, reap, database_url, storage
 ):
-    stuck, data = uploaded(app, auth, parts=3)
+    stuck, data = uploaded_in_parts(app, auth, parts=3)
     stall_completion(database_url, stuck)
     lost = part_keys(database_url, stuck)[1]
     storage.delete([lost])
@@ -353,11 +354,11 @@ def test_a_stuck_completion_whose_part_bytes_are_gone_is_reopened_for_the_client
 
 
 def test_dry_run_reports_and_changes_nothing(app, auth, reap, database_url, storage_spec, storage):
-    overdue, _ = uploaded(app, auth, seed=1)
+    overdue, _ = uploaded_in_parts(app, auth, seed=1)
     make_overdue(database_url, overdue)
-    aborted, _ = uploaded(app, auth, seed=2)
+    aborted, _ = uploaded_in_parts(app, auth, seed=2)
     force_status(database_url, aborted, "ABORTED")
-    stuck, _ = uploaded(app, auth, seed=3)
+    stuck, _ = uploaded_in_parts(app, auth, seed=3)
     stall_completion(database_url, stuck)
     ghost = layout.part_key(uuid.uuid4())
     write(storage, ghost)
@@ -425,9 +426,9 @@ def test_a_listing_names_the_first_items_of_each_kind_and_counts_the_rest():
 
 
 def test_two_reapers_at_once_do_each_piece_of_work_once(app, auth, db, database_url, storage_spec, storage):
-    expiring = [uploaded(app, auth, parts=1, seed=i)[0] for i in range(24)]
-    aborted = [uploaded(app, auth, parts=1, seed=100 + i)[0] for i in range(8)]
-    stuck = [uploaded(app, auth, parts=2, seed=200 + i) for i in range(4)]
+    expiring = [uploaded_in_parts(app, auth, parts=1, seed=i)[0] for i in range(24)]
+    aborted = [uploaded_in_parts(app, auth, parts=1, seed=100 + i)[0] for i in range(8)]
+    stuck = [uploaded_in_parts(app, auth, parts=2, seed=200 + i) for i in range(4)]
     # An upload token on each: those of the ended sessions go (once), the completed ones' stay.
     for session_id in [*expiring, *aborted, *(session_id for session_id, _ in stuck)]:
         app.post(f"/uploads/sessions/{session_id}/tokens", headers=auth, status=201)
@@ -539,9 +540,9 @@ def file_app(database_url, db, file_spec):
 
 def test_cli_lists_a_dry_run_prints_one_line_and_exits_0_when_all_was_cleaned(file_app, auth, database_url, file_spec):
     app, storage = file_app
-    overdue, _ = uploaded(app, auth, seed=1)
+    overdue, _ = uploaded_in_parts(app, auth, seed=1)
     make_overdue(database_url, overdue)
-    completed, data = uploaded(app, auth, seed=2)
+    completed, data = uploaded_in_parts(app, auth, seed=2)
     complete(app, auth, completed)
     ghost = layout.part_key(uuid.uuid4())
     write(storage, ghost)
@@ -663,7 +664,7 @@ def test_one_periodic_pass_at_a_time_across_processes_the_others_skip_their_turn
 
 
 def test_the_periodic_reaper_runs_passes_on_its_turns_and_counts_them(app, auth, db, database_url, storage):
-    session_id, _ = uploaded(app, auth)
+    session_id, _ = uploaded_in_parts(app, auth)
     make_overdue(database_url, session_id)
     metrics = Metrics(CollectorRegistry())
     completion = CompletionService(db, storage, TEST_LIMITS, 64 * 1024)

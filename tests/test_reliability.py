@@ -23,7 +23,7 @@ from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.storage import open_storage
 from tests.conftest import TEST_LIMITS
 from tests.faults import fill, small_disk
-from tests.helpers import ShortBody, complete, content_digest, create, payload, put_part, raw_put, sha, split
+from tests.helpers import ShortBody, complete, content_digest, create, payload, put_part, raw_put, sha, split, uploaded
 from tests.test_api import assert_problem, read_object, stored_part_keys
 
 
@@ -35,19 +35,16 @@ def part_rows(database_url: str, session_id: str) -> dict[int, str]:
     return dict(rows)
 
 
-def uploaded(app, auth, parts: int, part_size: int = 1000, seed: int = 0) -> tuple[str, bytes]:
-    data = payload(parts * part_size - 7, seed)
-    session_id = create(app, auth, size=len(data), part_size=part_size, sha256=sha(data)).json["id"]
-    for number, chunk in enumerate(split(data, part_size), start=1):
-        put_part(app, auth, session_id, number, chunk)
-    return session_id, data
+def uploaded_in_parts(app, auth, parts: int, part_size: int = 1000, seed: int = 0) -> tuple[str, bytes]:
+    """A session of ``parts`` parts (the last one short), every part uploaded; ``(id, data)``."""
+    return uploaded(app, auth, parts * part_size - 7, part_size=part_size, seed=seed)
 
 
 # --- self-healing -------------------------------------------------------------------------------
 
 
 def test_a_retried_part_whose_stored_bytes_are_gone_takes_the_new_bytes(app, auth, database_url, storage):
-    session_id, data = uploaded(app, auth, parts=3)
+    session_id, data = uploaded_in_parts(app, auth, parts=3)
     lost = part_rows(database_url, session_id)[2]
     storage.delete([lost])
 
@@ -62,7 +59,7 @@ def test_a_retried_part_whose_stored_bytes_are_gone_takes_the_new_bytes(app, aut
 
 
 def test_a_retried_part_whose_bytes_are_there_leaves_one_copy(app, auth, database_url, storage):
-    session_id, data = uploaded(app, auth, parts=2)
+    session_id, data = uploaded_in_parts(app, auth, parts=2)
     before = part_rows(database_url, session_id)
     put_part(app, auth, session_id, 1, split(data, 1000)[0], status=200)
     assert part_rows(database_url, session_id) == before
@@ -71,7 +68,7 @@ def test_a_retried_part_whose_bytes_are_there_leaves_one_copy(app, auth, databas
 
 def test_different_bytes_for_a_part_whose_bytes_are_gone_still_conflict(app, auth, database_url, storage):
     """The first accepted part stays the part's identity; complete asks for it again instead."""
-    session_id, data = uploaded(app, auth, parts=2)
+    session_id, data = uploaded_in_parts(app, auth, parts=2)
     storage.delete([part_rows(database_url, session_id)[1]])
     conflict = put_part(app, auth, session_id, 1, payload(1000, seed=99), status=409)
     assert_problem(conflict, 409, "part_conflict")
@@ -108,7 +105,7 @@ def test_complete_drops_parts_whose_bytes_are_gone_and_asks_for_them(app, auth, 
 
 def test_a_completion_stuck_on_lost_bytes_is_reopened_by_complete_not_failed(app, auth, database_url, storage):
     """The v1 bug: COMPLETING, a part's bytes gone, every complete a 502. Now: 409 parts_missing."""
-    session_id, data = uploaded(app, auth, parts=2)
+    session_id, data = uploaded_in_parts(app, auth, parts=2)
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("UPDATE upload_sessions SET status = 'COMPLETING' WHERE id = %s", (session_id,))
     storage.delete([part_rows(database_url, session_id)[2]])
@@ -129,7 +126,7 @@ def other_spellings(session_id: str) -> list[str]:
 
 
 def test_only_the_canonical_session_id_reaches_the_session(app, auth):
-    session_id, _ = uploaded(app, auth, parts=1)
+    session_id, _ = uploaded_in_parts(app, auth, parts=1)
     for spelling in other_spellings(session_id):
         for method, path in (
             ("GET", f"/uploads/sessions/{spelling}"),
@@ -295,7 +292,7 @@ def test_storage_full_maps_from_s3s_insufficient_storage():
 def test_bytes_that_were_only_out_of_sight_are_never_swept(app, auth, database_url, db, storage):
     """complete found no bytes (an unmounted disk, a wrong bucket) and dropped the parts; when the
     bytes come back, the orphan sweep must not take them for bytes no record needs."""
-    session_id, _ = uploaded(app, auth, parts=2)
+    session_id, _ = uploaded_in_parts(app, auth, parts=2)
     keys = part_rows(database_url, session_id)
     saved = {key: read_object(storage, key) for key in keys.values()}
     storage.delete(list(saved))  # out of sight

@@ -10,12 +10,10 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from chunksvc import embedded
 from chunksvc.config import StorageSpec
 from chunksvc.services import layout
 from tests.helpers import payload, sha, split
@@ -25,9 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def server(pg_admin_url, template_db, tmp_path_factory):
-    name = f"chunksvc_srv_{uuid.uuid4().hex[:12]}"
-    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
+def server(gunicorn_server, tmp_path_factory):
     storage_root = tmp_path_factory.mktemp("srv") / "storage"
     env = {
         "CHUNKSVC_WORKERS": "2",
@@ -35,12 +31,8 @@ def server(pg_admin_url, template_db, tmp_path_factory):
         "CHUNKSVC_DEFAULT_PART_SIZE": "65536",
         "CHUNKSVC_ACCESS_LOG": "/dev/null",
     }
-    try:
-        with harness.gunicorn(url, StorageSpec(kind="file", root=storage_root), env=env, cwd=ROOT) as gunicorn:
-            key = harness.create_api_key(url, "e2e")
-            yield {"gunicorn": gunicorn, "port": gunicorn.port, "key": key, "root": storage_root}
-    finally:
-        embedded.drop_database(pg_admin_url, name)
+    with gunicorn_server(StorageSpec(kind="file", root=storage_root), env, name="srv", client="e2e") as served:
+        yield {"gunicorn": served.server, "port": served.server.port, "key": served.key, "root": storage_root}
 
 
 def request(server, method, path, body=None, headers=None):

@@ -9,7 +9,6 @@ import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 import pytest
 
 from chunksvc import hashstate
@@ -19,7 +18,7 @@ from chunksvc.services.completion import CompletionService
 from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.storage.base import StagedPiece
 from tests.conftest import TEST_LIMITS
-from tests.helpers import complete, create, payload, put_part, sha, split, wait_for
+from tests.helpers import complete, create, payload, put_part, query, sha, split, wait_for
 
 PART = 5 * 1024 * 1024  # S3's smallest part but the last
 
@@ -36,15 +35,12 @@ def config(config: Config) -> Config:
     return dataclasses.replace(config, in_place_min_part=1)
 
 
-def _query(database_url: str, statement: str, *params) -> list[tuple]:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        return conn.execute(statement, params).fetchall()
-
-
 def _staging(database_url: str, session_id: str) -> tuple[str | None, dict[int, str | None]]:
     """The session's staging id and each part's recorded token."""
-    [(staged_id,)] = _query(database_url, "SELECT staged_id FROM upload_sessions WHERE id = %s", session_id)
-    rows = _query(database_url, "SELECT part_number, staged_token FROM upload_parts WHERE session_id = %s", session_id)
+    [(staged_id,)] = query(database_url, "SELECT staged_id FROM upload_sessions WHERE id = %s", (session_id,))
+    rows = query(
+        database_url, "SELECT part_number, staged_token FROM upload_parts WHERE session_id = %s", (session_id,)
+    )
     return staged_id, dict(rows)
 
 
@@ -93,7 +89,7 @@ def test_parts_in_reverse_order_are_staged_once_the_first_arrives(app, auth, dat
     session_id = _upload(app, auth, data, (3, 2))
     # No part 1 yet: the frontier, and so the staging, waits at the gap.
     wait_for(
-        lambda: _query(database_url, "SELECT count(*) FROM upload_parts WHERE session_id = %s", session_id) == [(2,)],
+        lambda: query(database_url, "SELECT count(*) FROM upload_parts WHERE session_id = %s", (session_id,)) == [(2,)],
         "the parts to be recorded",
     )
     assert _staging(database_url, session_id)[0] is None
@@ -124,8 +120,8 @@ def test_a_piece_replaced_after_it_was_recorded_is_copied_again(app, auth, datab
     session_id = _upload(app, auth, data, (1, 2, 3))
     wait_for(lambda: _all_staged(database_url, session_id, 3), "the frontier to copy every part in", 30)
     staged_id, tokens = _staging(database_url, session_id)
-    [(part_1_key,)] = _query(
-        database_url, "SELECT storage_key FROM upload_parts WHERE session_id = %s AND part_number = 1", session_id
+    [(part_1_key,)] = query(
+        database_url, "SELECT storage_key FROM upload_parts WHERE session_id = %s AND part_number = 1", (session_id,)
     )
     key = layout.object_key(session_id)
     late = storage.staged.place(key, staged_id, 2, part_1_key)
@@ -158,7 +154,9 @@ def test_abort_during_staging_leaves_no_unfinished_upload(app, auth, database_ur
     app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=204)
 
     def given_back() -> bool:
-        return _query(database_url, "SELECT frontier_owner FROM upload_sessions WHERE id = %s", session_id) == [(None,)]
+        return query(database_url, "SELECT frontier_owner FROM upload_sessions WHERE id = %s", (session_id,)) == [
+            (None,)
+        ]
 
     wait_for(given_back, "the frontier lease to be given back", 30)
     # A copy in flight at the abort fails against the aborted upload; none begins another.

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import socket
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import psycopg
 import pytest
 import webtest
 
-from chunksvc import embedded
 from chunksvc.app import create_app
 from chunksvc.config import Quotas, StorageSpec
 from chunksvc.services.completion import CompletionService
@@ -33,7 +31,6 @@ from chunksvc.services.webhooks import SigningKey, WebhookRegistry
 from tests.conftest import TEST_LIMITS
 from tests.helpers import ShortBody, payload, sha, wait_for
 from tests.storage_fixtures import drop_bucket, make_s3_spec
-from tools import harness
 from tools import tus_js as tus_js_client
 from tools.peer_tus import PeerUnavailable
 
@@ -493,10 +490,8 @@ SERVED_PART = 65536  # the served upload's part size: the clients' chunks are ne
 
 
 @contextlib.contextmanager
-def served(pg_admin_url: str, template_db: str, spec: StorageSpec, **env: str):
+def served(gunicorn_server, spec: StorageSpec, **env: str):
     """gunicorn (gunicorn.conf.py, chunksvc.wsgi:app) on a database of its own, with a key."""
-    name = f"chunksvc_tus_{uuid.uuid4().hex[:12]}"
-    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     settings = {
         "CHUNKSVC_WORKERS": "2",
         "CHUNKSVC_MIN_PART_SIZE": "1",
@@ -504,27 +499,24 @@ def served(pg_admin_url: str, template_db: str, spec: StorageSpec, **env: str):
         "CHUNKSVC_ACCESS_LOG": "/dev/null",
         **env,
     }
-    try:
-        with harness.gunicorn(url, spec, env=settings, cwd=ROOT) as server:
-            yield server, harness.create_api_key(url, "tus-client")
-    finally:
-        embedded.drop_database(pg_admin_url, name)
+    with gunicorn_server(spec, settings, name="tus", client="tus-client") as running:
+        yield running.server, running.key
 
 
 @pytest.fixture(scope="module")
-def disk_server(pg_admin_url, template_db, tmp_path_factory):
+def disk_server(gunicorn_server, tmp_path_factory):
     spec = StorageSpec(kind="file", root=tmp_path_factory.mktemp("tus") / "storage")
     # Uploads above 500,000 bytes complete in the background (the 1 MB ones below), smaller ones
     # in their last PATCH: both paths of "complete as POST .../complete would".
-    with served(pg_admin_url, template_db, spec, CHUNKSVC_SYNC_COMPLETE_MAX="500000") as running:
+    with served(gunicorn_server, spec, CHUNKSVC_SYNC_COMPLETE_MAX="500000") as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def s3_server(pg_admin_url, template_db, radosgw_server):
+def s3_server(gunicorn_server, radosgw_server):
     spec = make_s3_spec(radosgw_server)
     try:
-        with served(pg_admin_url, template_db, spec) as running:
+        with served(gunicorn_server, spec) as running:
             yield running
     finally:
         drop_bucket(spec)
@@ -647,14 +639,12 @@ def partial_ids(gunicorn, final_id: str) -> set[str]:
     return {row[0] for row in rows}
 
 
-def test_a_worker_killed_mid_patch_leaves_a_durable_prefix_and_the_upload_completes(
-    pg_admin_url, template_db, tmp_path
-):
+def test_a_worker_killed_mid_patch_leaves_a_durable_prefix_and_the_upload_completes(gunicorn_server, tmp_path):
     from tusclient.client import TusClient
 
     data = payload(1_000_000, seed=5)
     spec = StorageSpec(kind="file", root=tmp_path / "storage")
-    with served(pg_admin_url, template_db, spec, CHUNKSVC_WORKERS="1", CHUNKSVC_BLOCK_SIZE="4096") as (gunicorn, key):
+    with served(gunicorn_server, spec, CHUNKSVC_WORKERS="1", CHUNKSVC_BLOCK_SIZE="4096") as (gunicorn, key):
         headers = {"Authorization": f"Bearer {key}", **TUS}
         status, response, _ = gunicorn.request("POST", "/tus/", headers={**headers, "Upload-Length": str(len(data))})
         assert status == 201
