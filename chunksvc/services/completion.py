@@ -164,6 +164,9 @@ class CompletionService:
                 session = dao.get_session(conn, session_id, client.id)
             if session is None:
                 raise SessionNotFound() from None
+            if session.effective_status == states.COMPLETED:
+                # The other assembler finished between the two reads: the object is there to give.
+                return session, Completion.DONE
             return session, Completion.ELSEWHERE
 
     def wait_while_completing(self, session_id: UUID, client_id: int, seconds: float) -> bool:
