@@ -112,7 +112,9 @@ class Stager:
                 for piece, token in zip(again, placed, strict=True):
                     tokens[piece.part_number - 1] = token
             check()
-            return self._staged.finish(key, staged_id, [token for token in tokens if token is not None])
+            complete = [token for token in tokens if token is not None]
+            assert len(complete) == len(tokens)  # every piece without a token was just copied in
+            return self._staged.finish(key, staged_id, complete)
         except StagingLost as exc:
             log.warning(
                 "session %s: its staged object was lost (%s); made from the parts instead", session_id, exc.detail
