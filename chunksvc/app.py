@@ -34,6 +34,7 @@ from chunksvc.services.tus import TusService
 from chunksvc.services.uploads import UploadService
 from chunksvc.services.webhooks import DeliverySettings, SigningKey, WebhookDeliverer
 from chunksvc.storage import Storage, open_storage
+from chunksvc.storage.spill import Spill
 
 
 def build_database(config: Config) -> Database:
@@ -124,6 +125,8 @@ def build(
     # store builds objects from stored keys (S3), each object staged as its parts pass.
     # Its lease no longer than the completion lease: a completion waits out a killed holder's.
     stager = Stager(db, storage.staged) if storage.staged is not None else None
+    # There, parts are sent straight into the staging, from local copies the frontier then hashes.
+    spill = Spill(config.spill_dir) if stager is not None and config.spill_dir is not None else None
     frontier = HashFrontier(
         db,
         storage,
@@ -131,6 +134,7 @@ def build(
         lease=min(config.lease, FRONTIER_LEASE),
         min_part=config.in_place_min_part,
         stager=stager,
+        spill=spill,
     )
     upload_service = UploadService(
         db,
@@ -140,6 +144,8 @@ def build(
         events=events,
         quotas=quotas,
         frontier=frontier,
+        stager=stager,
+        spill=spill,
     )
     completion = CompletionService(
         db,
@@ -165,6 +171,7 @@ def build(
             completion,
             ReaperSettings(lease=config.lease, webhook_retention=config.webhook_retention),
             events=events,
+            spill=spill,
         ),
         config.reap_interval,
         metrics,

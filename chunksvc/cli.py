@@ -34,6 +34,7 @@ from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
 from chunksvc.services.webhooks import DeliverySettings, SigningKey, WebhookDeliverer, WebhookRegistry
 from chunksvc.storage import open_storage
+from chunksvc.storage.spill import Spill
 
 
 @contextlib.contextmanager
@@ -401,7 +402,8 @@ def cmd_reap(config: Config, args: argparse.Namespace) -> int:
             completion = CompletionService(
                 db, storage, config.limits, config.block_size, events=metrics, lease=config.lease
             )
-            result = Reaper(db, storage, completion, settings, events=metrics).run()
+            spill = Spill(config.spill_dir) if config.spill_dir is not None and storage.staged is not None else None
+            result = Reaper(db, storage, completion, settings, events=metrics, spill=spill).run()
         finally:
             storage.close()
             db.close()

@@ -285,6 +285,9 @@ class Config:
     # they arrive. Smaller parts cost more in locking and per-part bookkeeping than a copy saves.
     # 0: never.
     in_place_min_part: int = 1 * MiB
+    # On S3, where parts are sent straight into the session's staged object, their local copies
+    # (hashed by the frontier: ``storage.spill``) are kept here; None: parts are not sent that way.
+    spill_dir: Path | None = None
     # Background assemblies each worker process runs at once, and how often (seconds) each
     # worker looks for accepted completions no one is running (a host that died, say).
     background_assemblies: int = 1
@@ -353,6 +356,9 @@ class Config:
             storage_min_free=_int(env, "CHUNKSVC_STORAGE_MIN_FREE", 256 * MiB),
             sync_complete_max=_int(env, "CHUNKSVC_SYNC_COMPLETE_MAX", 256 * MiB),
             in_place_min_part=_int(env, "CHUNKSVC_IN_PLACE_MIN_PART", 1 * MiB),
+            spill_dir=Path(spill).resolve()
+            if (spill := env.get("CHUNKSVC_SPILL_DIR", str(var_dir / "spill")))
+            else None,
             background_assemblies=_int(env, "CHUNKSVC_BACKGROUND_ASSEMBLIES", 1),
             assembly_poll_interval=_int(env, "CHUNKSVC_ASSEMBLY_POLL", 5),
             reap_interval=_int(env, "CHUNKSVC_REAP_INTERVAL", 300),
@@ -503,6 +509,11 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if value != value:  # NaN compares false with everything, so validate() would pass it
         raise ConfigError(f"{name} must be a number, got {raw!r}")
     return value
+
+
+def _optional_path(raw: str) -> Path | None:
+    """A directory setting that may be set empty to turn its feature off."""
+    return Path(raw).resolve() if raw else None
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

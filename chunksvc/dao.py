@@ -52,6 +52,7 @@ from chunksvc.rows import (
     OverdueRow,
     PartRow,
     PartSessionRow,
+    PieceAttemptRow,
     PrunableCountRow,
     PrunableEventRow,
     RateOverrideRow,
@@ -78,6 +79,7 @@ _TUS_STATE = dataclass_row(TusStateRow)
 _COMPLETION = dataclass_row(CompletionRow)
 _FRONTIER = dataclass_row(FrontierRow)
 _STAGED_PIECE = dataclass_row(StagedPieceRow)
+_PIECE_ATTEMPT = dataclass_row(PieceAttemptRow)
 _CLIENT = dataclass_row(ClientRow)
 _USAGE = dataclass_row(UsageRow)
 _CLIENT_USAGE = dataclass_row(ClientUsageRow)
@@ -433,6 +435,17 @@ def staged_pieces(conn: Connection, session_id: UUID) -> list[StagedPieceRow]:
 
 def forget_staging(conn: Connection, session_id: UUID, staged_id: str) -> bool:
     return bool(conn.values("forget_staging", UUID, id=session_id, staged_id=staged_id))
+
+
+def take_piece(conn: Connection, session_id: UUID, part_number: int) -> PieceAttemptRow | None:
+    """This request's attempt at the part and the session's staging (``take_piece``); None if the
+    part is recorded already or the session takes no parts."""
+    return conn.one("take_piece", _PIECE_ATTEMPT, id=session_id, part_number=part_number)
+
+
+def begin_part_staging(conn: Connection, session_id: UUID, staged_id: str) -> bool:
+    """Whether ``staged_id`` is now the session's staging (it had none and still takes parts)."""
+    return bool(conn.values("begin_part_staging", UUID, id=session_id, staged_id=staged_id))
 
 
 def session_staging(conn: Connection, session_id: UUID) -> str | None:

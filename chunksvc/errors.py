@@ -227,8 +227,9 @@ class ObjectMissing(StorageError):
 
 class StagingLost(StorageError):
     """An object being staged (``StagedObject``) is no longer staged: finished, abandoned or swept
-    behind the caller's back, or one of its pieces replaced. Nothing is lost: the parts it was
-    built from are still stored, and the object is made from them the usual way."""
+    behind the caller's back, or one of its pieces replaced. Parts copied in from keys of their own
+    are still stored there, and the object is made from them the usual way; parts sent straight in
+    as pieces (``services.staging``) are lost with it, and asked of the client again."""
 
     title = "Staged object lost"
 
@@ -238,3 +239,11 @@ class StorageFull(ChunksvcError):
 
     code = "storage_full"
     title = "Storage is full"
+
+
+class PieceCopyMissing(StorageError):
+    """The local copy of a part sent straight into a staged object (``storage.spill``) is not on
+    this host (another host took the part, or it was swept): the hash frontier cannot pass it, and
+    completion reads the finished object back to hash it instead."""
+
+    title = "Local copy of a piece missing"

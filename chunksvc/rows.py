@@ -183,6 +183,14 @@ class FrontierRow:
 
 
 @dataclasses.dataclass(frozen=True)
+class PieceAttemptRow:
+    """A request's turn at a part sent straight into the session's staging (``take_piece``)."""
+
+    attempts: int  # this request's number among every request for the part (from 1)
+    staged_id: str | None  # the session's staging; None: none begun yet
+
+
+@dataclasses.dataclass(frozen=True)
 class StagedPieceRow:
     """A part of a session being staged, with the token of its piece (``staged_pieces``)."""
 

@@ -8,9 +8,12 @@ import io
 import threading
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import webtest
+
+from chunksvc.services import layout
 
 
 def sha(data: bytes) -> str:
@@ -152,3 +155,37 @@ def migrate_twice_at_once(url: str) -> list[list[str]]:
     for thread in threads:
         thread.join()
     return results
+
+
+# --- S3 staging (tests/test_frontier_s3.py, tests/test_pieces_s3.py) -------------------------
+
+PART_S3 = 5 * 1024 * 1024  # S3's smallest part but the last
+
+
+def staging_of(database_url: str, session_id: str) -> tuple[str | None, dict[int, str | None]]:
+    """The session's staging id and each part's recorded token."""
+    [(staged_id,)] = query(database_url, "SELECT staged_id FROM upload_sessions WHERE id = %s", (session_id,))
+    rows = query(
+        database_url, "SELECT part_number, staged_token FROM upload_parts WHERE session_id = %s", (session_id,)
+    )
+    return staged_id, dict(rows)
+
+
+def upload_parts_in(app, auth, data: bytes, order) -> str:
+    """A session of ``data`` in 5 MiB parts, announcing its SHA-256, with the parts of ``order`` sent."""
+    parts = split(data, PART_S3)
+    session_id = create(app, auth, size=len(data), part_size=PART_S3, sha256=sha(data)).json["id"]
+    for number in order:
+        put_part(app, auth, session_id, number, parts[number - 1])
+    return session_id
+
+
+def stored_object(storage, session_id: str) -> bytes:
+    """The session's object, as stored."""
+    with storage.open(layout.object_key(session_id)) as stored:
+        return stored.read()
+
+
+def unfinished_uploads(storage) -> int:
+    """How many multipart uploads under the service's prefixes are unfinished (none is swept)."""
+    return storage.sweep_incomplete(layout.PREFIXES, datetime.now(UTC) + timedelta(hours=1), dry_run=True)

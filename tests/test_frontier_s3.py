@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -20,11 +19,26 @@ from chunksvc.config import Config
 from chunksvc.services import layout
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.reaper import Reaper, ReaperSettings
+from chunksvc.services.staging import copy_piece
 from chunksvc.storage.base import StagedPiece
 from tests.conftest import TEST_LIMITS
-from tests.helpers import complete, create, payload, put_part, query, sha, split, wait_for
+from tests.helpers import (
+    PART_S3,
+    complete,
+    create,
+    payload,
+    put_part,
+    query,
+    sha,
+    split,
+    staging_of,
+    stored_object,
+    unfinished_uploads,
+    upload_parts_in,
+    wait_for,
+)
 
-PART = 5 * 1024 * 1024  # S3's smallest part but the last
+PART = PART_S3
 
 pytestmark = pytest.mark.skipif(not hashstate.available(), reason="no libcrypto SHA-256 to save states with")
 
@@ -80,122 +94,96 @@ def test_abort_while_the_frontier_reads_parts_back_leaves_nothing(app, auth, dat
 # --- the staged object ------------------------------------------------------------------------
 
 
-def _staging(database_url: str, session_id: str) -> tuple[str | None, dict[int, str | None]]:
-    """The session's staging id and each part's recorded token."""
-    [(staged_id,)] = query(database_url, "SELECT staged_id FROM upload_sessions WHERE id = %s", (session_id,))
-    rows = query(
-        database_url, "SELECT part_number, staged_token FROM upload_parts WHERE session_id = %s", (session_id,)
-    )
-    return staged_id, dict(rows)
-
-
 def _all_staged(database_url: str, session_id: str, parts: int) -> bool:
-    staged_id, tokens = _staging(database_url, session_id)
+    staged_id, tokens = staging_of(database_url, session_id)
     return staged_id is not None and len(tokens) == parts and None not in tokens.values()
-
-
-def _upload(app, auth, data: bytes, order) -> str:
-    parts = split(data, PART)
-    session_id = create(app, auth, size=len(data), part_size=PART, sha256=sha(data)).json["id"]
-    for number in order:
-        put_part(app, auth, session_id, number, parts[number - 1])
-    return session_id
-
-
-def _stored(storage, session_id: str) -> bytes:
-    with storage.open(layout.object_key(session_id)) as stored:
-        return stored.read()
-
-
-def _unfinished(storage) -> int:
-    return storage.sweep_incomplete(layout.PREFIXES, datetime.now(UTC) + timedelta(hours=1), dry_run=True)
 
 
 def test_parts_are_copied_in_as_they_arrive_and_completion_finishes_what_is_there(app, auth, database_url, storage):
     data = payload(3 * PART + 999)
-    session_id = _upload(app, auth, data, (1, 2, 3, 4))
+    session_id = upload_parts_in(app, auth, data, (1, 2, 3, 4))
     wait_for(lambda: _all_staged(database_url, session_id, 4), "the frontier to copy every part in", 30)
-    staged_id, tokens = _staging(database_url, session_id)
+    staged_id, tokens = staging_of(database_url, session_id)
     assert staged_id is not None
     # Before any completion: the store holds every piece, each the one recorded.
     held = storage.staged.placed(layout.object_key(session_id), staged_id)
     sizes = {1: PART, 2: PART, 3: PART, 4: 999}
-    assert held == {number: StagedPiece(sizes[number], tokens[number]) for number in sizes}
+    assert held == {copy_piece(number, 4): StagedPiece(sizes[number], tokens[number]) for number in sizes}
     done = complete(app, auth, session_id).json
     assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert _stored(storage, session_id) == data
-    assert _staging(database_url, session_id)[0] == staged_id  # the staging became the object
-    assert _unfinished(storage) == 0
+    assert stored_object(storage, session_id) == data
+    assert staging_of(database_url, session_id)[0] == staged_id  # the staging became the object
+    assert unfinished_uploads(storage) == 0
     assert list(storage.list_keys(layout.parts_prefix(session_id))) == []
 
 
 def test_parts_in_reverse_order_are_staged_once_the_first_arrives(app, auth, database_url, storage):
     data = payload(3 * PART, seed=1)
-    session_id = _upload(app, auth, data, (3, 2))
+    session_id = upload_parts_in(app, auth, data, (3, 2))
     # No part 1 yet: the frontier, and so the staging, waits at the gap.
     wait_for(
         lambda: query(database_url, "SELECT count(*) FROM upload_parts WHERE session_id = %s", (session_id,)) == [(2,)],
         "the parts to be recorded",
     )
-    assert _staging(database_url, session_id)[0] is None
+    assert staging_of(database_url, session_id)[0] is None
     put_part(app, auth, session_id, 1, data[:PART])
     wait_for(lambda: _all_staged(database_url, session_id, 3), "the frontier to copy every part in", 30)
     done = complete(app, auth, session_id).json
     assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert _stored(storage, session_id) == data
+    assert stored_object(storage, session_id) == data
 
 
 def test_conflicting_bytes_for_a_staged_part_are_refused_and_the_first_stay(app, auth, database_url, storage):
     data = payload(2 * PART, seed=2)
-    session_id = _upload(app, auth, data, (1, 2))
+    session_id = upload_parts_in(app, auth, data, (1, 2))
     wait_for(lambda: _all_staged(database_url, session_id, 2), "the frontier to copy every part in", 30)
-    before = _staging(database_url, session_id)
+    before = staging_of(database_url, session_id)
     other = payload(PART, seed=9)
     assert put_part(app, auth, session_id, 1, other, status=409).json["code"] == "part_conflict"
-    assert _staging(database_url, session_id) == before  # nothing copied in for the refused bytes
+    assert staging_of(database_url, session_id) == before  # nothing copied in for the refused bytes
     done = complete(app, auth, session_id).json
     assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert _stored(storage, session_id) == data
+    assert stored_object(storage, session_id) == data
 
 
 def test_a_piece_replaced_after_it_was_recorded_is_copied_again(app, auth, database_url, storage):
     """What a holder killed mid-copy can leave: its copy landing after another holder's. Here part
     1's bytes are placed as piece 2 behind the service's back, through the store's own API."""
     data = payload(2 * PART + 10, seed=3)
-    session_id = _upload(app, auth, data, (1, 2, 3))
+    session_id = upload_parts_in(app, auth, data, (1, 2, 3))
     wait_for(lambda: _all_staged(database_url, session_id, 3), "the frontier to copy every part in", 30)
-    staged_id, tokens = _staging(database_url, session_id)
+    staged_id, tokens = staging_of(database_url, session_id)
     [(part_1_key,)] = query(
         database_url, "SELECT storage_key FROM upload_parts WHERE session_id = %s AND part_number = 1", (session_id,)
     )
     key = layout.object_key(session_id)
-    late = storage.staged.place(key, staged_id, 2, part_1_key)
+    late = storage.staged.place(key, staged_id, copy_piece(2, 3), part_1_key)
     assert late != tokens[2]  # the store holds other bytes as piece 2 now
     done = complete(app, auth, session_id).json
     assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert _stored(storage, session_id) == data
+    assert stored_object(storage, session_id) == data
     # Piece 2 was copied again and the staging completed (made from the parts instead, it would
     # have been forgotten).
-    assert _staging(database_url, session_id)[0] == staged_id
+    assert staging_of(database_url, session_id)[0] == staged_id
 
 
 def test_a_staging_lost_behind_the_services_back_is_made_from_the_parts(app, auth, database_url, storage):
     data = payload(2 * PART, seed=4)
-    session_id = _upload(app, auth, data, (1, 2))
+    session_id = upload_parts_in(app, auth, data, (1, 2))
     wait_for(lambda: _all_staged(database_url, session_id, 2), "the frontier to copy every part in", 30)
-    staged_id, _ = _staging(database_url, session_id)
+    staged_id, _ = staging_of(database_url, session_id)
     assert storage.staged.abandon(layout.object_key(session_id), staged_id)  # an operator's cleanup, say
     done = complete(app, auth, session_id).json
     assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert _stored(storage, session_id) == data
-    assert _staging(database_url, session_id) == (None, {1: None, 2: None})  # forgotten, tokens and all
-    assert _unfinished(storage) == 0
+    assert stored_object(storage, session_id) == data
+    assert staging_of(database_url, session_id) == (None, {1: None, 2: None})  # forgotten, tokens and all
+    assert unfinished_uploads(storage) == 0
 
 
-def test_abort_during_staging_leaves_no_unfinished_upload(app, auth, database_url, storage):
+def test_abort_during_staging_leaves_no_unfinishedupload_parts_in(app, auth, database_url, storage):
     data = payload(3 * PART, seed=5)
-    session_id = _upload(app, auth, data, (1, 2, 3))
-    wait_for(lambda: _staging(database_url, session_id)[0] is not None, "the frontier to begin staging", 30)
+    session_id = upload_parts_in(app, auth, data, (1, 2, 3))
+    wait_for(lambda: staging_of(database_url, session_id)[0] is not None, "the frontier to begin staging", 30)
     app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=204)
 
     def given_back() -> bool:
@@ -205,21 +193,21 @@ def test_abort_during_staging_leaves_no_unfinished_upload(app, auth, database_ur
 
     wait_for(given_back, "the frontier lease to be given back", 30)
     # A copy in flight at the abort fails against the aborted upload; none begins another.
-    assert _unfinished(storage) == 0
+    assert unfinished_uploads(storage) == 0
     assert list(storage.list_keys(layout.parts_prefix(session_id))) == []
     assert not storage.exists(layout.object_key(session_id))
 
 
 def test_the_sweep_leaves_a_live_staging_alone_and_aborts_one_no_session_names(app, auth, database_url, db, storage):
     data = payload(2 * PART, seed=6)
-    session_id = _upload(app, auth, data, (1, 2))
+    session_id = upload_parts_in(app, auth, data, (1, 2))
     wait_for(lambda: _all_staged(database_url, session_id, 2), "the frontier to copy every part in", 30)
     # What a holder killed between beginning a staging and recording it leaves behind.
     storage.staged.begin(layout.object_key(uuid.uuid4()))
     completion = CompletionService(db, storage, TEST_LIMITS, 64 * 1024)
     result = Reaper(db, storage, completion, ReaperSettings(orphan_grace=0)).run()
     assert result.incomplete_swept == 1 and result.errors == 0
-    assert _unfinished(storage) == 1  # the session's own staging
+    assert unfinished_uploads(storage) == 1  # the session's own staging
     done = complete(app, auth, session_id).json
     assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert _stored(storage, session_id) == data
+    assert stored_object(storage, session_id) == data

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import hashlib
 import logging
 import queue
 import threading
@@ -60,6 +61,7 @@ from chunksvc.errors import (
     InvalidRequest,
     ObjectMissing,
     PartsMissing,
+    PieceCopyMissing,
     SessionNotActive,
     SessionNotFound,
     StorageError,
@@ -423,7 +425,10 @@ class CompletionService:
                 # would read everything twice.
                 known = None
                 if frontier is not None and in_place is None:
-                    known = frontier.finish(session.id, session.total_parts, keeping.check, 2 * frontier.lease)
+                    try:
+                        known = frontier.finish(session.id, session.total_parts, keeping.check, 2 * frontier.lease)
+                    except PieceCopyMissing as exc:  # the staged object is read back instead
+                        log.warning("session %s: %s; the object is read back to hash it", session.id, exc.detail)
                     staged = self._finish_staged(session, sources, known, keeping)
                     if staged is not None:
                         return staged
@@ -458,12 +463,14 @@ class CompletionService:
         return StoredObject(layout.object_key(session.id), session.size, sha256)
 
     def _finish_staged(
-        self, session: SessionRow, sources: list[PartSource], sha256: str, keeping: _Keeping
+        self, session: SessionRow, sources: list[PartSource], sha256: str | None, keeping: _Keeping
     ) -> StoredObject | None:
         """The object staged while the parts arrived (``services.staging``), completed: what the
         frontier did not copy in yet is copied now (for parts sent in order, the last one or two).
         The frontier's digest stands for it, as for a compose: the store's own copy of the parts it
-        hashed as stored; its size is checked. None: nothing staged, or lost; made from the parts."""
+        hashed as stored; its size is checked. Without one (a piece's local copy was not on this
+        host), the object is read back and hashed, as a compose's is. None: nothing staged, or
+        lost; made from the parts."""
         if self._stager is None or not self._stager.applies(session.part_size, session.total_parts):
             return None
         size = self._stager.finish(session.id, sources, keeping.check)
@@ -474,7 +481,18 @@ class CompletionService:
             self._storage.delete([key])
             raise StorageError(f"assemble {key}: stored {size} bytes, expected {session.size}")
         keeping.progress(size)
+        if sha256 is None:
+            return self._read_back(key, keeping)
         return StoredObject(key, size, sha256)
+
+    def _read_back(self, key: str, keeping: _Keeping) -> StoredObject:
+        digest, size = hashlib.sha256(), 0
+        with self._storage.open(key) as stored:
+            while block := stored.read(self._block_size):
+                digest.update(block)
+                size += len(block)
+                keeping.check()
+        return StoredObject(key, size, digest.hexdigest())
 
     def _lost_parts(self, session_id: UUID, sources: list[PartSource], check: Callable[[], None]) -> list[str]:
         """The keys of ``sources`` the storage positively reports missing.
@@ -485,12 +503,15 @@ class CompletionService:
         not dropped for that. ``check`` raises once the lease is lost, so an assembler that was
         taken over stops looking.
         """
+        pieces = [source for source in sources if layout.piece_number(source.key) is not None]
+        lost = self._stager.lost_pieces(session_id, pieces) if pieces and self._stager is not None else []
         listed = set()
         for item in self._storage.list_keys(layout.parts_prefix(session_id)):
             check()
             listed.add(item.key)
-        lost = []
         for source in sources:
+            if layout.piece_number(source.key) is not None:
+                continue  # sent straight into the staging: the staging says (above)
             if source.key not in listed:
                 check()
                 if not self._storage.exists(source.key):

@@ -30,16 +30,18 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from typing import cast
 from uuid import UUID
 
 from chunksvc import dao, hashstate
 from chunksvc.db import Connection, Database
-from chunksvc.errors import ChunksvcError, CompletionInProgress, StorageError
+from chunksvc.errors import ChunksvcError, CompletionInProgress, PieceCopyMissing, StorageError
 from chunksvc.rows import FrontierRow, PartRow
 from chunksvc.services import layout
 from chunksvc.services.staging import Stager, StagingRun
 from chunksvc.storage import Storage
-from chunksvc.storage.base import Block
+from chunksvc.storage.base import Block, Readable, read_exact_blocks
+from chunksvc.storage.spill import Spill
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,11 @@ class HashFrontier:
         lease: float = FRONTIER_LEASE,
         min_part: int = 0,
         stager: Stager | None = None,
+        spill: Spill | None = None,
     ) -> None:
         self._db = db
+        # Local copies of the parts sent straight into a staging: what is hashed for them.
+        self._spill = spill
         # Where the store builds objects from stored keys (S3), each part passed is copied in too.
         self._stager = stager
         self._min_part = min_part
@@ -142,6 +147,7 @@ class HashFrontier:
             try:
                 sha = hashstate.ResumableSha256(row.frontier_state)
                 parts, hashed, saved = row.frontier_parts, row.frontier_bytes, row.frontier_bytes
+                passed: list[str] = []  # local copies hashed, removed once a saved state covers them
 
                 def renew() -> None:  # the state as of the last part passed, saved again
                     self._save(conn, session_id, owner, parts, hashed, sha)
@@ -157,16 +163,30 @@ class HashFrontier:
                                 raise StorageError(
                                     f"hash frontier at byte {hashed}, part {part.part_number} is elsewhere"
                                 )
-                            for block in self._read(session_id, part, hashed):
-                                sha.update(block)
+                            before = sha.state()
+                            try:
+                                for block in self._read(session_id, part, hashed):
+                                    sha.update(block)
+                            except PieceCopyMissing:
+                                # Not passable here (its copy is on another host, or not its bytes):
+                                # what was passed before it is kept, as at a gap.
+                                sha = hashstate.ResumableSha256(before)
+                                if hashed != saved:
+                                    self._save(conn, session_id, owner, parts, hashed, sha)
+                                self._forget_copies(passed)
+                                raise
                             parts, hashed = part.part_number, hashed + part.size
                             if staging is not None:
                                 staging.place(part)  # read back whole just now: copied in as stored
+                            if layout.piece_number(part.storage_key) is not None:
+                                passed.append(part.storage_key)
                             if hashed - saved >= SAVE_EVERY or parts == row.total_parts:
                                 self._save(conn, session_id, owner, parts, hashed, sha)
                                 saved = hashed
+                                self._forget_copies(passed)
                 if hashed != saved:
                     self._save(conn, session_id, owner, parts, hashed, sha)
+                self._forget_copies(passed)
                 return parts, sha.hexdigest()
             finally:
                 dao.release_frontier(conn, session_id, owner)
@@ -201,8 +221,33 @@ class HashFrontier:
             following = dao.parts_from(conn, session_id, parts, 1)
         return bool(following) and following[0].part_number == parts + 1
 
+    def _forget_copies(self, keys: list[str]) -> None:
+        """The local copies of pieces a saved state has passed: never read again."""
+        if self._spill is not None:
+            for key in keys:
+                self._spill.remove(key)
+        keys.clear()
+
+    def _read_copy(self, part: PartRow) -> Iterator[Block]:
+        """A part sent straight into the staging, from its local copy, checked against the part's
+        recorded SHA-256 (the store checked the piece against the same digest): so the bytes
+        hashed are the piece's. ``PieceCopyMissing`` if the copy is not here, or not those bytes."""
+        copy = self._spill.open(part.storage_key) if self._spill is not None else None
+        if copy is None:
+            raise PieceCopyMissing(f"part {part.part_number}: no local copy of {part.storage_key} on this host")
+        check = hashlib.sha256()
+        with copy:
+            for block in read_exact_blocks(cast(Readable, copy), part.size, self._block_size):
+                check.update(block)
+                yield block
+            if copy.read(1) or check.hexdigest() != part.sha256:
+                raise PieceCopyMissing(f"part {part.part_number}: the local copy of {part.storage_key} differs")
+
     def _read(self, session_id: UUID, part: PartRow, offset: int) -> Iterator[Block]:
         """The part's stored bytes; ``offset`` is where it starts in the whole file."""
+        if layout.piece_number(part.storage_key) is not None:
+            yield from self._read_copy(part)
+            return
         in_place = self._storage.in_place
         if in_place is not None and part.storage_key == layout.assembly_key(session_id):
             yield from in_place.read(part.storage_key, offset, part.size, self._block_size)

@@ -2,6 +2,9 @@
 
     parts/<session id>/<uuid>      one part's stored body (a fresh key per request)
     parts/<session id>/assembly    the parts written in place, at their offsets (local storage)
+    parts/<session id>/piece-<n>   a part sent straight into the session's staging as its piece
+                                   number n (S3): no object of its own, the name of where its
+                                   bytes are (``services.pieces``), and of its local copy (``Spill``)
     objects/<session id>           the assembled object (on local storage, the same file linked;
                                    on S3, while the parts arrive, also the key of the session's
                                    staging, a multipart upload: ``services.staging``)
@@ -35,6 +38,23 @@ def assembly_key(session_id: UUID | str) -> str:
     their rows (``InPlace``); it becomes the object at completion. Never a fresh part key (those
     are UUIDs)."""
     return f"{parts_prefix(session_id)}assembly"
+
+
+_PIECE = "piece-"
+
+
+def piece_key(session_id: UUID | str, number: int) -> str:
+    """Where a part sent as piece ``number`` of the session's staging is (never a stored key:
+    fresh part keys are UUIDs)."""
+    return f"{parts_prefix(session_id)}{_PIECE}{number:05d}"
+
+
+def piece_number(key: str) -> int | None:
+    """The piece a part's key names (``piece_key``); None for a key of stored bytes."""
+    name = key.rsplit("/", 1)[-1]
+    if not name.startswith(_PIECE) or not name.removeprefix(_PIECE).isdigit():
+        return None
+    return int(name.removeprefix(_PIECE))
 
 
 def parts_prefix(session_id: UUID | str) -> str:

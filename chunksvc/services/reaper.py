@@ -69,6 +69,7 @@ from chunksvc.services.completion import COMPLETION_LEASE, CompletionService
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.leases import reaper_lease
 from chunksvc.storage import ListedKey, Storage
+from chunksvc.storage.spill import Spill
 
 T = TypeVar("T")
 
@@ -228,9 +229,11 @@ class Reaper:
         settings: ReaperSettings,
         events: UploadEvents | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        spill: Spill | None = None,
     ) -> None:
         self._db = db
         self._storage = storage
+        self._spill = spill  # this host's local copies of pieces (``storage.spill``)
         self._completion = completion
         self._settings = settings
         self._events = events or UploadEvents()
@@ -249,6 +252,7 @@ class Reaper:
             self.purge,
             self.sweep_orphans,
             self.sweep_incomplete,
+            self.sweep_local_copies,
             self.prune_webhook_events,
             self.remove_dead_tokens,
         )
@@ -348,6 +352,15 @@ class Reaper:
                             log.warning("reap: orphan sweep stopped: its lease ran out or was lost")
                             return
                         self._sweep_batch(conn, prefix, listed, live_cutoff, result)
+
+    def sweep_local_copies(self, result: ReapResult) -> None:
+        """This host's local copies of pieces older than the orphan grace: a purge removes its
+        session's on the host that runs it, and these are the others' (a copy the frontier still
+        needed costs a read-back of the object at completion, not bytes: the piece is stored)."""
+        if self._spill is not None and not self._settings.dry_run:
+            removed = self._spill.sweep(self._settings.orphan_grace)
+            if removed:
+                log.info("reap: removed %d local copies of pieces past the orphan grace", removed)
 
     def sweep_incomplete(self, result: ReapResult) -> None:
         cutoff = self._clock() - timedelta(seconds=self._settings.orphan_grace)
@@ -452,6 +465,8 @@ class Reaper:
             self._storage.delete_prefix(layout.parts_prefix(session_id))
             if status != states.COMPLETED:
                 self._storage.delete([layout.object_key(session_id)])
+            if self._spill is not None:
+                self._spill.remove_prefix(layout.parts_prefix(session_id))
         except ChunksvcError as exc:
             log.warning("reap: could not remove the stored bytes of session %s: %s", session_id, exc.detail)
             result.errors += 1

@@ -28,11 +28,14 @@ from chunksvc.errors import (
     DatabaseBusy,
     DigestMismatch,
     IdempotencyKeyReused,
+    IncompleteBody,
     InvalidRequest,
     PartConflict,
     SessionCompleted,
     SessionNotActive,
     SessionNotFound,
+    StorageError,
+    StorageUnavailable,
 )
 from chunksvc.rows import PartRow, SessionRow
 from chunksvc.services import auth, layout, rules, staging, states
@@ -40,9 +43,11 @@ from chunksvc.services.auth import Client
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.frontier import HashFrontier
 from chunksvc.services.quotas import QuotaService
+from chunksvc.services.staging import Stager
 from chunksvc.services.streaming import READ_AHEAD_DEPTH, BufferPool, HashingBodyReader, PartBody
 from chunksvc.storage import Storage
 from chunksvc.storage.base import InPlace
+from chunksvc.storage.spill import Spill
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,10 @@ class PartTarget:
     expected_digests: dict[str, bytes]  # from Content-Digest, by hashlib name ({} when absent)
     part_size: int = 0  # the session's: where the part starts in the whole file
     session_size: int = 0
+
+    @property
+    def total_parts(self) -> int:
+        return -(-self.session_size // self.part_size) if self.part_size else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +107,13 @@ class UploadService:
         events: UploadEvents | None = None,
         quotas: QuotaService | None = None,
         frontier: HashFrontier | None = None,
+        stager: Stager | None = None,
+        spill: Spill | None = None,
     ) -> None:
         self._db = db
+        # Where the store stages objects (S3) and a local copy can be kept, parts are sent straight
+        # into their session's staging (``services.staging``), hashed as they arrive by the frontier.
+        self._pieces = (stager, spill) if frontier is not None and stager is not None and spill is not None else None
         # Sessions it applies to are hashed as their parts arrive, and written in place where the
         # storage can.
         self._frontier = frontier
@@ -252,7 +266,49 @@ class UploadService:
             result = self._store_in_place(self._in_place, target, body)
             if result is not None:
                 return result
+        if self._pieces is not None and self._frontier is not None and self._frontier.applies(target.part_size):
+            stager, spill = self._pieces
+            if stager.takes_parts(target.part_size, target.total_parts):
+                result = self._store_as_piece(stager, spill, target, body)
+                if result is not None:
+                    return result
         return self._store_apart(target, body)
+
+    def _store_as_piece(self, stager: Stager, spill: Spill, target: PartTarget, body: PartBody) -> PartResult | None:
+        """The part sent once, as a piece of its session's staging, from a local copy written while
+        hashing the body (``services.staging``); None (nothing read from the body) when it goes the
+        usual way. The store checks the piece against the SHA-256 before answering, so what is
+        recorded is durable and is the bytes hashed. The local copy stays for the frontier; it goes
+        when the frontier has passed the part, or with the session."""
+        taken = stager.take_piece(target.session_id, target.part_number, target.total_parts)
+        if taken is None:
+            return None
+        number, staged_id = taken
+        key = layout.piece_key(target.session_id, number)
+        try:
+            with HashingBodyReader(body, target.length, self._buffers, also_hash=target.expected_digests) as reader:
+                spill.write(key, reader, target.length, self._block_size)
+            for algorithm, expected in target.expected_digests.items():
+                if reader.digest(algorithm) != expected:
+                    raise DigestMismatch(f"the body's {algorithm.upper()} differs from Content-Digest")
+            sha256 = reader.hexdigest()
+            copy = spill.open(key)
+            if copy is None:
+                raise StorageError(f"the local copy of {key} vanished before it was sent")
+            with copy:
+                stager.write_piece(target.session_id, staged_id, number, copy, target.length, sha256)
+            # A piece no record names is simply not completed: S3 drops it with the staging.
+            result = self._record_part(target, key, sha256)
+        except (*self._NOT_RECORDED, StorageError, StorageUnavailable, IncompleteBody):
+            spill.remove(key)
+            raise
+        self._events.part_stored(created=result.created, size=target.length, healed=False)
+        if result.uses_new_bytes:
+            assert self._frontier is not None  # parts are sent as pieces only where it applies
+            self._frontier.poke(target.session_id)
+        else:
+            spill.remove(key)
+        return result
 
     def _store_in_place(self, in_place: InPlace, target: PartTarget, body: PartBody) -> PartResult | None:
         """The part written at its offset in the session's file; None (nothing read from the
@@ -365,6 +421,8 @@ class UploadService:
         bytes being there: the retry still answers 200, and a completion that finds them gone
         drops the part and asks for it again (``services.completion``).
         """
+        if layout.piece_number(recorded_key) is not None:
+            return False  # a piece of the staging, not a key: completion checks it, and asks again if lost
         try:
             if self._storage.exists(recorded_key):
                 return False
@@ -413,6 +471,8 @@ class UploadService:
         # still streaming will find the session ABORTED under the lock and remove their own bytes.
         try:
             staging.abandon(self._db, self._storage, session_id)
+            if self._pieces is not None:
+                self._pieces[1].remove_prefix(layout.parts_prefix(session_id))
             self._storage.delete_prefix(layout.parts_prefix(session_id))
             self._storage.delete([layout.object_key(session_id)])
         except ChunksvcError:

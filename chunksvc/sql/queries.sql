@@ -382,6 +382,8 @@ WITH forgotten AS (
 UPDATE upload_sessions
    SET staged_id = %(staged_id)s
  WHERE id = %(id)s AND frontier_owner = %(owner)s AND status IN ('INIT', 'IN_PROGRESS', 'COMPLETING')
+   -- Never over one a part's request began (begin_part_staging): its pieces are in that one.
+   AND staged_id IS NULL
 RETURNING id;
 
 -- name: record_staged_piece
@@ -414,6 +416,34 @@ WITH forgotten AS (
 )
 UPDATE upload_sessions SET staged_id = NULL
  WHERE id = %(id)s AND staged_id = %(staged_id)s
+RETURNING id;
+
+-- name: take_piece
+-- A part about to be sent straight into the session's staging (services.staging): the number of
+-- this request among all requests ever made for the part (1 for the first; each writes a piece
+-- number of its own, since a killed writer's UploadPart may still land), and the session's staging
+-- (NULL: none begun yet). Nothing when the part is recorded already (a retry goes the usual way,
+-- to be compared with what was accepted) or the session takes no parts; record_part decides the
+-- rest under the row lock, as for any part.
+WITH session AS (
+    SELECT s.id, s.staged_id FROM upload_sessions s
+     WHERE s.id = %(id)s AND s.status IN ('INIT', 'IN_PROGRESS')
+       AND NOT EXISTS (SELECT 1 FROM upload_parts p WHERE p.session_id = s.id AND p.part_number = %(part_number)s)
+), attempt AS (
+    INSERT INTO staged_part_attempts (session_id, part_number, attempts)
+    SELECT id, %(part_number)s, 1 FROM session
+        ON CONFLICT (session_id, part_number) DO UPDATE SET attempts = staged_part_attempts.attempts + 1
+    RETURNING attempts
+)
+SELECT attempt.attempts, session.staged_id FROM attempt, session;
+
+-- name: begin_part_staging
+-- The session's staging, begun by the request of a part sent straight in: recorded only if the
+-- session has none yet and still takes parts. Of two requests beginning one at once, one wins
+-- (the other abandons its own and uses the winner's: session_staging), and an abort (row lock)
+-- either sees it and abandons it, or came first and this records nothing.
+UPDATE upload_sessions SET staged_id = %(staged_id)s
+ WHERE id = %(id)s AND staged_id IS NULL AND status IN ('INIT', 'IN_PROGRESS')
 RETURNING id;
 
 -- name: session_staging

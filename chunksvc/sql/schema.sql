@@ -249,6 +249,14 @@ CREATE TABLE public.schema_migrations (
     applied_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
+CREATE TABLE public.staged_part_attempts (
+    session_id uuid NOT NULL,
+    part_number integer NOT NULL,
+    attempts integer NOT NULL,
+    CONSTRAINT staged_part_attempts_attempts_check CHECK ((attempts >= 1)),
+    CONSTRAINT staged_part_attempts_part_number_check CHECK ((part_number >= 1))
+);
+
 CREATE TABLE public.tus_incomplete_parts (
     session_id uuid NOT NULL,
     part_number integer NOT NULL,
@@ -454,6 +462,9 @@ ALTER TABLE ONLY public.reaper_leases
 ALTER TABLE ONLY public.schema_migrations
     ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
 
+ALTER TABLE ONLY public.staged_part_attempts
+    ADD CONSTRAINT staged_part_attempts_pkey PRIMARY KEY (session_id, part_number);
+
 ALTER TABLE ONLY public.tus_incomplete_parts
     ADD CONSTRAINT tus_incomplete_parts_pkey PRIMARY KEY (session_id, part_number, start);
 
@@ -539,6 +550,9 @@ ALTER TABLE ONLY public.client_rate_buckets
 
 ALTER TABLE ONLY public.lost_parts
     ADD CONSTRAINT lost_parts_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
+
+ALTER TABLE ONLY public.staged_part_attempts
+    ADD CONSTRAINT staged_part_attempts_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;
 
 ALTER TABLE ONLY public.tus_incomplete_parts
     ADD CONSTRAINT tus_incomplete_parts_session_id_fkey FOREIGN KEY (session_id) REFERENCES public.upload_sessions(id) ON DELETE CASCADE;

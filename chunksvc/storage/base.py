@@ -178,14 +178,20 @@ class StagedObject(abc.ABC):
         staging is gone (finished or abandoned)."""
 
     @abc.abstractmethod
+    def write(self, key: str, staging: str, number: int, source: BinaryIO, length: int, sha256: str) -> str:
+        """Send exactly ``length`` bytes of ``source`` as piece ``number``; its token. The store
+        checks them against ``sha256`` (hex) and refuses them (``StorageError``) if they differ,
+        so a piece written is the bytes the caller hashed. ``StagingLost`` if the staging is gone."""
+
+    @abc.abstractmethod
     def placed(self, key: str, staging: str) -> dict[int, StagedPiece]:
         """Every piece the store holds now, by number; ``StagingLost`` if the staging is gone."""
 
     @abc.abstractmethod
-    def finish(self, key: str, staging: str, tokens: Sequence[str]) -> int:
-        """Make pieces 1..len(tokens), in order, the object ``key``, durably; its size as stored.
-        ``StagingLost`` if the staging is gone, or a piece is not the one its token names (it was
-        placed again)."""
+    def finish(self, key: str, staging: str, pieces: Sequence[tuple[int, str]]) -> int:
+        """Make ``pieces`` (number and token, numbers ascending; others the staging holds are
+        dropped) the object ``key``, durably; its size as stored. ``StagingLost`` if the staging
+        is gone, or a piece is not the one its token names (it was placed again)."""
 
     @abc.abstractmethod
     def abandon(self, key: str, staging: str) -> bool:

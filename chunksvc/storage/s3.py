@@ -18,15 +18,18 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import BinaryIO, cast
-from urllib.parse import quote
+from urllib.parse import quote, urlunsplit
 
 import certifi
 import urllib3
 from minio import Minio
+from minio import time as minio_time
 from minio.commonconfig import ComposeSource
 from minio.datatypes import ListMultipartUploadsResult, Part, Upload
 from minio.deleteobjects import DeleteObject
 from minio.error import MinioException, S3Error, ServerError
+from minio.helpers import DictType
+from minio.signer import sign_v4_s3
 
 from chunksvc.config import GiB, Limits, MiB, StorageSpec, TiB
 from chunksvc.errors import ConfigError, ObjectMissing, StagingLost, StorageError, StorageFull, StorageUnavailable
@@ -75,6 +78,7 @@ _INSUFFICIENT_STORAGE = 507
 # A request we send ourselves (a part's PUT, an abort) is signed just before it starts; S3 checks
 # the expiry when the request arrives.
 _SIGNED_URL_LIFETIME = timedelta(minutes=15)
+_PIECE_BLOCK = 1 * MiB  # what a piece is streamed from its local copy in
 
 
 def can_compose(sources: Sequence[PartSource]) -> bool:
@@ -519,7 +523,7 @@ class S3Storage(Storage):
                         enumerate([src.key for src in sources], 1),
                     )
                 )
-                self._staged.finish(key, staging, tokens)
+                self._staged.finish(key, staging, list(enumerate(tokens, 1)))
             except BaseException:
                 with contextlib.suppress(StorageError, StorageUnavailable):  # the first failure is the one
                     self._staged.abandon(key, staging)
@@ -688,9 +692,59 @@ class _StagedMultipart(StagedObject):
                 return pieces
             marker = page.next_part_number_marker or str(page.parts[-1].part_number)
 
-    def finish(self, key: str, staging: str, tokens: Sequence[str]) -> int:
+    def write(self, key: str, staging: str, number: int, source: BinaryIO, length: int, sha256: str) -> str:
+        """One UploadPart, streamed from ``source`` in fixed blocks, signed with the payload's
+        SHA-256 (SigV4 ``x-amz-content-sha256``): the server hashes what it receives and refuses
+        a body that differs (``XAmzContentSHA256Mismatch``; radosgw 16 does, checked by hand). The
+        SDK's own UploadPart would want the whole body in memory and hash it again to sign it."""
         storage = self._storage
-        parts = [Part(number, token) for number, token in enumerate(tokens, 1)]
+        client = storage._client
+        region = client._get_region(storage._bucket)
+        url = client._base_url.build(
+            method="PUT",
+            region=region,
+            bucket_name=storage._bucket,
+            object_name=check_key(key),
+            query_params={"partNumber": str(number), "uploadId": staging},
+        )
+        date = minio_time.utcnow()
+        headers: DictType = {
+            "Host": url.netloc,
+            "Content-Length": str(length),
+            "x-amz-content-sha256": sha256,
+            "x-amz-date": minio_time.to_amz_date(date),
+        }
+        credentials = client._provider.retrieve() if client._provider is not None else None
+        if credentials is not None:
+            headers = sign_v4_s3(
+                method="PUT",
+                url=url,
+                region=region,
+                headers=headers,
+                credentials=credentials,
+                content_sha256=sha256,
+                date=date,
+            )
+        body = _RecordingBlocks(read_exact_blocks(cast(Readable, source), length, _PIECE_BLOCK))
+        try:
+            with _boundary(f"stage {key} piece {number}", storage._where):
+                response = storage._http.urlopen(
+                    "PUT", urlunsplit(url), body=iter(body), headers=headers, retries=False, redirect=False
+                )
+                if response.status >= 300:
+                    raise _error_from(response)
+        except (StorageError, StorageUnavailable, StorageFull) as exc:
+            if body.error is None or body.error is exc:
+                raise
+            raise body.error from None
+        etag = response.headers.get("ETag")
+        if not etag:
+            raise StorageError(f"stage {key} piece {number}: {storage._where} answered no ETag")
+        return etag.strip('"')
+
+    def finish(self, key: str, staging: str, pieces: Sequence[tuple[int, str]]) -> int:
+        storage = self._storage
+        parts = [Part(number, token) for number, token in pieces]
         with _boundary(f"assemble {check_key(key)}", storage._where):
             storage._client._complete_multipart_upload(storage._bucket, key, staging, parts)
         return storage._size(key)  # from a stat: radosgw's completion answers no ETag, nor a size

@@ -1,0 +1,184 @@
+"""Parts sent straight into the session's staging (radosgw): each part's body goes up once, as an
+UploadPart, from a local copy the hash frontier then reads (``services.staging``). The native API's
+guarantees hold: the first accepted bytes stay, a conflict is refused, every request writes a
+piece of its own, and whatever goes wrong (a local copy missing, the staging lost, an abort) ends
+in the client's bytes or in nothing left behind."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from chunksvc import hashstate
+from chunksvc.config import Config
+from chunksvc.services import layout
+from chunksvc.services.staging import Stager, sent_piece
+from tests.helpers import (
+    PART_S3,
+    complete,
+    payload,
+    put_part,
+    query,
+    sha,
+    split,
+    staging_of,
+    stored_object,
+    unfinished_uploads,
+    upload_parts_in,
+    wait_for,
+)
+
+pytestmark = pytest.mark.skipif(not hashstate.available(), reason="no libcrypto SHA-256 to save states with")
+
+
+@pytest.fixture
+def storage_spec(s3_spec):
+    return s3_spec
+
+
+@pytest.fixture
+def spill_dir(tmp_path: Path) -> Path:
+    return tmp_path / "spill"
+
+
+@pytest.fixture
+def config(config: Config, spill_dir: Path) -> Config:
+    return dataclasses.replace(config, in_place_min_part=1, spill_dir=spill_dir)
+
+
+def _part_keys(database_url: str, session_id: str) -> dict[int, str]:
+    return dict(
+        query(database_url, "SELECT part_number, storage_key FROM upload_parts WHERE session_id = %s", (session_id,))
+    )
+
+
+def _frontier_parts(database_url: str, session_id: str) -> int:
+    [(parts,)] = query(database_url, "SELECT frontier_parts FROM upload_sessions WHERE id = %s", (session_id,))
+    return parts
+
+
+def _copies(spill_dir: Path, session_id: str) -> list[str]:
+    session = spill_dir / layout.parts_prefix(session_id)
+    return sorted(path.name for path in session.iterdir()) if session.is_dir() else []
+
+
+def test_parts_in_order_go_up_once_and_the_staging_becomes_the_object(app, auth, database_url, storage, spill_dir):
+    data = payload(3 * PART_S3 + 999)
+    session_id = upload_parts_in(app, auth, data, (1, 2, 3, 4))
+    keys = _part_keys(database_url, session_id)
+    # Each part's row names its piece: the first request's number in the part's range.
+    assert keys == {n: layout.piece_key(session_id, sent_piece(n, 1, 4)) for n in (1, 2, 3, 4)}
+    # No part has an object of its own: nothing was PUT, so nothing is read back or copied.
+    assert list(storage.list_keys(layout.parts_prefix(session_id))) == []
+    staged_id, _ = staging_of(database_url, session_id)
+    held = storage.staged.placed(layout.object_key(session_id), staged_id)
+    sizes = {1: PART_S3, 2: PART_S3, 3: PART_S3, 4: 999}
+    assert {number: piece.size for number, piece in held.items()} == {
+        sent_piece(n, 1, 4): size for n, size in sizes.items()
+    }
+    wait_for(lambda: _frontier_parts(database_url, session_id) == 4, "the frontier to hash every part", 30)
+    wait_for(lambda: _copies(spill_dir, session_id) == [], "the local copies to go once hashed", 10)
+    done = complete(app, auth, session_id).json
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+    assert stored_object(storage, session_id) == data
+    assert unfinished_uploads(storage) == 0
+
+
+def test_parts_in_reverse_order_are_in_place_before_the_first_arrives(app, auth, database_url, storage, spill_dir):
+    data = payload(3 * PART_S3, seed=1)
+    session_id = upload_parts_in(app, auth, data, (3, 2))
+    staged_id, _ = staging_of(database_url, session_id)
+    held = storage.staged.placed(layout.object_key(session_id), staged_id)
+    assert sorted(held) == [sent_piece(2, 1, 3), sent_piece(3, 1, 3)]
+    assert _frontier_parts(database_url, session_id) == 0  # waits at the gap, with the copies kept
+    assert len(_copies(spill_dir, session_id)) == 2
+    put_part(app, auth, session_id, 1, data[:PART_S3])
+    done = complete(app, auth, session_id).json
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+    assert stored_object(storage, session_id) == data
+
+
+def test_conflicting_bytes_for_a_part_in_place_are_refused_and_the_first_stay(app, auth, database_url, storage):
+    data = payload(2 * PART_S3, seed=2)
+    session_id = upload_parts_in(app, auth, data, (1, 2))
+    before = _part_keys(database_url, session_id)
+    other = payload(PART_S3, seed=9)
+    assert put_part(app, auth, session_id, 1, other, status=409).json["code"] == "part_conflict"
+    # The same bytes again: accepted as the part it is, and the row still names the first piece.
+    assert put_part(app, auth, session_id, 2, data[PART_S3:], status=200).json["sha256"] == sha(data[PART_S3:])
+    assert _part_keys(database_url, session_id) == before
+    # The retries went the usual way (an object of their own), compared and removed.
+    assert list(storage.list_keys(layout.parts_prefix(session_id))) == []
+    done = complete(app, auth, session_id).json
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+    assert stored_object(storage, session_id) == data
+
+
+def test_every_request_for_a_part_writes_a_piece_of_its_own(db, app, auth, database_url, storage):
+    """Two requests for one part at once, or a retry after a writer that was killed mid-request:
+    never the same piece number, so a late UploadPart cannot replace accepted bytes."""
+    data = payload(2 * PART_S3, seed=3)
+    session_id = upload_parts_in(app, auth, data, (2,))
+    stager = Stager(db, storage.staged)
+    first = stager.take_piece(session_id, 1, 2)
+    second = stager.take_piece(session_id, 1, 2)
+    assert first is not None and second is not None
+    assert first[0] != second[0] and first[1] == second[1]  # one staging, two numbers
+    assert stager.take_piece(session_id, 2, 2) is None  # recorded already: the usual way
+    put_part(app, auth, session_id, 1, data[:PART_S3])
+    assert _part_keys(database_url, session_id)[1] == layout.piece_key(session_id, sent_piece(1, 3, 2))
+    done = complete(app, auth, session_id).json
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+
+
+def test_a_local_copy_missing_is_made_up_by_reading_the_object_back(app, auth, database_url, storage, spill_dir):
+    """What a part taken by another host leaves: the frontier cannot pass it here."""
+    data = payload(3 * PART_S3, seed=4)
+    session_id = upload_parts_in(app, auth, data, (3, 2))
+    copy = spill_dir / layout.piece_key(session_id, sent_piece(2, 1, 3))
+    copy.unlink()
+    put_part(app, auth, session_id, 1, data[:PART_S3])
+    wait_for(lambda: _frontier_parts(database_url, session_id) == 1, "the frontier to stop at part 2", 30)
+    done = complete(app, auth, session_id).json
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+    assert stored_object(storage, session_id) == data
+
+
+def test_a_local_copy_that_differs_is_not_hashed(app, auth, database_url, storage, spill_dir):
+    data = payload(2 * PART_S3, seed=5)
+    session_id = upload_parts_in(app, auth, data, (2,))
+    copy = spill_dir / layout.piece_key(session_id, sent_piece(2, 1, 2))
+    copy.write_bytes(payload(PART_S3, seed=8))  # the piece in the store still holds the part's bytes
+    put_part(app, auth, session_id, 1, data[:PART_S3])
+    done = complete(app, auth, session_id).json
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+    assert stored_object(storage, session_id) == data
+
+
+def test_a_staging_lost_asks_the_client_for_its_parts_again(app, auth, database_url, storage):
+    data = payload(2 * PART_S3, seed=6)
+    parts = split(data, PART_S3)
+    session_id = upload_parts_in(app, auth, data, (1, 2))
+    staged_id, _ = staging_of(database_url, session_id)
+    assert storage.staged.abandon(layout.object_key(session_id), staged_id)  # an operator's cleanup, say
+    missing = complete(app, auth, session_id, status=409).json
+    assert missing["code"] == "parts_missing" and missing["missing_parts"] == [1, 2]
+    for number in (1, 2):
+        put_part(app, auth, session_id, number, parts[number - 1])
+    done = complete(app, auth, session_id).json
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+    assert stored_object(storage, session_id) == data
+    assert unfinished_uploads(storage) == 0
+
+
+def test_abort_leaves_no_piece_no_copy_and_no_object(app, auth, database_url, storage, spill_dir):
+    data = payload(3 * PART_S3, seed=7)
+    session_id = upload_parts_in(app, auth, data, (3, 2))
+    assert _copies(spill_dir, session_id)
+    app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=204)
+    assert unfinished_uploads(storage) == 0
+    assert _copies(spill_dir, session_id) == []
+    assert list(storage.list_keys(layout.parts_prefix(session_id))) == []
+    assert not storage.exists(layout.object_key(session_id))
