@@ -87,6 +87,17 @@ def stored_keys(storage: Storage) -> set[str]:
     return {listed.key for prefix in layout.PREFIXES for listed in storage.list_keys(prefix)}
 
 
+def staged_pieces(database_url: str, storage: Storage, pieces: set[str]) -> set[str]:
+    """Of ``pieces`` (part keys naming pieces of their session's staging), those the store holds."""
+    held = set()
+    for session_id in {layout.session_of(key) for key in pieces}:
+        [(staged_id,)] = query(database_url, "SELECT staged_id FROM upload_sessions WHERE id = %s", (session_id,))
+        if staged_id is not None and storage.staged is not None:
+            numbers = storage.staged.placed(layout.object_key(session_id), staged_id)
+            held |= {layout.piece_key(session_id, number) for number in numbers}
+    return held & pieces
+
+
 def sha256_of(storage: Storage, key: str) -> str:
     digest = hashlib.sha256()
     with storage.open(key) as stored:
@@ -139,6 +150,11 @@ def measure_invariants(database_url: str, storage: Storage, sources: dict[str, s
     }
     objects = {value[3] for value in sessions.values() if value[0] == "COMPLETED"}
     keys = stored_keys(storage)
+    # Parts sent straight into their session's staging have no key: their piece must be staged.
+    pieces = {key for key in live_parts if layout.piece_number(key) is not None}
+    live_parts -= pieces
+    if unstaged := pieces - staged_pieces(database_url, storage, pieces):
+        problems.append(f"recorded pieces of live sessions missing from their staging: {sorted(unstaged)[:5]}")
     if lost := live_parts - keys:
         problems.append(f"recorded parts of live sessions missing from storage: {sorted(lost)[:5]}")
     if leaked := keys - live_parts - objects:

@@ -454,33 +454,57 @@ def test_a_worker_killed_mid_frontier_loses_nothing(request, pg_proxy, database_
     assert (counts["sessions"], counts["completed"], counts["stored_keys"]) == (1, 1, 1)
 
 
-@pytest.mark.parametrize("moment", ["staging", "completing"])
+@pytest.mark.parametrize(
+    ("parts_go", "moment"),
+    [("copied", "staging"), ("copied", "completing"), ("sent", "sending"), ("sent", "completing")],
+)
 def test_a_worker_killed_while_it_stages_the_object_loses_nothing(
-    request, moment, pg_proxy, database_url, db, api_key, tmp_path
+    request, parts_go, moment, pg_proxy, database_url, db, api_key, tmp_path
 ):
-    """S3 only (a local file system writes parts in place, it stages nothing): parts of 5 MiB are
-    copied into the session's multipart upload as the frontier passes them. The worker is killed
-    while a copy is under way (S3 holds its UploadPartCopy: it may still land after the kill), or
-    after the staging became the object and before ``COMPLETED`` was recorded (the staging is
-    gone, the parts are not). The restarted worker completes from what is left, and the object is
-    byte-identical; no multipart upload is left."""
+    """S3 only (a local file system writes parts in place, it stages nothing): parts of 5 MiB go
+    into the session's multipart upload, either ``copied`` in as the frontier passes them (no local
+    copies: CHUNKSVC_SPILL_DIR empty) or ``sent`` straight in by their requests (the default). The
+    worker is killed while a copy is under way (S3 holds its UploadPartCopy: it may still land after
+    the kill), while a part's UploadPart is under way, or after the staging became the object and
+    before ``COMPLETED`` was recorded (the staging is gone). The restarted worker completes from what
+    is left, and the object is byte-identical; no multipart upload is left."""
     spec = make_s3_spec(request.getfixturevalue("radosgw_server"))
     proxy, proxied_url = pg_proxy
     part_size, parts = 5 * 1024 * 1024, 4
     data = payload(parts * part_size - 7, seed=6)
     tally = Tally()
+    spill = {"CHUNKSVC_SPILL_DIR": "" if parts_go == "copied" else str(tmp_path / "spill")}
     with contextlib.ExitStack() as stack:
         host, port = spec.endpoint.rsplit(":", 1)
         s3_proxy = stack.enter_context(FaultProxy((host, int(port))))
         server = stack.enter_context(
             serving(
-                proxied_url, through(spec, s3_proxy), tmp_path, CHUNKSVC_WORKERS="1", CHUNKSVC_IN_PLACE_MIN_PART="1"
+                proxied_url,
+                through(spec, s3_proxy),
+                tmp_path,
+                CHUNKSVC_WORKERS="1",
+                CHUNKSVC_IN_PLACE_MIN_PART="1",
+                **spill,
             )
         )
         chunksvc = stack.enter_context(client(server.url, api_key, tally))
         once = stack.enter_context(client(server.url, api_key, tally, attempts=1))
         session_id = chunksvc.create_session("k", len(data), part_size=part_size, sha256=sha(data))["id"]
-        if moment == "staging":
+        sending = None
+        if moment == "sending":
+            # The first request for part 2 sends it as piece 2501 (part 2 of 4 owns 2501-5000):
+            # held on its way to S3, and the worker killed under it. Its retry writes 2502.
+            s3_proxy.hold_after(f"/{spec.bucket}/{layout.object_key(session_id)}?partNumber=2501&".encode())
+            chunksvc.put_part(session_id, 1, data[:part_size])
+
+            def send_once() -> None:
+                with contextlib.suppress(ApiError):  # the worker dies under it: no answer
+                    once.put_part(session_id, 2, data[part_size : 2 * part_size])
+
+            sending = threading.Thread(target=send_once)
+            sending.start()
+            wait_for(lambda: s3_proxy.requests_held, "part 2's UploadPart to be held")
+        elif moment == "staging":
             # The copy of part 2 into the staging (the only request with this query on this key
             # before completion) is held; parts 1 and 2 are sent, then the worker killed under it.
             s3_proxy.hold_after(f"/{spec.bucket}/{layout.object_key(session_id)}?partNumber=2".encode())
@@ -490,7 +514,10 @@ def test_a_worker_killed_while_it_stages_the_object_loses_nothing(
         else:
             for number in range(1, parts + 1):
                 chunksvc.put_part(session_id, number, data[(number - 1) * part_size : number * part_size])
-            staged = "SELECT count(staged_token) FROM upload_parts WHERE session_id = %s"
+            if parts_go == "copied":
+                staged = "SELECT count(staged_token) FROM upload_parts WHERE session_id = %s"
+            else:  # sent: staged by their requests; once hashed, the frontier has nothing left
+                staged = "SELECT frontier_parts FROM upload_sessions WHERE id = %s"
             wait_for(lambda: query(database_url, staged, (session_id,))[0][0] == parts, "every part staged")
             proxy.hold_after(b"SET status = 'COMPLETED'")
 
@@ -511,16 +538,36 @@ def test_a_worker_killed_while_it_stages_the_object_loses_nothing(
                 ("COMPLETING",)
             ]
         server.wait_until_serving()
-        if moment == "staging":
+        if sending is not None:
+            sending.join()
+            assert query(database_url, "SELECT count(*) FROM upload_parts WHERE session_id = %s", (session_id,)) == [
+                (1,)
+            ]
+            chunksvc.put_part(session_id, 2, data[part_size : 2 * part_size])
+            [(key,)] = query(
+                database_url,
+                "SELECT storage_key FROM upload_parts WHERE session_id = %s AND part_number = 2",
+                (session_id,),
+            )
+            assert key == layout.piece_key(session_id, 2502)  # a piece of its own, not the held one's
+        if moment in ("staging", "sending"):
             for number in range(3, parts + 1):
                 chunksvc.put_part(session_id, number, data[(number - 1) * part_size : number * part_size])
         done = finish(chunksvc, session_id, data, part_size)
 
     assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
     # After the kill at "completing" the staging was gone (it had become the object): forgotten,
-    # and the object made again from the parts. At "staging" it survived, and became the object.
+    # and the object made again from the parts (copied), or taken as read back (sent: its pieces
+    # were the only copy). At "staging" and "sending" it survived, and became the object.
     [(staged_id,)] = query(database_url, "SELECT staged_id FROM upload_sessions WHERE id = %s", (session_id,))
     assert (staged_id is None) == (moment == "completing")
+    if (parts_go, moment) == ("sent", "completing"):  # read back, not sent again: the first pieces
+        keys = dict(
+            query(
+                database_url, "SELECT part_number, storage_key FROM upload_parts WHERE session_id = %s", (session_id,)
+            )
+        )
+        assert keys == {n: layout.piece_key(session_id, (n - 1) * 2500 + 1) for n in range(1, parts + 1)}
     assert reap(db, spec).errors == 0
     counts = verdict(request, database_url, spec, {session_id: sha(data)}, tally)
     assert (counts["sessions"], counts["completed"], counts["stored_keys"]) == (1, 1, 1)

@@ -475,7 +475,7 @@ class CompletionService:
             return None
         size = self._stager.finish(session.id, sources, keeping.check)
         if size is None:
-            return None
+            return self._made_already(session, sources, sha256, keeping)
         key = layout.object_key(session.id)
         if size != session.size:
             self._storage.delete([key])
@@ -484,6 +484,26 @@ class CompletionService:
         if sha256 is None:
             return self._read_back(key, keeping)
         return StoredObject(key, size, sha256)
+
+    def _made_already(
+        self, session: SessionRow, sources: list[PartSource], sha256: str | None, keeping: _Keeping
+    ) -> StoredObject | None:
+        """Where the staging is gone and parts were sent straight into it (so they cannot be
+        composed), the object it became, if a completion killed before recording ``COMPLETED``
+        finished it: read back, and taken only if its SHA-256 is the parts' (the frontier's, or
+        else the client's). None otherwise: those parts are asked for again."""
+        if not any(layout.piece_number(source.key) is not None for source in sources):
+            return None  # made from the parts' own keys, which are all there
+        expected = sha256 or session.sha256
+        key = layout.object_key(session.id)
+        if expected is None or not self._storage.exists(key):
+            return None
+        stored = self._read_back(key, keeping)
+        if stored.size != session.size or stored.sha256 != expected:
+            return None
+        log.warning("session %s: its staging had already become the object; taken as read back", session.id)
+        keeping.progress(stored.size)
+        return stored
 
     def _read_back(self, key: str, keeping: _Keeping) -> StoredObject:
         digest, size = hashlib.sha256(), 0
