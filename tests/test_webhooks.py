@@ -46,7 +46,7 @@ from chunksvc.db import QUERIES, Database
 from chunksvc.errors import ConfigError, InvalidRequest
 from chunksvc.metrics import Metrics
 from chunksvc.resources.uploads import EventRenderer, SessionRenderer
-from chunksvc.services import webhooks
+from chunksvc.services import webhook_deliverer, webhooks
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.reaper import Reaper, ReaperSettings, ReapResult
 from chunksvc.services.webhooks import (
@@ -862,7 +862,7 @@ def test_failing_endpoints_share_at_most_half_of_the_attempts(
             with lock:
                 running[url] -= 1
 
-    monkeypatch.setattr(webhooks, "post", counting_post)
+    monkeypatch.setattr(webhook_deliverer, "post", counting_post)  # where the deliverer looks it up
     deliverer = deliverers(timeout=0.5, concurrency=4, per_endpoint=2)
     deliverer.start()
 
