@@ -25,7 +25,6 @@ from tests.conftest import TEST_LIMITS
 from tests.helpers import complete, create, payload, put_part, sha, split
 from tests.test_tus import SERVED_PART
 from tools import tus_js as tus_js_client
-from tools.peer_tus import PeerUnavailable
 
 TUS = {"Tus-Resumable": "1.0.0"}
 PATCH_TYPE = {"Content-Type": "application/offset+octet-stream"}
@@ -307,15 +306,6 @@ def test_the_reaper_removes_dead_tokens_and_keeps_live_ones(app, auth, db, stora
 
 
 # --- a real server and a real client ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tus_js():
-    try:
-        return tus_js_client.prepare()
-    except PeerUnavailable as exc:
-        print(f"tus-js-client unavailable: {exc}")
-        pytest.skip(f"tus-js-client unavailable: {exc}")
 
 
 def test_tus_js_client_finishes_a_backend_created_session_with_upload_url_and_a_token(
