@@ -21,8 +21,8 @@ import pytest
 
 from chunksvc.config import StorageSpec
 from tests.helpers import payload, sha
+from tests.peers import prepared_or_skipped
 from tools import browser, harness
-from tools.peer_tus import PeerUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "browser"
@@ -32,11 +32,7 @@ PART = 1024 * 1024  # the sessions' parts: the chunks fill them four at a time
 
 @pytest.fixture(scope="module")
 def tools_dir() -> Path:
-    try:
-        return browser.prepare()
-    except PeerUnavailable as exc:
-        print(f"browser test unavailable: {exc}")
-        pytest.skip(f"browser test unavailable: {exc}")
+    return prepared_or_skipped(browser.prepare, "browser test")
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 15) -> None:
