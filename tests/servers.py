@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +46,13 @@ def gunicorn_server(pg_admin_url: str, template_db: str) -> StartGunicorn:
         client: str | None = None,
         stderr_path: Path | None = None,
         database_url: str | None = None,
+        unset: Iterable[str] = (),
         stop_signal: signal.Signals = signal.SIGTERM,
     ) -> Iterator[Gunicorn]:
         """``name`` names its database (chunksvc_<name>_...) and, unless ``client`` does, its key's
         client. With ``database_url`` it serves that database instead, and leaves it in place.
-        ``env`` holds its CHUNKSVC_* settings (CHUNKSVC_WORKERS: how many workers)."""
+        ``env`` holds its CHUNKSVC_* settings (CHUNKSVC_WORKERS: how many workers), added to our
+        environment, from which ``unset`` is removed."""
         with contextlib.ExitStack() as stack:
             if database_url is None:
                 database = f"chunksvc_{name}_{uuid.uuid4().hex[:12]}"
@@ -58,7 +60,13 @@ def gunicorn_server(pg_admin_url: str, template_db: str) -> StartGunicorn:
                 stack.callback(embedded.drop_database, pg_admin_url, database)
             server = stack.enter_context(
                 harness.gunicorn(
-                    database_url, spec, env=env, cwd=ROOT, stderr_path=stderr_path, stop_signal=stop_signal
+                    database_url,
+                    spec,
+                    env=env,
+                    unset=unset,
+                    cwd=ROOT,
+                    stderr_path=stderr_path,
+                    stop_signal=stop_signal,
                 )
             )
             yield Gunicorn(server, database_url, harness.create_api_key(database_url, client or name))
