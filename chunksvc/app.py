@@ -32,7 +32,8 @@ from chunksvc.services.reaper import PeriodicReaper, Reaper, ReaperSettings
 from chunksvc.services.staging import Stager
 from chunksvc.services.tus import TusService
 from chunksvc.services.uploads import UploadService
-from chunksvc.services.webhooks import DeliverySettings, SigningKey, WebhookDeliverer
+from chunksvc.services.webhook_deliverer import DeliverySettings, WebhookDeliverer
+from chunksvc.services.webhook_signing import SigningKey
 from chunksvc.storage import Storage, open_storage
 from chunksvc.storage.spill import Spill
 

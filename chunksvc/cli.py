@@ -32,7 +32,9 @@ from chunksvc.services.quotas import QuotaService
 from chunksvc.services.ratelimit import RateLimiter
 from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.services.uploads import UploadService
-from chunksvc.services.webhooks import DeliverySettings, SigningKey, WebhookDeliverer, WebhookRegistry
+from chunksvc.services.webhook_deliverer import DeliverySettings, WebhookDeliverer
+from chunksvc.services.webhook_registry import WebhookRegistry
+from chunksvc.services.webhook_signing import SigningKey
 from chunksvc.storage import open_storage
 from chunksvc.storage.spill import Spill
 

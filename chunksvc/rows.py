@@ -250,7 +250,7 @@ class CensusRow:
 @dataclasses.dataclass(frozen=True)
 class WebhookEndpointRow:
     """A client's webhook endpoint. Its secret is derived from ``secret_nonce`` and the signing
-    key ``key_id`` names (``chunksvc.services.webhooks``); ``previous_nonce`` signs beside it
+    key ``key_id`` names (``chunksvc.services.webhook_signing``); ``previous_nonce`` signs beside it
     during a secret roll, until ``previous_until``."""
 
     id: int

@@ -19,7 +19,7 @@ from chunksvc.config import Config, Limits
 from chunksvc.db import Database
 from chunksvc.services.auth import KeyManager
 
-pytest_plugins = ["tests.storage_fixtures", "tests.servers"]
+pytest_plugins = ["tests.storage_fixtures", "tests.servers", "tests.webhook_fixtures", "tests.peers"]
 
 # Small limits so tests move kilobytes, not gigabytes; the rules are the same.
 TEST_LIMITS = Limits(

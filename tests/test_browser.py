@@ -15,16 +15,14 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from chunksvc import embedded
 from chunksvc.config import StorageSpec
 from tests.helpers import payload, sha
+from tests.peers import prepared_or_skipped
 from tools import browser, harness
-from tools.peer_tus import PeerUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "browser"
@@ -34,11 +32,7 @@ PART = 1024 * 1024  # the sessions' parts: the chunks fill them four at a time
 
 @pytest.fixture(scope="module")
 def tools_dir() -> Path:
-    try:
-        return browser.prepare()
-    except PeerUnavailable as exc:
-        print(f"browser test unavailable: {exc}")
-        pytest.skip(f"browser test unavailable: {exc}")
+    return prepared_or_skipped(browser.prepare, "browser test")
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 15) -> None:
@@ -54,7 +48,7 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 15) ->
 
 
 def test_uppy_in_chromium_uploads_with_a_token_resumes_after_a_reload_and_finishes(
-    pg_admin_url, template_db, tmp_path, tools_dir
+    gunicorn_server, tmp_path, tools_dir
 ):
     page_port = harness.free_port()
     page_origin = f"http://127.0.0.1:{page_port}"
@@ -65,8 +59,6 @@ def test_uppy_in_chromium_uploads_with_a_token_resumes_after_a_reload_and_finish
     picked.write_bytes(data)
     screenshot = tmp_path / "finished.png"
 
-    name = f"chunksvc_browser_{uuid.uuid4().hex[:12]}"
-    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     env = {
         "CHUNKSVC_WORKERS": "2",
         "CHUNKSVC_MIN_PART_SIZE": "1",
@@ -74,45 +66,44 @@ def test_uppy_in_chromium_uploads_with_a_token_resumes_after_a_reload_and_finish
         "CHUNKSVC_ACCESS_LOG": "/dev/null",
         "CHUNKSVC_CORS_ORIGINS": page_origin,  # the page is served from another port: another origin
     }
-    try:
-        with harness.gunicorn(url, StorageSpec(kind="file", root=tmp_path / "storage"), env=env, cwd=ROOT) as server:
-            key = harness.create_api_key(url, "portal")
-            backend = subprocess.Popen(
-                [sys.executable, str(EXAMPLE / "backend.py")],
-                env={
-                    **os.environ,
-                    "CHUNKSVC_URL": server.url,
-                    "CHUNKSVC_API_KEY": key,
-                    "EXAMPLE_PORT": str(page_port),
-                    "EXAMPLE_BUNDLE": str(bundle),
+    with gunicorn_server(
+        StorageSpec(kind="file", root=tmp_path / "storage"), env, name="browser", client="portal"
+    ) as served:
+        server, key = served.server, served.key
+        backend = subprocess.Popen(
+            [sys.executable, str(EXAMPLE / "backend.py")],
+            env={
+                **os.environ,
+                "CHUNKSVC_URL": server.url,
+                "CHUNKSVC_API_KEY": key,
+                "EXAMPLE_PORT": str(page_port),
+                "EXAMPLE_BUNDLE": str(bundle),
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_for_port(page_port, backend)
+            seen = browser.drive(
+                tools_dir,
+                {
+                    "pageUrl": f"{page_origin}/",
+                    "file": str(picked),
+                    "screenshot": str(screenshot),
+                    "profile": str(tmp_path / "chromium-profile"),  # a fresh --user-data-dir
+                    "throttle": 1024 * 1024,  # bytes/s up: about 3 s for the file, so a reload lands midway
+                    "reloadAfter": 2,
+                    "timeoutMs": 60_000,
                 },
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
             )
-            try:
-                _wait_for_port(page_port, backend)
-                seen = browser.drive(
-                    tools_dir,
-                    {
-                        "pageUrl": f"{page_origin}/",
-                        "file": str(picked),
-                        "screenshot": str(screenshot),
-                        "profile": str(tmp_path / "chromium-profile"),  # a fresh --user-data-dir
-                        "throttle": 1024 * 1024,  # bytes/s up: about 3 s for the file, so a reload lands midway
-                        "reloadAfter": 2,
-                        "timeoutMs": 60_000,
-                    },
-                )
-            finally:
-                backend.terminate()
-                backend.wait(timeout=10)
-            print(f"screenshot of the finished page: {screenshot}")
+        finally:
+            backend.terminate()
+            backend.wait(timeout=10)
+        print(f"screenshot of the finished page: {screenshot}")
 
-            status, _, body = server.request("GET", "/uploads/sessions", headers={"Authorization": f"Bearer {key}"})
-            assert status == 200, body
-            sessions = json.loads(body)["sessions"]
-    finally:
-        embedded.drop_database(pg_admin_url, name)
+        status, _, body = server.request("GET", "/uploads/sessions", headers={"Authorization": f"Bearer {key}"})
+        assert status == 200, body
+        sessions = json.loads(body)["sessions"]
 
     assert seen["status"].startswith("upload complete: holiday.bin"), seen
     before, after = seen["before"], seen["after"]

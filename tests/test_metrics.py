@@ -19,7 +19,6 @@ import webtest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from chunksvc import embedded
 from chunksvc.app import create_app
 from chunksvc.config import Config, StorageSpec
 from chunksvc.db import Database
@@ -27,7 +26,6 @@ from chunksvc.errors import ConfigError
 from chunksvc.metrics import Metrics
 from tests.conftest import TEST_LIMITS
 from tests.helpers import complete, create, payload, put_part, sha, split
-from tools import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 PART_ROUTE = "/uploads/sessions/{session_id}/parts/{part_number}"
@@ -428,20 +426,16 @@ def test_sessions_gauges_are_the_databases_once_not_once_per_worker(server):
         assert value(parse(body.decode()), "chunksvc_session_gauges_up") == 1
 
 
-def test_default_directory_is_per_server_and_removed_at_exit(pg_admin_url, template_db, tmp_path):
-    name = f"chunksvc_metrics_{uuid.uuid4().hex[:12]}"
-    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
+def test_default_directory_is_per_server_and_removed_at_exit(gunicorn_server, tmp_path):
     storage = StorageSpec(kind="file", root=tmp_path / "storage")
     env = {"CHUNKSVC_WORKERS": "1", "CHUNKSVC_ACCESS_LOG": ""}
-    try:
-        with harness.gunicorn(
-            url, storage, env=env, unset=["PROMETHEUS_MULTIPROC_DIR"], cwd=ROOT, stderr_path=tmp_path / "stderr.log"
-        ) as gunicorn:
-            directory = Path(tempfile.gettempdir()) / f"chunksvc-metrics-{gunicorn.process.pid}"
-            assert gunicorn.request("GET", "/metrics")[0] == 200
-            assert any(directory.glob("counter_*.db"))
-    finally:
-        embedded.drop_database(pg_admin_url, name)
+    with gunicorn_server(
+        storage, env, name="metrics", unset=["PROMETHEUS_MULTIPROC_DIR"], stderr_path=tmp_path / "stderr.log"
+    ) as served:
+        gunicorn = served.server
+        directory = Path(tempfile.gettempdir()) / f"chunksvc-metrics-{gunicorn.process.pid}"
+        assert gunicorn.request("GET", "/metrics")[0] == 200
+        assert any(directory.glob("counter_*.db"))
     assert not directory.exists()
 
 

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -19,8 +18,6 @@ from chunksvc.config import Config, Quotas, StorageSpec
 from chunksvc.db import Database
 from tests.helpers import create, put_part
 from tools import harness
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _app(config: Config, db: Database, storage, quotas: Quotas) -> webtest.TestApp:
@@ -117,15 +114,15 @@ def test_an_override_of_bytes_keeps_the_sessions_override(database_url, keys):
     assert "sessions=3" in shown and "bytes=7" in shown
 
 
-def test_creates_racing_on_two_hosts_stop_exactly_at_the_quota(database_url, keys, tmp_path):
+def test_creates_racing_on_two_hosts_stop_exactly_at_the_quota(gunicorn_server, tmp_path):
     """16 threads over 2 real gunicorn servers on one database race for 5 slots: exactly 5 win."""
-    key = keys.create("racer")[0]
     env = {"CHUNKSVC_QUOTA_SESSIONS": "5"}
     spec = StorageSpec(kind="file", root=tmp_path / "storage")
     with (
-        harness.gunicorn(database_url, spec, env=env, cwd=ROOT) as one,
-        harness.gunicorn(database_url, spec, env=env, cwd=ROOT) as two,
+        gunicorn_server(spec, env, name="quotas", client="racer") as first,
+        gunicorn_server(spec, env, name="quotas", client="racer", database_url=first.database_url) as second,
     ):
+        one, two, key = first.server, second.server, first.key
         statuses: list[int] = []
         barrier = threading.Barrier(16)
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import webtest
@@ -22,8 +21,6 @@ from chunksvc.services.ratelimit import HOLD, RateLimiter, effective_rate
 from tests.conftest import TEST_LIMITS
 from tests.helpers import create
 from tools import harness
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -161,19 +158,18 @@ def test_a_bad_rate_is_refused_at_start(raw):
         Config.from_env({"CHUNKSVC_RATE_LIMIT": raw})
 
 
-def test_the_limit_holds_across_workers_and_hosts_and_spares_another_client(database_url, keys, tmp_path):
+def test_the_limit_holds_across_workers_and_hosts_and_spares_another_client(gunicorn_server, tmp_path):
     """Two gunicorn servers of two workers each, one database: 16 threads send 96 requests of
     one client as fast as they can. Admitted: the burst plus the rate over the elapsed time,
     whatever process served them (four local buckets would admit four bursts). Meanwhile a
     second client, well within its own limit, is never refused."""
-    flooder = keys.create("flooder")[0]
-    calm = keys.create("calm")[0]
     env = {"CHUNKSVC_RATE_LIMIT": "2", "CHUNKSVC_RATE_BURST": "12", "CHUNKSVC_WORKERS": "2"}
     spec = StorageSpec(kind="file", root=tmp_path / "storage")
     with (
-        harness.gunicorn(database_url, spec, env=env, cwd=ROOT) as one,
-        harness.gunicorn(database_url, spec, env=env, cwd=ROOT) as two,
+        gunicorn_server(spec, env, name="ratelimit", client="flooder") as first,
+        gunicorn_server(spec, env, name="ratelimit", client="calm", database_url=first.database_url) as second,
     ):
+        one, two, flooder, calm = first.server, second.server, first.key, second.key
         flood: list[int] = []
         calm_statuses: list[int] = []
         barrier = threading.Barrier(17)
@@ -198,18 +194,18 @@ def test_the_limit_holds_across_workers_and_hosts_and_spares_another_client(data
     assert calm_statuses == [200] * 8
 
 
-def test_the_client_library_waits_out_rate_limited_and_finishes(database_url, keys, tmp_path):
+def test_the_client_library_waits_out_rate_limited_and_finishes(gunicorn_server, tmp_path):
     """A real upload through a limited gunicorn: the client meets 429 rate_limited, waits its
     Retry-After and completes the upload; the refusals are in /metrics."""
     from chunksvc_client import Client
 
-    key = keys.create("patient")[0]
     env = {"CHUNKSVC_RATE_LIMIT": "4", "CHUNKSVC_RATE_BURST": "2", "CHUNKSVC_MIN_PART_SIZE": "4096"}
     source = tmp_path / "source.bin"
     source.write_bytes(os.urandom(8 * 4096))
     spec = StorageSpec(kind="file", root=tmp_path / "storage")
-    with harness.gunicorn(database_url, spec, env=env, cwd=ROOT) as server:
-        with Client(f"http://127.0.0.1:{server.port}", key) as client:
+    with gunicorn_server(spec, env, name="ratelimit", client="patient") as served:
+        server = served.server
+        with Client(f"http://127.0.0.1:{server.port}", served.key) as client:
             done = client.upload_file(source, part_size=4096, parallel=2)
         _, _, metrics = server.request("GET", "/metrics")
     assert done["status"] == "COMPLETED" and done["size"] == 8 * 4096

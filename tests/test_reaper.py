@@ -35,7 +35,7 @@ from chunksvc.db import Database
 from chunksvc.errors import ConfigError
 from chunksvc.metrics import Metrics
 from chunksvc.services import layout
-from chunksvc.services.auth import Authenticator, KeyManager
+from chunksvc.services.auth import Authenticator
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.reaper import (
     LIST_LIMIT,
@@ -684,22 +684,23 @@ def test_the_periodic_reaper_runs_passes_on_its_turns_and_counts_them(app, auth,
 
 
 @pytest.fixture
-def reaping_server(database_url, db, tmp_path):
-    """gunicorn with three workers whose periodic reapers take a turn every second."""
+def reaping_server(gunicorn_server, database_url, tmp_path):
+    """gunicorn with three workers whose periodic reapers take a turn every second, on the test's
+    database."""
     env = {
         "CHUNKSVC_WORKERS": "3",
         "CHUNKSVC_REAP_INTERVAL": "1",
         "CHUNKSVC_ACCESS_LOG": "/dev/null",
         "CHUNKSVC_MIN_PART_SIZE": "1",
     }
-    with harness.gunicorn(
-        database_url,
+    with gunicorn_server(
         StorageSpec(kind="file", root=tmp_path / "storage"),
-        env=env,
-        cwd=ROOT,
+        env,
+        name="periodic",
         stderr_path=tmp_path / "gunicorn.log",
-    ) as gunicorn:
-        yield gunicorn, KeyManager(db).create("periodic")[0]
+        database_url=database_url,
+    ) as served:
+        yield served.server, served.key
 
 
 def test_the_servers_own_reaper_lands_in_metrics_and_does_each_piece_of_work_once(reaping_server, database_url):
@@ -748,8 +749,9 @@ def has_open(pid: int, path: Path) -> bool:
 
 
 @pytest.fixture
-def server(database_url, db, tmp_path):
-    """gunicorn as ops run it, one worker, file storage, writing in 4 KiB blocks."""
+def server(gunicorn_server, database_url, tmp_path):
+    """gunicorn as ops run it, one worker, file storage, writing in 4 KiB blocks, on the test's
+    database."""
     root = tmp_path / "storage"
     env = {
         "CHUNKSVC_WORKERS": "1",
@@ -757,16 +759,15 @@ def server(database_url, db, tmp_path):
         "CHUNKSVC_BLOCK_SIZE": "4096",
         "CHUNKSVC_ACCESS_LOG": "/dev/null",
     }
-    with harness.gunicorn(
-        database_url,
+    with gunicorn_server(
         StorageSpec(kind="file", root=root),
-        env=env,
-        cwd=ROOT,
+        env,
+        name="crash",
         stderr_path=tmp_path / "gunicorn.log",
+        database_url=database_url,
         stop_signal=signal.SIGQUIT,  # quick shutdown: the test is over
-    ) as gunicorn:
-        key = KeyManager(db).create("crash")[0]
-        yield {"gunicorn": gunicorn, "port": gunicorn.port, "key": key, "root": root}
+    ) as served:
+        yield {"gunicorn": served.server, "port": served.server.port, "key": served.key, "root": root}
 
 
 def call(server, method: str, path: str, body: dict | None = None) -> tuple[int, dict | None]:

@@ -2,7 +2,7 @@
 table (``states.TRANSITIONS``).
 
 Every transition is made by a statement of queries.sql (or a migration's function) guarded by
-its own WHERE clause, or by a service's check under the row lock; only abort reads the table.
+its own WHERE clause, or by a service's check under the row lock; no service reads the table.
 So each operation that moves a session is attempted on a real session in every state (a real
 PostgreSQL, the real statements and services): the moves that happen must be exactly the table's,
 and every refused attempt must leave the state as it was. Changing a rule in the SQL, a service or
@@ -156,8 +156,8 @@ def abort(world: World, session: SessionRow) -> bool:
 
 
 def abort_statement(world: World, session: SessionRow) -> bool:
-    """The abort's statement alone, without the service's check of the table before it (with the
-    completion lease the service takes first on a COMPLETING session)."""
+    """The abort's statement alone, outside the service (which decides by this statement's row
+    count too), with the completion lease the service takes first on a COMPLETING session."""
     with world.db.transaction() as conn:
         assert dao.lock_session(conn, session.id, world.client.id) is not None
         assert dao.take_completion_lease(conn, session.id, uuid.uuid4(), 0)

@@ -12,6 +12,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -393,26 +394,36 @@ def test_old_spares_are_not_used(tmp_path, monkeypatch):
     assert names == []
 
 
+def in_a_fork(child: Callable[[], bytes]) -> bytes:
+    """What ``child()`` returns when run in a forked child, which then leaves without running the
+    parent's cleanup (nothing, if it raised)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_end, child())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as report:
+        return report.read()
+
+
 @needs_spares
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_does_not_use_its_parents_spares(tmp_path):
     storage = LocalStorage(tmp_path / "storage")
     storage.write("parts/s/p0", io.BytesIO(b"x"), 1, MiB)
     spares_ready(storage)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, then leave without running the parent's cleanup
-        try:
-            spares = storage._spares
-            inherited = len(spares._ready) if spares is not None else -1
-            storage.write("parts/s/child", io.BytesIO(b"child"), 5, MiB)
-            os.write(write_end, str(inherited).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    with os.fdopen(read_end, "rb") as report:
-        assert report.read() == b"0"
+
+    def child() -> bytes:
+        spares = storage._spares
+        inherited = len(spares._ready) if spares is not None else -1
+        storage.write("parts/s/child", io.BytesIO(b"child"), 5, MiB)
+        return str(inherited).encode()
+
+    assert in_a_fork(child) == b"0"
     storage.write("parts/s/parent", io.BytesIO(b"parent"), 6, MiB)  # the parent's spares are its own
     with storage.open("parts/s/child") as child, storage.open("parts/s/parent") as parent:
         assert (child.read(), parent.read()) == (b"child", b"parent")
@@ -454,16 +465,6 @@ def test_a_child_forked_while_the_thread_closes_old_spares_inherits_none(tmp_pat
     storage.write("parts/s/p1", io.BytesIO(b"x"), 1, MiB)  # all too old: the thread closes them
     assert closing.wait(10)
     threading.Timer(0.5, may_close.set).start()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.write(write_end, str(open_spare_files(incoming)).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    with os.fdopen(read_end, "rb") as report:
-        assert report.read() == b"0"
+    assert in_a_fork(lambda: str(open_spare_files(incoming)).encode()) == b"0"
     may_close.set()
     storage.close()

@@ -17,17 +17,14 @@ import psycopg
 import pytest
 import webtest
 
-from chunksvc import embedded
 from chunksvc.app import create_app
 from chunksvc.config import StorageSpec
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.reaper import Reaper, ReaperSettings
 from tests.conftest import TEST_LIMITS
 from tests.helpers import complete, create, payload, put_part, sha, split
-from tests.test_tus import ROOT, SERVED_PART
-from tools import harness
+from tests.test_tus import SERVED_PART
 from tools import tus_js as tus_js_client
-from tools.peer_tus import PeerUnavailable
 
 TUS = {"Tus-Resumable": "1.0.0"}
 PATCH_TYPE = {"Content-Type": "application/offset+octet-stream"}
@@ -311,22 +308,11 @@ def test_the_reaper_removes_dead_tokens_and_keeps_live_ones(app, auth, db, stora
 # --- a real server and a real client ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tus_js():
-    try:
-        return tus_js_client.prepare()
-    except PeerUnavailable as exc:
-        print(f"tus-js-client unavailable: {exc}")
-        pytest.skip(f"tus-js-client unavailable: {exc}")
-
-
 def test_tus_js_client_finishes_a_backend_created_session_with_upload_url_and_a_token(
-    pg_admin_url, template_db, tmp_path, tus_js
+    gunicorn_server, tmp_path, tus_js
 ):
     """What the browser example does: the backend creates the session with its API key and mints
     a token; the client gets the /tus/{id} URL and the token, never the key."""
-    name = f"chunksvc_tokens_{uuid.uuid4().hex[:12]}"
-    url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     spec = StorageSpec(kind="file", root=tmp_path / "storage")
     env = {
         "CHUNKSVC_WORKERS": "2",
@@ -337,38 +323,33 @@ def test_tus_js_client_finishes_a_backend_created_session_with_upload_url_and_a_
     data = payload(300_007, seed=9)
     path = tmp_path / "upload.bin"
     path.write_bytes(data)
-    try:
-        with harness.gunicorn(url, spec, env=env, cwd=ROOT) as server:
-            key = {
-                "Authorization": f"Bearer {harness.create_api_key(url, 'backend')}",
-                "Content-Type": "application/json",
-            }
-            status, _, body = server.request(
-                "POST",
-                "/uploads/sessions",
-                body=json.dumps({"filename": "u.bin", "size": len(data)}).encode(),
-                headers=key,
-            )
-            assert status == 201, body
-            session_id = json.loads(body)["id"]
-            status, _, body = server.request("POST", f"/uploads/sessions/{session_id}/tokens", headers=key)
-            assert status == 201, body
-            token = json.loads(body)["token"]
-            uploaded = tus_js_client.upload(
-                tus_js,
-                path,
-                {
-                    "uploadUrl": f"{server.url}/tus/{session_id}",
-                    "headers": {"Authorization": f"Bearer {token}"},
-                    "chunkSize": 100_000,
-                },
-            )
-            assert uploaded == f"{server.url}/tus/{session_id}"
-            status, _, body = server.request("GET", f"/uploads/sessions/{session_id}", headers=key)
-            found = json.loads(body)
-            assert found["status"] == "COMPLETED" and found["object"]["sha256"] == sha(data)
-            # The token is scoped: it cannot list the backend's sessions.
-            status, _, body = server.request("GET", "/uploads/sessions", headers={"Authorization": f"Bearer {token}"})
-            assert status == 403 and json.loads(body)["code"] == "forbidden"
-    finally:
-        embedded.drop_database(pg_admin_url, name)
+    with gunicorn_server(spec, env, name="tokens", client="backend") as served:
+        server = served.server
+        key = {"Authorization": f"Bearer {served.key}", "Content-Type": "application/json"}
+        status, _, body = server.request(
+            "POST",
+            "/uploads/sessions",
+            body=json.dumps({"filename": "u.bin", "size": len(data)}).encode(),
+            headers=key,
+        )
+        assert status == 201, body
+        session_id = json.loads(body)["id"]
+        status, _, body = server.request("POST", f"/uploads/sessions/{session_id}/tokens", headers=key)
+        assert status == 201, body
+        token = json.loads(body)["token"]
+        uploaded = tus_js_client.upload(
+            tus_js,
+            path,
+            {
+                "uploadUrl": f"{server.url}/tus/{session_id}",
+                "headers": {"Authorization": f"Bearer {token}"},
+                "chunkSize": 100_000,
+            },
+        )
+        assert uploaded == f"{server.url}/tus/{session_id}"
+        status, _, body = server.request("GET", f"/uploads/sessions/{session_id}", headers=key)
+        found = json.loads(body)
+        assert found["status"] == "COMPLETED" and found["object"]["sha256"] == sha(data)
+        # The token is scoped: it cannot list the backend's sessions.
+        status, _, body = server.request("GET", "/uploads/sessions", headers={"Authorization": f"Bearer {token}"})
+        assert status == 403 and json.loads(body)["code"] == "forbidden"

@@ -32,7 +32,6 @@ from tests.conftest import TEST_LIMITS
 from tests.helpers import ShortBody, payload, sha, wait_for
 from tests.storage_fixtures import drop_bucket, make_s3_spec
 from tools import tus_js as tus_js_client
-from tools.peer_tus import PeerUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -576,15 +575,6 @@ def test_tuspy_sends_an_empty_metadata_header_and_is_served(disk_server):
     uploader.upload()
     found = native_session(gunicorn, key, uploader.url.rsplit("/", 1)[1])  # completed in the last PATCH
     assert found["status"] == "COMPLETED" and found["metadata"] == {} and found["object"]["sha256"] == sha(data)
-
-
-@pytest.fixture(scope="module")
-def tus_js():
-    try:
-        return tus_js_client.prepare()
-    except PeerUnavailable as exc:
-        print(f"tus-js-client unavailable: {exc}")
-        pytest.skip(f"tus-js-client unavailable: {exc}")
 
 
 @pytest.mark.parametrize(

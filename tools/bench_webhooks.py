@@ -28,7 +28,8 @@ from pathlib import Path
 
 from chunksvc.config import KiB, MiB, StorageSpec
 from chunksvc.db import Database
-from chunksvc.services.webhooks import SigningKey, WebhookRegistry
+from chunksvc.services.webhook_registry import WebhookRegistry
+from chunksvc.services.webhook_signing import SigningKey
 from tools import harness
 from tools.client import Client
 from tools.measure import percentile

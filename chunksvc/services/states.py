@@ -26,9 +26,10 @@ OPEN = frozenset({INIT, IN_PROGRESS})
 #: Sessions not ended yet: what the quotas count and the live-sessions gauge shows.
 LIVE = (INIT, IN_PROGRESS, COMPLETING)
 
-#: The moves a session can make. Only abort reads it; every other move is made by a statement of
-#: queries.sql (or a migration's function) under its own WHERE clause, or a service's check, and
-#: tests/test_states.py attempts each of them in every state against this table.
+#: The moves a session can make, as documentation: no service reads it. Every move, abort's too,
+#: is made by a statement of queries.sql (or a migration's function) under its own WHERE clause,
+#: or a service's check, and tests/test_states.py attempts each of them in every state against
+#: this table, so the two cannot drift apart.
 TRANSITIONS: dict[str, frozenset[str]] = {
     INIT: frozenset({IN_PROGRESS, ABORTED, EXPIRED}),
     IN_PROGRESS: frozenset({IN_PROGRESS, COMPLETING, ABORTED, EXPIRED}),

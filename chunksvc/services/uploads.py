@@ -452,17 +452,18 @@ class UploadService:
         session_id = rules.parse_session_id(raw_id)
         # As in completion: a COMPLETING session's completion lease is taken under the row lock,
         # and ends with ABORTED in the same transaction (mark_aborted clears it: no time needed);
-        # while a live assembler holds it, the abort is refused (CompletionInProgress).
+        # while a live assembler holds it, the abort is refused (CompletionInProgress). Which
+        # states may be aborted is mark_aborted's WHERE clause alone (states.TRANSITIONS only
+        # documents it): no row moved, under the row lock, is a session that cannot be.
         with self._db.transaction() as conn:
             session = dao.lock_session(conn, session_id, client.id)
             if session is None:
                 raise SessionNotFound()
             status = session.effective_status
-            if not states.can_move(status, states.ABORTED):  # only COMPLETED cannot
-                raise SessionCompleted("a completed upload cannot be aborted")
             if status == states.COMPLETING and not dao.take_completion_lease(conn, session_id, uuid.uuid4(), 0):
                 raise CompletionInProgress()
-            dao.mark_aborted(conn, session_id)
+            if not dao.mark_aborted(conn, session_id):
+                raise SessionCompleted("a completed upload cannot be aborted")
         if status != states.ABORTED:
             self._events.session_aborted()
         # Bytes go only once ABORTED has committed: if its reply is lost, the error above

@@ -318,10 +318,10 @@ SELECT id, client_id, updated_at
  LIMIT %(limit)s;
 
 -- name: mark_aborted
--- The caller holds the row lock, checked that the session may be aborted (states.TRANSITIONS)
--- and, for a COMPLETING session, took its free completion lease in the same transaction
--- (take_completion_lease): the lease ends here. The check is repeated (the one state that
--- cannot be aborted), so this statement alone never ends a completed upload.
+-- The caller holds the row lock and, for a COMPLETING session, took its free completion lease
+-- in the same transaction (take_completion_lease): the lease ends here. This WHERE clause is what
+-- decides whether a session may be aborted (every state but COMPLETED): no row means it may not
+-- (UploadService.abort answers 409 completed); states.TRANSITIONS documents it.
 UPDATE upload_sessions
    SET status = 'ABORTED', updated_at = now(), completion_owner = NULL, completion_lease_until = NULL
  WHERE id = %(id)s AND status <> 'COMPLETED';
