@@ -189,3 +189,17 @@ def stored_object(storage, session_id: str) -> bytes:
 def unfinished_uploads(storage) -> int:
     """How many multipart uploads under the service's prefixes are unfinished (none is swept)."""
     return storage.sweep_incomplete(layout.PREFIXES, datetime.now(UTC) + timedelta(hours=1), dry_run=True)
+
+
+def completes_as(app, auth, storage, session_id: str, data: bytes) -> dict:
+    """Completes the session; asserts it is COMPLETED with ``data``'s SHA-256 and holds ``data``."""
+    done = complete(app, auth, session_id).json
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+    assert stored_object(storage, session_id) == data
+    return done
+
+
+def frontier_parts(database_url: str, session_id: str) -> int:
+    """How many parts the session's hash frontier has passed."""
+    [(parts,)] = query(database_url, "SELECT frontier_parts FROM upload_sessions WHERE id = %s", (session_id,))
+    return parts

@@ -24,15 +24,15 @@ from chunksvc.storage.base import StagedPiece
 from tests.conftest import TEST_LIMITS
 from tests.helpers import (
     PART_S3,
-    complete,
+    completes_as,
     create,
+    frontier_parts,
     payload,
     put_part,
     query,
     sha,
     split,
     staging_of,
-    stored_object,
     unfinished_uploads,
     upload_parts_in,
     wait_for,
@@ -53,25 +53,17 @@ def config(config: Config) -> Config:
     return dataclasses.replace(config, in_place_min_part=1)
 
 
-def _frontier_parts(database_url: str, session_id: str) -> int:
-    [(parts,)] = query(database_url, "SELECT frontier_parts FROM upload_sessions WHERE id = %s", (session_id,))
-    return parts
-
-
 def test_parts_are_hashed_as_they_arrive_and_the_compose_takes_that_digest(app, auth, database_url, storage):
     data = payload(2 * PART + 4321)
     parts = split(data, PART)
     session_id = create(app, auth, size=len(data), part_size=PART, sha256=sha(data)).json["id"]
     for number in (3, 1, 2):  # out of order: the frontier waits for part 1, then runs to the end
         put_part(app, auth, session_id, number, parts[number - 1])
-    wait_for(lambda: _frontier_parts(database_url, session_id) == 3, "the frontier to hash every part", 20)
+    wait_for(lambda: frontier_parts(database_url, session_id) == 3, "the frontier to hash every part", 20)
     assert storage.in_place is None  # S3 objects are written whole: parts stay apart
     other = payload(PART, seed=3)
     assert put_part(app, auth, session_id, 2, other, status=409).json["code"] == "part_conflict"
-    done = complete(app, auth, session_id).json
-    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    with storage.open(layout.object_key(session_id)) as stored:
-        assert stored.read() == data
+    completes_as(app, auth, storage, session_id, data)
 
 
 def test_abort_while_the_frontier_reads_parts_back_leaves_nothing(app, auth, database_url, storage):
@@ -109,9 +101,7 @@ def test_parts_are_copied_in_as_they_arrive_and_completion_finishes_what_is_ther
     held = storage.staged.placed(layout.object_key(session_id), staged_id)
     sizes = {1: PART, 2: PART, 3: PART, 4: 999}
     assert held == {copy_piece(number, 4): StagedPiece(sizes[number], tokens[number]) for number in sizes}
-    done = complete(app, auth, session_id).json
-    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert stored_object(storage, session_id) == data
+    completes_as(app, auth, storage, session_id, data)
     assert staging_of(database_url, session_id)[0] == staged_id  # the staging became the object
     assert unfinished_uploads(storage) == 0
     assert list(storage.list_keys(layout.parts_prefix(session_id))) == []
@@ -128,9 +118,7 @@ def test_parts_in_reverse_order_are_staged_once_the_first_arrives(app, auth, dat
     assert staging_of(database_url, session_id)[0] is None
     put_part(app, auth, session_id, 1, data[:PART])
     wait_for(lambda: _all_staged(database_url, session_id, 3), "the frontier to copy every part in", 30)
-    done = complete(app, auth, session_id).json
-    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert stored_object(storage, session_id) == data
+    completes_as(app, auth, storage, session_id, data)
 
 
 def test_conflicting_bytes_for_a_staged_part_are_refused_and_the_first_stay(app, auth, database_url, storage):
@@ -141,9 +129,7 @@ def test_conflicting_bytes_for_a_staged_part_are_refused_and_the_first_stay(app,
     other = payload(PART, seed=9)
     assert put_part(app, auth, session_id, 1, other, status=409).json["code"] == "part_conflict"
     assert staging_of(database_url, session_id) == before  # nothing copied in for the refused bytes
-    done = complete(app, auth, session_id).json
-    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert stored_object(storage, session_id) == data
+    completes_as(app, auth, storage, session_id, data)
 
 
 def test_a_piece_replaced_after_it_was_recorded_is_copied_again(app, auth, database_url, storage):
@@ -159,9 +145,7 @@ def test_a_piece_replaced_after_it_was_recorded_is_copied_again(app, auth, datab
     key = layout.object_key(session_id)
     late = storage.staged.place(key, staged_id, copy_piece(2, 3), part_1_key)
     assert late != tokens[2]  # the store holds other bytes as piece 2 now
-    done = complete(app, auth, session_id).json
-    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert stored_object(storage, session_id) == data
+    completes_as(app, auth, storage, session_id, data)
     # Piece 2 was copied again and the staging completed (made from the parts instead, it would
     # have been forgotten).
     assert staging_of(database_url, session_id)[0] == staged_id
@@ -173,9 +157,7 @@ def test_a_staging_lost_behind_the_services_back_is_made_from_the_parts(app, aut
     wait_for(lambda: _all_staged(database_url, session_id, 2), "the frontier to copy every part in", 30)
     staged_id, _ = staging_of(database_url, session_id)
     assert storage.staged.abandon(layout.object_key(session_id), staged_id)  # an operator's cleanup, say
-    done = complete(app, auth, session_id).json
-    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert stored_object(storage, session_id) == data
+    completes_as(app, auth, storage, session_id, data)
     assert staging_of(database_url, session_id) == (None, {1: None, 2: None})  # forgotten, tokens and all
     assert unfinished_uploads(storage) == 0
 
@@ -208,6 +190,4 @@ def test_the_sweep_leaves_a_live_staging_alone_and_aborts_one_no_session_names(a
     result = Reaper(db, storage, completion, ReaperSettings(orphan_grace=0)).run()
     assert result.incomplete_swept == 1 and result.errors == 0
     assert unfinished_uploads(storage) == 1  # the session's own staging
-    done = complete(app, auth, session_id).json
-    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert stored_object(storage, session_id) == data
+    completes_as(app, auth, storage, session_id, data)

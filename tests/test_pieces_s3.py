@@ -18,13 +18,14 @@ from chunksvc.services.staging import Stager, sent_piece
 from tests.helpers import (
     PART_S3,
     complete,
+    completes_as,
+    frontier_parts,
     payload,
     put_part,
     query,
     sha,
     split,
     staging_of,
-    stored_object,
     unfinished_uploads,
     upload_parts_in,
     wait_for,
@@ -54,11 +55,6 @@ def _part_keys(database_url: str, session_id: str) -> dict[int, str]:
     )
 
 
-def _frontier_parts(database_url: str, session_id: str) -> int:
-    [(parts,)] = query(database_url, "SELECT frontier_parts FROM upload_sessions WHERE id = %s", (session_id,))
-    return parts
-
-
 def _copies(spill_dir: Path, session_id: str) -> list[str]:
     session = spill_dir / layout.parts_prefix(session_id)
     return sorted(path.name for path in session.iterdir()) if session.is_dir() else []
@@ -78,11 +74,9 @@ def test_parts_in_order_go_up_once_and_the_staging_becomes_the_object(app, auth,
     assert {number: piece.size for number, piece in held.items()} == {
         sent_piece(n, 1, 4): size for n, size in sizes.items()
     }
-    wait_for(lambda: _frontier_parts(database_url, session_id) == 4, "the frontier to hash every part", 30)
+    wait_for(lambda: frontier_parts(database_url, session_id) == 4, "the frontier to hash every part", 30)
     wait_for(lambda: _copies(spill_dir, session_id) == [], "the local copies to go once hashed", 10)
-    done = complete(app, auth, session_id).json
-    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert stored_object(storage, session_id) == data
+    completes_as(app, auth, storage, session_id, data)
     assert unfinished_uploads(storage) == 0
 
 
@@ -92,12 +86,10 @@ def test_parts_in_reverse_order_are_in_place_before_the_first_arrives(app, auth,
     staged_id, _ = staging_of(database_url, session_id)
     held = storage.staged.placed(layout.object_key(session_id), staged_id)
     assert sorted(held) == [sent_piece(2, 1, 3), sent_piece(3, 1, 3)]
-    assert _frontier_parts(database_url, session_id) == 0  # waits at the gap, with the copies kept
+    assert frontier_parts(database_url, session_id) == 0  # waits at the gap, with the copies kept
     assert len(_copies(spill_dir, session_id)) == 2
     put_part(app, auth, session_id, 1, data[:PART_S3])
-    done = complete(app, auth, session_id).json
-    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert stored_object(storage, session_id) == data
+    completes_as(app, auth, storage, session_id, data)
 
 
 def test_conflicting_bytes_for_a_part_in_place_are_refused_and_the_first_stay(app, auth, database_url, storage):
@@ -111,9 +103,7 @@ def test_conflicting_bytes_for_a_part_in_place_are_refused_and_the_first_stay(ap
     assert _part_keys(database_url, session_id) == before
     # The retries went the usual way (an object of their own), compared and removed.
     assert list(storage.list_keys(layout.parts_prefix(session_id))) == []
-    done = complete(app, auth, session_id).json
-    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert stored_object(storage, session_id) == data
+    completes_as(app, auth, storage, session_id, data)
 
 
 def test_every_request_for_a_part_writes_a_piece_of_its_own(db, app, auth, database_url, storage):
@@ -140,10 +130,8 @@ def test_a_local_copy_missing_is_made_up_by_reading_the_object_back(app, auth, d
     copy = spill_dir / layout.piece_key(session_id, sent_piece(2, 1, 3))
     copy.unlink()
     put_part(app, auth, session_id, 1, data[:PART_S3])
-    wait_for(lambda: _frontier_parts(database_url, session_id) == 1, "the frontier to stop at part 2", 30)
-    done = complete(app, auth, session_id).json
-    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert stored_object(storage, session_id) == data
+    wait_for(lambda: frontier_parts(database_url, session_id) == 1, "the frontier to stop at part 2", 30)
+    completes_as(app, auth, storage, session_id, data)
 
 
 def test_a_local_copy_that_differs_is_not_hashed(app, auth, database_url, storage, spill_dir):
@@ -152,9 +140,7 @@ def test_a_local_copy_that_differs_is_not_hashed(app, auth, database_url, storag
     copy = spill_dir / layout.piece_key(session_id, sent_piece(2, 1, 2))
     copy.write_bytes(payload(PART_S3, seed=8))  # the piece in the store still holds the part's bytes
     put_part(app, auth, session_id, 1, data[:PART_S3])
-    done = complete(app, auth, session_id).json
-    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert stored_object(storage, session_id) == data
+    completes_as(app, auth, storage, session_id, data)
 
 
 def test_a_staging_lost_asks_the_client_for_its_parts_again(app, auth, database_url, storage):
@@ -167,9 +153,7 @@ def test_a_staging_lost_asks_the_client_for_its_parts_again(app, auth, database_
     assert missing["code"] == "parts_missing" and missing["missing_parts"] == [1, 2]
     for number in (1, 2):
         put_part(app, auth, session_id, number, parts[number - 1])
-    done = complete(app, auth, session_id).json
-    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
-    assert stored_object(storage, session_id) == data
+    completes_as(app, auth, storage, session_id, data)
     assert unfinished_uploads(storage) == 0
 
 

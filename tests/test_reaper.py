@@ -478,7 +478,7 @@ def test_two_reapers_at_once_do_each_piece_of_work_once(app, auth, db, database_
         "completions_redriven": 4,
         "completions_reopened": 0,
         "completions_failed": 0,
-        "webhook_events_pruned": 0,  # no endpoints here: tests/test_webhooks.py prunes events
+        "webhook_events_pruned": 0,  # no endpoints here: tests/test_webhooks_retention.py prunes events
         "tokens_removed": 24 + 8,
     }, [result.summary() for result in results]
     with psycopg.connect(database_url, autocommit=True) as conn:
