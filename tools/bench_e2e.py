@@ -12,6 +12,9 @@ bytes, in interleaved rounds (one of each route per round, then the next round):
 - ``cp+sync`` (disk): ``cp FILE DEST && sync DEST``, the floor for durable bytes on this disk.
 - ``boto3`` (s3): ``upload_file`` straight to the same S3 server (4 threads, 8 MiB parts).
 
+Before the first round, one small untimed upload warms the server's pools; the CLI and the
+library swap places from round to round, so neither always follows the other routes' syncs.
+
 Prints medians with min-max, the issue's ratios, and the peak RSS of the busiest worker and of
 the CLI client (a fresh server per size, so the worker's figure is that size's). S3 runs on
 radosgw (``tools/radosgw.py``); on moto in a child process only when Ceph is not installed, which
@@ -111,20 +114,37 @@ class Routes:
     def record(self, name: str, seconds: float) -> None:
         self.times.setdefault(name, []).append(seconds)
 
-    def chunksvc(self, server: harness.Server, key: str, clean: Callable[[], None]) -> None:
+    def warm_up(self, server: harness.Server, key: str, clean: Callable[[], None]) -> None:
+        """One small upload, not timed: a server that has just started opens its database pools
+        and imports lazily on its first requests, which a long-running service has long done."""
+        small = self.work / "warm-up.bin"
+        write_file(small, 16 * MiB)
         env = {"CHUNKSVC_URL": server.url, "CHUNKSVC_API_KEY": key}
-        # A fresh mtime each time: the CLI would otherwise find the last round's session COMPLETED.
-        os.utime(self.path)
+        timed([str(BIN / "chunksvc-client"), "upload", str(small), "--quiet"], env)
+        small.unlink()
+        clean()
+
+    def chunksvc(self, server: harness.Server, key: str, clean: Callable[[], None]) -> None:
+        # The CLI and the library swap places from round to round: whichever runs first in a round
+        # follows the other routes' deletes and syncs, which would otherwise always tax the same one.
+        routes = [self._cli, self._library]
+        for route in routes if len(self.tails) % 2 == 0 else reversed(routes):
+            # A fresh mtime each time: the client would otherwise find the last run's session COMPLETED.
+            os.utime(self.path)
+            route(server, key)
+            clean()
+
+    def _cli(self, server: harness.Server, key: str) -> None:
+        env = {"CHUNKSVC_URL": server.url, "CHUNKSVC_API_KEY": key}
         seconds, kib, _ = timed([str(BIN / "chunksvc-client"), "upload", str(self.path), "--quiet"], env)
         self.record("chunksvc-cli", seconds)
         self.client_kib.append(kib)
-        clean()
-        os.utime(self.path)
+
+    def _library(self, server: harness.Server, key: str) -> None:
         _, _, out = timed([sys.executable, "-c", _LIBRARY, server.url, key, str(self.path)])
         answer = json.loads(out)
         self.record("chunksvc-lib", answer["total"])
         self.tails.append(answer["tail"])
-        clean()
 
 
 def empty(directory: Path) -> Callable[[], None]:
@@ -160,6 +180,7 @@ def disk_rounds(
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(harness.gunicorn(url, spec, env=env, cwd=ROOT, unset=["PROMETHEUS_MULTIPROC_DIR"]))
         tus_server = stack.enter_context(peer_tus.serve(tus, work / "tus")) if tus else None
+        routes.warm_up(server, key, empty(storage))
         os.sync()
         for _ in range(rounds):
             routes.chunksvc(server, key, empty(storage))
@@ -204,6 +225,7 @@ def s3_rounds(url: str, key: str, size: int, rounds: int, work: Path) -> Routes:
         print(f"S3 server: {server_name}")
         spec = harness.s3_spec(endpoint)
         with harness.gunicorn(url, spec, env=env, cwd=ROOT, unset=["PROMETHEUS_MULTIPROC_DIR"]) as server:
+            routes.warm_up(server, key, lambda: None)
             for _ in range(rounds):
                 routes.chunksvc(server, key, lambda: None)
                 argv = [
