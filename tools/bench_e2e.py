@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chunksvc.config import MiB, StorageSpec
-from tools import harness, peer_tus, radosgw, tus_js
+from tools import harness, measure, peer_tus, radosgw, tus_js
 from tools.bench_large import worker_peak_mib, write_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +96,8 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, in
 
 
 def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
+    low, median, high = measure.spread(values)
+    return f"{median:.2f} s ({low:.2f}-{high:.2f})"
 
 
 class Routes:
@@ -246,7 +246,7 @@ def ratio(routes: Routes, top: str, bottom: str) -> str:
     if top not in routes.times or bottom not in routes.times:
         return "n/a"
     pairs = [a / b for a, b in zip(routes.times[top], routes.times[bottom], strict=True)]
-    return f"{statistics.median(pairs):.2f} ({min(pairs):.2f}-{max(pairs):.2f})"
+    return measure.fmt_spread(pairs)
 
 
 def report(backend: str, size: int, routes: Routes) -> None:
