@@ -219,15 +219,8 @@ def test_only_open_states_accept_parts():
     assert {s for s in states.ALL if states.accepts_parts(s)} == {states.INIT, states.IN_PROGRESS}
 
 
-def test_transitions():
-    assert states.can_move(states.INIT, states.IN_PROGRESS)
-    assert states.can_move(states.IN_PROGRESS, states.COMPLETING)
-    assert states.can_move(states.COMPLETING, states.COMPLETED)
-    assert states.can_move(states.COMPLETING, states.FAILED)
-    assert states.can_move(states.FAILED, states.ABORTED)
-    assert not states.can_move(states.COMPLETED, states.ABORTED)
-    assert not states.can_move(states.INIT, states.COMPLETED)
-    assert not states.can_move(states.ABORTED, states.IN_PROGRESS)
+def test_every_state_has_a_row_in_the_transition_table():
+    # What the rows allow is checked against the SQL itself, state by state, in tests/test_states.py.
     assert set(states.TRANSITIONS) == set(states.ALL)
 
 

@@ -42,9 +42,5 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 
-def can_move(current: str, target: str) -> bool:
-    return target in TRANSITIONS[current]
-
-
 def accepts_parts(status: str) -> bool:
     return status in OPEN
