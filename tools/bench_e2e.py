@@ -225,9 +225,14 @@ def s3_rounds(url: str, key: str, size: int, rounds: int, work: Path) -> Routes:
         print(f"S3 server: {server_name}")
         spec = harness.s3_spec(endpoint)
         with harness.gunicorn(url, spec, env=env, cwd=ROOT, unset=["PROMETHEUS_MULTIPROC_DIR"]) as server:
-            routes.warm_up(server, key, lambda: None)
+
+            def clean() -> None:
+                harness.empty_bucket(spec)
+                radosgw.free_deleted(endpoint)
+
+            routes.warm_up(server, key, clean)
             for _ in range(rounds):
-                routes.chunksvc(server, key, lambda: None)
+                routes.chunksvc(server, key, clean)
                 argv = [
                     sys.executable,
                     "-c",
@@ -237,6 +242,7 @@ def s3_rounds(url: str, key: str, size: int, rounds: int, work: Path) -> Routes:
                     spec.secret_key or "",
                 ]
                 routes.record("boto3", timed([*argv, spec.bucket or "", str(routes.path)])[0])
+                clean()
             routes.worker_mib = worker_peak_mib(server)
     routes.path.unlink()
     return routes

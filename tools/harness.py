@@ -122,6 +122,20 @@ def s3_spec(
     return spec
 
 
+def empty_bucket(spec: StorageSpec) -> None:
+    """Removes every object in ``spec``'s bucket (a bench's own, on a throwaway server), so that
+    rounds of large files do not add up (see ``tools.radosgw.free_deleted``)."""
+    from minio import Minio
+    from minio.deleteobjects import DeleteObject
+
+    client = Minio(spec.endpoint or "", spec.access_key, spec.secret_key, secure=False, region=spec.region)
+    bucket = spec.bucket or ""
+    doomed = (DeleteObject(o.object_name) for o in client.list_objects(bucket, recursive=True) if o.object_name)
+    errors = list(client.remove_objects(bucket, doomed))
+    if errors:
+        raise RuntimeError(f"emptying {bucket}: {errors[0]}")
+
+
 def storage_url(spec: StorageSpec) -> str:
     if spec.kind == "file":
         return f"file://{spec.root}"

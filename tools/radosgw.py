@@ -364,7 +364,24 @@ def bench_s3() -> Iterator[tuple[str, str]]:
     with radosgw(harness.S3_ACCESS_KEY, harness.S3_SECRET_KEY) as gateway:
         name = f"radosgw {version().split()[2]}"
         print(f"S3: {name} (bluestore, one OSD), started in {gateway.started_in:.1f} s")
-        yield gateway.endpoint, name
+        _BENCH_GATEWAYS[gateway.endpoint] = gateway
+        try:
+            yield gateway.endpoint, name
+        finally:
+            del _BENCH_GATEWAYS[gateway.endpoint]
+
+
+_BENCH_GATEWAYS: dict[str, Radosgw] = {}
+
+
+def free_deleted(endpoint: str) -> None:
+    """Frees now what was deleted on the bench's radosgw at ``endpoint`` (nothing on moto). Its
+    garbage collector is off (it would free deleted data two hours later), so a bench that
+    deletes each round's objects would still fill the one OSD, and a full Ceph makes writes
+    wait rather than fail."""
+    gateway = _BENCH_GATEWAYS.get(endpoint)
+    if gateway is not None:
+        gateway.admin("gc", "process", "--include-all", timeout=300)
 
 
 def main(argv: list[str] | None = None) -> int:
