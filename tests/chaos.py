@@ -91,6 +91,7 @@ def staged_pieces(database_url: str, storage: Storage, pieces: set[str]) -> set[
     """Of ``pieces`` (part keys naming pieces of their session's staging), those the store holds."""
     held = set()
     for session_id in {layout.session_of(key) for key in pieces}:
+        assert session_id is not None, "a piece's key names its session"
         [(staged_id,)] = query(database_url, "SELECT staged_id FROM upload_sessions WHERE id = %s", (session_id,))
         if staged_id is not None and storage.staged is not None:
             numbers = storage.staged.placed(layout.object_key(session_id), staged_id)

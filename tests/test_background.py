@@ -339,7 +339,7 @@ def test_only_parts_the_storage_reports_missing_are_dropped_not_those_a_listing_
     assert sorted(part_rows(database_url, session_id)) == [1, 3, 4, 5]
 
 
-def test_a_stale_assembly_ending_leaves_the_lease_of_the_one_that_took_over_to_give_back():
+def test_a_stale_assembly_ending_leaves_the_lease_of_the_one_that_took_over_to_give_back() -> None:
     """Two assemblies of one session in one process: the first lost its lease to the second and
     ends while the second still runs. The lease a stopping worker gives back is the second's."""
     completion = CompletionService(None, None, TEST_LIMITS, 4096)  # type: ignore[arg-type]
@@ -358,7 +358,8 @@ def test_a_stale_assembly_ending_leaves_the_lease_of_the_one_that_took_over_to_g
         return []  # "no part is there": nothing assembled
 
     completion._assemble = assemble  # type: ignore[method-assign]
-    completion._reopen_lost_parts = lambda *args: None  # type: ignore[method-assign]
+    # The session back, as the real one returns it (unused here): nothing is reopened.
+    completion._reopen_lost_parts = lambda conn, client_id, session, lost, lease: session  # type: ignore[method-assign]
     taking_over = threading.Thread(target=completion._assemble_or_reopen, args=(None, 1, session, [], fresh))
 
     completion._assemble_or_reopen(None, 1, session, [], stale)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ against the test PostgreSQL: every row passes the table's CHECK constraints, in 
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import psycopg
 import pytest
@@ -19,11 +20,10 @@ from tools.bench_curves import (
     fill_sessions_sql,
     growth_exponent,
     parse_int_list,
-    percentile,
-    spread,
     status_case_sql,
     throughput_shape,
 )
+from tools.measure import percentile, spread
 
 
 def test_percentile_is_the_nearest_rank() -> None:
@@ -118,33 +118,43 @@ def expected_status(i: int) -> str:
     raise AssertionError("unreachable")
 
 
+def one_row(conn: psycopg.Connection[Any], statement: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+    """The row a query that returns exactly one gives (an aggregate, or RETURNING of one insert)."""
+    row = conn.execute(statement, params).fetchone()
+    assert row is not None, statement
+    return row
+
+
 def test_fill_sql_makes_rows_the_table_accepts_in_the_intended_mix(database_url: str) -> None:
     rows = OPEN_RECENT + 2000  # open rows among the recent ones, expired ones further back
     with psycopg.connect(database_url, autocommit=True) as conn:
         client_ids = [
-            conn.execute("INSERT INTO clients (name) VALUES (%s) RETURNING id", (name,)).fetchone()[0]
+            one_row(conn, "INSERT INTO clients (name) VALUES (%s) RETURNING id", (name,))[0]
             for name in ("measuring", "tenant-b", "tenant-c")
         ]
         for start, stop in fill_batches(0, rows, 1500):
             conn.execute(fill_sessions_sql(), {"start": start, "stop": stop, "client_ids": client_ids})
-        got = dict(conn.execute("SELECT status, count(*) FROM upload_sessions GROUP BY status").fetchall())
+        got: dict[str, int] = dict(
+            conn.execute("SELECT status, count(*) FROM upload_sessions GROUP BY status").fetchall()
+        )
         assert got == Counter(expected_status(i) for i in range(rows))
         per_client = [
-            conn.execute("SELECT count(*) FROM upload_sessions WHERE client_id = %s", (cid,)).fetchone()[0]
-            for cid in client_ids
+            one_row(conn, "SELECT count(*) FROM upload_sessions WHERE client_id = %s", (cid,))[0] for cid in client_ids
         ]
         assert sum(per_client) == rows and max(per_client) - min(per_client) <= 1
         # Nothing for the reaper or the assembler to do: open sessions are not overdue, ended ones
         # are purged, none is COMPLETING.
-        (overdue,) = conn.execute(
-            "SELECT count(*) FROM upload_sessions WHERE status IN ('INIT', 'IN_PROGRESS') AND expires_at <= now()"
-        ).fetchone()
-        (unpurged,) = conn.execute(
-            "SELECT count(*) FROM upload_sessions WHERE status NOT IN ('INIT', 'IN_PROGRESS') AND purged_at IS NULL"
-        ).fetchone()
+        (overdue,) = one_row(
+            conn,
+            "SELECT count(*) FROM upload_sessions WHERE status IN ('INIT', 'IN_PROGRESS') AND expires_at <= now()",
+        )
+        (unpurged,) = one_row(
+            conn,
+            "SELECT count(*) FROM upload_sessions WHERE status NOT IN ('INIT', 'IN_PROGRESS') AND purged_at IS NULL",
+        )
         assert (overdue, unpurged, got.get("COMPLETING", 0)) == (0, 0, 0)
         # Newest first is fill order (row 0 is the newest).
-        (newest,) = conn.execute("SELECT filename FROM upload_sessions ORDER BY created_at DESC LIMIT 1").fetchone()
+        (newest,) = one_row(conn, "SELECT filename FROM upload_sessions ORDER BY created_at DESC LIMIT 1")
         assert newest == "file-0.bin"
         # The ids are those of the rows: filling a range again is refused, not duplicated.
         with pytest.raises(psycopg.errors.UniqueViolation):

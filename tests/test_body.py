@@ -10,7 +10,9 @@ import socket
 import ssl
 import threading
 import types
+from typing import Any, cast
 
+import falcon
 import pytest
 from gunicorn.config import Config
 from gunicorn.http import RequestParser
@@ -20,14 +22,20 @@ from chunksvc.resources.body import SocketBody, StreamBody, part_body
 from tools.nginx import throwaway_certificate
 
 
-def _parsed(sock: socket.socket) -> tuple[RequestParser, object]:
+def _parsed(sock: socket.socket) -> tuple[RequestParser, Any]:
+    """gunicorn's parser over ``sock`` and the first request it reads (gunicorn ships no types)."""
     parser = RequestParser(Config(), sock, ("127.0.0.1", 1))
     return parser, next(parser)
 
 
-def _request(gunicorn_request: object, sock: socket.socket) -> types.SimpleNamespace:
+def _as_request(stand_in: types.SimpleNamespace) -> falcon.Request:
+    """A stand-in for a Falcon request with only what ``part_body`` reads of one."""
+    return cast(falcon.Request, stand_in)
+
+
+def _request(gunicorn_request: Any, sock: socket.socket) -> falcon.Request:
     """What ``part_body`` reads of a Falcon request: its WSGI environ, as gunicorn builds it."""
-    return types.SimpleNamespace(env={"wsgi.input": gunicorn_request.body, "gunicorn.socket": sock})
+    return _as_request(types.SimpleNamespace(env={"wsgi.input": gunicorn_request.body, "gunicorn.socket": sock}))
 
 
 def _read_all(body: SocketBody | StreamBody, length: int, block: int = 64 * 1024) -> bytes:
@@ -136,7 +144,9 @@ def test_a_stalled_body_is_abandoned_and_the_connection_not_reused() -> None:
 
 
 def test_elsewhere_the_wsgi_stream_is_read() -> None:
-    request = types.SimpleNamespace(env={"wsgi.input": io.BytesIO(b"abc")}, bounded_stream=io.BytesIO(b"abc"))
+    request = _as_request(
+        types.SimpleNamespace(env={"wsgi.input": io.BytesIO(b"abc")}, bounded_stream=io.BytesIO(b"abc"))
+    )
     assert SocketBody.of(request, idle_timeout=None) is None
     body = part_body(request)
     assert isinstance(body, StreamBody) and _read_all(body, 3) == b"abc"

@@ -59,7 +59,8 @@ SERVER_ENV = {
 def pg_socket(url: str) -> str | tuple[str, int]:
     """Where ``url``'s server listens: a Unix socket's path (the embedded server) or (host, port)."""
     params = conninfo_to_dict(url)
-    host, port = params.get("host", "localhost"), int(params.get("port", 5432))
+    # conninfo_to_dict's values are str | int | None; a URL's host and port come back as strings.
+    host, port = str(params.get("host", "localhost")), int(str(params.get("port", 5432)))
     return f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
 
 
@@ -152,6 +153,7 @@ def sha(data: bytes) -> str:
 
 def unfinished_s3_uploads(spec: StorageSpec) -> list[str]:
     if spec.kind != "s3":
+        assert spec.root is not None
         return sorted(path.name for path in (spec.root / ".incoming").iterdir())
     from tests.storage_fixtures import s3_admin
 

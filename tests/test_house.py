@@ -17,7 +17,7 @@ PACKAGE = ROOT / "chunksvc"
 
 def imported_modules(path: Path) -> set[str]:
     """Every module a file imports, at any depth of its code (lazy imports included)."""
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text("utf-8"), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)

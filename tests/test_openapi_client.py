@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "chunksvc_openapi_client"  # the generated package's name; nothing else may be called that
 # No post-generation hooks: the default ones run ruff from PATH, which only reformats the code
 # (and warns when ruff is not on PATH).
-GENERATOR_CONFIG = {"post_hooks": []}
+GENERATOR_CONFIG: dict[str, list[str]] = {"post_hooks": []}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def server(gunicorn_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def api(server, tmp_path_factory) -> ModuleType:
+def api(server, tmp_path_factory) -> Iterator[ModuleType]:
     """The client openapi-python-client generates from the served document, imported."""
     status, _, document = server["gunicorn"].request("GET", "/openapi.json")
     assert status == 200

@@ -166,7 +166,7 @@ def test_every_pin_runs_on_the_oldest_python_declared() -> None:
         if dist.version != version:
             continue
         checked += 1
-        requires = dist.metadata.get("Requires-Python")
+        [requires] = dist.metadata.get_all("Requires-Python") or [None]  # None: not declared
         if requires and not SpecifierSet(requires).contains(oldest):
             excluded.append(f"{name}=={version} (Requires-Python {requires})")
     assert checked >= 50, f"only {checked} pins were installed as pinned: is this the `make test` virtualenv?"

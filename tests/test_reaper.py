@@ -133,6 +133,7 @@ def read(storage: Storage, key: str) -> bytes:
 def leave_unfinished_write(spec: StorageSpec, key: str) -> None:
     """What a writer killed mid-write leaves: a temporary file, or an unfinished multipart upload."""
     if spec.kind == "file":
+        assert spec.root is not None
         (spec.root / ".incoming" / uuid.uuid4().hex).write_bytes(b"half a part")
     else:
         s3 = s3_admin(spec)
@@ -142,6 +143,7 @@ def leave_unfinished_write(spec: StorageSpec, key: str) -> None:
 
 def unfinished_writes(spec: StorageSpec) -> list[str]:
     if spec.kind == "file":
+        assert spec.root is not None
         return sorted(path.name for path in (spec.root / ".incoming").iterdir())
     uploads = s3_admin(spec).list_multipart_uploads(Bucket=spec.bucket).get("Uploads", [])
     return sorted(upload["Key"] for upload in uploads)
@@ -150,6 +152,7 @@ def unfinished_writes(spec: StorageSpec) -> list[str]:
 def backdate_files(spec: StorageSpec, keys: list[str], seconds: int = OLD) -> None:
     """On disk, make stored keys and unfinished writes look ``seconds`` old (S3 dates cannot be set)."""
     then = time.time() - seconds
+    assert spec.root is not None
     for path in [spec.root / key for key in keys] + list((spec.root / ".incoming").iterdir()):
         os.utime(path, (then, then))
 

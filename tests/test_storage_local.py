@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -171,9 +172,9 @@ def test_a_write_into_a_new_directory_creates_it(tmp_path):
 
 def failing_directory_fsync(monkeypatch: pytest.MonkeyPatch, directory: str) -> None:
     """Every fsync of ``directory`` from now on fails with EIO."""
-    real = local._fsync_dir
+    real = syscalls.fsync_dir
 
-    def fsync_dir(path: str | os.PathLike[str]) -> None:
+    def fsync_dir(path: str | Path) -> None:
         if os.path.samefile(path, directory):
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
         real(path)
@@ -211,9 +212,9 @@ def test_an_assembly_whose_directory_cannot_be_fsynced_leaves_the_object_another
 
 def recording_directory_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     fsynced: list[str] = []
-    real = local._fsync_dir
+    real = syscalls.fsync_dir
 
-    def fsync_dir(path: str | os.PathLike[str]) -> None:
+    def fsync_dir(path: str | Path) -> None:
         fsynced.append(os.fspath(path))
         real(path)
 

@@ -111,7 +111,7 @@ def test_failing_endpoints_share_at_most_half_of_the_attempts(
     deliverer.start()
 
     def attempts_each() -> list[int]:
-        by_endpoint = collections.Counter()
+        by_endpoint: collections.Counter[int] = collections.Counter()
         for d in deliveries(database_url):
             if d["endpoint_id"] in slow_ids and d["last_error"] is not None:
                 by_endpoint[d["endpoint_id"]] += d["attempts"]

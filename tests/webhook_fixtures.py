@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -48,7 +49,7 @@ KEY_HEX = "5e" * 32
 OTHER_KEY_HEX = "a7" * 32
 KEY = SigningKey.from_hex(KEY_HEX, "test")
 # Retries 0.2 s after the first failure (then 0.4, 0.8, 1 s): a test sees several in a second.
-FAST = {"first_retry": 0.2, "max_retry": 1.0, "poll_interval": 0.05, "timeout": 5.0}
+FAST = DeliverySettings(first_retry=0.2, max_retry=1.0, poll_interval=0.05, timeout=5.0)
 HANG = "hang"
 TRICKLE = "trickle"  # a 200 whose head comes a byte every 0.02 s (about 3 s in all)
 
@@ -212,12 +213,12 @@ def deliverers(db: Database, storage: Storage) -> Iterator[Callable[..., Webhook
     """In-process deliverers with FAST settings (overridable); stopped at the test's end."""
     made: list[WebhookDeliverer] = []
 
-    def make(key: SigningKey | None = KEY, metrics: Metrics | None = None, **settings: float) -> WebhookDeliverer:
+    def make(key: SigningKey | None = KEY, metrics: Metrics | None = None, **settings: Any) -> WebhookDeliverer:
         deliverer = WebhookDeliverer(
             db,
             key,
             EventRenderer(SessionRenderer(storage.bucket)),
-            DeliverySettings(**{**FAST, **settings}),
+            dataclasses.replace(FAST, **settings),  # settings: its fields, ints and floats
             events=metrics,
         )
         made.append(deliverer)
