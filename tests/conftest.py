@@ -137,8 +137,12 @@ def other_auth(keys: KeyManager) -> dict[str, str]:
 CHAOS_FILES = {"test_faults.py", "test_reliability.py"}
 BENCH_FILES = {"test_bench_curves.py", "test_bench_peer.py", "test_loadtest.py", "test_measure.py"}
 E2E_FILES = {"test_server.py", "test_nginx.py", "test_pgbouncer.py", "test_memory.py"}
-# A test that starts a real server in its own body (harness.gunicorn, a CLI subprocess...).
-E2E_CALLS = ("gunicorn(", "serving(", "subprocess.", "nginx", "pgbouncer")
+# A test that starts a real server in its own body (harness.gunicorn, a CLI subprocess...):
+# chunksvc( is the CLI as a subprocess (tests/test_cli.py, tests/webhook_fixtures.py), run_reap(
+# `chunksvc reap` as one (tests/test_reaper.py).
+E2E_CALLS = ("gunicorn(", "serving(", "subprocess.", "nginx", "pgbouncer", "chunksvc(", "run_reap(")
+# Fixtures that start processes: "wheel" builds the service's wheel with pip (tests/test_packaging.py).
+E2E_FIXTURES = {"radosgw_server", "s3_spec", "server", "gunicorn_server", "wheel"}
 
 
 def tier_of(item: pytest.Item) -> str:
@@ -151,8 +155,8 @@ def tier_of(item: pytest.Item) -> str:
     uses_s3 = callspec is not None and "s3" in str(callspec.id).split("-")
     fixtures = set(getattr(item, "fixturenames", ()))
     # "server": the module-scoped server fixtures of the client and CLI tests; "gunicorn_server":
-    # tests/servers.py, which every fixture that starts gunicorn goes through.
-    if name in E2E_FILES or uses_s3 or fixtures & {"radosgw_server", "s3_spec", "server", "gunicorn_server"}:
+    # tests/servers.py, which every fixture that starts gunicorn goes through (E2E_FIXTURES).
+    if name in E2E_FILES or uses_s3 or fixtures & E2E_FIXTURES:
         return "e2e"
     function = getattr(item, "function", None)
     if function is not None:
