@@ -134,6 +134,12 @@ def other_auth(keys: KeyManager) -> dict[str, str]:
 #   e2e    real processes: gunicorn, nginx, PgBouncer, the client's CLI, or radosgw for S3;
 #   chaos  fault injection: kill -9, outages through fault proxies, full disks;
 #   bench  the benchmarks' own tests (their tools, not their figures).
+# Isolation: the tests of one pytest process (one xdist worker under `make test-fast`, -n 2) share
+# one database cloned from the migrated template, emptied before each test (every table but
+# schema_migrations truncated, identities restarted, other connections to it ended); a test whose
+# schema change it notices fails, and the database is cloned anew. Tests that change the schema, or
+# need an unmigrated or private database, take own_database_url (or their own clone, as gunicorn
+# fixtures do). See tests/databases.py. Storage is per test (tmp_path) as before.
 CHAOS_FILES = {"test_faults.py", "test_reliability.py"}
 BENCH_FILES = {"test_bench_curves.py", "test_bench_peer.py", "test_loadtest.py", "test_measure.py"}
 E2E_FILES = {"test_server.py", "test_nginx.py", "test_pgbouncer.py", "test_memory.py"}

@@ -60,7 +60,8 @@ SELECT md5(string_agg(item, E'\\n' ORDER BY item)) FROM (
     FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
     WHERE c.relnamespace = 'public'::regnamespace AND NOT t.tgisinternal
   UNION ALL
-    SELECT 'fn ' || p.oid::regprocedure::text || ' ' || md5(p.prosrc) || ' ' || coalesce(array_to_string(p.proconfig, ','), '')
+    SELECT 'fn ' || p.oid::regprocedure::text || ' ' || md5(p.prosrc)
+        || ' ' || coalesce(array_to_string(p.proconfig, ','), '')
     FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace
   UNION ALL
     SELECT 'set ' || array_to_string(s.setconfig, ',')
@@ -131,7 +132,8 @@ class SharedDatabase:
                     conn.execute("DELETE FROM schema_migrations")
                     with conn.cursor() as cursor:
                         cursor.executemany(
-                            "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (%s, %s, %s, %s)",
+                            "INSERT INTO schema_migrations (version, name, checksum, applied_at)"
+                            " VALUES (%s, %s, %s, %s)",
                             self.migration_rows,
                         )
 
