@@ -48,7 +48,7 @@ test: $(INSTALLED)
 
 ## make test-fast: the unit and api tiers only (no gunicorn, nginx, PgBouncer, radosgw or faults).
 test-fast: $(INSTALLED)
-	$(BIN)/python -m pytest -m "unit or api" -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "unit or api" -q -n 2 $(PYTEST_ARGS)
 
 ## make fmt: ruff's fixes and formatting, in place (make lint checks them).
 fmt: $(INSTALLED)

