@@ -51,6 +51,10 @@ RGW_POOLS = (
 )
 
 START_TIMEOUT = 90.0  # seconds for the whole start-up; a slow, shared machine may need tens
+# The one OSD's bluestore file, sparse (only what is written takes disk): the suite's, and the
+# benches', which hold a 10 GiB object next to a peer's while radosgw's garbage is collected.
+OSD_GIB = 20
+BENCH_OSD_GIB = 48
 
 
 def missing_binaries() -> list[str]:
@@ -198,7 +202,7 @@ class _Cluster:
             log.close()
 
 
-def _config(directory: Path, fsid: str, mon_port: int, rgw_port: int, objectstore: str) -> str:
+def _config(directory: Path, fsid: str, mon_port: int, rgw_port: int, objectstore: str, osd_gib: int) -> str:
     osd = directory / "osd"
     settings = {
         "fsid": fsid,
@@ -241,7 +245,7 @@ def _config(directory: Path, fsid: str, mon_port: int, rgw_port: int, objectstor
         "osd memory target": str(512 << 20),
         "bluestore block path": str(directory / "osd.block"),  # osd/block becomes a link to it
         "bluestore block create": "true",
-        "bluestore block size": str(20 << 30),  # sparse: only what is written takes disk
+        "bluestore block size": str(osd_gib << 30),  # sparse: only what is written takes disk
         "bluestore cache autotune": "false",
         "bluestore cache size": str(64 << 20),
         "bluestore fsck on mount": "false",
@@ -280,13 +284,13 @@ def _wait_for_s3(cluster: _Cluster, port: int) -> None:
         time.sleep(0.05)
 
 
-def _start(cluster: _Cluster, access_key: str, secret_key: str, objectstore: str) -> int:
+def _start(cluster: _Cluster, access_key: str, secret_key: str, objectstore: str, osd_gib: int) -> int:
     directory = cluster.directory
     for sub in ("run", "log", "mon", "osd"):
         (directory / sub).mkdir()
     fsid, osd_uuid = str(uuid.uuid4()), str(uuid.uuid4())
     mon_port, rgw_port = free_port(), free_port()
-    cluster.conf.write_text(_config(directory, fsid, mon_port, rgw_port, objectstore))
+    cluster.conf.write_text(_config(directory, fsid, mon_port, rgw_port, objectstore, osd_gib))
     monmap = str(directory / "monmap")
     cluster.run("monmaptool", "--create", "--fsid", fsid, "--addv", "a", f"[v2:127.0.0.1:{mon_port}]", monmap)
     cluster.run("ceph-mon", "--mkfs", "-i", "a", "--monmap", monmap)
@@ -323,6 +327,7 @@ def radosgw(
     secret_key: str,
     *,
     objectstore: str = "bluestore",
+    osd_gib: int = OSD_GIB,
     directory: Path | None = None,
     start_timeout: float = START_TIMEOUT,
 ) -> Iterator[Radosgw]:
@@ -330,9 +335,9 @@ def radosgw(
     ``access_key``/``secret_key``; everything stopped and removed on the way out.
 
     ``objectstore`` is ``bluestore`` (a sparse file on disk: long suites) or ``memstore`` (RAM:
-    every byte stored stays in memory until the end). If it does not serve within
-    ``start_timeout`` seconds, or a step fails, every daemon is killed and the error carries the
-    end of their logs."""
+    every byte stored stays in memory until the end); ``osd_gib`` is the bluestore file's size.
+    If it does not serve within ``start_timeout`` seconds, or a step fails, every daemon is
+    killed and the error carries the end of their logs."""
     missing = missing_binaries()
     if missing:
         raise RuntimeError(f"{', '.join(missing)} not installed (apt-get install --no-install-recommends {PACKAGES})")
@@ -342,7 +347,7 @@ def radosgw(
         cluster = _Cluster(work, begun + start_timeout)
         stack.callback(cluster.stop)
         try:
-            port = _start(cluster, access_key, secret_key, objectstore)
+            port = _start(cluster, access_key, secret_key, objectstore, osd_gib)
         except Exception as exc:
             for process in cluster.processes.values():
                 if process.poll() is None:
@@ -361,7 +366,7 @@ def bench_s3() -> Iterator[tuple[str, str]]:
         with harness.moto_s3() as endpoint:
             yield endpoint, "moto"
         return
-    with radosgw(harness.S3_ACCESS_KEY, harness.S3_SECRET_KEY) as gateway:
+    with radosgw(harness.S3_ACCESS_KEY, harness.S3_SECRET_KEY, osd_gib=BENCH_OSD_GIB) as gateway:
         name = f"radosgw {version().split()[2]}"
         print(f"S3: {name} (bluestore, one OSD), started in {gateway.started_in:.1f} s")
         _BENCH_GATEWAYS[gateway.endpoint] = gateway
