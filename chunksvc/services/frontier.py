@@ -35,7 +35,7 @@ from uuid import UUID
 
 from chunksvc import dao, hashstate
 from chunksvc.db import Connection, Database
-from chunksvc.errors import ChunksvcError, CompletionInProgress, PieceCopyMissing, StorageError
+from chunksvc.errors import ChunksvcError, CompletionInProgress, IncompleteBody, PieceCopyMissing, StorageError
 from chunksvc.rows import FrontierRow, PartRow
 from chunksvc.services import layout
 from chunksvc.services.staging import Stager, StagingRun
@@ -237,10 +237,16 @@ class HashFrontier:
             raise PieceCopyMissing(f"part {part.part_number}: no local copy of {part.storage_key} on this host")
         check = hashlib.sha256()
         with copy:
-            for block in read_exact_blocks(cast(Readable, copy), part.size, self._block_size):
-                check.update(block)
-                yield block
-            if copy.read(1) or check.hexdigest() != part.sha256:
+            try:
+                for block in read_exact_blocks(cast(Readable, copy), part.size, self._block_size):
+                    check.update(block)
+                    yield block
+                longer = bool(copy.read(1))
+            except (IncompleteBody, OSError) as exc:
+                # Short (a crash after an unsynced rename) or unreadable: not the piece's bytes.
+                short = f"part {part.part_number}: the local copy of {part.storage_key} is short"
+                raise PieceCopyMissing(short) from exc
+            if longer or check.hexdigest() != part.sha256:
                 raise PieceCopyMissing(f"part {part.part_number}: the local copy of {part.storage_key} differs")
 
     def _read(self, session_id: UUID, part: PartRow, offset: int) -> Iterator[Block]:
