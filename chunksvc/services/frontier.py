@@ -148,9 +148,12 @@ class HashFrontier:
                 sha = hashstate.ResumableSha256(row.frontier_state)
                 parts, hashed, saved = row.frontier_parts, row.frontier_bytes, row.frontier_bytes
                 passed: list[str] = []  # local copies hashed, removed once a saved state covers them
+                # The state as of the last part passed whole: ``sha`` itself may hold some of the
+                # next part's bytes when a renewal runs (a read that failed midway, then drain).
+                passed_state = sha.state()
 
                 def renew() -> None:  # the state as of the last part passed, saved again
-                    self._save(conn, session_id, owner, parts, hashed, sha)
+                    self._save(conn, session_id, owner, parts, hashed, hashstate.ResumableSha256(passed_state))
 
                 with self._staging(conn, row, owner, renew) as staging:
                     while parts < row.total_parts:
@@ -176,6 +179,7 @@ class HashFrontier:
                                 self._forget_copies(passed)
                                 raise
                             parts, hashed = part.part_number, hashed + part.size
+                            passed_state = sha.state()
                             if staging is not None:
                                 staging.place(part)  # read back whole just now: copied in as stored
                             if layout.piece_number(part.storage_key) is not None:
