@@ -191,3 +191,54 @@ def test_the_sweep_leaves_a_live_staging_alone_and_aborts_one_no_session_names(a
     assert result.incomplete_swept == 1 and result.errors == 0
     assert unfinished_uploads(storage) == 1  # the session's own staging
     completes_as(app, auth, storage, session_id, data)
+
+
+def test_a_read_that_fails_midway_never_saves_a_state_with_its_bytes(app, auth, database_url, storage, monkeypatch):
+    """The frontier hashes part 2 block by block; its read from the store fails midway (a reset
+    connection). On the way out, StagingRun.drain waits for part 1's copy and, while it waits,
+    renews the lease by saving the state "as of the last part passed": the variable ``sha`` by
+    then holds part 2's first block too. That state, saved as after part 1, makes the final
+    digest wrong, and completion trusts it (no read-back): a correct upload with a declared
+    SHA-256 ends FAILED (and its parts are discarded)."""
+    import io
+    import time as _time
+
+    from chunksvc.errors import StorageUnavailable
+
+    data = payload(3 * PART, seed=12)
+    parts = split(data, PART)
+    session_id = create(app, auth, size=len(data), part_size=PART, sha256=sha(data)).json["id"]
+    for number in (2, 3):  # the frontier waits at the gap
+        put_part(app, auth, session_id, number, parts[number - 1])
+    [(part_2_key,)] = query(
+        database_url, "SELECT storage_key FROM upload_parts WHERE session_id = %s AND part_number = 2", (session_id,)
+    )
+
+    class Reset(io.BytesIO):
+        calls = 0
+
+        def read(self, size: int | None = -1) -> bytes:
+            self.calls += 1
+            if self.calls > 1:
+                raise StorageUnavailable("connection reset mid-body")
+            return super().read(size)
+
+    real_open, real_place = storage.open, storage.staged.place
+    monkeypatch.setattr(storage, "open", lambda key: Reset(parts[1]) if key == part_2_key else real_open(key))
+
+    def slow_place(*args):
+        _time.sleep(3)  # a copy longer than RENEW_EVERY: the holder renews while it waits
+        return real_place(*args)
+
+    monkeypatch.setattr(storage.staged, "place", slow_place)
+    put_part(app, auth, session_id, 1, parts[0])
+
+    def stopped() -> bool:
+        return query(
+            database_url, "SELECT frontier_parts, frontier_owner FROM upload_sessions WHERE id = %s", (session_id,)
+        ) == [(1, None)]
+
+    wait_for(stopped, "the frontier to stop after part 1", 30)
+    monkeypatch.setattr(storage, "open", real_open)
+    monkeypatch.setattr(storage.staged, "place", real_place)
+    completes_as(app, auth, storage, session_id, data)

@@ -166,3 +166,33 @@ def test_abort_leaves_no_piece_no_copy_and_no_object(app, auth, database_url, st
     assert _copies(spill_dir, session_id) == []
     assert list(storage.list_keys(layout.parts_prefix(session_id))) == []
     assert not storage.exists(layout.object_key(session_id))
+
+
+def test_a_truncated_local_copy_is_made_up_by_reading_the_object_back(app, auth, database_url, storage, spill_dir):
+    """What a machine restart can leave: Spill.write renames without fsync, so after a crash the
+    copy may be there but short (ext4's zero-length file after rename). The docs promise it only
+    costs a read-back; the frontier must treat it as a copy that differs, not fail the completion."""
+    data = payload(2 * PART_S3, seed=11)
+    session_id = upload_parts_in(app, auth, data, (2,))
+    copy = spill_dir / layout.piece_key(session_id, sent_piece(2, 1, 2))
+    copy.write_bytes(data[PART_S3 : PART_S3 + 100])  # a short copy; the piece in the store is whole
+    put_part(app, auth, session_id, 1, data[:PART_S3])
+    completes_as(app, auth, storage, session_id, data)
+
+
+def test_a_piece_refused_for_want_of_room_leaves_no_local_copy(app, auth, storage, spill_dir, monkeypatch):
+    """StorageFull (radosgw's QuotaExceeded) is not a StorageError, so _store_as_piece's cleanup
+    misses it: the 5 MiB-5 GiB copy of a part nobody recorded stays in the spill directory until
+    the reaper's orphan grace, on the disk that is already under pressure."""
+    from chunksvc.errors import StorageFull
+
+    data = payload(2 * PART_S3, seed=13)
+    session_id = upload_parts_in(app, auth, data, (1,))
+    wait_for(lambda: _copies(spill_dir, session_id) == [], "the frontier to pass part 1", 30)
+
+    def full(*args, **kwargs):
+        raise StorageFull("the storage has no room left")
+
+    monkeypatch.setattr(storage.staged, "write", full)
+    put_part(app, auth, session_id, 2, data[PART_S3:], status=507)
+    assert _copies(spill_dir, session_id) == []  # fails today: ['piece-05001'], part 2's copy

@@ -35,7 +35,7 @@ from uuid import UUID
 
 from chunksvc import dao, hashstate
 from chunksvc.db import Connection, Database
-from chunksvc.errors import ChunksvcError, CompletionInProgress, PieceCopyMissing, StorageError
+from chunksvc.errors import ChunksvcError, CompletionInProgress, IncompleteBody, PieceCopyMissing, StorageError
 from chunksvc.rows import FrontierRow, PartRow
 from chunksvc.services import layout
 from chunksvc.services.staging import Stager, StagingRun
@@ -148,9 +148,12 @@ class HashFrontier:
                 sha = hashstate.ResumableSha256(row.frontier_state)
                 parts, hashed, saved = row.frontier_parts, row.frontier_bytes, row.frontier_bytes
                 passed: list[str] = []  # local copies hashed, removed once a saved state covers them
+                # The state as of the last part passed whole: ``sha`` itself may hold some of the
+                # next part's bytes when a renewal runs (a read that failed midway, then drain).
+                passed_state = sha.state()
 
                 def renew() -> None:  # the state as of the last part passed, saved again
-                    self._save(conn, session_id, owner, parts, hashed, sha)
+                    self._save(conn, session_id, owner, parts, hashed, hashstate.ResumableSha256(passed_state))
 
                 with self._staging(conn, row, owner, renew) as staging:
                     while parts < row.total_parts:
@@ -176,6 +179,7 @@ class HashFrontier:
                                 self._forget_copies(passed)
                                 raise
                             parts, hashed = part.part_number, hashed + part.size
+                            passed_state = sha.state()
                             if staging is not None:
                                 staging.place(part)  # read back whole just now: copied in as stored
                             if layout.piece_number(part.storage_key) is not None:
@@ -237,10 +241,16 @@ class HashFrontier:
             raise PieceCopyMissing(f"part {part.part_number}: no local copy of {part.storage_key} on this host")
         check = hashlib.sha256()
         with copy:
-            for block in read_exact_blocks(cast(Readable, copy), part.size, self._block_size):
-                check.update(block)
-                yield block
-            if copy.read(1) or check.hexdigest() != part.sha256:
+            try:
+                for block in read_exact_blocks(cast(Readable, copy), part.size, self._block_size):
+                    check.update(block)
+                    yield block
+                longer = bool(copy.read(1))
+            except (IncompleteBody, OSError) as exc:
+                # Short (a crash after an unsynced rename) or unreadable: not the piece's bytes.
+                short = f"part {part.part_number}: the local copy of {part.storage_key} is short"
+                raise PieceCopyMissing(short) from exc
+            if longer or check.hexdigest() != part.sha256:
                 raise PieceCopyMissing(f"part {part.part_number}: the local copy of {part.storage_key} differs")
 
     def _read(self, session_id: UUID, part: PartRow, offset: int) -> Iterator[Block]:

@@ -35,6 +35,7 @@ from chunksvc.errors import (
     SessionNotActive,
     SessionNotFound,
     StorageError,
+    StorageFull,
     StorageUnavailable,
 )
 from chunksvc.rows import PartRow, SessionRow
@@ -299,7 +300,7 @@ class UploadService:
                 stager.write_piece(target.session_id, staged_id, number, copy, target.length, sha256)
             # A piece no record names is simply not completed: S3 drops it with the staging.
             result = self._record_part(target, key, sha256)
-        except (*self._NOT_RECORDED, StorageError, StorageUnavailable, IncompleteBody):
+        except (*self._NOT_RECORDED, StorageError, StorageUnavailable, StorageFull, IncompleteBody, OSError):
             spill.remove(key)
             raise
         self._events.part_stored(created=result.created, size=target.length, healed=False)
