@@ -80,6 +80,7 @@ class HashingBodyReader:
         # (a Content-Digest to verify), so the common path hashes once.
         self._hasher = HashThread(self._hashed, ("sha256", *also_hash), name="part-hash")
         self._received = 0  # written by the receiving thread only
+        self._cut: IncompleteBody | None = None  # why the body ended early, once it has
         self._handed_out = 0
         self._current: memoryview | None = None  # the filled buffer being handed out
         self._current_length = 0
@@ -106,6 +107,11 @@ class HashingBodyReader:
     @property
     def complete(self) -> bool:
         return self._handed_out == self._length
+
+    @property
+    def handed_out(self) -> int:
+        """The bytes ``read`` has returned so far (what the caller has had of the body)."""
+        return self._handed_out
 
     def digest(self, algorithm: str = "sha256") -> bytes:
         self._join()  # the hashing thread may still be on the last block
@@ -162,6 +168,8 @@ class HashingBodyReader:
         """``buffer`` filled with the next bytes of the body (as many as fit), or the failure."""
         if buffer is None:  # close(): stop receiving
             return IncompleteBody("the request body was abandoned")
+        if self._cut is not None:
+            return self._cut
         want = min(len(buffer), self._length - self._received)
         filled = 0
         try:
@@ -169,13 +177,17 @@ class HashingBodyReader:
                 count = self._body.readinto(buffer[filled:want])
                 if not count:
                     missing = self._length - self._received - filled
-                    return IncompleteBody(f"the request body ended {missing} bytes early")
+                    self._cut = IncompleteBody(f"the request body ended {missing} bytes early")
+                    break
                 filled += count
         except IncompleteBody as exc:  # the body's own verdict (a stalled client, say)
-            return exc
+            self._cut = exc
         except (OSError, ValueError) as exc:
-            error = IncompleteBody("the request body could not be read to its end")
-            error.__cause__ = exc
-            return error
+            self._cut = IncompleteBody("the request body could not be read to its end")
+            self._cut.__cause__ = exc
+        if self._cut is not None and not filled:
+            return self._cut
+        # What arrived before a cut is handed out first (a caller may keep it: tus does); the
+        # next receive is the cut.
         self._received += filled
         return buffer, filled
