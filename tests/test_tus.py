@@ -23,13 +23,13 @@ import pytest
 import webtest
 
 from chunksvc.app import create_app
-from chunksvc.config import Quotas, StorageSpec
+from chunksvc.config import Config, Quotas, StorageSpec
 from chunksvc.services.completion import CompletionService
 from chunksvc.services.reaper import Reaper, ReaperSettings
 from chunksvc.services.tus import SpoolMemory, _Spool
 from chunksvc.services.webhooks import SigningKey, WebhookRegistry
 from tests.conftest import TEST_LIMITS
-from tests.helpers import ShortBody, payload, sha, wait_for
+from tests.helpers import ShortBody, payload, query, sha, wait_for
 from tests.storage_fixtures import drop_bucket, make_s3_spec
 from tools import tus_js as tus_js_client
 
@@ -43,6 +43,13 @@ PART = 1024  # TEST_LIMITS.default_part_size: a tus upload's parts
 @pytest.fixture
 def storage_spec(file_spec: StorageSpec) -> StorageSpec:
     return file_spec
+
+
+@pytest.fixture(params=["spooled", "in-place"])
+def config(config: Config, request: pytest.FixtureRequest) -> Config:
+    # Every API test of tus both ways: a PATCH's whole parts spooled, then stored under keys of
+    # their own; and (on local disk) written in place, where a native PUT writes its parts.
+    return dataclasses.replace(config, in_place_min_part=1) if request.param == "in-place" else config
 
 
 def b64(text: str) -> str:
@@ -233,6 +240,23 @@ def test_small_patches_write_only_their_own_bytes_until_the_part_is_full(app, au
     patch(app, auth, uid, offset, data[offset : offset + 500])  # fills part 1 (424 bytes), 76 over
     assert stored_sizes() == [76, PART]
     assert app.get(f"/uploads/sessions/{uid}/parts", headers=auth).json["parts"][0]["sha256"] == sha(data[:PART])
+
+
+def test_whole_parts_of_a_patch_go_where_native_parts_go(app, auth, storage, config, database_url):
+    data = payload(6 * PART, seed=3)
+    uid = upload_id(create(app, auth, len(data)))
+    patch(app, auth, uid, 0, data[:100])  # part 1 in the making
+    patch(app, auth, uid, 100, data[100 : 4 * PART])  # fills part 1 from its pieces, then parts 2-4 whole
+    keys = dict(query(database_url, "SELECT part_number, storage_key FROM upload_parts WHERE session_id = %s", (uid,)))
+    assembly = f"parts/{uid}/assembly"
+    if config.in_place_min_part == 1:
+        assert keys[1] != assembly and [keys[n] for n in (2, 3, 4)] == [assembly] * 3
+    else:
+        assert len(set(keys.values())) == 4 and assembly not in keys.values()
+    patch(app, auth, uid, 4 * PART, data[4 * PART :])
+    found = session(app, auth, uid)
+    assert found["status"] == "COMPLETED" and found["object"]["sha256"] == sha(data)
+    assert stored_object(storage, found) == data
 
 
 def test_offset_mismatch_is_409_and_changes_nothing(app, auth):
@@ -465,6 +489,29 @@ def test_only_the_final_upload_sends_a_webhook_event(app, auth, db, database_url
     assert events == [(final_id, "session.completed")]
 
 
+def test_of_two_patches_of_whole_parts_at_the_same_offset_the_one_recorded_first_counts(app, auth, storage):
+    first, second, rest = payload(2 * PART, seed=1), payload(2 * PART, seed=2), payload(PART, seed=3)
+    uid = upload_id(create(app, auth, 3 * PART))
+    second_offsets = []
+
+    def second_patch_meanwhile():
+        # The first holds part 1's range of the file while its body streams: the second is spooled.
+        second_offsets.append(patch(app, auth, uid, 0, second).headers["Upload-Offset"])
+
+    request = webtest.TestRequest.blank(
+        f"/tus/{uid}", method="PATCH", headers={**auth, **TUS, **PATCH_TYPE, "Upload-Offset": "0"}
+    )
+    request.environ["wsgi.input"] = ShortBody(first, on_first_read=second_patch_meanwhile)
+    request.environ["CONTENT_LENGTH"] = str(len(first))
+    response = app.do_request(request, status=409)
+    assert response.json["code"] == "offset_mismatch" and second_offsets == [str(2 * PART)]
+    parts = app.get(f"/uploads/sessions/{uid}/parts", headers=auth).json["parts"]
+    assert [part["sha256"] for part in parts] == [sha(second[:PART]), sha(second[PART:])]
+    patch(app, auth, uid, 2 * PART, rest)
+    found = session(app, auth, uid)
+    assert found["status"] == "COMPLETED" and stored_object(storage, found) == second + rest
+
+
 def test_of_two_patches_at_the_same_offset_one_counts(app, auth, wsgi_app):
     uid = upload_id(create(app, auth, 3000))
     first_arrived = []
@@ -507,7 +554,9 @@ def disk_server(gunicorn_server, tmp_path_factory):
     spec = StorageSpec(kind="file", root=tmp_path_factory.mktemp("tus") / "storage")
     # Uploads above 500,000 bytes complete in the background (the 1 MB ones below), smaller ones
     # in their last PATCH: both paths of "complete as POST .../complete would".
-    with served(gunicorn_server, spec, CHUNKSVC_SYNC_COMPLETE_MAX="500000") as running:
+    # Whole parts of a PATCH are written in place, as native parts are (the spooled way is the API
+    # tests' other half, and the S3 server's).
+    with served(gunicorn_server, spec, CHUNKSVC_SYNC_COMPLETE_MAX="500000", CHUNKSVC_IN_PLACE_MIN_PART="1") as running:
         yield running
 
 
@@ -579,8 +628,8 @@ def test_tuspy_sends_an_empty_metadata_header_and_is_served(disk_server):
 
 @pytest.mark.parametrize(
     "options",
-    [{"chunkSize": 100_001}, {"chunkSize": 150_000, "parallelUploads": 3}],
-    ids=["sequential", "parallel-3"],
+    [{}, {"chunkSize": 100_001}, {"chunkSize": 150_000, "parallelUploads": 3}],
+    ids=["one-patch", "sequential", "parallel-3"],
 )
 def test_tus_js_client(server, tus_js, tmp_path, options):
     """On S3 too: the partials' last parts are below S3's 5 MiB compose minimum, so the final
@@ -629,12 +678,16 @@ def partial_ids(gunicorn, final_id: str) -> set[str]:
     return {row[0] for row in rows}
 
 
-def test_a_worker_killed_mid_patch_leaves_a_durable_prefix_and_the_upload_completes(gunicorn_server, tmp_path):
+@pytest.mark.parametrize("in_place_min_part", ["1", str(1 << 20)], ids=["in-place", "spooled"])
+def test_a_worker_killed_mid_patch_leaves_a_durable_prefix_and_the_upload_completes(
+    gunicorn_server, tmp_path, in_place_min_part
+):
     from tusclient.client import TusClient
 
     data = payload(1_000_000, seed=5)
     spec = StorageSpec(kind="file", root=tmp_path / "storage")
-    with served(gunicorn_server, spec, CHUNKSVC_WORKERS="1", CHUNKSVC_BLOCK_SIZE="4096") as (gunicorn, key):
+    settings = {"CHUNKSVC_WORKERS": "1", "CHUNKSVC_BLOCK_SIZE": "4096", "CHUNKSVC_IN_PLACE_MIN_PART": in_place_min_part}
+    with served(gunicorn_server, spec, **settings) as (gunicorn, key):
         headers = {"Authorization": f"Bearer {key}", **TUS}
         status, response, _ = gunicorn.request("POST", "/tus/", headers={**headers, "Upload-Length": str(len(data))})
         assert status == 201

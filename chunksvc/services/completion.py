@@ -39,14 +39,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import hashlib
 import logging
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from chunksvc import dao
@@ -66,6 +65,7 @@ from chunksvc.errors import (
     SessionNotFound,
     StorageError,
 )
+from chunksvc.hashing import ReadsInto, hash_stream
 from chunksvc.rows import SessionRow
 from chunksvc.services import layout, rules, states
 from chunksvc.services.auth import Client
@@ -506,13 +506,10 @@ class CompletionService:
         return stored
 
     def _read_back(self, key: str, keeping: _Keeping) -> StoredObject:
-        digest, size = hashlib.sha256(), 0
+        """The object as stored, read and hashed (the next block read while the last is hashed)."""
         with self._storage.open(key) as stored:
-            while block := stored.read(self._block_size):
-                digest.update(block)
-                size += len(block)
-                keeping.check()
-        return StoredObject(key, size, digest.hexdigest())
+            size, sha256 = hash_stream(cast(ReadsInto, stored), self._block_size, keeping.check, f"read back {key}")
+        return StoredObject(key, size, sha256)
 
     def _lost_parts(self, session_id: UUID, sources: list[PartSource], check: Callable[[], None]) -> list[str]:
         """The keys of ``sources`` the storage positively reports missing.

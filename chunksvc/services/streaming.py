@@ -1,21 +1,21 @@
 """Receiving a part's body: exactly ``length`` bytes, hashed, in blocks, with flat memory.
 
 A body longer than one block goes through a pipeline of three threads over a small ring of
-reusable buffers: a helper receives block ``n + 1`` while another hashes block ``n`` and the
-caller (the storage adapter) writes it. Socket reads, SHA-256 and file or socket writes all
+reusable buffers: a helper receives block ``n + 1`` while another (``chunksvc.hashing``) hashes
+block ``n`` and the caller (the storage adapter) writes it. Socket reads, SHA-256 and file or socket writes all
 release the GIL, so the three overlap instead of taking turns. Memory is ``depth`` blocks,
 whatever the part's size.
 """
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 from collections.abc import Iterable
 from typing import Protocol
 
 from chunksvc.errors import IncompleteBody
+from chunksvc.hashing import HashThread
 
 # Blocks in flight per part: one being received, one hashed, one written, one spare to ride out
 # a moment's stall of any stage.
@@ -68,9 +68,6 @@ class HashingBodyReader:
         self._body = body
         self._length = length
         self._pool = buffers
-        # SHA-256 always (it names the part); other hashlib algorithms only when asked for
-        # (a Content-Digest to verify), so the common path hashes once.
-        self._hashes = {name: hashlib.new(name) for name in ("sha256", *also_hash)}
         # A body of one block is received, hashed and handed out by the caller's thread alone.
         self._threaded = length > buffers.block_size
         self._buffers = buffers.take(depth if self._threaded else 1)
@@ -78,9 +75,12 @@ class HashingBodyReader:
         for buffer in self._buffers:
             self._free.put(buffer)
         self._filled: queue.SimpleQueue[tuple[memoryview, int] | BaseException] = queue.SimpleQueue()
-        self._to_hash: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
         self._hashed: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        # SHA-256 always (it names the part); other hashlib algorithms only when asked for
+        # (a Content-Digest to verify), so the common path hashes once.
+        self._hasher = HashThread(self._hashed, ("sha256", *also_hash), name="part-hash")
         self._received = 0  # written by the receiving thread only
+        self._cut: IncompleteBody | None = None  # why the body ended early, once it has
         self._handed_out = 0
         self._current: memoryview | None = None  # the filled buffer being handed out
         self._current_length = 0
@@ -89,10 +89,7 @@ class HashingBodyReader:
 
     def __enter__(self) -> HashingBodyReader:
         if self._threaded:
-            self._threads = [
-                threading.Thread(target=self._receive_all, name="part-receive", daemon=True),
-                threading.Thread(target=self._hash_all, name="part-hash", daemon=True),
-            ]
+            self._threads = [threading.Thread(target=self._receive_all, name="part-receive", daemon=True)]
             for thread in self._threads:
                 thread.start()
         return self
@@ -111,17 +108,18 @@ class HashingBodyReader:
     def complete(self) -> bool:
         return self._handed_out == self._length
 
+    @property
+    def handed_out(self) -> int:
+        """The bytes ``read`` has returned so far (what the caller has had of the body)."""
+        return self._handed_out
+
     def digest(self, algorithm: str = "sha256") -> bytes:
         self._join()  # the hashing thread may still be on the last block
-        return self._hashes[algorithm].digest()
+        return self._hasher.digest(algorithm)
 
     def hexdigest(self, algorithm: str = "sha256") -> str:
         self._join()
-        return self._hashes[algorithm].hexdigest()
-
-    def _update(self, block: memoryview) -> None:
-        for hasher in self._hashes.values():
-            hasher.update(block)
+        return self._hasher.hexdigest(algorithm)
 
     def read(self, size: int = -1, /) -> memoryview:
         if self._current is not None and self._offset == self._current_length:
@@ -136,7 +134,7 @@ class HashingBodyReader:
             self._current, self._current_length = item
             self._offset = 0
             if not self._threaded:
-                self._update(self._current[: self._current_length])
+                self._hasher.update_here(self._current[: self._current_length])
         available = self._current_length - self._offset
         take = available if size < 0 else min(size, available)
         block = self._current[self._offset : self._offset + take]
@@ -155,30 +153,23 @@ class HashingBodyReader:
         for thread in self._threads:
             thread.join()
         self._threads = []
+        self._hasher.finish()  # after the receiver: it hands over no more blocks
 
     def _receive_all(self) -> None:
         """The receiving thread: fill free buffers in order until the body is in, or stop."""
-        try:
-            while self._received < self._length:
-                item = self._receive_block(self._free.get())
-                self._filled.put(item)
-                if isinstance(item, BaseException):
-                    return
-                self._to_hash.put(item)
-        finally:
-            self._to_hash.put(None)
-
-    def _hash_all(self) -> None:
-        """The hashing thread: hash the received blocks in order, then hand each buffer back."""
-        while (item := self._to_hash.get()) is not None:
-            buffer, count = item
-            self._update(buffer[:count])
-            self._hashed.put(buffer)
+        while self._received < self._length:
+            item = self._receive_block(self._free.get())
+            self._filled.put(item)
+            if isinstance(item, BaseException):
+                return
+            self._hasher.update(*item)
 
     def _receive_block(self, buffer: memoryview | None) -> tuple[memoryview, int] | BaseException:
         """``buffer`` filled with the next bytes of the body (as many as fit), or the failure."""
         if buffer is None:  # close(): stop receiving
             return IncompleteBody("the request body was abandoned")
+        if self._cut is not None:
+            return self._cut
         want = min(len(buffer), self._length - self._received)
         filled = 0
         try:
@@ -186,13 +177,17 @@ class HashingBodyReader:
                 count = self._body.readinto(buffer[filled:want])
                 if not count:
                     missing = self._length - self._received - filled
-                    return IncompleteBody(f"the request body ended {missing} bytes early")
+                    self._cut = IncompleteBody(f"the request body ended {missing} bytes early")
+                    break
                 filled += count
         except IncompleteBody as exc:  # the body's own verdict (a stalled client, say)
-            return exc
+            self._cut = exc
         except (OSError, ValueError) as exc:
-            error = IncompleteBody("the request body could not be read to its end")
-            error.__cause__ = exc
-            return error
+            self._cut = IncompleteBody("the request body could not be read to its end")
+            self._cut.__cause__ = exc
+        if self._cut is not None and not filled:
+            return self._cut
+        # What arrived before a cut is handed out first (a caller may keep it: tus does); the
+        # next receive is the cut.
         self._received += filled
         return buffer, filled

@@ -36,7 +36,7 @@ import logging
 import re
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC
 from email.utils import format_datetime
 from typing import IO, Any
@@ -69,8 +69,9 @@ from chunksvc.services.auth import Client
 from chunksvc.services.completion import Completion, CompletionService
 from chunksvc.services.events import UploadEvents
 from chunksvc.services.streaming import PartBody
-from chunksvc.services.uploads import UploadService, discard
+from chunksvc.services.uploads import PartTarget, UploadService, discard
 from chunksvc.storage import Storage
+from chunksvc.storage.base import Block, InPlace
 
 log = logging.getLogger(__name__)
 
@@ -432,10 +433,23 @@ class TusService:
         stored = offset_of(state)
         remaining = length
         cut: ChunksvcError | None = None
+        in_place = self._uploads.in_place_for(state.part_size) if state.concat != "partial" else None
         while remaining > 0 and cut is None:
             part_size = rules.part_length(state.size, state.part_size, part_number)
             start = sum(size for _, size in held)
             want = min(part_size - start, remaining)
+            if in_place is not None and checksum is None and not held and want == part_size:
+                placed = self._place(in_place, client, state, part_number, part_size, body, position)
+                if placed is not None:
+                    step, cut = placed
+                    if step is None:
+                        break  # cut before a byte of the part arrived
+                    remaining -= step.size
+                    stored += step.size
+                    if step.full:
+                        part_number, held = part_number + 1, []
+                        position = _Position(position.parts + 1, ())
+                    continue
             with _Spool(self._spool_memory, want) as spool:
                 cut = spool.fill(body, want, digest, self._block_size)
                 remaining -= spool.size
@@ -454,6 +468,8 @@ class TusService:
                 # off later keeps everything before the cut.
                 self._record(client, state.id, position, [step])
                 stored += spool.size
+                if step.full and state.concat != "partial":
+                    self._uploads.part_recorded(state.id, state.part_size)
             else:
                 pending.append(step)
             if step.full:
@@ -471,9 +487,50 @@ class TusService:
                 raise cut
             self._record(client, state.id, first_position, pending)
             stored += length
+            if any(step.full for step in pending) and state.concat != "partial":
+                self._uploads.part_recorded(state.id, state.part_size)
         if cut is not None:
             raise cut
         return stored
+
+    def _place(
+        self,
+        in_place: InPlace,
+        client: Client,
+        state: TusStateRow,
+        part_number: int,
+        part_size: int,
+        body: PartBody,
+        position: _Position,
+    ) -> tuple[_Step | None, ChunksvcError | None] | None:
+        """A whole part of the body written where a native part goes (its range of the session's
+        one file, ``UploadService.place_part``: received, hashed and written at once, nothing
+        spooled), recorded at ``position`` while the range is held. Its step, and the cut if the
+        body ended early: then what arrived of the part is kept as a piece of the part in the
+        making, recorded (the step), as a spooled body's would be; no step if nothing did. None:
+        nothing was read, and the part goes the spooled way (its range is held by another
+        request, or it is recorded already)."""
+        target = PartTarget(client, state.id, part_number, part_size, {}, state.part_size, state.size)
+        kept: list[_Step] = []
+
+        def record(key: str, sha256: str) -> None:
+            step = _Step(True, part_number, 0, part_size, key, sha256)
+            self._record(client, state.id, position, [step])
+            kept.append(step)
+
+        def keep_cut(blocks: Iterator[Block], arrived: int) -> None:
+            key = layout.part_key(state.id)
+            self._storage.write(key, _BlocksReader(blocks), arrived, self._block_size)
+            step = _Step(False, part_number, 0, arrived, key, "")
+            self._record(client, state.id, position, [step])
+            kept.append(step)
+
+        try:
+            if not self._uploads.place_part(in_place, target, body, record, keep_cut):
+                return None
+        except IncompleteBody as exc:
+            return (kept[0] if kept else None), exc
+        return kept[0], None
 
     def _store(self, key: str, held: list[tuple[str, int]], spool: _Spool, size: int) -> str:
         """Store the ``held`` pieces' bytes (read back) and the spooled ones under ``key``; their
@@ -521,7 +578,9 @@ class TusService:
                     else:
                         dao.add_tus_incomplete_part(conn, session_id, step.part_number, step.start, step.size, step.key)
         except self._NOT_RECORDED:
-            discard(self._storage, [step.key for step in steps])
+            # A part written in place is in the session's file, under no key of its own: its
+            # bytes are nobody's now, and the range's next writer overwrites them.
+            discard(self._storage, [step.key for step in steps if step.key != layout.assembly_key(session_id)])
             raise
         except BaseException:
             log.warning("tus upload %s: unknown whether a PATCH's record committed; its bytes stay", session_id)
@@ -641,6 +700,22 @@ class _Spool:
 
     def rewind(self) -> None:
         self._file.seek(0)
+
+
+class _BlocksReader:
+    """``read(n)`` over blocks read back (each valid until the next call, as ``Storage.write``
+    takes them)."""
+
+    def __init__(self, blocks: Iterator[Block]) -> None:
+        self._blocks = blocks
+        self._left = memoryview(b"")
+
+    def read(self, size: int = -1, /) -> Block:
+        if not self._left:
+            self._left = memoryview(next(self._blocks, b""))
+        take = len(self._left) if size < 0 else min(size, len(self._left))
+        block, self._left = self._left[:take], self._left[take:]
+        return block
 
 
 class _HashingChain:

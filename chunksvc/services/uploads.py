@@ -14,9 +14,9 @@ import dataclasses
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from chunksvc import dao
@@ -47,10 +47,12 @@ from chunksvc.services.quotas import QuotaService
 from chunksvc.services.staging import Stager
 from chunksvc.services.streaming import READ_AHEAD_DEPTH, BufferPool, HashingBodyReader, PartBody
 from chunksvc.storage import Storage
-from chunksvc.storage.base import InPlace
+from chunksvc.storage.base import Block, InPlace
 from chunksvc.storage.spill import Spill
 
 log = logging.getLogger(__name__)
+
+Recorded = TypeVar("Recorded")  # what a caller's record of a part placed in place returns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,13 +314,70 @@ class UploadService:
         return result
 
     def _store_in_place(self, in_place: InPlace, target: PartTarget, body: PartBody) -> PartResult | None:
-        """The part written at its offset in the session's file; None (nothing read from the
-        body) when its range is held by another writer or its number is already recorded: those
-        bytes go to a fresh key (``_store_apart``), to be compared and, where needed, placed at
-        completion. Under the range's hold, the record is checked, then the bytes written and
-        made durable, then recorded: so a range a row points at is never written again, and the
-        first accepted bytes stay. If the record is refused or its outcome unknown, the range's
-        bytes are simply not anyone's (the next writer of the range overwrites them)."""
+        """The part written at its offset in the session's file (``_place``), then recorded; None
+        (nothing read from the body) when its range is held by another writer or its number is
+        already recorded: those bytes go to a fresh key (``_store_apart``), to be compared and,
+        where needed, placed at completion."""
+        result = self._place(in_place, target, body, lambda key, sha256: self._record_part(target, key, sha256))
+        if result is None:
+            return None
+        self._events.part_stored(
+            created=result.created, size=target.length, healed=not result.created and result.uses_new_bytes
+        )
+        if self._frontier is not None and result.uses_new_bytes:
+            self._frontier.poke(target.session_id)
+        return result
+
+    def in_place_for(self, part_size: int) -> InPlace | None:
+        """Where parts of sessions of this part size are written in place (local storage, with the
+        hash frontier on), else None."""
+        if self._in_place is not None and self._frontier is not None and self._frontier.applies(part_size):
+            return self._in_place
+        return None
+
+    def place_part(
+        self,
+        in_place: InPlace,
+        target: PartTarget,
+        body: PartBody,
+        record: Callable[[str, str], None],
+        keep_cut: Callable[[Iterator[Block], int], None],
+    ) -> bool:
+        """For a protocol that records parts its own way (tus): the part written in place as a
+        native one is, then ``record(key, sha256)`` called while its range is held, then the
+        frontier poked. A body cut short raises ``IncompleteBody`` after ``keep_cut(blocks,
+        count)`` was given the bytes that arrived, read back while the range is still held.
+        False (nothing read from the body) when the part must go another way."""
+
+        def recorded(key: str, sha256: str) -> bool:  # not None: None is "went another way"
+            record(key, sha256)
+            return True
+
+        if self._place(in_place, target, body, recorded, keep_cut) is None:
+            return False
+        if self._frontier is not None:
+            self._frontier.poke(target.session_id)
+        return True
+
+    def part_recorded(self, session_id: UUID, part_size: int) -> None:
+        """A part stored under a key of its own was recorded by a protocol that records its own
+        way (tus): the frontier carries the session's SHA-256 on, as for a native part."""
+        if self._frontier is not None and self._frontier.applies(part_size):
+            self._frontier.poke(session_id)
+
+    def _place(
+        self,
+        in_place: InPlace,
+        target: PartTarget,
+        body: PartBody,
+        record: Callable[[str, str], Recorded],
+        keep_cut: Callable[[Iterator[Block], int], None] | None = None,
+    ) -> Recorded | None:
+        """Under the hold of the part's byte range in the session's file, the record is checked,
+        then the bytes written and made durable, then ``record``ed: so a range a row points at is
+        never written again, and the first accepted bytes stay. If the record is refused or its
+        outcome unknown, the range's bytes are simply not anyone's (the next writer of the range
+        overwrites them). None (nothing read) when the range is held or the part recorded."""
         key = layout.assembly_key(target.session_id)
         offset = (target.part_number - 1) * target.part_size
         with in_place.claim(key, offset, target.length, target.session_size) as claim:
@@ -327,18 +386,20 @@ class UploadService:
             with self._db.connection() as conn:
                 if dao.get_part(conn, target.session_id, target.part_number) is not None:
                     return None  # a retry: compared (and healed if need be) the usual way
-            with HashingBodyReader(body, target.length, self._buffers, also_hash=target.expected_digests) as reader:
-                claim.write(reader, target.length, self._block_size)
+            reader = HashingBodyReader(body, target.length, self._buffers, also_hash=target.expected_digests)
+            try:
+                with reader:
+                    claim.write(reader, target.length, self._block_size)
+            except IncompleteBody:
+                # Every byte handed out was written before the next read failed.
+                if keep_cut is not None and reader.handed_out:
+                    arrived = reader.handed_out
+                    keep_cut(in_place.read(key, offset, arrived, self._block_size), arrived)
+                raise
             for algorithm, expected in target.expected_digests.items():
                 if reader.digest(algorithm) != expected:
                     raise DigestMismatch(f"the body's {algorithm.upper()} differs from Content-Digest")
-            result = self._record_part(target, key, reader.hexdigest())
-        self._events.part_stored(
-            created=result.created, size=target.length, healed=not result.created and result.uses_new_bytes
-        )
-        if self._frontier is not None and result.uses_new_bytes:
-            self._frontier.poke(target.session_id)
-        return result
+            return record(key, reader.hexdigest())
 
     def _store_apart(self, target: PartTarget, body: PartBody) -> PartResult:
         """Stream the body to a fresh key while hashing it, then record it in one transaction."""

@@ -4,15 +4,13 @@ that reads each part, writes it to the object's file and hashes it, the three ov
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
-import queue
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from chunksvc.errors import ObjectMissing, StorageError
+from chunksvc.hashing import HashingRing
 from chunksvc.storage.base import PartSource, Progress
 from chunksvc.storage.syscalls import fs_errors, write_all
 from chunksvc.storage.writeback import Flusher
@@ -32,7 +30,7 @@ def copy_parts(
     digest is of exactly the bytes written. Once all is written, the object is flushed to disk
     while the hash catches up (the caller's own fsync then finds nothing left to flush).
     """
-    ring = HashingRing(max(block_size, _MIN_ASSEMBLY_BLOCK), progress)
+    ring = HashingRing(max(block_size, _MIN_ASSEMBLY_BLOCK), progress, name="assemble-hash")
     flusher = Flusher(fd)
     try:
         for src, path in parts:
@@ -57,7 +55,7 @@ def copy_parts(
     except BaseException:
         with contextlib.suppress(BaseException):  # the first failure is the one to report
             flusher.finish()
-            ring.finish()
+        ring.stop()
         raise
     return ring.finish()
 
@@ -67,61 +65,3 @@ def _open_part(src: PartSource, key: str, path: Path) -> io.BufferedReader:
         return open(path, "rb")
     except FileNotFoundError:
         raise ObjectMissing(src.key, f"assemble {key}: part {src.key} is missing") from None
-
-
-class HashingRing:
-    """Hashes blocks in a thread of its own while the caller reads and writes the next ones.
-
-    The caller takes a free buffer (``take``), fills and writes it, and hands it over
-    (``hashed_later``); the hashing thread gives it back once hashed. A few buffers go round, so
-    memory stays flat and reading, writing and hashing overlap.
-    """
-
-    def __init__(self, block_size: int, progress: Progress | None, depth: int = 4) -> None:
-        self._digest = hashlib.sha256()
-        self._progress = progress
-        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
-        for _ in range(depth):
-            self._free.put(memoryview(bytearray(block_size)))
-        self._filled: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
-        self._hashed = 0
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="assemble-hash", daemon=True)
-        self._thread.start()
-
-    def take(self) -> memoryview:
-        """A free buffer; the hashing thread's failure, as soon as there is one."""
-        buffer = self._free.get()
-        if self._error is not None:
-            self._free.put(buffer)
-            raise self._error
-        return buffer
-
-    def hashed_later(self, buffer: memoryview, count: int) -> None:
-        self._filled.put((buffer, count))
-
-    def give_back(self, buffer: memoryview) -> None:
-        """A buffer taken but not handed over (the part ended)."""
-        self._free.put(buffer)
-
-    def finish(self) -> tuple[int, str]:
-        """Wait for the last block; the bytes hashed and their SHA-256 (or the hashing error)."""
-        self._filled.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._hashed, self._digest.hexdigest()
-
-    def _run(self) -> None:
-        while (item := self._filled.get()) is not None:
-            buffer, count = item
-            try:
-                if self._error is None:
-                    self._digest.update(buffer[:count])
-                    self._hashed += count
-                    if self._progress:
-                        self._progress(self._hashed)
-            except BaseException as exc:  # raised again by finish(), in the assembling thread
-                self._error = exc
-            finally:
-                self._free.put(buffer)

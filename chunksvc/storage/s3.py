@@ -8,11 +8,8 @@ Messages name the endpoint and bucket, never the secret key.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
-import queue
-import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +30,7 @@ from minio.signer import sign_v4_s3
 
 from chunksvc.config import GiB, Limits, MiB, StorageSpec, TiB
 from chunksvc.errors import ConfigError, ObjectMissing, StagingLost, StorageError, StorageFull, StorageUnavailable
+from chunksvc.hashing import hash_stream
 from chunksvc.storage.base import (
     Block,
     ListedKey,
@@ -48,8 +46,6 @@ from chunksvc.storage.base import (
     read_exact_blocks,
 )
 
-# Blocks read back ahead of the hash when verifying an assembled object (see S3Storage._digest).
-_READ_AHEAD = 4
 # Server-side part copies run at once by a compose (see S3Storage._compose).
 _COMPOSE_PARALLEL = 8
 
@@ -562,41 +558,12 @@ class S3Storage(Storage):
                         progress(done)
 
     def _digest(self, key: str, block_size: int) -> StoredObject:
-        """Size and SHA-256 of the object as stored, by reading it back.
-
-        A reader thread fetches the next blocks while this one hashes the last (both release the
-        GIL), so the check takes about as long as the slower of network and hash, not their sum.
-        At most ``_READ_AHEAD`` blocks wait between them: memory stays flat whatever the size.
-        """
-        blocks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=_READ_AHEAD)
-        stop = threading.Event()
-
-        def read_back() -> None:
-            try:
-                with self.open(key) as stored:
-                    while not stop.is_set() and (block := stored.read(block_size)):
-                        blocks.put(block)
-                blocks.put(None)
-            except BaseException as exc:  # handed to the hashing thread, which raises it
-                blocks.put(exc)
-
-        reader = threading.Thread(target=read_back, name=f"read back {key}", daemon=True)
-        reader.start()
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            while (item := blocks.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                digest.update(item)
-                size += len(item)
-        finally:
-            stop.set()
-            while reader.is_alive():  # unblock a reader waiting to put, then let it finish
-                with contextlib.suppress(queue.Empty):
-                    blocks.get(timeout=0.05)
-            reader.join()
-        return StoredObject(key, size, digest.hexdigest())
+        """Size and SHA-256 of the object as stored, by reading it back, the next block fetched
+        while the last is hashed (``chunksvc.hashing``): about as long as the slower of network
+        and hash, not their sum, and a few blocks of memory whatever the size."""
+        with self.open(key) as stored:
+            size, sha256 = hash_stream(cast(_ObjectReader, stored), block_size, name=f"read back {key}")
+        return StoredObject(key, size, sha256)
 
     def _multipart_uploads(self, prefix: str) -> Iterator[Upload]:
         """Every unfinished multipart upload under ``prefix``, a page at a time."""
