@@ -127,7 +127,11 @@ def build(
     # Its lease no longer than the completion lease: a completion waits out a killed holder's.
     stager = Stager(db, storage.staged) if storage.staged is not None else None
     # There, parts are sent straight into the staging, from local copies the frontier then hashes.
-    spill = Spill(config.spill_dir) if stager is not None and config.spill_dir is not None else None
+    spill = (
+        Spill(config.spill_dir, keep_free=config.storage_min_free)
+        if stager is not None and config.spill_dir is not None
+        else None
+    )
     frontier = HashFrontier(
         db,
         storage,

@@ -10,8 +10,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import webtest
 
 from chunksvc import hashstate
+from chunksvc.app import create_app
 from chunksvc.config import Config
 from chunksvc.services import layout
 from chunksvc.services.staging import Stager, sent_piece
@@ -180,19 +182,31 @@ def test_a_truncated_local_copy_is_made_up_by_reading_the_object_back(app, auth,
     completes_as(app, auth, storage, session_id, data)
 
 
-def test_a_piece_refused_for_want_of_room_leaves_no_local_copy(app, auth, storage, spill_dir, monkeypatch):
-    """StorageFull (radosgw's QuotaExceeded) is not a StorageError, so _store_as_piece's cleanup
-    misses it: the 5 MiB-5 GiB copy of a part nobody recorded stays in the spill directory until
-    the reaper's orphan grace, on the disk that is already under pressure."""
-    from chunksvc.errors import StorageFull
-
+def test_a_piece_refused_for_want_of_room_leaves_no_local_copy(app, auth, storage, spill_dir, radosgw_gateway):
+    """A full store (radosgw's bucket quota: 403 QuotaExceeded, StorageFull) refuses the piece
+    with 507; the copy of a part nobody recorded goes at once, not after the reaper's orphan
+    grace, on a disk that may be under pressure too."""
     data = payload(2 * PART_S3, seed=13)
     session_id = upload_parts_in(app, auth, data, (1,))
     wait_for(lambda: _copies(spill_dir, session_id) == [], "the frontier to pass part 1", 30)
+    bucket = f"--bucket={storage.bucket}"
+    radosgw_gateway.admin("quota", "set", "--quota-scope=bucket", bucket, "--max-size=1024")
+    radosgw_gateway.admin("quota", "enable", "--quota-scope=bucket", bucket)
+    try:
+        assert put_part(app, auth, session_id, 2, data[PART_S3:], status=507).json["code"] == "storage_full"
+    finally:
+        radosgw_gateway.admin("quota", "disable", "--quota-scope=bucket", bucket)
+    assert _copies(spill_dir, session_id) == []
 
-    def full(*args, **kwargs):
-        raise StorageFull("the storage has no room left")
 
-    monkeypatch.setattr(storage.staged, "write", full)
-    put_part(app, auth, session_id, 2, data[PART_S3:], status=507)
-    assert _copies(spill_dir, session_id) == []  # fails today: ['piece-05001'], part 2's copy
+def test_a_spill_without_room_sends_parts_the_usual_way(config, db, storage, auth, database_url, spill_dir):
+    """Copies stay until the frontier passes them, so one session can fill the spill's disk. Past
+    its margin (CHUNKSVC_STORAGE_MIN_FREE: here more than any disk has), parts go up under keys of
+    their own and are copied in: slower, never refused."""
+    crowded = webtest.TestApp(create_app(dataclasses.replace(config, storage_min_free=1 << 62), db=db, storage=storage))
+    data = payload(2 * PART_S3 + 10, seed=14)
+    session_id = upload_parts_in(crowded, auth, data, (1, 2, 3))
+    keys = _part_keys(database_url, session_id)
+    assert all(layout.piece_number(key) is None for key in keys.values())  # no part sent as a piece
+    assert _copies(spill_dir, session_id) == []
+    completes_as(crowded, auth, storage, session_id, data)

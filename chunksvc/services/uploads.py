@@ -282,7 +282,10 @@ class UploadService:
         hashing the body (``services.staging``); None (nothing read from the body) when it goes the
         usual way. The store checks the piece against the SHA-256 before answering, so what is
         recorded is durable and is the bytes hashed. The local copy stays for the frontier; it goes
-        when the frontier has passed the part, or with the session."""
+        when the frontier has passed the part, or with the session. Without room for the copy,
+        the part goes the usual way (checked before a piece number is taken)."""
+        if not spill.has_room(target.length):
+            return None
         taken = stager.take_piece(target.session_id, target.part_number, target.total_parts)
         if taken is None:
             return None

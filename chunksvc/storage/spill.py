@@ -24,10 +24,28 @@ from typing import BinaryIO
 
 from chunksvc.storage.base import Readable, check_key, check_prefix, read_exact_blocks
 
+# Bytes a local copy leaves free on its file system (CHUNKSVC_STORAGE_MIN_FREE): past it, parts go
+# the usual way (their own key in the store), so a full spill disk slows uploads, never fails them.
+KEEP_FREE = 256 * 1024 * 1024
+
 
 class Spill:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, keep_free: int = KEEP_FREE) -> None:
         self._directory = directory
+        self._keep_free = keep_free
+
+    def has_room(self, length: int) -> bool:
+        """Whether a copy of ``length`` bytes leaves the spill's file system its free margin.
+        Copies stay until the frontier passes them, so one session whose first part comes last
+        can hold its whole object here; and a file system that cannot say has no room."""
+        where = self._directory
+        while not where.exists() and where != where.parent:
+            where = where.parent  # made at the first copy
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            return False
+        return free - length >= self._keep_free
 
     def __repr__(self) -> str:
         return f"Spill({str(self._directory)!r})"
