@@ -19,6 +19,7 @@ from chunksvc.services import layout
 from chunksvc.services.staging import Stager, sent_piece
 from tests.helpers import (
     PART_S3,
+    ShortBody,
     complete,
     completes_as,
     frontier_parts,
@@ -210,3 +211,24 @@ def test_a_spill_without_room_sends_parts_the_usual_way(config, db, storage, aut
     assert all(layout.piece_number(key) is None for key in keys.values())  # no part sent as a piece
     assert _copies(spill_dir, session_id) == []
     completes_as(crowded, auth, storage, session_id, data)
+
+
+def test_a_part_whose_session_is_aborted_while_it_streams_is_refused_as_not_active(app, auth, spill_dir):
+    """The abort drops the staging (S3's NoSuchUpload on the piece): the part is told the session
+    ended (409), not to send it again (503), and its copy goes."""
+    data = payload(2 * PART_S3, seed=15)
+    session_id = upload_parts_in(app, auth, data, (1,))
+
+    def abort_meanwhile():
+        app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=204)
+
+    request = webtest.TestRequest.blank(
+        f"/uploads/sessions/{session_id}/parts/2",
+        method="PUT",
+        headers={**auth, "Content-Type": "application/octet-stream"},
+    )
+    request.environ["wsgi.input"] = ShortBody(data[PART_S3:], on_first_read=abort_meanwhile)
+    request.environ["CONTENT_LENGTH"] = str(PART_S3)
+    response = app.do_request(request, status=409)
+    assert response.json["code"] == "session_not_active"
+    assert _copies(spill_dir, session_id) == []

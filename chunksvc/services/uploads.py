@@ -293,7 +293,12 @@ class UploadService:
         key = layout.piece_key(target.session_id, number)
         try:
             with HashingBodyReader(body, target.length, self._buffers, also_hash=target.expected_digests) as reader:
-                spill.write(key, reader, target.length, self._block_size)
+                try:
+                    spill.write(key, reader, target.length, self._block_size)
+                except OSError as exc:
+                    # An abort meanwhile removes the session's copies, the one being written too.
+                    self._check_still_open(target)
+                    raise StorageUnavailable(f"the part's local copy could not be kept: {exc.strerror or exc}") from exc
             for algorithm, expected in target.expected_digests.items():
                 if reader.digest(algorithm) != expected:
                     raise DigestMismatch(f"the body's {algorithm.upper()} differs from Content-Digest")
@@ -302,7 +307,11 @@ class UploadService:
             if copy is None:
                 raise StorageError(f"the local copy of {key} vanished before it was sent")
             with copy:
-                stager.write_piece(target.session_id, staged_id, number, copy, target.length, sha256)
+                try:
+                    stager.write_piece(target.session_id, staged_id, number, copy, target.length, sha256)
+                except StorageUnavailable:
+                    self._check_still_open(target)  # an abort meanwhile drops the staging: say so
+                    raise
             # A piece no record names is simply not completed: S3 drops it with the staging.
             result = self._record_part(target, key, sha256)
         except (*self._NOT_RECORDED, StorageError, StorageUnavailable, StorageFull, IncompleteBody, OSError):
@@ -434,6 +443,14 @@ class UploadService:
         elif self._frontier is not None and self._frontier.applies(target.part_size):
             self._frontier.poke(target.session_id)
         return result
+
+    def _check_still_open(self, target: PartTarget) -> None:
+        """``SessionNotActive`` if the part's session no longer takes parts (aborted, say)."""
+        with self._db.connection() as conn:
+            session = dao.get_session(conn, target.session_id, target.client.id)
+        if session is None or not states.accepts_parts(session.effective_status):
+            status = session.effective_status if session is not None else "gone"
+            raise SessionNotActive(f"the session became {status} during the upload")
 
     def _record_part(self, target: PartTarget, key: str, sha256: str) -> PartResult:
         with self._db.connection() as conn:
