@@ -366,6 +366,22 @@ def test_termination_aborts_the_session_and_then_it_is_gone(app, auth):
     app.delete(f"/tus/{uid}", headers={**auth, **TUS}, status=410)
 
 
+def test_a_termination_while_a_patch_streams_makes_the_patch_410(app, auth, storage):
+    data = payload(3 * PART, seed=6)
+    uid = upload_id(create(app, auth, len(data)))
+
+    def terminate_meanwhile():
+        app.delete(f"/tus/{uid}", headers={**auth, **TUS}, status=204)
+
+    request = webtest.TestRequest.blank(
+        f"/tus/{uid}", method="PATCH", headers={**auth, **TUS, **PATCH_TYPE, "Upload-Offset": "0"}
+    )
+    request.environ["wsgi.input"] = ShortBody(data, on_first_read=terminate_meanwhile)
+    request.environ["CONTENT_LENGTH"] = str(len(data))
+    assert app.do_request(request, status=410).json["code"] == "session_gone"
+    assert list(storage.list_keys(f"parts/{uid}/")) == []
+
+
 def test_an_expired_upload_is_410(app, auth, database_url):
     uid = upload_id(create(app, auth, 3000))
     with psycopg.connect(database_url, autocommit=True) as conn:

@@ -58,6 +58,8 @@ from chunksvc.errors import (
     SessionGone,
     SessionNotActive,
     SessionNotFound,
+    StorageError,
+    StorageUnavailable,
     UnsupportedMediaType,
     UploadChecksumMismatch,
     UploadTooLarge,
@@ -417,7 +419,15 @@ class TusService:
     def patch(self, client: Client, state: TusStateRow, length: int, body: PartBody, checksum: Checksum | None) -> int:
         """Append the body (checked by ``check_patch``); the new offset, once durable. When it
         reaches the upload's length the upload completes (or, a partial, its final may)."""
-        offset = self._append(client, state, length, body, checksum)
+        try:
+            offset = self._append(client, state, length, body, checksum)
+        except (StorageError, StorageUnavailable):
+            # A termination meanwhile removes the upload's bytes, those being written too: the
+            # client is told the upload is gone, not that the storage failed.
+            now = self.state(client, str(state.id))
+            if now.effective_status in ENDED:
+                raise SessionGone(f"the upload became {now.effective_status} during the PATCH") from None
+            raise
         if offset == state.size:
             self._finish(client, state.id)
         return offset

@@ -265,6 +265,15 @@ class UploadService:
     def store_part(self, target: PartTarget, body: PartBody) -> PartResult:
         """Stream the body, hashing it, to its place in the session's file (``_store_in_place``)
         or else to a fresh key; then record it in one transaction."""
+        try:
+            return self._store_part(target, body)
+        except (StorageError, StorageUnavailable):
+            # An abort meanwhile removes the session's stored bytes, those being written too: the
+            # client is told the session ended, not that the storage failed.
+            self._check_still_open(target)
+            raise
+
+    def _store_part(self, target: PartTarget, body: PartBody) -> PartResult:
         if self._in_place is not None and self._frontier is not None and self._frontier.applies(target.part_size):
             result = self._store_in_place(self._in_place, target, body)
             if result is not None:
@@ -295,9 +304,7 @@ class UploadService:
             with HashingBodyReader(body, target.length, self._buffers, also_hash=target.expected_digests) as reader:
                 try:
                     spill.write(key, reader, target.length, self._block_size)
-                except OSError as exc:
-                    # An abort meanwhile removes the session's copies, the one being written too.
-                    self._check_still_open(target)
+                except OSError as exc:  # an abort meanwhile, say (store_part)
                     raise StorageUnavailable(f"the part's local copy could not be kept: {exc.strerror or exc}") from exc
             for algorithm, expected in target.expected_digests.items():
                 if reader.digest(algorithm) != expected:
@@ -307,11 +314,7 @@ class UploadService:
             if copy is None:
                 raise StorageError(f"the local copy of {key} vanished before it was sent")
             with copy:
-                try:
-                    stager.write_piece(target.session_id, staged_id, number, copy, target.length, sha256)
-                except StorageUnavailable:
-                    self._check_still_open(target)  # an abort meanwhile drops the staging: say so
-                    raise
+                stager.write_piece(target.session_id, staged_id, number, copy, target.length, sha256)
             # A piece no record names is simply not completed: S3 drops it with the staging.
             result = self._record_part(target, key, sha256)
         except (*self._NOT_RECORDED, StorageError, StorageUnavailable, StorageFull, IncompleteBody, OSError):
