@@ -22,6 +22,7 @@ from tests.helpers import (
     ShortBody,
     complete,
     completes_as,
+    create,
     frontier_parts,
     payload,
     put_part,
@@ -29,6 +30,7 @@ from tests.helpers import (
     sha,
     split,
     staging_of,
+    stored_object,
     unfinished_uploads,
     upload_parts_in,
     wait_for,
@@ -232,3 +234,27 @@ def test_a_part_whose_session_is_aborted_while_it_streams_is_refused_as_not_acti
     response = app.do_request(request, status=409)
     assert response.json["code"] == "session_not_active"
     assert _copies(spill_dir, session_id) == []
+
+
+def test_a_staging_that_became_the_object_unrecorded_is_taken_with_no_digest_to_check(
+    app, auth, database_url, storage, spill_dir
+):
+    """A completion killed after CompleteMultipartUpload and before COMPLETED leaves the object and
+    no staging. Here the frontier has no digest either (a local copy was not on this host) and the
+    client declared none: the object is taken as it reads back, not asked for part by part again."""
+    data = payload(3 * PART_S3, seed=16)
+    parts = split(data, PART_S3)
+    session_id = create(app, auth, size=len(data), part_size=PART_S3).json["id"]  # no sha256
+    for number in (3, 2):
+        put_part(app, auth, session_id, number, parts[number - 1])
+    (spill_dir / layout.piece_key(session_id, sent_piece(2, 1, 3))).unlink()
+    put_part(app, auth, session_id, 1, parts[0])
+    wait_for(lambda: frontier_parts(database_url, session_id) == 1, "the frontier to stop at part 2", 30)
+    # What the killed completion did: the staging completed with the recorded pieces, in order.
+    key, (staged_id, _) = layout.object_key(session_id), staging_of(database_url, session_id)
+    held = storage.staged.placed(key, staged_id)
+    numbers = [layout.piece_number(k) for _, k in sorted(_part_keys(database_url, session_id).items())]
+    assert storage.staged.finish(key, staged_id, [(n, held[n].token) for n in numbers]) == len(data)
+    done = complete(app, auth, session_id).json
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+    assert stored_object(storage, session_id) == data

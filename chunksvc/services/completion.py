@@ -491,15 +491,19 @@ class CompletionService:
         """Where the staging is gone and parts were sent straight into it (so they cannot be
         composed), the object it became, if a completion killed before recording ``COMPLETED``
         finished it: read back, and taken only if its SHA-256 is the parts' (the frontier's, or
-        else the client's). None otherwise: those parts are asked for again."""
+        else the client's). With neither (a local copy was not here, and the client declared no
+        digest), taken at its size, with the SHA-256 it reads back as: only a completion of this
+        session writes its key, and a staging is completed with the recorded pieces alone, each of
+        which the store checked against its part's SHA-256. None otherwise: those parts are asked
+        for again."""
         if not any(layout.piece_number(source.key) is not None for source in sources):
             return None  # made from the parts' own keys, which are all there
         expected = sha256 or session.sha256
         key = layout.object_key(session.id)
-        if expected is None or not self._storage.exists(key):
+        if not self._storage.exists(key):
             return None
         stored = self._read_back(key, keeping)
-        if stored.size != session.size or stored.sha256 != expected:
+        if stored.size != session.size or (expected is not None and stored.sha256 != expected):
             return None
         log.warning("session %s: its staging had already become the object; taken as read back", session.id)
         keeping.progress(stored.size)
