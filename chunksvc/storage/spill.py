@@ -85,11 +85,22 @@ class Spill:
         another host, say); how many were removed."""
         removed = 0
         cutoff = time.time() - older_than
+        # Directories no entry came into or left since the cutoff, as they were before this sweep:
+        # once emptied they go too (rmdir refuses one that is not), deepest first.
+        idle = []
+        if self._directory.is_dir():
+            for directory in self._directory.rglob("*"):
+                with contextlib.suppress(OSError):
+                    if directory.is_dir() and directory.stat().st_mtime < cutoff:
+                        idle.append(directory)
         for path in self._files():
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
                     removed += 1
+        for directory in sorted(idle, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         return removed
 
     def _files(self) -> Iterator[Path]:
