@@ -258,3 +258,22 @@ def test_a_staging_that_became_the_object_unrecorded_is_taken_with_no_digest_to_
     done = complete(app, auth, session_id).json
     assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
     assert stored_object(storage, session_id) == data
+
+
+def test_a_staging_begun_again_after_the_object_was_made_does_not_lose_it(app, auth, database_url, storage):
+    """A completion killed after CompleteMultipartUpload, then a frontier elsewhere that found the
+    staging gone and began another: the pieces are not in the new one, but the object they made
+    is there, and it reads back as the client's SHA-256."""
+    data = payload(2 * PART_S3, seed=17)
+    session_id = upload_parts_in(app, auth, data, (1, 2))
+    wait_for(lambda: frontier_parts(database_url, session_id) == 2, "the frontier to hash both parts", 30)
+    key, (staged_id, _) = layout.object_key(session_id), staging_of(database_url, session_id)
+    held = storage.staged.placed(key, staged_id)
+    numbers = [layout.piece_number(k) for _, k in sorted(_part_keys(database_url, session_id).items())]
+    storage.staged.finish(key, staged_id, [(n, held[n].token) for n in numbers])
+    again = storage.staged.begin(key)
+    query(database_url, "UPDATE upload_sessions SET staged_id = %s WHERE id = %s", (again, session_id))
+    done = complete(app, auth, session_id).json
+    assert done["status"] == "COMPLETED" and done["object"]["sha256"] == sha(data)
+    assert stored_object(storage, session_id) == data
+    storage.staged.abandon(key, again)

@@ -473,7 +473,15 @@ class CompletionService:
         lost; made from the parts."""
         if self._stager is None or not self._stager.applies(session.part_size, session.total_parts):
             return None
-        size = self._stager.finish(session.id, sources, keeping.check)
+        try:
+            size = self._stager.finish(session.id, sources, keeping.check)
+        except ObjectMissing:
+            # A piece is not in the staging: one begun after a killed completion had made the
+            # object from the first (a frontier elsewhere found it gone), or pieces truly lost.
+            made = self._made_already(session, sources, sha256, keeping)
+            if made is None:
+                raise
+            return made
         if size is None:
             return self._made_already(session, sources, sha256, keeping)
         key = layout.object_key(session.id)
