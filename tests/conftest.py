@@ -6,6 +6,7 @@ and to real storage (see tests/storage_fixtures.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import webtest
 
-from chunksvc import embedded, migrations
+from chunksvc import cli, embedded, migrations
 from chunksvc.app import create_app
 from chunksvc.config import Config, Limits
 from chunksvc.db import Database
@@ -83,6 +84,26 @@ def own_database_url(pg_admin_url: str, template_db: str) -> Iterator[str]:
     url = embedded.ensure_database(pg_admin_url, name, template=template_db)
     yield url
     embedded.drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def chunksvc_cli(database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """``python -m chunksvc ARGS`` on the test's database, run in this process: ``cli.main``, what
+    ``__main__`` hands to sys.exit, so the exit status (argparse's usage errors included) and the
+    output are the process's. A fresh interpreter per command cost about 0.35 s; the commands as
+    real processes are the e2e tier's (tests/test_cli.py)."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:  # what the interpreter would make of it
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["chunksvc", *args], code, out.out, out.err)
+
+    return run
 
 
 @pytest.fixture
