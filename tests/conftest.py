@@ -166,8 +166,9 @@ BENCH_FILES = {"test_bench_curves.py", "test_bench_peer.py", "test_loadtest.py",
 E2E_FILES = {"test_server.py", "test_nginx.py", "test_pgbouncer.py", "test_memory.py"}
 # A test that starts a real server in its own body (harness.gunicorn, a CLI subprocess...):
 # chunksvc( is the CLI as a subprocess (tests/test_cli.py, tests/webhook_fixtures.py), run_reap(
-# `chunksvc reap` as one (tests/test_reaper.py).
-E2E_CALLS = ("gunicorn(", "serving(", "subprocess.", "nginx", "pgbouncer", "chunksvc(", "run_reap(")
+# `chunksvc reap` as one (tests/test_reaper.py), radosgw_cluster( a Ceph cluster of the test's own
+# (ceph-mon, ceph-osd and radosgw: tests/storage_fixtures.py).
+E2E_CALLS = ("gunicorn(", "serving(", "subprocess.", "nginx", "pgbouncer", "chunksvc(", "run_reap(", "radosgw_cluster(")
 # Fixtures that start processes: "wheel" builds the service's wheel with pip (tests/test_packaging.py).
 E2E_FIXTURES = {"radosgw_server", "s3_spec", "server", "gunicorn_server", "wheel"}
 
