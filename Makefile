@@ -42,13 +42,19 @@ $(BENCH_INSTALLED): $(INSTALLED)
 run: $(INSTALLED)
 	$(BIN)/python -m chunksvc serve
 
+# pytest caches the modules it rewrites for its assertion messages (the tests, and the packages of
+# plugins such as schemathesis: about 340) in __pycache__, but not where PYTHONDONTWRITEBYTECODE is
+# set: then every run rewrites them all again, about 5 s in each xdist worker. The test targets
+# let it write them (git ignores __pycache__).
+PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest
+
 ## make test: the whole suite (every tier: unit, api, e2e, chaos, bench; see tests/conftest.py).
 test: $(INSTALLED)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 ## make test-fast: the unit and api tiers only (no gunicorn, nginx, PgBouncer, radosgw or faults).
 test-fast: $(INSTALLED)
-	$(BIN)/python -m pytest -m "unit or api" -q -n 2 $(PYTEST_ARGS)
+	$(PYTEST) -m "unit or api" -q -n 2 $(PYTEST_ARGS)
 
 ## make fmt: ruff's fixes and formatting, in place (make lint checks them).
 fmt: $(INSTALLED)
@@ -63,7 +69,7 @@ schema: $(INSTALLED)
 ## The fault-injection suite alone (it is also part of `make test`): kill -9, outages through a
 ## misbehaving proxy, a full disk, load with invariants on two hosts.
 chaos: $(INSTALLED)
-	$(BIN)/python -m pytest tests/test_faults.py tests/test_reliability.py $(PYTEST_ARGS)
+	$(PYTEST) tests/test_faults.py tests/test_reliability.py $(PYTEST_ARGS)
 
 ## make lint: scripts/check: ruff check, ruff format --check (`ruff format .` fixes it), mypy --strict.
 lint: $(INSTALLED)

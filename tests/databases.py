@@ -18,6 +18,10 @@ Emptying (``SharedDatabase.reset``, before each test):
   and put back from the template's rows if a test changed it;
 - any sequence no table's identity owns is restarted too (none today; a migration may add one).
 
+The schema check after a test leaves its connection open for the reset before the next one (and
+only until then: a test never sees it): a new backend first loads its catalog caches, which cost
+as much as the statements (reset 22 ms and check 16 ms on new connections, 10 ms on the check's).
+
 A test that changes the schema itself (``ALTER TABLE``, a new function, a row in
 ``schema_migrations`` for a newer release...) must use ``own_database_url`` (tests/conftest.py):
 after each test the shared database's schema is compared with the one it started with
@@ -116,36 +120,61 @@ class SharedDatabase:
             sql.SQL(", ").join(sql.Identifier(t) for t in tables)
         )
         self._restart = [sql.SQL("ALTER SEQUENCE {} RESTART").format(sql.Identifier(s)) for s in loose]
+        self._warm: psycopg.Connection | None = None  # the last check's connection, for the next reset
 
     def reset(self) -> None:
         """Empty every table but the migrations' own, as a fresh clone of the template has them."""
+        conn, self._warm = self._warm, None
+        if conn is not None:
+            try:
+                with conn:
+                    self._empty(conn)
+                return
+            except psycopg.OperationalError:  # ended since the check (a test's outage, say): anew
+                pass
         with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-            with conn.transaction():
-                conn.execute(self._truncate)
-                for statement in self._restart:
-                    conn.execute(statement)
-                if conn.execute(_MIGRATION_ROWS).fetchall() != self.migration_rows:
-                    conn.execute("DELETE FROM schema_migrations")
-                    with conn.cursor() as cursor:
-                        cursor.executemany(
-                            "INSERT INTO schema_migrations (version, name, checksum, applied_at)"
-                            " VALUES (%s, %s, %s, %s)",
-                            self.migration_rows,
-                        )
+            self._empty(conn)
+
+    def _empty(self, conn: psycopg.Connection) -> None:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        with conn.transaction():
+            conn.execute(self._truncate)
+            for statement in self._restart:
+                conn.execute(statement)
+            if conn.execute(_MIGRATION_ROWS).fetchall() != self.migration_rows:
+                conn.execute("DELETE FROM schema_migrations")
+                with conn.cursor() as cursor:
+                    cursor.executemany(
+                        "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (%s, %s, %s, %s)",
+                        self.migration_rows,
+                    )
 
     def schema_changed(self) -> bool:
         """Whether the last test changed the schema; if so the database is made anew from the
         template (same name and URL), so the tests after it start from the migrated schema."""
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            if fingerprint(conn) == self.schema:
-                return False
+        conn = psycopg.connect(self.url, autocommit=True)
+        try:
+            unchanged = fingerprint(conn) == self.schema
+        except BaseException:
+            conn.close()
+            raise
+        if unchanged:
+            self._close_warm()
+            self._warm = conn  # for the next reset
+            return False
+        conn.close()
         embedded.drop_database(self.admin_url, self.name)
         embedded.ensure_database(self.admin_url, self.name, template=self.template)
         return True
 
+    def _close_warm(self) -> None:
+        conn, self._warm = self._warm, None
+        if conn is not None:
+            conn.close()
+
     def drop(self) -> None:
+        self._close_warm()
         embedded.drop_database(self.admin_url, self.name)

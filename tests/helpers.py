@@ -126,6 +126,18 @@ def hold_completion_lease(database_url: str, session_id, seconds: float, status:
     return owner
 
 
+def run_out_completion_lease(database_url: str, session_id) -> None:
+    """The session's completion lease runs out now: its owner stays, its expiry becomes this
+    moment, the state an unrenewed lease (``hold_completion_lease``'s) reaches when its time comes,
+    for tests about what follows the run-out rather than about how long it takes."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE upload_sessions SET completion_lease_until = clock_timestamp()"
+            " WHERE id = %s AND completion_lease_until > clock_timestamp()",
+            (session_id,),
+        )
+
+
 def completion_lease_ran_out(database_url: str, session_id) -> bool:
     """Whether the session's completion lease is free (never taken, given back, or run out)."""
     with psycopg.connect(database_url, autocommit=True) as conn:

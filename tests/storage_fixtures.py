@@ -92,6 +92,16 @@ def s3_spec(radosgw_server: str) -> Iterator[StorageSpec]:
 
 
 @pytest.fixture
+def s3_retries_without_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 storages made in the test retry as many times as ops' do (``chunksvc.storage.s3._RETRIES``)
+    but without sleeping between the attempts (0.4 s, then 0.8 s): for tests of what an endpoint
+    that refuses every connection leads to, not of how long the client keeps trying."""
+    from chunksvc.storage import s3
+
+    monkeypatch.setattr(s3, "_RETRIES", s3._RETRIES.new(backoff_factor=0))
+
+
+@pytest.fixture
 def file_spec(tmp_path: Path) -> StorageSpec:
     return StorageSpec(kind="file", root=tmp_path / "storage")
 

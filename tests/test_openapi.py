@@ -249,13 +249,13 @@ CHECKS = [
 ]
 
 
-def has_inputs(path: str, method: str) -> bool:
-    """Whether the operation takes anything a negative case could break (X-Request-ID takes any string)."""
+def has_inputs(path: str, method: str, besides: tuple[str, ...] = ()) -> bool:
+    """Whether the operation takes anything a negative case could break (X-Request-ID takes any
+    string), parameters ``besides`` (their component names) aside."""
     item = STATIC["paths"][path]
     parameters = item.get("parameters", []) + item[method.lower()].get("parameters", [])
-    return "requestBody" in item[method.lower()] or any(
-        parameter != {"$ref": "#/components/parameters/RequestId"} for parameter in parameters
-    )
+    ignored = [{"$ref": f"#/components/parameters/{name}"} for name in ("RequestId", *besides)]
+    return "requestBody" in item[method.lower()] or any(parameter not in ignored for parameter in parameters)
 
 
 FUZZ_CASES = [
@@ -290,7 +290,10 @@ def test_live_app_conforms_to_the_document(wsgi_app, auth, live_sessions, path, 
     )
     operation = schema[path][method]
     strategies = [operation.as_strategy(mode, headers=auth)]
-    if "{session_id}" in path:
+    # A negative case with the session id pinned must break some other input; where there is none
+    # (GET and DELETE of a session) such a strategy can draw nothing, and hypothesis would spend
+    # hundreds of rejected draws on it (about 10 s per run) for the same cases as without it.
+    if "{session_id}" in path and (mode is GenerationMode.POSITIVE or has_inputs(path, method, besides=("SessionId",))):
         strategies += [
             operation.as_strategy(mode, headers=auth, path_parameters={"session_id": session_id})
             for session_id in live_sessions

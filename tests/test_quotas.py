@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import os
-import subprocess
-import sys
 import threading
 
 import psycopg
@@ -30,11 +28,10 @@ def limited(config, db, storage):
     return _app(config, db, storage, Quotas(sessions=2, bytes=100))
 
 
-def limits_cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, DATABASE_URL=database_url)
-    return subprocess.run(
-        [sys.executable, "-m", "chunksvc", "limits", *args], env=env, capture_output=True, text=True, timeout=60
-    )
+@pytest.fixture
+def limits_cli(chunksvc_cli):
+    """``python -m chunksvc limits ARGS``, in this process (conftest.py's chunksvc_cli)."""
+    return functools.partial(chunksvc_cli, "limits")
 
 
 def test_a_create_past_the_session_quota_is_429_with_limit_used_requested(limited, auth, db):
@@ -92,25 +89,25 @@ def test_limits_tell_the_caller_its_quotas_and_use(limited, auth, other_auth):
     assert limited.get("/uploads/limits", status=401).json["code"] == "unauthorized"
 
 
-def test_an_override_leaves_the_other_clients_on_the_defaults(limited, auth, other_auth, database_url):
-    set_ = limits_cli(database_url, "set", "alice", "--sessions", "1")
+def test_an_override_leaves_the_other_clients_on_the_defaults(limited, auth, other_auth, limits_cli):
+    set_ = limits_cli("set", "alice", "--sessions", "1")
     assert set_.returncode == 0, set_.stderr
     create(limited, auth, filename="a", size=1)
     create(limited, auth, status=429, filename="b", size=1)
     create(limited, other_auth, filename="a", size=1)
     create(limited, other_auth, filename="b", size=1)  # bob keeps the default of 2
-    shown = limits_cli(database_url, "show", "alice")
+    shown = limits_cli("show", "alice")
     assert shown.returncode == 0 and "sessions=1" in shown.stdout
-    assert limits_cli(database_url, "reset", "alice").returncode == 0
+    assert limits_cli("reset", "alice").returncode == 0
     create(limited, auth, filename="b", size=1)
-    assert limits_cli(database_url, "set", "nobody", "--bytes", "5").returncode == 1
+    assert limits_cli("set", "nobody", "--bytes", "5").returncode == 1
 
 
-def test_an_override_of_bytes_keeps_the_sessions_override(database_url, keys):
+def test_an_override_of_bytes_keeps_the_sessions_override(keys, limits_cli):
     keys.create("carol")
-    assert limits_cli(database_url, "set", "carol", "--sessions", "3").returncode == 0
-    assert limits_cli(database_url, "set", "carol", "--bytes", "7").returncode == 0
-    shown = limits_cli(database_url, "show", "carol").stdout
+    assert limits_cli("set", "carol", "--sessions", "3").returncode == 0
+    assert limits_cli("set", "carol", "--bytes", "7").returncode == 0
+    shown = limits_cli("show", "carol").stdout
     assert "sessions=3" in shown and "bytes=7" in shown
 
 

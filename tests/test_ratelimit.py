@@ -4,9 +4,8 @@ every worker and host; 429 rate_limited with Retry-After past it."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -32,11 +31,10 @@ def limited_app(config: Config, db: Database, quotas: Quotas) -> webtest.TestApp
     return webtest.TestApp(create_app(dataclasses.replace(config, quotas=quotas), db=db))
 
 
-def limits_cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, DATABASE_URL=database_url)
-    return subprocess.run(
-        [sys.executable, "-m", "chunksvc", "limits", *args], env=env, capture_output=True, text=True, timeout=60
-    )
+@pytest.fixture
+def limits_cli(chunksvc_cli):
+    """``python -m chunksvc limits ARGS``, in this process (conftest.py's chunksvc_cli)."""
+    return functools.partial(chunksvc_cli, "limits")
 
 
 def test_past_the_burst_a_client_gets_429_with_retry_after_and_another_does_not(rate_config, db, auth, other_auth):
@@ -88,23 +86,24 @@ def test_limits_report_the_rate_and_its_default_burst(rate_config, db, auth):
     assert effective_rate(0.2, 0).burst == 1
 
 
-def test_an_override_limits_one_client_and_leaves_the_others_on_the_default(rate_config, db, auth, other_auth):
-    database_url = rate_config.database_url or ""
-    assert limits_cli(database_url, "set", "alice", "--rate", "2", "--burst", "2").returncode == 0
+def test_an_override_limits_one_client_and_leaves_the_others_on_the_default(
+    rate_config, db, auth, other_auth, limits_cli
+):
+    assert limits_cli("set", "alice", "--rate", "2", "--burst", "2").returncode == 0
     app = limited_app(rate_config, db, Quotas())  # the default: no limit
     assert app.get("/uploads/limits", headers=auth).json["rate"] == {"limit": 2, "burst": 2}
     app.get("/uploads/limits", headers=auth, status=200)
     app.get("/uploads/limits", headers=auth, status=429)
     for _ in range(10):
         app.get("/uploads/limits", headers=other_auth, status=200)
-    shown = limits_cli(database_url, "show", "alice")
+    shown = limits_cli("show", "alice")
     assert shown.returncode == 0 and "rate=2" in shown.stdout and "burst=2" in shown.stdout
-    assert limits_cli(database_url, "set", "alice", "--sessions", "5").returncode == 0
-    assert "rate=2" in limits_cli(database_url, "show", "alice").stdout  # kept beside the new override
-    assert limits_cli(database_url, "reset", "alice").returncode == 0
-    assert "(defaults)" in limits_cli(database_url, "show", "alice").stdout
-    assert limits_cli(database_url, "set", "alice", "--rate", "-1").returncode == 2
-    assert limits_cli(database_url, "set", "alice", "--rate", "nan").returncode == 2
+    assert limits_cli("set", "alice", "--sessions", "5").returncode == 0
+    assert "rate=2" in limits_cli("show", "alice").stdout  # kept beside the new override
+    assert limits_cli("reset", "alice").returncode == 0
+    assert "(defaults)" in limits_cli("show", "alice").stdout
+    assert limits_cli("set", "alice", "--rate", "-1").returncode == 2
+    assert limits_cli("set", "alice", "--rate", "nan").returncode == 2
 
 
 def test_a_worker_takes_tokens_in_batches_at_high_rates_and_drops_them_after_hold(db, keys):

@@ -502,7 +502,7 @@ def test_two_reapers_at_once_do_each_piece_of_work_once(app, auth, db, database_
 # --- failures ---------------------------------------------------------------------------------
 
 
-def test_storage_failures_are_counted_and_left_for_the_next_run(db, database_url, keys):
+def test_storage_failures_are_counted_and_left_for_the_next_run(db, database_url, keys, s3_retries_without_backoff):
     dead = make_s3_spec(f"127.0.0.1:{harness.free_port()}", create=False)  # nothing listens there
     storage = open_storage(dead)
     uploads = UploadService(db, storage, TEST_LIMITS, 64 * 1024)

@@ -446,7 +446,7 @@ def test_s3_check_fails_for_missing_bucket(radosgw_server: str) -> None:
     assert SECRET_KEY not in str(raised.value)
 
 
-def test_s3_dead_endpoint_is_unavailable() -> None:
+def test_s3_dead_endpoint_is_unavailable(s3_retries_without_backoff: None) -> None:
     spec = make_s3_spec(f"127.0.0.1:{closed_port()}", bucket="bucket", create=False)
     storage = S3Storage(spec)
     started = time.monotonic()
