@@ -34,8 +34,6 @@ PART_OUTCOMES = ("accepted", "duplicate", "conflicting", "rejected")
 SESSION_EVENTS = ("created", "completed", "aborted", "expired", "failed")
 # Methods outside this set share one label value: clients must not be able to mint series.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-# Sessions not ended yet, by status as clients see it (see SessionGauges).
-LIVE_STATUSES = states.LIVE
 REAPER_OUTCOMES = ("succeeded", "failed")
 WEBHOOK_OUTCOMES = ("delivered", "failed", "dead")
 # From a delivery on the first try (milliseconds) to one after a day of retries.
@@ -67,7 +65,7 @@ class SessionGauges:
         up.add_metric([], 0 if counts is None else 1)
         if counts is None:
             return [up]
-        for status in LIVE_STATUSES:
+        for status in states.LIVE:  # sessions not ended yet, by status as clients see it
             by_status.add_metric([status], counts.get(status, 0))
         awaiting.add_metric(["expire"], counts.get("overdue", 0))
         awaiting.add_metric(["purge"], counts.get("unpurged", 0))
