@@ -589,7 +589,12 @@ class CompletionService:
             return self._not_ours(now)
         self._events.session_completed(assembly_seconds)
         # Parts written in place share one key (the file now linked as the object): named once.
-        self._remove_parts(list(dict.fromkeys(source.key for source in sources)))
+        # The session's file goes too where no part row names it: a writer cut short, or one that
+        # lost its range's part to another request, made it (the object has a link of its own).
+        keys = [source.key for source in sources]
+        if self._storage.in_place is not None:
+            keys.append(layout.assembly_key(session.id))
+        self._remove_parts(list(dict.fromkeys(keys)))
         return outcome
 
     def _remove_parts(self, keys: list[str]) -> None:
