@@ -32,6 +32,7 @@ from chunksvc.errors import (
     InvalidRequest,
     PartConflict,
     SessionCompleted,
+    SessionGone,
     SessionNotActive,
     SessionNotFound,
     StorageError,
@@ -414,7 +415,21 @@ class UploadService:
             for algorithm, expected in target.expected_digests.items():
                 if reader.digest(algorithm) != expected:
                     raise DigestMismatch(f"the body's {algorithm.upper()} differs from Content-Digest")
-            return record(key, reader.hexdigest())
+            try:
+                return record(key, reader.hexdigest())
+            except (SessionGone, SessionNotActive, SessionNotFound):
+                self._drop_file_if_aborted(target, key)
+                raise
+
+    def _drop_file_if_aborted(self, target: PartTarget, key: str) -> None:
+        """The session's file removed when the session was aborted (or is gone) while a part was
+        written in place: an abort that removed the file before this part's claim made it again
+        leaves it to nobody (the abort marked the session purged, so the reaper will not look).
+        Only then: a session that began completing needs the file."""
+        with self._db.connection() as conn:
+            session = dao.get_session(conn, target.session_id, target.client.id)
+        if session is None or session.status == states.ABORTED:
+            discard(self._storage, [key])
 
     def _store_apart(self, target: PartTarget, body: PartBody) -> PartResult:
         """Stream the body to a fresh key while hashing it, then record it in one transaction."""
