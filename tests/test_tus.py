@@ -741,3 +741,46 @@ def test_a_worker_killed_mid_patch_leaves_a_durable_prefix_and_the_upload_comple
         assert found["object"]["sha256"] == sha(data)
         with open(spec.root / found["object"]["key"], "rb") as stored:
             assert stored.read() == data
+
+
+def test_a_termination_between_the_parts_of_a_patch_leaves_no_file_behind(app, auth, storage, config, monkeypatch):
+    if config.in_place_min_part != 1:
+        pytest.skip("parts go in place only so")
+    # Terminated after a PATCH's first whole part is recorded, before its second is claimed:
+    # the second's claim must not make the session's file again (nothing would remove it).
+    from chunksvc.services.uploads import UploadService
+
+    data = payload(3 * PART, seed=12)
+    uid = upload_id(create(app, auth, len(data)))
+    real = UploadService.place_part
+    calls = []
+
+    def place_part(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            app.delete(f"/tus/{uid}", headers={**auth, **TUS}, status=204)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(UploadService, "place_part", place_part)
+    assert patch(app, auth, uid, 0, data, status=410).json["code"] == "session_gone"
+    assert list(storage.list_keys(f"parts/{uid}/")) == []
+
+
+def test_a_part_cut_in_place_then_finished_spooled_leaves_no_file_behind(app, auth, storage, config):
+    # A one-part upload: the first PATCH is cut in place (what arrived is kept as a piece, read
+    # back from the session's file); the rest fills the part the spooled way. No part row then
+    # points at the session's file, so completion assembles from keys and removes those keys:
+    # the file the cut writer made must not be left.
+    data = payload(PART, seed=14)
+    uid = upload_id(create(app, auth, len(data)))
+    request = webtest.TestRequest.blank(
+        f"/tus/{uid}", method="PATCH", headers={**auth, **TUS, **PATCH_TYPE, "Upload-Offset": "0"}
+    )
+    request.environ["wsgi.input"] = ShortBody(data[:300])
+    request.environ["CONTENT_LENGTH"] = str(len(data))
+    app.do_request(request, status=400)
+    assert head(app, auth, uid).headers["Upload-Offset"] == "300"
+    patch(app, auth, uid, 300, data[300:])
+    found = session(app, auth, uid)
+    assert found["status"] == "COMPLETED" and stored_object(storage, found) == data
+    assert list(storage.list_keys(f"parts/{uid}/")) == []
