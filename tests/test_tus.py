@@ -743,9 +743,8 @@ def test_a_worker_killed_mid_patch_leaves_a_durable_prefix_and_the_upload_comple
             assert stored.read() == data
 
 
+@pytest.mark.parametrize("config", ["in-place"], indirect=True)  # parts go in place only so
 def test_a_termination_between_the_parts_of_a_patch_leaves_no_file_behind(app, auth, storage, config, monkeypatch):
-    if config.in_place_min_part != 1:
-        pytest.skip("parts go in place only so")
     # Terminated after a PATCH's first whole part is recorded, before its second is claimed:
     # the second's claim must not make the session's file again (nothing would remove it).
     from chunksvc.services.uploads import UploadService
