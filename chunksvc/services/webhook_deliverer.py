@@ -165,12 +165,18 @@ class WebhookDeliverer(UploadEvents):
         self._counts = counts
         try:
             while True:
+                with self._slots:
+                    idle = not self._in_flight
                 claimed = self._claim_and_start()
                 if not claimed:
+                    # Done only when a claim that began with nothing in flight found nothing: one
+                    # made while an attempt ran may have left out that attempt's endpoint's
+                    # other events (a failing endpoint takes one attempt at a time).
+                    if idle:
+                        break
                     with self._slots:
-                        if not self._in_flight:
-                            break
-                        self._slots.wait(self._settings.timeout)
+                        if self._in_flight:
+                            self._slots.wait(self._settings.timeout)
         finally:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -249,16 +255,20 @@ class WebhookDeliverer(UploadEvents):
         signature = sign(in_use, int(time.time()), body)
         started = time.monotonic()
         status, error = post(delivery.url, body, signature, delivery.event_id, self._settings.timeout)
+        answered = status is not None and 200 <= status < 300
+        with self._slots:
+            # Known here before the outcome is recorded: the endpoint's other due events are
+            # claimable meanwhile, and a claim that still took it for healthy would pass the
+            # failing endpoints' share. A 2xx that took half the timeout or more is a slow
+            # endpoint: it shares the failing endpoints' slots too.
+            if not answered or time.monotonic() - started >= self._settings.timeout / 2:
+                self._failing[delivery.endpoint_id] = time.monotonic()
+            else:
+                self._failing.pop(delivery.endpoint_id, None)
         with self._db.connection() as conn:
-            if status is not None and 200 <= status < 300:
+            if answered:
+                assert status is not None
                 latency = dao.record_webhook_delivered(conn, delivery.event_id, delivery.endpoint_id, status)
-                with self._slots:
-                    # A 2xx that took half the timeout or more is a slow endpoint: it shares the
-                    # failing endpoints' slots, so a few slow ones cannot hold every thread.
-                    if time.monotonic() - started >= self._settings.timeout / 2:
-                        self._failing[delivery.endpoint_id] = time.monotonic()
-                    else:
-                        self._failing.pop(delivery.endpoint_id, None)
                 self._count("delivered")
                 self._events.webhook_delivered(latency)
                 return
@@ -272,8 +282,6 @@ class WebhookDeliverer(UploadEvents):
                 retry_in=self._settings.retry_in(delivery.attempts),
                 retry_for=self._settings.retry_for,
             )
-        with self._slots:
-            self._failing[delivery.endpoint_id] = time.monotonic()
         self._count("failed")
         self._events.webhook_failed(dead=state == "dead")
         if state == "dead":
