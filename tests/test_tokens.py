@@ -104,6 +104,19 @@ def test_a_bad_ttl_is_400_and_mints_nothing(app, auth, database_url, body):
     assert _sql(database_url, "SELECT count(*) FROM upload_tokens") == [(0,)]
 
 
+@pytest.mark.parametrize("raw", [b"\r", b" ", b"\n\t"])
+def test_a_body_of_white_space_alone_is_not_json_and_mints_nothing(app, auth, database_url, raw):
+    # Found by the live OpenAPI fuzz: "\r" was taken for no body, and a token was minted.
+    session_id = _session(app, auth)
+    headers = {**auth, "Content-Type": "application/json"}
+    response = app.post(f"/uploads/sessions/{session_id}/tokens", raw, headers=headers, status=400)
+    assert response.json["code"] == "invalid_request"
+    assert _sql(database_url, "SELECT count(*) FROM upload_tokens") == [(0,)]
+    # Complete takes an optional body the same way.
+    complete = app.post(f"/uploads/sessions/{session_id}/complete", raw, headers=headers, status=400)
+    assert complete.json["code"] == "invalid_request"
+
+
 def test_the_maximum_comes_from_the_configuration(config, db, storage, auth):
     strict = webtest.TestApp(
         create_app(dataclasses.replace(config, token_ttl=30, token_max_ttl=120), db=db, storage=storage)

@@ -39,7 +39,9 @@ def read_json(req: falcon.Request, *, required: bool) -> Any:
     raw = req.bounded_stream.read(MAX_JSON_BODY + 1)
     if len(raw) > MAX_JSON_BODY:
         raise InvalidRequest(f"the JSON body must be at most {MAX_JSON_BODY} bytes")
-    if not raw.strip():
+    # Only no bytes at all is no body: white space alone is not a JSON text (RFC 8259), so an
+    # optional body of "\r" is refused like any other that does not parse.
+    if not raw:
         if required:
             raise InvalidRequest("a JSON body is required")
         return None
