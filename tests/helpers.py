@@ -97,6 +97,23 @@ class ShortBody(io.RawIOBase):
         return self._data.read(size)
 
 
+def put_part_aborted_midway(app: webtest.TestApp, auth: dict, session_id: str, number: int, data: bytes, status: int):
+    """PUT part ``number`` whose body's first read aborts the session (the abort lands while the
+    part's bytes stream); the response."""
+
+    def abort_meanwhile() -> None:
+        app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=204)
+
+    request = webtest.TestRequest.blank(
+        f"/uploads/sessions/{session_id}/parts/{number}",
+        method="PUT",
+        headers={**auth, "Content-Type": "application/octet-stream"},
+    )
+    request.environ["wsgi.input"] = ShortBody(data, on_first_read=abort_meanwhile)
+    request.environ["CONTENT_LENGTH"] = str(len(data))
+    return app.do_request(request, status=status)
+
+
 def query(database_url: str, statement: str, params: tuple = ()) -> list[tuple]:
     """``statement`` on its own autocommit connection: its rows ([] for a statement without any)."""
     with psycopg.connect(database_url, autocommit=True) as conn:

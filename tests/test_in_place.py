@@ -12,12 +12,11 @@ import uuid
 
 import psycopg
 import pytest
-import webtest
 
 from chunksvc import hashstate
 from chunksvc.config import Config
 from chunksvc.services import layout
-from tests.helpers import ShortBody, complete, create, payload, put_part, sha, split, wait_for
+from tests.helpers import complete, create, payload, put_part, put_part_aborted_midway, sha, split, wait_for
 
 PART = 4096
 
@@ -197,16 +196,6 @@ def test_a_part_whose_session_is_aborted_while_it_is_written_in_place_is_refused
     data = payload(3 * PART, seed=8)
     session_id = create(app, auth, size=len(data), part_size=PART).json["id"]
     put_part(app, auth, session_id, 1, data[:PART])
-
-    def abort_meanwhile():
-        app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=204)
-
-    request = webtest.TestRequest.blank(
-        f"/uploads/sessions/{session_id}/parts/2",
-        method="PUT",
-        headers={**auth, "Content-Type": "application/octet-stream"},
-    )
-    request.environ["wsgi.input"] = ShortBody(data[PART : 2 * PART], on_first_read=abort_meanwhile)
-    request.environ["CONTENT_LENGTH"] = str(PART)
-    assert app.do_request(request, status=409).json["code"] == "session_not_active"
+    response = put_part_aborted_midway(app, auth, session_id, 2, data[PART : 2 * PART], status=409)
+    assert response.json["code"] == "session_not_active"
     assert not (file_spec.root / layout.parts_prefix(session_id)).exists()

@@ -19,13 +19,13 @@ from chunksvc.services import layout
 from chunksvc.services.staging import Stager, sent_piece
 from tests.helpers import (
     PART_S3,
-    ShortBody,
     complete,
     completes_as,
     create,
     frontier_parts,
     payload,
     put_part,
+    put_part_aborted_midway,
     query,
     sha,
     split,
@@ -220,18 +220,7 @@ def test_a_part_whose_session_is_aborted_while_it_streams_is_refused_as_not_acti
     ended (409), not to send it again (503), and its copy goes."""
     data = payload(2 * PART_S3, seed=15)
     session_id = upload_parts_in(app, auth, data, (1,))
-
-    def abort_meanwhile():
-        app.delete(f"/uploads/sessions/{session_id}", headers=auth, status=204)
-
-    request = webtest.TestRequest.blank(
-        f"/uploads/sessions/{session_id}/parts/2",
-        method="PUT",
-        headers={**auth, "Content-Type": "application/octet-stream"},
-    )
-    request.environ["wsgi.input"] = ShortBody(data[PART_S3:], on_first_read=abort_meanwhile)
-    request.environ["CONTENT_LENGTH"] = str(PART_S3)
-    response = app.do_request(request, status=409)
+    response = put_part_aborted_midway(app, auth, session_id, 2, data[PART_S3:], status=409)
     assert response.json["code"] == "session_not_active"
     assert _copies(spill_dir, session_id) == []
 

@@ -2,9 +2,9 @@
 
 A body longer than one block goes through a pipeline of three threads over a small ring of
 reusable buffers: a helper receives block ``n + 1`` while another (``chunksvc.hashing``) hashes
-block ``n`` and the caller (the storage adapter) writes it. Socket reads, SHA-256 and file or socket writes all
-release the GIL, so the three overlap instead of taking turns. Memory is ``depth`` blocks,
-whatever the part's size.
+block ``n`` and the caller (the storage adapter) writes it. Socket reads, SHA-256 and file or
+socket writes all release the GIL, so the three overlap instead of taking turns. Memory is
+``depth`` blocks, whatever the part's size.
 """
 
 from __future__ import annotations

@@ -443,7 +443,10 @@ class TusService:
         stored = offset_of(state)
         remaining = length
         cut: ChunksvcError | None = None
-        in_place = self._uploads.in_place_for(state.part_size) if state.concat != "partial" else None
+        # A partial's parts are its final's (part_sources): stored under keys of their own, and
+        # hashed as they arrive only for an upload of its own.
+        own_parts = state.concat != "partial"
+        in_place = self._uploads.in_place_for(state.part_size) if own_parts else None
         while remaining > 0 and cut is None:
             part_size = rules.part_length(state.size, state.part_size, part_number)
             start = sum(size for _, size in held)
@@ -478,7 +481,7 @@ class TusService:
                 # off later keeps everything before the cut.
                 self._record(client, state.id, position, [step])
                 stored += spool.size
-                if step.full and state.concat != "partial":
+                if step.full and own_parts:
                     self._uploads.part_recorded(state.id, state.part_size)
             else:
                 pending.append(step)
@@ -497,7 +500,7 @@ class TusService:
                 raise cut
             self._record(client, state.id, first_position, pending)
             stored += length
-            if any(step.full for step in pending) and state.concat != "partial":
+            if any(step.full for step in pending) and own_parts:
                 self._uploads.part_recorded(state.id, state.part_size)
         if cut is not None:
             raise cut

@@ -275,8 +275,9 @@ class UploadService:
             raise
 
     def _store_part(self, target: PartTarget, body: PartBody) -> PartResult:
-        if self._in_place is not None and self._frontier is not None and self._frontier.applies(target.part_size):
-            result = self._store_in_place(self._in_place, target, body)
+        in_place = self.in_place_for(target.part_size)
+        if in_place is not None:
+            result = self._store_in_place(in_place, target, body)
             if result is not None:
                 return result
         if self._pieces is not None and self._frontier is not None and self._frontier.applies(target.part_size):
